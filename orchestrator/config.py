@@ -1,0 +1,122 @@
+"""Settings read from the environment.
+
+Every process of a deployment (API/CLI, each host's worker, Flower) must agree on the broker,
+the database and the routing table, so all of them read the same ``ORCHESTRATOR_*`` variables
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DB_URL = "sqlite:///orchestrator.db"
+DEFAULT_ROUTING_FILE = "routing.yaml"
+#: Nova's default ``graceful_shutdown_timeout``.
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT = 180.0
+#: Longer than any step may run: a message unacked for longer is redelivered on Redis.
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+#: Like Nova's ``[upgrade_levels]``: ``auto`` sends an alt step to ``<host>-alt`` only when that
+#: host advertises alt support in the service registry; ``always`` / ``never`` force it.
+ALT_ROUTING_MODES = ("auto", "always", "never")
+DEFAULT_ALT_ROUTING = "auto"
+#: How long a process trusts its snapshot of which hosts consume ``<host>-alt``.
+DEFAULT_ALT_CACHE_SECONDS = 3.0
+#: RabbitMQ queue type of the host queues: classic (durable) or quorum.
+QUEUE_TYPES = ("classic", "quorum")
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: not a number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r}: must not be negative")
+    return value
+
+
+def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    db_url: str
+    routing_file: Path
+    graceful_shutdown_timeout: float
+    visibility_timeout: float
+    heartbeat_interval: float
+    alt_routing: str = DEFAULT_ALT_ROUTING
+    alt_cache_seconds: float = DEFAULT_ALT_CACHE_SECONDS
+    queue_type: str = "classic"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            broker_url=os.environ.get("ORCHESTRATOR_BROKER_URL") or DEFAULT_BROKER_URL,
+            db_url=os.environ.get("ORCHESTRATOR_DB_URL") or DEFAULT_DB_URL,
+            routing_file=Path(
+                os.environ.get("ORCHESTRATOR_ROUTING_FILE") or DEFAULT_ROUTING_FILE
+            ),
+            graceful_shutdown_timeout=_float(
+                "ORCHESTRATOR_GRACEFUL_SHUTDOWN_TIMEOUT", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT
+            ),
+            visibility_timeout=_float(
+                "ORCHESTRATOR_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT
+            ),
+            heartbeat_interval=_float("ORCHESTRATOR_HEARTBEAT_INTERVAL", 5.0),
+            alt_routing=_choice("ORCHESTRATOR_ALT_ROUTING", ALT_ROUTING_MODES, DEFAULT_ALT_ROUTING),
+            alt_cache_seconds=_float(
+                "ORCHESTRATOR_ALT_CACHE_SECONDS", DEFAULT_ALT_CACHE_SECONDS
+            ),
+            queue_type=_queue_type(),
+        )
+
+
+def _queue_type() -> str:
+    raw = os.environ.get("ORCHESTRATOR_QUEUE_TYPE") or "classic"
+    if raw not in QUEUE_TYPES:
+        raise ConfigError(
+            f"ORCHESTRATOR_QUEUE_TYPE={raw!r}: expected one of {', '.join(QUEUE_TYPES)}"
+        )
+    return raw
+
+
+_SECRET_PARAM = re.compile(r"(?i)\b(password|passwd|pwd|sslpassword)=[^&;]*")
+
+
+def redact_url(url: str) -> str:
+    """Hide the passwords of a broker or database URL before it is logged or shown.
+
+    Handles ``user:password@`` (also an unencoded ``@`` or ``/`` in the password),
+    ``?password=...`` query parameters, and kombu's ``;``-separated fail-over URLs.
+    """
+    if ";" in url and "://" in url.split(";", 1)[1]:
+        return ";".join(redact_url(part) for part in url.split(";"))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, q, query = rest.partition("?")
+    if "@" in head:
+        creds, _, location = head.rpartition("@")
+        user = creds.split(":", 1)[0]
+        head = f"{user}:***@{location}" if ":" in creds else f"{user}@{location}"
+    return f"{scheme}://{head}{q}{_SECRET_PARAM.sub(lambda m: m.group(1) + '=***', query)}"

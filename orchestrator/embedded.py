@@ -1,0 +1,80 @@
+"""A private Redis: the demo's broker when none is configured, and a broker tests can restart.
+
+The demo must run on a fresh machine with nothing set up: it starts ``redis-server`` on a free
+loopback port, in a temporary directory, and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from orchestrator.fleet import wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A ``redis-server`` child process on a free port; ``persistent`` keeps data across
+    restarts (append-only file, fsync on every write), as a production broker should."""
+
+    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "no broker configured (ORCHESTRATOR_BROKER_URL) and no redis-server on PATH to "
+                "embed: install Redis (apt-get install redis-server) or point "
+                "ORCHESTRATOR_BROKER_URL at a broker"
+            )
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else [
+            "--appendonly", "no"]
+        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        *persistence, "--dir", str(workdir)]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for(lambda: _answers(self.port), 10, f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextmanager
+def embedded_redis(persistent: bool = False) -> Iterator[RedisServer]:
+    """A throw-away redis-server, stopped at the end; raise RuntimeError if there is none."""
+    with tempfile.TemporaryDirectory(prefix="orchestrator-redis-") as workdir:
+        server = RedisServer(Path(workdir), persistent=persistent)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()

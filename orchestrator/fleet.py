@@ -1,0 +1,150 @@
+"""Start and stop real ``celery worker`` processes, one per host: for the demo and the tests.
+
+The process we signal is the Celery MainProcess itself (no shell, no wrapper), exactly as a
+supervisor with ``KillMode=mixed`` or ``docker stop`` would signal it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from orchestrator.registry import LEGACY_SERVICE_VERSION
+from orchestrator.routing import alt_queue
+
+QueueSet = Literal["both", "main", "alt"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> object:
+    """Poll ``condition`` until it returns something truthy; raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def worker_command(
+    host: str, queues: QueueSet = "both", extra: tuple[str, ...] = (), legacy: bool = False,
+) -> list[str]:
+    """The ``celery worker`` command line for one host (``orchestrator worker HOST``).
+
+    ``legacy``: the previous service version of a rolling upgrade (``LEGACY_SERVICE_VERSION``),
+    one process named like a current one (``HOST@%h``) that consumes only ``HOST``.
+    """
+    if legacy:
+        if queues == "alt":
+            raise ValueError("a legacy worker has no alt queue")
+        return [
+            sys.executable, "-m", "celery", "-A", "orchestrator", "worker",
+            "-n", f"{host}@%h", "-Q", host,
+            "--service-version", str(LEGACY_SERVICE_VERSION), *extra,
+        ]
+    names = {"both": [host, alt_queue(host)], "main": [host], "alt": [alt_queue(host)]}[queues]
+    suffix = {"both": "", "main": "-main", "alt": "-alt"}[queues]
+    return [
+        sys.executable, "-m", "celery", "-A", "orchestrator", "worker",
+        "-n", f"{host}{suffix}@%h", "-Q", ",".join(names), *extra,
+    ]
+
+
+@dataclass
+class WorkerProcess:
+    host: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker {self.host} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
+            return " ready." in self.log()
+
+        wait_for(ready, timeout, f"worker {self.host} to be ready")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=10)
+
+
+@dataclass
+class Fleet:
+    """The worker processes of a test or of the demo, all with the same environment."""
+
+    env: Mapping[str, str]
+    log_dir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start(
+        self, host: str, *, queues: QueueSet = "both", concurrency: int = 2,
+        graceful_timeout: float | None = None, env: Mapping[str, str] | None = None,
+        extra: tuple[str, ...] = (), ready: bool = True, legacy: bool = False,
+    ) -> WorkerProcess:
+        args = ["-c", str(concurrency), "-l", "info", "--without-mingle", "--without-gossip"]
+        if graceful_timeout is not None:
+            args += ["--graceful-timeout", str(graceful_timeout)]
+        command = worker_command(host, queues, (*args, *extra), legacy=legacy)
+        return self.spawn(host, "legacy" if legacy else queues, command, env=env, ready=ready)
+
+    def spawn(
+        self, name: str, kind: str, command: list[str], *,
+        env: Mapping[str, str] | None = None, ready: bool = True,
+    ) -> WorkerProcess:
+        """Run any ``celery worker`` command line (a plain Celery baseline, for one)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}-{kind}-{len(self.workers)}.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                command, cwd=REPO_ROOT, env={**os.environ, **self.env, **(env or {})},
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        worker = WorkerProcess(host=name, proc=proc, log_path=log_path)
+        self.workers.append(worker)
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        for worker in self.workers:
+            worker.signal(signal.SIGQUIT)
+        for worker in self.workers:
+            try:
+                worker.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait(timeout=10)

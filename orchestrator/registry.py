@@ -1,0 +1,178 @@
+"""The service registry: which worker serves which host, on which queues, in which state.
+
+Each worker writes its own row (up at start, draining on SIGTERM, down at exit) and refreshes a
+heartbeat; a heartbeat older than ``STALE_AFTER`` heartbeat intervals counts as down, since a
+killed worker writes nothing. The drain reads it to tell an operation that can still progress
+from one whose next step waits on a queue nobody consumes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator import db
+from orchestrator.config import Settings
+from orchestrator.models import RoutingFallback, Service
+from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
+
+#: Version 2 consumes ``<host>-alt``; version 1 (legacy) consumes only ``<host>``.
+SERVICE_VERSION = 2
+LEGACY_SERVICE_VERSION = 1
+#: The first service version that can consume ``<host>-alt``.
+ALT_SERVICE_VERSION = 2
+SERVICE_VERSIONS = (LEGACY_SERVICE_VERSION, SERVICE_VERSION)
+STALE_AFTER = 3.0
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    nodename: str
+    host: str
+    version: int
+    consumes_main: bool
+    consumes_alt: bool
+    state: str  # up, draining, down (stale heartbeats already folded into down)
+    heartbeat_age: float
+    started_at: float = 0.0
+
+
+def register(
+    nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
+    version: int = SERVICE_VERSION,
+) -> None:
+    now = time.time()
+    with db.session() as s:
+        row = s.get(Service, nodename)
+        if row is None:
+            row = Service(nodename=nodename)
+            s.add(row)
+        row.host, row.version, row.pid = host, version, pid
+        row.consumes_main, row.consumes_alt = consumes_main, consumes_alt
+        row.state, row.started_at, row.heartbeat_at, row.drain_started_at = "up", now, now, None
+
+
+def heartbeat(nodename: str) -> None:
+    with db.session() as s:
+        row = s.get(Service, nodename)
+        if row is not None:
+            row.heartbeat_at = time.time()
+
+
+def set_state(nodename: str, state: str, drain_started_at: float | None = None) -> None:
+    with db.session() as s:
+        row = s.get(Service, nodename)
+        if row is not None:
+            row.state, row.heartbeat_at = state, time.time()
+            if drain_started_at is not None:
+                row.drain_started_at = drain_started_at
+
+
+def services(host: str | None = None) -> list[ServiceView]:
+    stale = STALE_AFTER * Settings.from_env().heartbeat_interval
+    now = time.time()
+    with db.read() as s:
+        query = select(Service).order_by(Service.host, Service.nodename)
+        if host is not None:
+            query = query.where(Service.host == host)
+        rows = s.execute(query).scalars().all()
+        return [
+            ServiceView(
+                nodename=r.nodename, host=r.host, version=r.version,
+                consumes_main=r.consumes_main, consumes_alt=r.consumes_alt,
+                state="down" if now - r.heartbeat_at > stale else r.state,
+                heartbeat_age=now - r.heartbeat_at, started_at=r.started_at,
+            )
+            for r in rows
+        ]
+
+
+def known_hosts() -> list[str]:
+    return sorted({v.host for v in services()})
+
+
+@dataclass(frozen=True)
+class HostConsumers:
+    """Whether anyone is consuming each queue of a host right now."""
+
+    main: bool
+    alt: bool
+    alive: bool
+
+    def consumes(self, queue: str) -> bool:
+        return self.alt if split_queue(queue)[1] == "alt" else self.main
+
+
+def consumers(views: list[ServiceView], host: str) -> HostConsumers:
+    mine = [v for v in views if v.host == host and v.state != "down"]
+    return HostConsumers(
+        main=any(v.consumes_main and v.state == "up" for v in mine),
+        alt=any(v.consumes_alt for v in mine),
+        alive=bool(mine),
+    )
+
+
+def _live(views: list[ServiceView], host: str) -> list[ServiceView]:
+    return [v for v in views if v.host == host and v.state != "down"]
+
+
+def advertises_alt(views: list[ServiceView], host: str) -> bool:
+    """A live (up or draining) service of ``host`` recent enough to consume its alt queue, and
+    consuming it. A draining version-2 host still does: that is what its alt queue is for."""
+    return any(
+        v.consumes_alt and v.version >= ALT_SERVICE_VERSION for v in _live(views, host)
+    )
+
+
+def alt_status(views: list[ServiceView], host: str) -> AltStatus:
+    return alt_snapshot(views).status(host)
+
+
+def alt_snapshot(views: list[ServiceView] | None = None) -> AltSnapshot:
+    """Every host's alt capability from one registry query (the router caches this)."""
+    views = services() if views is None else views
+    hosts = {v.host for v in views}
+    return AltSnapshot(
+        known=frozenset(hosts),
+        live=frozenset(h for h in hosts if _live(views, h)),
+        alt=frozenset(h for h in hosts if advertises_alt(views, h)),
+    )
+
+
+def host_state(views: list[ServiceView], host: str) -> str:
+    """up (some service takes new work), draining, down, or unknown (never registered)."""
+    states = {v.state for v in views if v.host == host}
+    if not states:
+        return "unknown"
+    return "up" if "up" in states else "draining" if "draining" in states else "down"
+
+
+def count_fallback(decision: Decision) -> None:
+    """Record an alt step sent to ``<host>`` (one small write, only for such steps)."""
+    key = {"host": decision.host, "reason": decision.reason}
+    for attempt in range(2):
+        try:
+            with db.session() as s:
+                row = s.get(RoutingFallback, key)
+                if row is None:
+                    row = RoutingFallback(**key, count=0)
+                    s.add(row)
+                row.count += 1
+                row.last_step, row.last_at = decision.step, time.time()
+            return
+        except IntegrityError:  # another process inserted the row first: update it
+            if attempt:
+                raise
+
+
+def fallback_counts() -> dict[str, dict[str, int]]:
+    """Alt steps sent to ``<host>`` fleet-wide: ``{host: {reason: count}}``."""
+    with db.read() as s:
+        rows = s.execute(select(RoutingFallback)).scalars().all()
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r.host, {})[r.reason] = r.count
+        return out

@@ -1,0 +1,380 @@
+"""routing.yaml: which queue of its host each step goes to, and the Celery router that applies it.
+
+Each host consumes two queues: ``<host>`` takes new requests and is dropped at once on SIGTERM;
+``<host>-alt`` keeps being consumed while the host drains, so an operation that has started can
+finish. Operators choose, step by step, which queue a step uses; a mistake in that file must stop
+the process with the file, line and key, never fall back silently to a default.
+
+During a rolling upgrade some hosts run an older service version that consumes only ``<host>``.
+Nova caps the RPC version at the deployment's minimum, so one old compute turns alt routing off
+everywhere; here the router decides per target host (:class:`AltCapability`, a cached snapshot
+of the service registry), and ``ORCHESTRATOR_ALT_ROUTING`` can force it either way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from orchestrator.flows import step_of_task
+
+logger = logging.getLogger(__name__)
+
+ALT_SUFFIX = "-alt"
+QueueKind = Literal["main", "alt"]
+AltRoutingMode = Literal["auto", "always", "never"]
+_ENTRY_FIELDS = {"queue", "reason"}
+
+
+class RoutingError(ValueError):
+    """routing.yaml is unusable; ``str()`` reads ``path:line: key: problem``."""
+
+    def __init__(self, path: Path | str, line: int | None, key: str | None, problem: str):
+        self.path, self.line, self.key, self.problem = str(path), line, key, problem
+        where = f"{self.path}:{line}" if line else self.path
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+class MissingHostError(ValueError):
+    """A step was sent without the host that must run it."""
+
+
+def alt_queue(host: str) -> str:
+    return host + ALT_SUFFIX
+
+
+def split_queue(queue: str) -> tuple[str, QueueKind]:
+    """``'compute1-alt'`` -> ``('compute1', 'alt')``; ``'compute1'`` -> ``('compute1', 'main')``."""
+    if queue.endswith(ALT_SUFFIX) and len(queue) > len(ALT_SUFFIX):
+        return queue[: -len(ALT_SUFFIX)], "alt"
+    return queue, "main"
+
+
+@dataclass(frozen=True)
+class Route:
+    step: str
+    queue: QueueKind
+    reason: str
+    line: int
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    path: Path
+    routes: Mapping[str, Route]
+
+    def kind(self, step: str) -> QueueKind:
+        return self.routes[step].queue
+
+
+def _suggest(word: str, choices: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _scalar(node: yaml.Node, path: Path, key: str, field: str) -> str:
+    if not isinstance(node, yaml.ScalarNode) or not str(node.value).strip():
+        raise RoutingError(
+            path, node.start_mark.line + 1, key, f"{field!r} must be a non-empty string"
+        )
+    return str(node.value)
+
+
+def _entry(key_node: yaml.Node, value: yaml.Node, path: Path) -> Route:
+    step, line = str(key_node.value), key_node.start_mark.line + 1
+    if not isinstance(value, yaml.MappingNode):
+        raise RoutingError(
+            path, line, step, "expected a mapping like {queue: alt, reason: '...'}"
+        )
+    fields: dict[str, yaml.Node] = {}
+    for field_node, field_value in value.value:
+        field = str(field_node.value)
+        fline = field_node.start_mark.line + 1
+        if field not in _ENTRY_FIELDS:
+            raise RoutingError(
+                path, fline, step,
+                f"unknown field {field!r} (expected: queue, reason)"
+                + _suggest(field, _ENTRY_FIELDS),
+            )
+        if field in fields:
+            raise RoutingError(path, fline, step, f"duplicate field {field!r}")
+        fields[field] = field_value
+    for field in ("queue", "reason"):
+        if field not in fields:
+            raise RoutingError(path, line, step, f"missing {field!r}")
+    queue = _scalar(fields["queue"], path, step, "queue")
+    if queue not in ("main", "alt"):
+        raise RoutingError(
+            path, fields["queue"].start_mark.line + 1, step,
+            f"queue must be 'main' or 'alt', not {queue!r}",
+        )
+    reason = _scalar(fields["reason"], path, step, "reason")
+    return Route(step=step, queue=queue, reason=reason, line=line)  # type: ignore[arg-type]
+
+
+def parse_routing(text: str, path: Path, known_steps: Collection[str]) -> RoutingTable:
+    """Validate the text of a routing file against the steps the code defines."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RoutingError(path, line, None, f"YAML syntax error: {problem}") from None
+    if not isinstance(root, yaml.MappingNode):
+        raise RoutingError(path, None, None, "expected a mapping with a 'steps' key")
+    top: dict[str, yaml.Node] = {}
+    for key_node, value in root.value:
+        key = str(key_node.value)
+        if key != "steps":
+            raise RoutingError(
+                path, key_node.start_mark.line + 1, key, "unknown top-level key (expected: steps)"
+            )
+        if key in top:
+            raise RoutingError(path, key_node.start_mark.line + 1, key, "duplicate key")
+        top[key] = value
+    steps_node = top.get("steps")
+    if not isinstance(steps_node, yaml.MappingNode):
+        line = steps_node.start_mark.line + 1 if steps_node is not None else None
+        raise RoutingError(path, line, "steps", "expected a mapping of step name to route")
+    routes: dict[str, Route] = {}
+    for key_node, value in steps_node.value:
+        step, line = str(key_node.value), key_node.start_mark.line + 1
+        if step in routes:
+            raise RoutingError(
+                path, line, step, f"duplicate key (first at line {routes[step].line})"
+            )
+        if step not in known_steps:
+            raise RoutingError(path, line, step, "unknown step" + _suggest(step, known_steps))
+        routes[step] = _entry(key_node, value, path)
+    missing = sorted(set(known_steps) - routes.keys())
+    if missing:
+        raise RoutingError(
+            path, steps_node.start_mark.line + 1, "steps",
+            "no route for step(s) " + ", ".join(missing) + " (every step needs main or alt)",
+        )
+    return RoutingTable(path=path, routes=routes)
+
+
+def load_routing(path: Path | str, known_steps: Collection[str]) -> RoutingTable:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RoutingError(
+            path, None, None,
+            f"cannot read routing file: {exc.strerror} (set ORCHESTRATOR_ROUTING_FILE, or run "
+            "from the directory that holds routing.yaml)",
+        ) from None
+    return parse_routing(text, path, known_steps)
+
+
+#: What a host offers alt steps: alt (a live version-2 service consumes ``<host>-alt``), no-alt
+#: (live, but nothing consumes its alt queue: a legacy or main-only service), down (every
+#: service down or its heartbeat stale), unknown (not in the registry).
+AltStatus = Literal["alt", "no-alt", "down", "unknown"]
+
+
+@dataclass(frozen=True)
+class AltSnapshot:
+    """What the service registry said at one moment: the hosts it knows, those with a live
+    service, and those that advertise alt support."""
+
+    known: frozenset[str]
+    live: frozenset[str]
+    alt: frozenset[str]
+
+    def status(self, host: str) -> AltStatus:
+        if host in self.alt:
+            return "alt"
+        if host in self.live:
+            return "no-alt"
+        return "down" if host in self.known else "unknown"
+
+
+_caches: weakref.WeakSet[AltCapability] = weakref.WeakSet()
+
+
+def _reset_caches_after_fork() -> None:
+    for cache in list(_caches):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_caches_after_fork)
+
+
+class AltCapability:
+    """Per-host alt support, from a snapshot of the registry at most ``ttl`` seconds old.
+
+    One snapshot covers every host and costs one registry query; it is reloaded by the first
+    lookup after it expires, so a process asks the registry at most once per ``ttl`` however
+    many steps it routes, and a decision is never based on a snapshot older than ``ttl``. If
+    the registry cannot be read, the previous snapshot is kept (and retried after ``ttl``);
+    with no snapshot at all every host counts as unknown. A forked child (prefork pool) starts
+    with no snapshot and a fresh lock.
+    """
+
+    def __init__(
+        self, loader: Callable[[], AltSnapshot], ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.loader, self.ttl, self.clock = loader, ttl, clock
+        self._snapshot: AltSnapshot | None = None
+        self._loaded_at = float("-inf")
+        self._lock = threading.Lock()
+        #: Registry queries made (the cost the cache bounds).
+        self.loads = 0
+        _caches.add(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the snapshot: the next lookup reads the registry."""
+        self._snapshot, self._loaded_at = None, float("-inf")
+
+    def snapshot(self) -> AltSnapshot | None:
+        if self.clock() - self._loaded_at < self.ttl:
+            return self._snapshot
+        with self._lock:
+            now = self.clock()
+            if now - self._loaded_at < self.ttl:  # another thread reloaded it meanwhile
+                return self._snapshot
+            try:
+                self.loads += 1
+                self._snapshot = self.loader()
+            except Exception as exc:
+                logger.warning(
+                    "routing: cannot read the service registry (%s); keeping the snapshot "
+                    "from %.1fs ago", exc, now - self._loaded_at,
+                )
+            self._loaded_at = now
+            return self._snapshot
+
+    def status(self, host: str) -> AltStatus:
+        snap = self.snapshot()
+        return "unknown" if snap is None else snap.status(host)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one step goes, and why."""
+
+    step: str
+    host: str
+    queue: str
+    #: What routing.yaml asks for this step.
+    wanted: QueueKind
+    #: table (as routing.yaml says); for an alt step sent to <host>: no-alt, down or unknown
+    #: (the host's :data:`AltStatus`), or forced-main (ORCHESTRATOR_ALT_ROUTING=never).
+    reason: str
+
+    @property
+    def fallback(self) -> bool:
+        """An alt step sent to ``<host>`` instead."""
+        return self.wanted == "alt" and self.queue == self.host
+
+
+class StepRouter:
+    """Celery router (``task_routes``): a compute step goes to a queue of its target host.
+
+    The host is the step's ``host`` keyword argument. A step sent without one raises at send
+    time: on the default queue nobody would run it, and nobody would notice.
+
+    ``mode`` (``ORCHESTRATOR_ALT_ROUTING``) decides what an alt step does: ``always`` sends it
+    to ``<host>-alt`` (routing.yaml alone, as when every host is current); ``never`` sends it
+    to ``<host>``; ``auto`` asks ``capability`` (cached) for the host's :data:`AltStatus` and
+    sends it to ``<host>-alt`` only for ``alt``; a legacy, down or unknown host gets
+    ``<host>``, which every service version consumes. Main steps always go to ``<host>``. Every
+    alt step sent to ``<host>`` is logged at debug, counted in :attr:`counts` and passed to
+    ``on_fallback``.
+    """
+
+    def __init__(
+        self, table: RoutingTable, mode: AltRoutingMode = "always",
+        capability: AltCapability | None = None,
+        on_fallback: Callable[[Decision], None] | None = None,
+    ):
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"unknown alt routing mode {mode!r}")
+        if mode == "auto" and capability is None:
+            raise ValueError("alt routing mode 'auto' needs a capability source")
+        self.table, self.mode, self.capability = table, mode, capability
+        self.on_fallback = on_fallback
+        #: Alt steps sent to ``<host>`` in this process, by ``(host, reason)``.
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def decide(self, step: str, host: str) -> Decision:
+        """Where ``step`` for ``host`` goes (no registry query while the cache is fresh)."""
+        if not isinstance(host, str) or not host:
+            raise MissingHostError(f"step {step!r} sent without a target host (kwarg 'host')")
+        if step not in self.table.routes:
+            raise RoutingError(self.table.path, None, step, "step has no route")
+        wanted = self.table.kind(step)
+        if wanted == "main":
+            return Decision(step, host, host, wanted, "table")
+        if self.mode == "never":
+            return self._fallback(Decision(step, host, host, wanted, "forced-main"))
+        if self.mode == "always":
+            # No registry query: the operator says every host consumes its alt queue.
+            return Decision(step, host, alt_queue(host), wanted, "table")
+        assert self.capability is not None
+        status = self.capability.status(host)
+        if status == "alt":
+            return Decision(step, host, alt_queue(host), wanted, "table")
+        return self._fallback(Decision(step, host, host, wanted, status))
+
+    def _fallback(self, decision: Decision) -> Decision:
+        self.counts[(decision.host, decision.reason)] += 1
+        logger.debug(
+            "routing: %s is an alt step; sending it to %s (%s, ORCHESTRATOR_ALT_ROUTING=%s)",
+            decision.step, decision.queue, decision.reason, self.mode,
+        )
+        if self.on_fallback is not None:
+            try:
+                self.on_fallback(decision)
+            except Exception as exc:  # counting must never stop a step from being sent
+                logger.warning("routing: could not record a fallback: %s", exc)
+        return decision
+
+    def queue(self, step: str, host: str) -> str:
+        """The queue of ``host`` that ``step`` goes to."""
+        return self.decide(step, host).queue
+
+    def stats(self) -> dict[str, Any]:
+        """This process's routing counters (the registry holds the fleet-wide ones)."""
+        fallbacks: dict[str, dict[str, int]] = {}
+        for (host, reason), n in sorted(self.counts.items()):
+            fallbacks.setdefault(host, {})[reason] = n
+        return {
+            "mode": self.mode,
+            "cache_seconds": None if self.capability is None else self.capability.ttl,
+            "registry_loads": 0 if self.capability is None else self.capability.loads,
+            "alt_to_main": fallbacks,
+        }
+
+    def __call__(
+        self, name: str, args: Any, kwargs: Mapping[str, Any] | None, options: Any,
+        task: Any = None, **kw: Any,
+    ) -> dict[str, str] | None:
+        step = step_of_task(name)
+        if step is None:
+            return None
+        if options and options.get("queue"):
+            # An explicit queue wins over any router (operations.publish_step already decided
+            # and counted); deciding again here would count it twice.
+            return None
+        return {"queue": self.queue(step, (kwargs or {}).get("host"))}  # type: ignore[arg-type]

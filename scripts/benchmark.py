@@ -1,0 +1,750 @@
+#!/usr/bin/env python
+"""How much our routing, state keeping and drain cost, as ratios against plain Celery.
+
+Three measurements, each the median of a few repetitions, each compared with an equivalent
+plain Celery app (same broker, same no-loss settings: acks_late, reject on worker lost,
+prefetch 1, JSON) measured in the same run:
+
+1. **publish**: N step messages through ``orchestrator.operations.publish_step`` (the
+   StepRouter from routing.yaml picks ``<host>`` or ``<host>-alt``) versus N plain
+   ``send_task`` calls with an explicit ``queue=``. Nothing consumes; the queues are purged
+   (and their message counts checked) after every repetition.
+2. **end-to-end**: N single-step ``boot`` operations through one real worker started with
+   ``orchestrator.fleet.Fleet`` (prefork, concurrency 2, ``ORCHESTRATOR_STEP_DELAY=0``), from
+   the first submit until the database shows every operation completed, versus N trivial tasks
+   (one Redis INCR each) through a plain ``celery worker`` with the same pool and options.
+3. **drain**: SIGTERM-to-exit time of an idle orchestrator worker versus an idle plain worker
+   (both prefork ``-c 2``).
+
+Absolute times depend on the machine; only the ratios are meant to be compared between runs.
+Everything runs against a dedicated Redis database (default ``redis://127.0.0.1:6379/12``) and
+a temporary SQLite file. The Redis database must hold nothing but keys this script (or a
+Celery app on it) creates; otherwise the script refuses to run.
+
+    python scripts/benchmark.py --quick              # about a minute
+    python scripts/benchmark.py --json bench.json    # fuller run, results also as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Every Redis key and queue this script creates starts with this (plus Celery's own
+#: ``_kombu.*`` and ``unacked*`` bookkeeping keys); anything else in the database stops us.
+PREFIX = "bench"
+OURS_HOST = "benchhost"  # queues benchhost, benchhost-alt
+DRAIN_HOST = "benchdrain"  # a host of its own: no operation of the throughput run involves it
+PLAIN_QUEUE = "benchplain"  # the plain worker consumes benchplain and benchplain-alt
+PLAIN_TASK = "bench.noop"
+COUNTER_KEY = "bench:done"
+PLAIN_MODULE = "benchplain_app"
+OWNED_KEY_PREFIXES = (b"_kombu.", b"unacked", PREFIX.encode())
+
+PLAIN_APP_SOURCE = '''\
+"""Plain Celery: the settings of orchestrator.app without router, database or drain."""
+import os
+
+import redis
+from celery import Celery
+
+BROKER_URL = os.environ["BENCH_BROKER_URL"]
+COUNTER_KEY = os.environ["BENCH_COUNTER_KEY"]
+
+app = Celery("benchplain", broker=BROKER_URL)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    broker_transport_options={"visibility_timeout": 3600.0},
+    broker_connection_retry_on_startup=True,
+    task_create_missing_queues=True,
+    task_default_queue="benchplain-default",
+    worker_hijack_root_logger=True,
+)
+_client = None
+
+
+@app.task(name="bench.noop")
+def noop(**kwargs):
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(BROKER_URL)
+    _client.incr(COUNTER_KEY)
+'''
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    publish_n: int
+    publish_reps: int
+    e2e_n: int
+    e2e_reps: int
+    drain_reps: int
+    concurrency: int = 2
+
+
+QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, drain_reps=3)
+FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3)
+
+
+@dataclass
+class Run:
+    """What one invocation measured, plus anything that looked wrong on the way."""
+
+    config: Config
+    results: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        print(f"  ! {text}", flush=True)
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(ours: float, plain: float) -> float:
+    return ours / plain if plain else float("nan")
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of ``pid`` (prefork pool processes), read from /proc."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        for child in map(int, text.split()):
+            found.append(child)
+            found.extend(_children(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; it only waits for its parent
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Processes:
+    """Every worker process this script starts, so that all of them are stopped at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        #: Pool processes seen under our workers: killed too if still around at the end.
+        self.descendants: set[int] = set()
+
+    def track(self, proc: subprocess.Popen) -> subprocess.Popen:
+        self.procs.append(proc)
+        return proc
+
+    def note_children(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            self.descendants.update(_children(proc.pid))
+
+    def stop_all(self) -> list[str]:
+        """Cold-stop whatever still runs (SIGQUIT, then SIGKILL); returns what needed force."""
+        forced: list[str] = []
+        running = [p for p in self.procs if p.poll() is None]
+        for proc in running:
+            self.note_children(proc)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGQUIT)
+        for proc in running:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                forced.append(f"worker pid {proc.pid} ignored SIGQUIT; killed")
+                proc.kill()
+                proc.wait(timeout=10)
+        time.sleep(0.2)
+        for pid in sorted(self.descendants):
+            if _alive(pid) and _is_our_celery(pid):
+                forced.append(f"pool process {pid} outlived its worker; killed")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return forced
+
+
+def _is_our_celery(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"celery" in cmd
+
+
+def wait_log(proc: subprocess.Popen, log_path: Path, needle: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"worker pid {proc.pid} exited with {proc.returncode}:\n"
+                + log_path.read_text(errors="replace")[-3000:]
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker pid {proc.pid} not ready after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def poll_until(done: Callable[[], bool], timeout: float, what: str, interval: float) -> float:
+    """Poll until ``done()``; return the monotonic time at which it first answered True."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if done():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, config: Config, broker_url: str, tmp: Path, run: Run) -> None:
+        self.config, self.broker_url, self.tmp, self.run = config, broker_url, tmp, run
+        self.db_path = tmp / "orchestrator.db"
+        self.log_dir = tmp / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes = Processes()
+
+        # Imported here: orchestrator.app reads ORCHESTRATOR_* at import, set by main().
+        import redis
+
+        from orchestrator import db, operations
+        from orchestrator.app import app, routing_table
+        from orchestrator.fleet import Fleet
+        from orchestrator.flows import STEP_NAMES
+
+        self.redis = redis.Redis.from_url(broker_url)
+        self.ours_app, self.operations, self.routing_table = app, operations, routing_table
+        self.steps = sorted(STEP_NAMES)
+        self.fleet = Fleet(
+            env={
+                "ORCHESTRATOR_BROKER_URL": broker_url,
+                "ORCHESTRATOR_DB_URL": os.environ["ORCHESTRATOR_DB_URL"],
+                "ORCHESTRATOR_ROUTING_FILE": os.environ["ORCHESTRATOR_ROUTING_FILE"],
+                "ORCHESTRATOR_STEP_DELAY": "0",
+            },
+            log_dir=self.log_dir,
+        )
+        # Create the schema once, before any worker: several processes creating the tables of
+        # a fresh SQLite file at the same moment is not what we measure.
+        db.engine()
+
+        (tmp / f"{PLAIN_MODULE}.py").write_text(PLAIN_APP_SOURCE)
+        os.environ["BENCH_BROKER_URL"] = broker_url
+        os.environ["BENCH_COUNTER_KEY"] = COUNTER_KEY
+        sys.path.insert(0, str(tmp))
+        import importlib
+
+        self.plain_app = importlib.import_module(PLAIN_MODULE).app
+        self._plain_workers = 0
+
+    # -- workers ---------------------------------------------------------------------------
+    def start_ours(self, host: str):
+        worker = self.fleet.start(host, concurrency=self.config.concurrency, ready=False)
+        self.processes.track(worker.proc)
+        worker.wait_ready(timeout=60)
+        self.processes.note_children(worker.proc)
+        return worker
+
+    def start_plain(self) -> tuple[subprocess.Popen, Path]:
+        self._plain_workers += 1
+        log_path = self.log_dir / f"plain-{self._plain_workers}.log"
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tmp),
+                                                        os.environ.get("PYTHONPATH")])),
+        }
+        cmd = [
+            sys.executable, "-m", "celery", "-A", PLAIN_MODULE, "worker",
+            "-n", f"{PLAIN_QUEUE}@%h", "-Q", f"{PLAIN_QUEUE},{PLAIN_QUEUE}-alt",
+            "-c", str(self.config.concurrency), "-l", "info",
+            "--without-mingle", "--without-gossip",
+        ]
+        with log_path.open("w") as out:
+            proc = self.processes.track(subprocess.Popen(
+                cmd, cwd=self.tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            ))
+        wait_log(proc, log_path, " ready.", timeout=60)
+        self.processes.note_children(proc)
+        return proc, log_path
+
+    def stop(self, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> int | None:
+        """SIGTERM and wait; SIGKILL (reported as a problem) if it does not exit in time."""
+        if proc.poll() is not None:
+            return proc.returncode
+        self.processes.note_children(proc)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.run.problem(f"{what} (pid {proc.pid}) still running {timeout:.0f}s after "
+                             "SIGTERM; killed")
+            proc.kill()
+            proc.wait(timeout=10)
+            return None
+
+    # -- 1. publish ------------------------------------------------------------------------
+    def _purge(self, app, queues: list[str]) -> int:
+        purged = 0
+        with app.connection_for_write() as conn:
+            for queue in queues:
+                purged += int(conn.default_channel.queue_purge(queue) or 0)
+        return purged
+
+    def publish(self) -> None:
+        n, reps = self.config.publish_n, self.config.publish_reps
+        log(f"[publish] {n} messages x {reps} repetitions")
+        publish_step = self.operations.publish_step
+        # The host is registered as a current (alt-consuming) service, as a running worker
+        # would be: the router then takes its normal path (a cached registry snapshot), not
+        # the fallback of an unknown host, which also records the fallback in the database.
+        from orchestrator import registry
+
+        registry.register(f"{OURS_HOST}@bench", OURS_HOST, consumes_main=True,
+                          consumes_alt=True, pid=os.getpid())
+        # Both sides send the same kwargs to the same pattern of queues: ours cycles through
+        # every step (the router picks main or alt from routing.yaml); plain gets the queue
+        # the router would have picked, named explicitly.
+        plan = [self.steps[i % len(self.steps)] for i in range(n)]
+        plain_queues = [
+            PLAIN_QUEUE + ("-alt" if self.routing_table.kind(step) == "alt" else "")
+            for step in plan
+        ]
+        ours_queues = [OURS_HOST, OURS_HOST + "-alt"]
+        plain_queue_names = [PLAIN_QUEUE, PLAIN_QUEUE + "-alt"]
+        send_task = self.plain_app.send_task
+
+        def ours() -> float:
+            op = str(uuid.uuid4())
+            start = time.perf_counter()
+            for i, step in enumerate(plan):
+                publish_step(op, i, step, OURS_HOST)
+            return time.perf_counter() - start
+
+        def plain() -> float:
+            op = str(uuid.uuid4())
+            start = time.perf_counter()
+            for i, queue in enumerate(plain_queues):
+                send_task(
+                    PLAIN_TASK,
+                    kwargs={"operation_id": op, "position": i, "host": OURS_HOST},
+                    task_id=f"{op}.{i}", queue=queue,
+                )
+            return time.perf_counter() - start
+
+        # Warm-up: connections, producer pools, first declaration of each queue.
+        for i, step in enumerate(self.steps):
+            publish_step(str(uuid.uuid4()), i, step, OURS_HOST)
+        for queue in plain_queue_names:
+            send_task(PLAIN_TASK, kwargs={"operation_id": "w", "position": 0, "host": "w"},
+                      queue=queue)
+        self._purge(self.ours_app, ours_queues)
+        self._purge(self.plain_app, plain_queue_names)
+
+        samples: dict[str, list[float]] = {"ours": [], "plain": []}
+        try:
+            for rep in range(reps):
+                order = [("ours", ours), ("plain", plain)]
+                if rep % 2:
+                    order.reverse()
+                for name, fn in order:
+                    seconds = fn()
+                    app, queues = ((self.ours_app, ours_queues) if name == "ours"
+                                   else (self.plain_app, plain_queue_names))
+                    purged = self._purge(app, queues)
+                    if purged != n:
+                        self.run.problem(f"publish {name}: sent {n} messages, found {purged} "
+                                         f"in {', '.join(queues)}")
+                    samples[name].append(seconds)
+                log(f"  rep {rep + 1}: ours {samples['ours'][-1]:.3f}s, "
+                    f"plain {samples['plain'][-1]:.3f}s")
+        finally:
+            self._purge(self.ours_app, ours_queues)
+            self._purge(self.plain_app, plain_queue_names)
+        ours_s, plain_s = median(samples["ours"]), median(samples["plain"])
+        self.run.results["publish"] = {
+            "messages": n, "repetitions": reps, "unit": "seconds",
+            "ours_samples": samples["ours"], "plain_samples": samples["plain"],
+            "ours": ours_s, "plain": plain_s,
+            "ours_us_per_message": ours_s / n * 1e6, "plain_us_per_message": plain_s / n * 1e6,
+            "ratio_ours_over_plain": ratio(ours_s, plain_s),
+        }
+
+    # -- 2. end-to-end ---------------------------------------------------------------------
+    def _op_counts(self, conn: sqlite3.Connection) -> dict[str, int]:
+        rows = conn.execute("SELECT status, COUNT(*) FROM operations GROUP BY status").fetchall()
+        return {status: count for status, count in rows}
+
+    def e2e_ours(self) -> dict[str, Any]:
+        n, reps = self.config.e2e_n, self.config.e2e_reps
+        warm = max(2, min(10, n // 10))
+        boot = self.operations.boot
+        # Polled with a plain autocommit reader: the project's sessions start with
+        # BEGIN IMMEDIATE (a write lock) even to read, and the poll must not slow the run.
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+        worker = self.start_ours(OURS_HOST)
+        submitted = 0
+        samples: list[dict[str, float]] = []
+        try:
+            def run_batch(count: int, label: str) -> dict[str, float]:
+                nonlocal submitted
+                start = time.monotonic()
+                for i in range(count):
+                    boot(f"{PREFIX}-{label}-{i}", OURS_HOST)
+                submit_end = time.monotonic()
+                submitted += count
+
+                def done() -> bool:
+                    counts = self._op_counts(conn)
+                    return counts.get("completed", 0) + counts.get("failed", 0) >= submitted
+
+                end = poll_until(done, timeout=60 + count, what=f"{label}: {count} operations",
+                                 interval=0.01)
+                return {"seconds": end - start, "submit_seconds": submit_end - start,
+                        "ops_per_second": count / (end - start)}
+
+            run_batch(warm, "warmup")
+            for rep in range(reps):
+                sample = run_batch(n, f"rep{rep}")
+                samples.append(sample)
+                log(f"  ours rep {rep + 1}: {sample['ops_per_second']:.1f} ops/s "
+                    f"({sample['seconds']:.2f}s, submitting took {sample['submit_seconds']:.2f}s)")
+        finally:
+            code = self.stop(worker.proc, "orchestrator worker (throughput)")
+            if code not in (0, None):
+                self.run.problem(f"orchestrator worker (throughput) exited {code} after SIGTERM")
+        counts = self._op_counts(conn)
+        steps = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(attempts > 1), 0), COALESCE(SUM(applied > 1), 0) "
+            "FROM step_log"
+        ).fetchone()
+        conn.close()
+        if counts.get("failed"):
+            self.run.problem(f"end-to-end ours: {counts['failed']} operation(s) failed")
+        if steps[1] or steps[2]:
+            self.run.problem(f"end-to-end ours: {steps[1]} step(s) delivered more than once, "
+                             f"{steps[2]} applied more than once")
+        return {"samples": samples, "warmup": warm, "statuses": counts,
+                "steps_logged": steps[0], "redelivered_steps": steps[1]}
+
+    def e2e_plain(self) -> dict[str, Any]:
+        n, reps = self.config.e2e_n, self.config.e2e_reps
+        warm = max(2, min(10, n // 10))
+        send_task = self.plain_app.send_task
+        proc, _log = self.start_plain()
+        samples: list[dict[str, float]] = []
+        try:
+            def run_batch(count: int) -> dict[str, float]:
+                self.redis.set(COUNTER_KEY, 0)
+                op = str(uuid.uuid4())
+                start = time.monotonic()
+                for i in range(count):
+                    send_task(PLAIN_TASK,
+                              kwargs={"operation_id": op, "position": 0, "host": OURS_HOST},
+                              task_id=f"{op}.{i}", queue=PLAIN_QUEUE)
+                submit_end = time.monotonic()
+                end = poll_until(lambda: int(self.redis.get(COUNTER_KEY) or 0) >= count,
+                                 timeout=60 + count, what=f"{count} plain tasks", interval=0.01)
+                return {"seconds": end - start, "submit_seconds": submit_end - start,
+                        "ops_per_second": count / (end - start)}
+
+            run_batch(warm)
+            for rep in range(reps):
+                sample = run_batch(n)
+                samples.append(sample)
+                log(f"  plain rep {rep + 1}: {sample['ops_per_second']:.1f} ops/s "
+                    f"({sample['seconds']:.2f}s, submitting took {sample['submit_seconds']:.2f}s)")
+        finally:
+            code = self.stop(proc, "plain worker (throughput)")
+            if code not in (0, None):
+                self.run.problem(f"plain worker (throughput) exited {code} after SIGTERM")
+        return {"samples": samples, "warmup": warm}
+
+    def e2e(self) -> None:
+        n, reps = self.config.e2e_n, self.config.e2e_reps
+        log(f"[end-to-end] {n} operations x {reps} repetitions, concurrency "
+            f"{self.config.concurrency}")
+        ours = self.e2e_ours()
+        plain = self.e2e_plain()
+        ours_ops = median([s["ops_per_second"] for s in ours["samples"]])
+        plain_ops = median([s["ops_per_second"] for s in plain["samples"]])
+        self.run.results["end_to_end"] = {
+            "operations": n, "repetitions": reps, "concurrency": self.config.concurrency,
+            "unit": "operations per second", "ours": ours_ops, "plain": plain_ops,
+            "ratio_ours_over_plain": ratio(ours_ops, plain_ops),
+            # Submitting alone (ours: boot(), three database transactions and a publish;
+            # plain: send_task), per operation, while the worker already runs.
+            "ours_submit_ms_per_op": median(
+                [s["submit_seconds"] for s in ours["samples"]]) / n * 1e3,
+            "plain_submit_ms_per_op": median(
+                [s["submit_seconds"] for s in plain["samples"]]) / n * 1e3,
+            "ours_detail": ours, "plain_detail": plain,
+        }
+
+    # -- 3. drain --------------------------------------------------------------------------
+    def _sigterm_to_exit(self, proc: subprocess.Popen, what: str) -> tuple[float | None, int]:
+        self.processes.note_children(proc)
+        time.sleep(0.5)  # idle: let the consumer settle after " ready."
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.run.problem(f"drain: idle {what} still running 60s after SIGTERM; killed")
+            proc.kill()
+            proc.wait(timeout=10)
+            return None, -9
+        return time.monotonic() - start, code
+
+    def drain(self) -> None:
+        reps = self.config.drain_reps
+        log(f"[drain] idle worker, SIGTERM to exit, x {reps}")
+        samples: dict[str, list[float]] = {"ours": [], "plain": []}
+        codes: dict[str, list[int]] = {"ours": [], "plain": []}
+        drain_logged: list[bool] = []
+        for rep in range(reps):
+            order = ["ours", "plain"] if rep % 2 == 0 else ["plain", "ours"]
+            for name in order:
+                if name == "ours":
+                    worker = self.start_ours(DRAIN_HOST)
+                    seconds, code = self._sigterm_to_exit(worker.proc, "orchestrator worker")
+                    drain_logged.append("drain: nothing left in flight" in worker.log())
+                else:
+                    proc, _log = self.start_plain()
+                    seconds, code = self._sigterm_to_exit(proc, "plain worker")
+                codes[name].append(code)
+                if seconds is not None:
+                    samples[name].append(seconds)
+                if code != 0:
+                    self.run.problem(f"drain: idle {name} worker exited {code} after SIGTERM")
+            last = {k: f"{v[-1]:.3f}s" if v else "n/a" for k, v in samples.items()}
+            log(f"  rep {rep + 1}: ours {last['ours']} (exit {codes['ours'][-1]}), "
+                f"plain {last['plain']} (exit {codes['plain'][-1]})")
+        if not all(drain_logged):
+            self.run.problem("drain: an orchestrator worker exited without logging its drain "
+                             "('nothing left in flight'): SIGTERM may not have reached the drain")
+        ours_s, plain_s = median(samples["ours"]), median(samples["plain"])
+        self.run.results["drain"] = {
+            "repetitions": reps, "unit": "seconds", "ours_samples": samples["ours"],
+            "plain_samples": samples["plain"], "ours": ours_s, "plain": plain_s,
+            "exit_codes": codes, "ratio_ours_over_plain": ratio(ours_s, plain_s),
+        }
+
+
+# -- redis hygiene, output, main -----------------------------------------------------------
+
+
+def clear_owned_keys(broker_url: str, strict: bool) -> None:
+    """Delete the keys this script (and Celery on its behalf) creates; with ``strict``, refuse
+    to go on when the database holds anything else."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    keys = list(client.scan_iter(count=1000))
+    foreign = [k for k in keys if not k.startswith(OWNED_KEY_PREFIXES)]
+    if foreign and strict:
+        shown = ", ".join(repr(k.decode(errors="replace")) for k in foreign[:5])
+        raise SystemExit(
+            f"benchmark: {broker_url} holds {len(foreign)} key(s) this script did not create "
+            f"(e.g. {shown}); use a dedicated Redis database (--redis-url)"
+        )
+    owned = [k for k in keys if k.startswith(OWNED_KEY_PREFIXES)]
+    for i in range(0, len(owned), 500):
+        client.delete(*owned[i:i + 500])
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.3f} {unit}" if unit == "s" else f"{value:.1f} {unit}"
+
+
+def table(run: Run) -> str:
+    rows = [("measure", "ours", "plain", "ours/plain")]
+    r = run.results
+    if "publish" in r:
+        p = r["publish"]
+        rows.append((f"publish {p['messages']} msgs (median of {p['repetitions']})",
+                     fmt(p["ours"], "s"), fmt(p["plain"], "s"),
+                     f"{p['ratio_ours_over_plain']:.2f}x time"))
+        rows.append(("  per message", f"{p['ours_us_per_message']:.0f} us",
+                     f"{p['plain_us_per_message']:.0f} us", ""))
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        rows.append((f"end-to-end {e['operations']} ops, -c {e['concurrency']} "
+                     f"(median of {e['repetitions']})",
+                     fmt(e["ours"], "ops/s"), fmt(e["plain"], "ops/s"),
+                     f"{e['ratio_ours_over_plain']:.2f}x throughput"))
+        rows.append(("  of which submitting, per op", f"{e['ours_submit_ms_per_op']:.2f} ms",
+                     f"{e['plain_submit_ms_per_op']:.2f} ms",
+                     f"{ratio(e['ours_submit_ms_per_op'], e['plain_submit_ms_per_op']):.2f}x"
+                     " time"))
+    if "drain" in r:
+        d = r["drain"]
+        rows.append((f"idle SIGTERM->exit (median of {d['repetitions']})",
+                     fmt(d["ours"], "s"), fmt(d["plain"], "s"),
+                     f"{d['ratio_ours_over_plain']:.2f}x time"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                       for i, cell in enumerate(row)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Publish cost, end-to-end throughput and idle drain time, as ratios "
+                    "against plain Celery measured in the same run.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="small run (about a minute): fewer messages and operations")
+    parser.add_argument("--json", metavar="PATH", type=Path,
+                        help="also write the results (all samples) as JSON here")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
+                        help="a Redis database used only by this script (default: %(default)s)")
+    parser.add_argument("--only", choices=("publish", "e2e", "drain"), action="append",
+                        help="run only this measurement (repeatable)")
+    parser.add_argument("--keep-tmp", action="store_true",
+                        help="keep the temporary directory (SQLite file, worker logs)")
+    return parser.parse_args(argv)
+
+
+def _terminate_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parsed = urlparse(args.redis_url)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise SystemExit("benchmark: --redis-url must be a redis:// URL")
+    config = QUICK if args.quick else FULL
+    only = set(args.only or ("publish", "e2e", "drain"))
+    tmp = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+
+    # orchestrator.app reads these at import: set them before anything imports it.
+    os.environ["ORCHESTRATOR_BROKER_URL"] = args.redis_url
+    os.environ["ORCHESTRATOR_DB_URL"] = f"sqlite:///{tmp / 'orchestrator.db'}"
+    os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(REPO_ROOT / "routing.yaml")
+    os.environ["ORCHESTRATOR_STEP_DELAY"] = "0"
+    for name in ("ORCHESTRATOR_STEP_DELAYS", "ORCHESTRATOR_FAIL_STEPS"):
+        os.environ.pop(name, None)
+
+    signal.signal(signal.SIGTERM, _terminate_on_signal)
+    signal.signal(signal.SIGHUP, _terminate_on_signal)
+
+    run = Run(config)
+    bench: Bench | None = None
+    failed = False
+    try:
+        clear_owned_keys(args.redis_url, strict=True)
+        bench = Bench(config, args.redis_url, tmp, run)
+        import celery
+        import kombu
+
+        log(f"benchmark ({config.mode}): broker {args.redis_url}, database {bench.db_path}, "
+            f"celery {celery.__version__}, {os.cpu_count()} CPU(s)")
+        if "publish" in only:
+            bench.publish()
+        if "e2e" in only:
+            bench.e2e()
+        if "drain" in only:
+            bench.drain()
+        run.results["environment"] = {
+            "python": platform.python_version(), "celery": celery.__version__,
+            "kombu": kombu.__version__, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "broker": args.redis_url,
+        }
+    except KeyboardInterrupt as exc:
+        failed = True
+        run.problem(f"interrupted ({exc or 'SIGINT'})")
+    except Exception as exc:
+        failed = True
+        run.problem(f"benchmark failed: {type(exc).__name__}: {exc}")
+    finally:
+        # Cleanup is bounded (SIGQUIT, then SIGKILL): do not let a second signal cut it short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        if bench is not None:
+            for text in bench.processes.stop_all():
+                run.problem(text)
+        try:
+            clear_owned_keys(args.redis_url, strict=False)
+        except Exception as exc:
+            run.problem(f"could not clean {args.redis_url}: {exc}")
+        if args.keep_tmp or failed:
+            log(f"temporary files kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(table(run))
+    print("ratios: publish and drain are ours/plain time (above 1 = we are slower); "
+          "end-to-end is ours/plain throughput (below 1 = we are slower).")
+    if run.problems:
+        print("problems:")
+        for text in run.problems:
+            print("  - " + textwrap.shorten(text, 300))
+    if args.json is not None:
+        payload = {"config": vars(config), "results": run.results, "problems": run.problems,
+                   "completed": not failed}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"JSON written to {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Fixtures: a real broker, a database per test, and real worker processes per host.
+
+The broker is ``ORCHESTRATOR_TEST_BROKER_URL`` (default: Redis DB 10 on 127.0.0.1), emptied
+before each test; when it does not answer, the tests fail with that message (never skip):
+``.ci/run`` starts the services it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "redis://127.0.0.1:6379/10")
+# orchestrator.app reads its settings at import: set them before anything imports it.
+os.environ["ORCHESTRATOR_BROKER_URL"] = BROKER_URL
+os.environ.setdefault("ORCHESTRATOR_HEARTBEAT_INTERVAL", "1")
+os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.parent
+                                              / "routing.yaml")
+
+from orchestrator.app import app  # noqa: E402
+from orchestrator.fleet import Fleet  # noqa: E402
+
+
+def _broker_answers(url: str) -> bool:
+    parsed = urlparse(url)
+    default_port = 6379 if parsed.scheme == "redis" else 5672
+    try:
+        socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port),
+                                 timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _purge_broker() -> None:
+    parsed = urlparse(BROKER_URL)
+    if parsed.scheme == "redis":
+        import redis
+
+        redis.Redis.from_url(BROKER_URL).flushdb()
+    else:  # RabbitMQ: delete the queues tests may have left (and forget their declarations)
+        from orchestrator.broker import delete_queues
+
+        delete_queues(app, [f"compute{i}{s}" for i in range(1, 5) for s in ("", "-alt")]
+                      + [app.conf.task_default_queue])
+
+
+def use_broker(url: str) -> None:
+    """Point this process's publishers at ``url`` (Celery pools connections per app)."""
+    if app.conf.broker_url != url:
+        app.conf.broker_url = url
+        # Celery keeps a connection pool and a producer pool made for the old URL; drop the
+        # app's references (not the pools: kombu's registry hands them out again, by URL,
+        # when the suite switches back).
+        app._pool = None
+        app.amqp._producer_pool = None
+
+
+def fresh_broker() -> str:
+    if not _broker_answers(BROKER_URL):
+        pytest.fail(f"broker {BROKER_URL} does not answer: start it (see .ci/run)")
+    use_broker(BROKER_URL)
+    _purge_broker()
+    return BROKER_URL
+
+
+def fresh_db(tmp_dir: Path) -> str:
+    """An empty database: a new SQLite file, or ORCHESTRATOR_TEST_DB_URL with its tables reset."""
+    url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_dir / 'orch.db'}"
+    if not url.startswith("sqlite"):
+        from orchestrator.db import reset_schema
+
+        reset_schema(url)
+    return url
+
+
+@contextmanager
+def running_fleet(tmp_dir: Path, **env: str) -> Iterator[Fleet]:
+    """A fresh broker and database, the API pointed at them, and a fleet that is stopped at
+    the end, whatever happens."""
+    broker, db_url = fresh_broker(), fresh_db(tmp_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ORCHESTRATOR_DB_URL", db_url)
+        fleet = Fleet(
+            env={
+                "ORCHESTRATOR_BROKER_URL": broker,
+                "ORCHESTRATOR_DB_URL": db_url,
+                "ORCHESTRATOR_STEP_DELAY": "0.05",
+                "ORCHESTRATOR_HEARTBEAT_INTERVAL": os.environ["ORCHESTRATOR_HEARTBEAT_INTERVAL"],
+                **env,
+            },
+            log_dir=tmp_dir / "logs",
+        )
+        try:
+            yield fleet
+        finally:
+            fleet.stop_all()
+
+
+@pytest.fixture
+def broker() -> str:
+    return fresh_broker()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = fresh_db(tmp_path)
+    monkeypatch.setenv("ORCHESTRATOR_DB_URL", url)
+    # The router's registry snapshot belongs to the previous test's database.
+    from orchestrator.app import step_router
+
+    if step_router.capability is not None:
+        step_router.capability.invalidate()
+    return url
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """Worker processes for this test; every one still running is stopped at teardown."""
+    with running_fleet(tmp_path) as fleet:
+        yield fleet

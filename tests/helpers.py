@@ -1,0 +1,76 @@
+"""Shared checks for the end-to-end tests: wait on state, and count every operation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator import views
+from orchestrator.app import app
+from orchestrator.broker import queue_depths
+from orchestrator.fleet import wait_for
+from orchestrator.routing import alt_queue
+
+
+def wait_op(operation_id: str, until: Callable[[dict[str, Any]], bool],
+            timeout: float = 30.0, what: str = "") -> dict[str, Any]:
+    return views.wait_operation(operation_id, until, timeout, what)
+
+
+ended = views.ended
+
+
+def at_step(step: str, state: str = "running") -> Callable[[dict[str, Any]], bool]:
+    def check(data: dict[str, Any]) -> bool:
+        current = data["current_step"] or {}
+        return current.get("step") == step and current.get("state") == state
+
+    return check
+
+
+def queued_messages(hosts: list[str]) -> int:
+    return sum(queue_depths(app, [q for h in hosts for q in (h, alt_queue(h))]).values())
+
+
+def assert_conserved(operation_ids: list[str], hosts: list[str]) -> dict[str, int]:
+    """Every operation submitted is completed, or its next step waits in the broker: none lost,
+    none failed, and exactly one message per waiting operation."""
+    statuses = [views.operation_dict(op)["status"] for op in operation_ids]
+    counts = {
+        "submitted": len(operation_ids),
+        "completed": statuses.count("completed"),
+        "waiting": statuses.count("queued") + statuses.count("running"),
+        "failed": statuses.count("failed"),
+        "queued_messages": queued_messages(hosts),
+    }
+    assert counts["failed"] == 0, counts
+    assert counts["submitted"] == counts["completed"] + counts["waiting"], counts
+    assert counts["queued_messages"] == counts["waiting"], counts
+    return counts
+
+
+def boot_active(name: str, host: str) -> str:
+    """Boot an instance and wait until it is ACTIVE; returns the boot operation's id."""
+    from orchestrator import operations
+
+    op = operations.boot(name, host)
+    assert wait_op(op.id, ended)["status"] == "completed"
+    return op.id
+
+
+def resize_vm1_until(step: str, state: str = "running") -> tuple[str, Any]:
+    """Boot vm1 on compute1, resize it to compute2, and wait until ``step`` is in ``state``:
+    the moment a test sends its signal. Returns (boot id, the resize operation)."""
+    from orchestrator import operations
+
+    booted = boot_active("vm1", "compute1")
+    op = operations.resize("vm1", flavor="m1.large", dest="compute2")
+    wait_op(op.id, at_step(step, state))
+    return booted, op
+
+
+def wait_draining(host: str) -> None:
+    from orchestrator import registry
+
+    wait_for(lambda: any(v.state == "draining" for v in registry.services(host)), 10,
+             f"{host} to report draining")

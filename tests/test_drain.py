@@ -1,0 +1,317 @@
+"""The drain, end to end: real ``celery worker`` processes, a real broker, real signals.
+
+Every test waits on observed state (operation step, registry, queue depth), never on a fixed
+sleep, and ends by counting every operation it submitted: completed, or waiting in the broker.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator import operations, views
+from orchestrator.app import app
+from orchestrator.broker import queue_depth
+from orchestrator.cli import main as cli
+from orchestrator.fleet import Fleet, wait_for
+from tests.helpers import (
+    assert_conserved,
+    at_step,
+    boot_active,
+    ended,
+    resize_vm1_until,
+    wait_draining,
+    wait_op,
+)
+from workers.drain import EX_DRAIN_EXPIRED
+
+pytestmark = pytest.mark.shutdown
+HOSTS = ["compute1", "compute2"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def step_row(data: dict, step: str) -> dict:
+    return next(s for s in data["steps"] if s["step"] == step)
+
+
+def _sigterm_to_exit(worker) -> float:
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.log()
+    return time.monotonic() - started
+
+
+def test_idle_host_exits_zero_within_two_seconds(fleet: Fleet) -> None:
+    """Most of the time is Celery's own prefork shutdown (billiard's children sleep 1 s before
+    they exit), so a plain Celery worker is measured alongside: on a loaded machine both slow
+    down, and the drain must add little to it."""
+    worker = fleet.start("compute1", graceful_timeout=60)
+    plain = fleet.spawn("plain", "baseline", [
+        sys.executable, "-m", "celery", "-A", "tests.plain_app", "worker", "-c", "2", "-Q",
+        "plain", "-l", "info", "--without-mingle", "--without-gossip"])
+    took, baseline = _sigterm_to_exit(worker), _sigterm_to_exit(plain)
+    print(f"idle host: SIGTERM to exit {took:.2f}s (plain Celery {baseline:.2f}s)")
+    assert took < max(2.0, baseline + 0.5), worker.log()
+    assert "messages handed back: 0" in worker.log()
+
+
+def test_resize_finishes_on_draining_destination(fleet: Fleet) -> None:
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=2"}
+    fleet.start("compute1", env=env)
+    dest = fleet.start("compute2", graceful_timeout=60, env=env)
+    booted, op = resize_vm1_until("resize_instance")
+
+    signalled = time.time()
+    dest.signal(signal.SIGTERM)
+    assert dest.wait(timeout=30) == 0, dest.log()
+    exited = time.time()
+
+    data = views.operation_dict(op.id)
+    assert data["status"] == "completed"
+    finish = step_row(data, "finish_resize")
+    assert finish["host"] == "compute2" and finish["attempts"] == 1
+    assert finish["worker"].startswith("compute2@")
+    vm = views.show_instance("vm1")
+    assert (vm["host"], vm["flavor"], vm["vm_state"]) == ("compute2", "m1.large", "resized")
+    assert exited - signalled < 15, "exited on its own, long before the 60 s deadline"
+    with_log = dest.log()
+    assert "steps completed during drain: 1" in with_log
+    finished_at = max(r["finished_at"] for r in _step_times(op.id))
+    print(f"busy host: SIGTERM to exit {exited - signalled:.2f}s, "
+          f"last step end to exit {exited - finished_at:.2f}s")
+    assert_conserved([booted, op.id], HOSTS)
+
+
+def _step_times(operation_id: str) -> list[dict]:
+    from sqlalchemy import select
+
+    from orchestrator import db
+    from orchestrator.models import StepRecord
+
+    with db.session() as s:
+        rows = s.execute(select(StepRecord).where(StepRecord.operation_id == operation_id))
+        return [{"finished_at": r.finished_at} for r in rows.scalars()]
+
+
+def test_new_request_to_draining_host_waits_for_restart(fleet: Fleet) -> None:
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
+    fleet.start("compute1", env=env)
+    dest = fleet.start("compute2", graceful_timeout=60, env=env)
+    booted, resize = resize_vm1_until("resize_instance")
+    dest.signal(signal.SIGTERM)
+    wait_draining("compute2")
+
+    late = operations.boot("vm2", "compute2")
+    assert dest.wait(timeout=30) == 0, dest.log()
+    data = views.operation_dict(late.id)
+    assert data["status"] == "queued" and data["steps"] == [], "not run on the draining host"
+    assert queue_depth(app, "compute2") == 1
+    assert_conserved([booted, resize.id, late.id], HOSTS)
+
+    fleet.start("compute2")
+    assert wait_op(late.id, ended)["status"] == "completed"
+    assert_conserved([booted, resize.id, late.id], HOSTS)
+
+
+def test_fetched_unstarted_main_messages_are_handed_back(fleet: Fleet) -> None:
+    # One process, prefetch 4: while resize_instance runs, three boots are fetched and wait.
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
+    source = fleet.start("compute1", concurrency=1, extra=("--prefetch-multiplier", "4"),
+                         env=env)
+    fleet.start("compute2", env=env)
+    booted, resize = resize_vm1_until("resize_instance")
+    boots = [operations.boot(f"new{i}", "compute1").id for i in range(3)]
+    wait_for(lambda: queue_depth(app, "compute1") == 0, 10, "the boots to be prefetched")
+
+    source.signal(signal.SIGTERM)
+    assert source.wait(timeout=30) == 0, source.log()
+
+    for op_id in boots:
+        data = views.operation_dict(op_id)
+        assert data["status"] == "queued" and data["steps"] == [], data
+    assert queue_depth(app, "compute1") == 3, "all three are back in compute1"
+    assert "messages handed back: 3" in source.log()
+    assert wait_op(resize.id, ended)["status"] == "completed"
+    assert_conserved([booted, resize.id, *boots], HOSTS)
+
+    fleet.start("compute1")
+    for op_id in boots:
+        assert wait_op(op_id, ended)["status"] == "completed"
+    assert_conserved([booted, resize.id, *boots], HOSTS)
+
+
+def test_deadline_leaves_alt_step_queued_until_restart(fleet: Fleet) -> None:
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=4"}
+    fleet.start("compute1", env=env)
+    dest = fleet.start("compute2", graceful_timeout=1.5, env=env)
+    booted, resize = resize_vm1_until("resize_instance")
+
+    signalled = time.monotonic()
+    dest.signal(signal.SIGTERM)
+    assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
+    assert time.monotonic() - signalled < 1.5 + 5, "exits within a few seconds of the deadline"
+
+    # compute2 is down when compute1 sends finish_resize: with ORCHESTRATOR_ALT_ROUTING=auto
+    # a down host gets its main queue, which whatever version starts there consumes.
+    wait_for(lambda: queue_depth(app, "compute2") == 1, 10, "finish_resize in compute2")
+    current = wait_op(resize.id, at_step("finish_resize", "queued"))["current_step"]
+    assert (current["queue"], current["host_state"]) == ("compute2", "down"), current
+    assert_conserved([booted, resize.id], HOSTS)
+
+    fleet.start("compute2")
+    assert wait_op(resize.id, ended)["status"] == "completed"
+    assert_conserved([booted, resize.id], HOSTS)
+
+
+def test_deadline_mid_step_requeues_the_running_step(fleet: Fleet) -> None:
+    fleet.start("compute1")
+    dest = fleet.start("compute2", graceful_timeout=1.5,
+                       env={"ORCHESTRATOR_STEP_DELAYS": "finish_resize=30"})
+    booted, resize = resize_vm1_until("finish_resize")
+
+    dest.signal(signal.SIGTERM)
+    assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
+    wait_for(lambda: queue_depth(app, "compute2-alt") == 1, 10, "finish_resize requeued")
+    assert views.operation_dict(resize.id)["status"] == "running"
+
+    fleet.start("compute2")
+    data = wait_op(resize.id, ended)
+    assert data["status"] == "completed"
+    assert step_row(data, "finish_resize")["attempts"] == 2
+    assert _applied(resize.id) == {0: 1, 1: 1, 2: 1}, "each effect happened once"
+    assert_conserved([booted, resize.id], HOSTS)
+
+
+def _applied(operation_id: str) -> dict[int, int]:
+    from sqlalchemy import select
+
+    from orchestrator import db
+    from orchestrator.models import StepRecord
+
+    with db.session() as s:
+        rows = s.execute(select(StepRecord).where(StepRecord.operation_id == operation_id))
+        return {r.position: r.applied for r in rows.scalars()}
+
+
+def test_second_sigterm_ends_the_drain_at_once(fleet: Fleet) -> None:
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=4"}
+    fleet.start("compute1", env=env)
+    dest = fleet.start("compute2", graceful_timeout=60, env=env)
+    booted, resize = resize_vm1_until("resize_instance")
+    dest.signal(signal.SIGTERM)
+    wait_draining("compute2")
+
+    hurried = time.monotonic()
+    dest.signal(signal.SIGTERM)
+    assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
+    assert time.monotonic() - hurried < 5
+    assert "second SIGTERM" in dest.log()
+
+    wait_op(resize.id, at_step("finish_resize", "queued"))
+    fleet.start("compute2")
+    assert wait_op(resize.id, ended)["status"] == "completed"
+    assert_conserved([booted, resize.id], HOSTS)
+
+
+def test_remote_drain_command(fleet: Fleet) -> None:
+    worker = fleet.start("compute1", graceful_timeout=60)
+    result = CliRunner().invoke(cli, ["drain", "compute1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "compute1 draining" in result.output
+    assert worker.wait(timeout=15) == 0
+    assert "drain: remote control" in worker.log()
+
+    unknown = CliRunner().invoke(cli, ["drain", "nosuchhost"])
+    assert unknown.exit_code == 2
+    assert "unknown host 'nosuchhost'" in unknown.output
+
+
+def test_two_processes_per_host_alt_only_drains_the_same_way(fleet: Fleet) -> None:
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=2"}
+    fleet.start("compute1", env=env)
+    main_only = fleet.start("compute2", queues="main", graceful_timeout=60, env=env)
+    alt_only = fleet.start("compute2", queues="alt", graceful_timeout=60, env=env)
+    booted, resize = resize_vm1_until("resize_instance")
+
+    main_only.signal(signal.SIGTERM)
+    alt_only.signal(signal.SIGTERM)
+    assert main_only.wait(timeout=15) == 0, main_only.log()
+    assert "steps completed during drain: 0" in main_only.log()
+    assert alt_only.wait(timeout=30) == 0, alt_only.log()
+
+    data = views.operation_dict(resize.id)
+    assert data["status"] == "completed"
+    assert step_row(data, "finish_resize")["worker"].startswith("compute2-alt@")
+    assert_conserved([booted, resize.id], HOSTS)
+
+
+def test_build_caught_by_sigterm_finishes_because_events_use_alt(fleet: Fleet) -> None:
+    host = fleet.start("compute1", graceful_timeout=60,
+                       env={"ORCHESTRATOR_NETWORK_DELAY": "1.5"})
+    op = operations.boot("vm1", "compute1")
+    wait_op(op.id, at_step("build_and_run_instance"))
+    host.signal(signal.SIGTERM)
+    assert host.wait(timeout=30) == 0, host.log()
+    assert views.operation_dict(op.id)["status"] == "completed"
+    assert views.show_instance("vm1")["vm_state"] == "active"
+    assert "steps completed during drain: 2" in host.log(), "the build and its event"
+    assert_conserved([op.id], ["compute1"])
+
+
+def test_build_times_out_if_events_go_to_main(fleet: Fleet, tmp_path) -> None:
+    routing = tmp_path / "routing.yaml"
+    text = (REPO / "routing.yaml").read_text()
+    marker = "  external_instance_event:\n    queue: alt"
+    assert marker in text
+    routing.write_text(text.replace(marker, "  external_instance_event:\n    queue: main"))
+    host = fleet.start("compute1", graceful_timeout=60, env={
+        "ORCHESTRATOR_NETWORK_DELAY": "1.5", "ORCHESTRATOR_VIF_PLUGGING_TIMEOUT": "3",
+        "ORCHESTRATOR_ROUTING_FILE": str(routing),
+    })
+    op = operations.boot("vm1", "compute1")
+    wait_op(op.id, at_step("build_and_run_instance"))
+    host.signal(signal.SIGTERM)
+    assert host.wait(timeout=30) == 0, host.log()
+    data = views.operation_dict(op.id)
+    assert data["status"] == "failed" and "network-vif-plugged" in data["error"]
+    assert views.show_instance("vm1")["vm_state"] == "error"
+    assert queue_depth(app, "compute1") == 1, "the event waits in the main queue"
+
+
+def test_steps_with_no_message_are_sent_again(fleet: Fleet) -> None:
+    """A step whose message was lost (Redis: a worker killed between BRPOP and recording it
+    unacknowledged) and one never sent (its sender died after the commit) both run."""
+    from orchestrator import db
+    from orchestrator.flows import BOOT
+    from orchestrator.models import Instance
+    from orchestrator.operations import _record
+
+    fleet.start("compute1")
+    gone = fleet.start("compute2")
+    gone.signal(signal.SIGTERM)
+    assert gone.wait(timeout=15) == 0
+    booted = boot_active("vm1", "compute1")
+    lost = operations.resize("vm1", flavor="m1.large", dest="compute2")
+    assert queue_depth(app, "compute2") == 1
+    from orchestrator.broker import delete_queues
+
+    delete_queues(app, ["compute2"])  # the message is lost
+    with db.session() as s:  # an operation whose sender died before publishing
+        instance = Instance(name="vm2", host="compute2", flavor="m1.small",
+                           vm_state="building", task_state="spawning")
+        s.add(instance)
+        s.flush()
+        unsent = _record(s, BOOT, instance, "compute2").id
+
+    host = fleet.start("compute2", env={"ORCHESTRATOR_RESEND_AFTER": "1"})
+    assert wait_op(lost.id, ended, timeout=30)["status"] == "completed"
+    assert wait_op(unsent, ended, timeout=30)["status"] == "completed"
+    log = host.log()
+    assert f"resent prep_resize of {lost.id} to compute2: no message for it" in log
+    assert f"resent build_and_run_instance of {unsent} to compute2: it was never sent" in log
+    assert_conserved([booted, lost.id, unsent], HOSTS)

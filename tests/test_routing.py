@@ -1,0 +1,160 @@
+"""routing.yaml validation (file, line, key) and the router, on pytest-celery's ``celery_app``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.flows import STEP_NAMES
+from orchestrator.routing import (
+    MissingHostError,
+    RoutingError,
+    StepRouter,
+    load_routing,
+    parse_routing,
+    split_queue,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+VALID = (REPO / "routing.yaml").read_text()
+
+# Nova's case-by-case choices (shared/seed): these steps keep running while a host drains.
+NOVA_ALT = {
+    "live_migration", "pre_live_migration", "post_live_migration_at_destination",
+    "rollback_live_migration_at_destination", "drop_move_claim_at_destination",
+    "remove_volume_connection", "resize_instance", "finish_resize",
+    "prep_snapshot_based_resize_at_source", "finish_snapshot_based_resize_at_dest",
+    "check_instance_shared_storage", "finish_revert_resize",
+    "finish_revert_snapshot_based_resize_at_source", "external_instance_event",
+    "validate_console_port",
+}
+
+
+def parse(text: str):
+    return parse_routing(text, Path("routing.yaml"), STEP_NAMES)
+
+
+def error_of(text: str) -> RoutingError:
+    with pytest.raises(RoutingError) as info:
+        parse(text)
+    return info.value
+
+
+def test_repository_routing_file_matches_nova() -> None:
+    table = load_routing(REPO / "routing.yaml", STEP_NAMES)
+    assert set(table.routes) == STEP_NAMES
+    assert {s for s, r in table.routes.items() if r.queue == "alt"} == NOVA_ALT
+    assert all(r.reason.strip() for r in table.routes.values())
+
+
+def test_unknown_step_names_line_and_suggests() -> None:
+    text = VALID.replace("  finish_resize:", "  finish_resise:")
+    err = error_of(text)
+    line = text.splitlines().index("  finish_resise:") + 1
+    assert (err.line, err.key) == (line, "finish_resise")
+    assert str(err) == (
+        f"routing.yaml:{line}: finish_resise: unknown step; did you mean 'finish_resize'?"
+    )
+
+
+def test_bad_queue_value_names_its_line() -> None:
+    text = VALID.replace("queue: alt\n    reason: completes a started resize",
+                         "queue: alternate\n    reason: completes a started resize")
+    err = error_of(text)
+    assert err.key == "finish_resize"
+    assert text.splitlines()[err.line - 1].strip() == "queue: alternate"
+    assert "queue must be 'main' or 'alt', not 'alternate'" in str(err)
+
+
+def test_duplicate_step_is_an_error() -> None:
+    text = VALID + "  prep_resize:\n    queue: alt\n    reason: again\n"
+    err = error_of(text)
+    assert err.key == "prep_resize"
+    assert err.line == len(text.splitlines()) - 2
+    assert "duplicate key (first at line" in str(err)
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    text = VALID.replace("    queue: main\n    reason: a new request; a draining",
+                         "    queue: [main\n    reason: a new request; a draining", 1)
+    err = error_of(text)
+    assert err.line is not None and "YAML syntax error" in str(err)
+    assert str(err).startswith(f"routing.yaml:{err.line}: ")
+
+
+def test_missing_step_is_an_error_not_a_default() -> None:
+    lines = VALID.splitlines(keepends=True)
+    start = lines.index("  confirm_resize:\n")
+    err = error_of("".join(lines[:start] + lines[start + 3:]))
+    assert err.key == "steps" and "no route for step(s) confirm_resize" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "message"),
+    [
+        ("    reason: completes", "    reasn: completes", "unknown field 'reasn'"),
+        ("    reason: completes a started resize on the destination\n", "", "missing 'reason'"),
+        ("steps:", "stepz:", "stepz: unknown top-level key"),
+        ("  finish_resize:\n    queue: alt\n    reason: completes a started resize on the "
+         "destination", "  finish_resize: alt", "finish_resize: expected a mapping"),
+    ],
+)
+def test_other_mistakes_are_named(replace: str, by: str, message: str) -> None:
+    assert replace in VALID
+    assert message in str(error_of(VALID.replace(replace, by, 1)))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RoutingError, match="cannot read routing file"):
+        load_routing(tmp_path / "nope.yaml", STEP_NAMES)
+
+
+def test_worker_refuses_to_start_with_a_typo(tmp_path: Path) -> None:
+    bad = tmp_path / "routing.yaml"
+    bad.write_text(VALID.replace("  revert_resize:", "  revert_resizee:"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "orchestrator", "worker", "-Q", "compute1"],
+        cwd=REPO, env={"ORCHESTRATOR_ROUTING_FILE": str(bad), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert f"{bad}:" in proc.stderr and "revert_resizee: unknown step" in proc.stderr
+
+
+def test_split_queue() -> None:
+    assert split_queue("compute1-alt") == ("compute1", "alt")
+    assert split_queue("compute1") == ("compute1", "main")
+    assert split_queue("-alt") == ("-alt", "main")
+
+
+@pytest.fixture
+def celery_config() -> dict:
+    table = load_routing(REPO / "routing.yaml", STEP_NAMES)
+    return {"broker_url": "memory://", "task_routes": (StepRouter(table),)}
+
+
+def _queue_of(celery_app, step: str, **kwargs) -> str:
+    with celery_app.producer_or_acquire() as producer:
+        sent = []
+        producer.publish = lambda body, **opts: sent.append(opts)  # capture, do not send
+        celery_app.send_task(f"compute.{step}", kwargs=kwargs, producer=producer)
+    return sent[0]["routing_key"]
+
+
+def test_router_sends_each_step_to_its_host_queue(celery_app) -> None:
+    kwargs = {"operation_id": "op", "position": 0}
+    assert _queue_of(celery_app, "resize_instance", host="compute1", **kwargs) == "compute1-alt"
+    assert _queue_of(celery_app, "prep_resize", host="compute2", **kwargs) == "compute2"
+
+
+def test_step_without_host_fails_at_send_time(celery_app) -> None:
+    with pytest.raises(MissingHostError, match="'finish_resize' sent without a target host"):
+        celery_app.send_task("compute.finish_resize", kwargs={"operation_id": "op"})
+
+
+def test_other_tasks_are_not_routed(celery_app) -> None:
+    router = celery_app.conf.task_routes[0]
+    assert router("celery.ping", (), {}, {}) is None

@@ -1,0 +1,1 @@
+"""What runs on a compute host: the steps, the simulated hypervisor, and the drain."""

@@ -1,0 +1,412 @@
+"""The drain: on SIGTERM a host stops taking new work but finishes what has started.
+
+Nova keeps a second RPC server (``compute-alt``) alive through ``graceful_shutdown_timeout`` so
+an operation already in progress is not stranded. Here a worker consumes ``<host>`` and
+``<host>-alt``; on SIGTERM (or the ``drain`` remote-control command) it:
+
+1. **quiets**: cancels its ``<host>`` consumer at once, in the event loop;
+2. **hands back** every message already fetched from ``<host>`` but not started: rejected with
+   requeue, never acknowledged, never run (:class:`HandBackRequest`);
+3. **waits**, still consuming ``<host>-alt``, until no step runs here and no operation that
+   still needs this host can progress, then exits 0 at once;
+4. **expires** at the deadline (or on a second SIGTERM): running steps are stopped and go back to
+   their queue unacknowledged, unconsumed alt steps stay in ``<host>-alt``, and the worker exits
+   with :data:`EX_DRAIN_EXPIRED` well before a supervisor's kill.
+
+SIGQUIT keeps Celery's cold shutdown. Verified against celery 5.7 / kombu 5.7 internals (see
+``shared/NOTES-celery-internals.md``): the signal handler only schedules work on the event loop,
+because broker I/O inside a signal handler is unsafe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from celery import bootsteps, platforms
+from celery.utils.log import get_logger
+from celery.worker import state as worker_state
+from celery.worker.control import control_command
+from celery.worker.request import Request
+
+from orchestrator import registry
+from orchestrator.broker import queue_depth
+from orchestrator.config import Settings
+from orchestrator.models import Operation
+from orchestrator.routing import ALT_SUFFIX, split_queue
+from orchestrator.state import operations_needing, steps_completed_on
+
+logger = get_logger(__name__)
+
+#: Exit status when the deadline ended the drain: work is left in the broker (EX_TEMPFAIL).
+EX_DRAIN_EXPIRED = 75
+TICK_SECONDS = 0.1
+#: A step not published after this long lost its sender (see workers.resend).
+UNPUBLISHED_GRACE = 5.0
+#: How often the drain asks the database what is still in flight.
+CHECK_SECONDS = 0.2
+LOG_EVERY_SECONDS = 5.0
+
+#: The drain of this worker process (MainProcess only); the request hook looks it up here.
+_current: Drain | None = None
+
+
+def current() -> Drain | None:
+    return _current
+
+
+@dataclass(frozen=True)
+class HostQueues:
+    """The queues of one host that this worker consumes, told apart by the ``-alt`` suffix."""
+
+    host: str
+    main: str | None
+    alt: str | None
+
+    @classmethod
+    def from_queue_names(cls, names: list[str], default_queue: str) -> HostQueues | None:
+        hosts: dict[str, dict[str, str]] = {}
+        for name in names:
+            if name == default_queue:
+                continue
+            host, kind = split_queue(name)
+            hosts.setdefault(host, {})[kind] = name
+        if not hosts:
+            return None
+        if len(hosts) > 1:
+            raise ValueError(
+                "a worker serves one host; got queues of hosts " + ", ".join(sorted(hosts))
+            )
+        host, kinds = next(iter(hosts.items()))
+        return cls(host=host, main=kinds.get("main"), alt=kinds.get("alt"))
+
+
+@dataclass
+class Waiting:
+    """What keeps a draining host from exiting."""
+
+    running: list[str] = field(default_factory=list)
+    operations: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.running or self.operations)
+
+    def describe(self) -> str:
+        parts = []
+        if self.running:
+            parts.append(f"{len(self.running)} step(s) running here: {', '.join(self.running)}")
+        if self.operations:
+            parts.append(
+                f"{len(self.operations)} operation(s) in flight: {'; '.join(self.operations)}"
+            )
+        if self.blocked:
+            parts.append(
+                f"{len(self.blocked)} not waited for (next step on a queue nobody consumes): "
+                + "; ".join(self.blocked)
+            )
+        return ", ".join(parts) or "nothing"
+
+
+def _describe(op: Operation) -> str:
+    step, host = op.current or ("-", "-")
+    return f"{op.kind} {op.id} at {step}@{host} ({op.step_state})"
+
+
+class Drain(bootsteps.StartStopStep):
+    """Worker bootstep: register the host, and drain it on SIGTERM."""
+
+    label = "Drain"
+    requires = ("celery.worker.components:Timer", "celery.worker.components:Pool")
+
+    def __init__(
+        self, worker, graceful_timeout: float | None = None,
+        service_version: int | None = None, **kwargs,
+    ) -> None:
+        settings = Settings.from_env()
+        self.timeout = (
+            settings.graceful_shutdown_timeout if graceful_timeout is None else graceful_timeout
+        )
+        #: What this worker registers: a legacy (version 1) worker consumes only ``<host>``.
+        self.version = registry.SERVICE_VERSION if service_version is None else service_version
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.queues: HostQueues | None = None
+        self.worker = None
+        self.pid = os.getpid()
+        self.requested: str | None = None
+        self.since: float | None = None
+        self.deadline: float | None = None
+        self.handed_back = 0
+        self.expired: str | None = None
+        #: Set by a second SIGTERM: end the drain now.
+        self.hurry: str | None = None
+        self._timers: list = []
+        self._last_log = 0.0
+        self._last_check = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, worker) -> None:
+        global _current
+        app = worker.app
+        names = list(app.amqp.queues.consume_from or {})
+        self.queues = HostQueues.from_queue_names(names, app.conf.task_default_queue)
+        if self.queues is None:
+            logger.info("drain: no host queue among %s; plain Celery shutdown", names)
+            return
+        if self.queues.alt is not None and self.version < registry.ALT_SERVICE_VERSION:
+            raise RuntimeError(
+                f"service version {self.version} cannot consume {self.queues.alt}: a legacy "
+                f"worker consumes only {self.queues.host} (orchestrator worker HOST --legacy)"
+            )
+        self.worker, self.pid, _current = worker, os.getpid(), self
+        registry.register(
+            worker.hostname, self.queues.host, pid=self.pid, version=self.version,
+            consumes_main=self.queues.main is not None, consumes_alt=self.queues.alt is not None,
+        )
+        self._timers.append(
+            worker.timer.call_repeatedly(self.heartbeat_interval, self._heartbeat)
+        )
+        # The signal handler only sets flags; this tick acts on them from the event loop (and
+        # bounds how long the loop sleeps, so a drain starts within TICK_SECONDS of SIGTERM).
+        self._timers.append(worker.timer.call_repeatedly(TICK_SECONDS, self.tick))
+        platforms.signals["SIGTERM"] = self._on_sigterm
+        logger.info(
+            "drain: host %s, service version %d, main queue %s, alt queue %s, "
+            "graceful timeout %.0fs",
+            self.queues.host, self.version, self.queues.main, self.queues.alt, self.timeout,
+        )
+
+    def stop(self, worker) -> None:
+        global _current
+        if self.queues is None:
+            return
+        for tref in self._timers:
+            tref.cancel()
+        # The drain is over: a late SIGTERM must not kill the exit half way (Python restores
+        # the default handler while it shuts down).
+        if os.getpid() == self.pid:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.since is not None:
+            self._summary()
+        try:
+            registry.set_state(worker.hostname, "down")
+        except Exception as exc:  # the database may be what failed; exit anyway
+            logger.warning("drain: could not mark %s down: %s", worker.hostname, exc)
+        _current = None
+
+    def terminate(self, worker) -> None:
+        """Cold shutdown (deadline, second SIGTERM, SIGQUIT): same bookkeeping as stop."""
+        self.stop(worker)
+
+    def info(self, worker) -> dict:
+        if self.queues is None:
+            return {}
+        return {
+            "drain": {
+                "host": self.queues.host,
+                "service_version": self.version,
+                "main_queue": self.queues.main,
+                "alt_queue": self.queues.alt,
+                "state": "draining" if self.since is not None else "up",
+                "graceful_timeout": self.timeout,
+                "deadline_in": None if self.deadline is None
+                else round(self.deadline - time.time(), 1),
+                "handed_back": self.handed_back,
+            }
+        }
+
+    def _heartbeat(self) -> None:
+        try:
+            registry.heartbeat(self.worker.hostname)
+        except Exception as exc:  # a database hiccup must not stop the worker
+            logger.warning("drain: heartbeat failed: %s", exc)
+
+    # -- triggers ----------------------------------------------------------------------------
+    def _on_sigterm(self, signum=None, frame=None) -> None:
+        """Signal handler: no broker or database I/O here, only schedule it on the loop."""
+        if os.getpid() != self.pid:  # a forked child inherited us: behave as SIG_DFL
+            os._exit(143)
+        if self.requested is None:
+            self.requested = "SIGTERM"
+        else:
+            self.hurry = "second SIGTERM"
+
+    def request(self, reason: str) -> bool:
+        """Start the drain from the event loop (remote control); False if already draining."""
+        if self.requested is not None:
+            return False
+        self.requested = reason
+        return True
+
+    # -- the drain ---------------------------------------------------------------------------
+    def quiet(self, reason: str) -> Waiting:
+        """Stop taking new work; keep the alt queue. Runs in the event loop. Returns what the
+        drain waits for, which the first tick acts on."""
+        assert self.queues is not None and self.since is None
+        if self.queues.main is not None:
+            # Cancel before raising the flag: a message handed back while the consumer still
+            # runs could be fetched straight back.
+            self.worker.consumer.cancel_task_queue(self.queues.main)
+        self.since = time.time()
+        self.deadline = self.since + self.timeout
+        registry.set_state(self.worker.hostname, "draining", drain_started_at=self.since)
+        waiting = self.waiting_for()
+        logger.warning(
+            "drain: %s: stopped consuming %s, still consuming %s until done or %.0fs; "
+            "waiting for %s",
+            reason, self.queues.main,
+            self.queues.alt or "no alt queue (running steps only)", self.timeout,
+            waiting.describe(),
+        )
+        self._last_log = self._last_check = time.monotonic()
+        return waiting
+
+    def tick(self) -> None:
+        """Every TICK_SECONDS in the event loop: start, check and end the drain."""
+        if self.requested is None or self.expired is not None:
+            return
+        waiting = self.quiet(self.requested) if self.since is None else None
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            return
+        assert self.deadline is not None
+        if self.hurry is not None:
+            self.expire(self.hurry)
+            return
+        if time.time() >= self.deadline:
+            self.expire(f"deadline ({self.timeout:.0f}s) passed")
+            return
+        if waiting is None:
+            if time.monotonic() - self._last_check < CHECK_SECONDS:
+                return
+            self._last_check = time.monotonic()
+            try:
+                waiting = self.waiting_for()
+            except Exception as exc:
+                logger.error("drain: cannot tell what is in flight (%s); retrying", exc)
+                return
+        if not waiting:
+            logger.warning("drain: nothing left in flight; exiting")
+            worker_state.should_stop = 0
+            return
+        if time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
+            self._last_log = time.monotonic()
+            logger.warning(
+                "drain: %.0fs left; waiting for %s", self.deadline - time.time(),
+                waiting.describe(),
+            )
+
+    def expire(self, reason: str) -> None:
+        """Stop now: running steps are terminated and requeued, alt steps stay queued."""
+        if self.expired is not None:
+            return
+        self.expired = reason
+        logger.error(
+            "drain: %s; stopping running steps (requeued, not acknowledged): %s",
+            reason, self.waiting_for_safe().describe(),
+        )
+        self.worker.exitcode = EX_DRAIN_EXPIRED
+        worker_state.should_terminate = EX_DRAIN_EXPIRED
+
+    def hand_back(self, request: Request) -> bool:
+        """Give an unstarted main-queue message back to the broker; True if we did.
+
+        Called from ``StepRequest.revoked()`` just before the pool would get it. The base
+        revoke path acknowledges the message (it would be lost), so it is rejected with
+        requeue here and only then marked as done locally.
+        """
+        if self.since is None or self.queues is None or self.queues.main is None:
+            return False
+        if (request.delivery_info or {}).get("routing_key") != self.queues.main:
+            return False
+        request.reject(requeue=True)
+        worker_state.task_ready(request)
+        request._already_revoked = True
+        self.handed_back += 1
+        logger.warning("drain: handed back %s %s (not started)", request.name, request.id)
+        return True
+
+    # -- what is left ------------------------------------------------------------------------
+    def waiting_for(self) -> Waiting:
+        assert self.queues is not None and self.since is not None
+        waiting = Waiting(
+            running=[f"{r.name}[{r.id}]" for r in list(worker_state.reserved_requests)
+                     if not self._unstarted_main(r)],
+        )
+        if self.queues.alt is None:
+            # A main-only process, or a legacy (version 1) service: like an old Nova compute
+            # it has no second server to keep serving, so it waits only for running steps.
+            return waiting
+        views = registry.services()
+        for op in operations_needing(self.queues.host, created_before=self.since):
+            step, host = op.current or (None, None)
+            if step is None:
+                continue
+            live = registry.consumers(views, host)
+            if op.step_state in ("running", "waiting"):
+                # A live worker of that host will finish it, if one was alive when it began:
+                # a step left "running" by a killed worker waits for its message to return.
+                progressing = any(
+                    v.host == host and v.state != "down" and v.started_at <= op.step_since
+                    for v in views
+                )
+            elif op.queue is None or not op.next_published:
+                # Not yet published: it soon will be (workers.resend sends it if its sender
+                # died). op.queue still names the previous step's queue: it says nothing here.
+                progressing = time.time() - op.step_since < UNPUBLISHED_GRACE
+            else:
+                # The queue the router actually chose: <host>-alt, or <host> when the target
+                # is a legacy host or alt routing fell back; a legacy host consumes only the
+                # latter, and only while it is up (not draining).
+                progressing = live.consumes(op.queue)
+            (waiting.operations if progressing else waiting.blocked).append(_describe(op))
+        return waiting
+
+    def waiting_for_safe(self) -> Waiting:
+        try:
+            return self.waiting_for()
+        except Exception as exc:
+            return Waiting(blocked=[f"unknown ({exc})"])
+
+    def _unstarted_main(self, request: Request) -> bool:
+        """Fetched from the main queue and not started: handed back, never waited for."""
+        key = (request.delivery_info or {}).get("routing_key")
+        return (
+            self.queues is not None
+            and key == self.queues.main
+            and request not in worker_state.active_requests
+        )
+
+    def _summary(self) -> None:
+        assert self.queues is not None and self.since is not None
+        left_main = [r for r in list(worker_state.reserved_requests) if self._unstarted_main(r)]
+        try:
+            completed = steps_completed_on(self.queues.host, self.since)
+        except Exception as exc:
+            completed = f"unknown ({exc})"
+        left_alt: int | str = 0
+        if self.queues.alt is not None:
+            try:
+                left_alt = queue_depth(self.worker.app, self.queues.alt)
+            except Exception as exc:
+                left_alt = f"unknown ({exc})"
+        logger.warning(
+            "drain: summary for %s after %.1fs (%s): steps completed during drain: %s; "
+            "messages handed back: %d; steps left in %s: %s",
+            self.queues.host, time.time() - self.since, self.expired or "done",
+            completed, self.handed_back + len(left_main),
+            self.queues.alt or self.queues.host + ALT_SUFFIX, left_alt,
+        )
+
+
+@control_command(signature="[reason]", args=[("reason", str)])
+def drain(state, reason: str = "remote control") -> dict:
+    """Start this worker's drain, as SIGTERM would (``orchestrator drain HOST``)."""
+    d = _current
+    if d is None:
+        return {"error": "this worker serves no host queue"}
+    if not d.request(reason):
+        return {"ok": f"{d.queues.host} already draining"}
+    return {"ok": f"{d.queues.host} draining"}
+
