@@ -295,7 +295,10 @@ class Soak:
         self._final_stop()
         self.timings["stopped"] = self.now()
         report.update(self._logs())
-        report["findings"] = self._orphan_waits(report["drains_expired"])
+        # A forced exit is the exit deadline doing its job (nothing is lost: the steps it
+        # stopped were unacknowledged), but what wedged Celery's shutdown is worth reading.
+        report["findings"] = self._orphan_waits(report["drains_expired"]) + [
+            f"exit forced by the exit deadline: {f}" for f in report["exits_forced"]]
         report["timings"] = dict(self.timings)
         report["problems"] = list(self.problems)
         report["known_issues"] = list(self.known)
@@ -1049,6 +1052,7 @@ class Soak:
     def _logs(self) -> dict[str, Any]:
         summaries: list[dict[str, Any]] = []
         expired: list[str] = []
+        forced: list[str] = []
         tracebacks: Counter = Counter()
         counts: Counter = Counter()
         for path in sorted((self.workdir / "logs").glob("*.log")):
@@ -1064,6 +1068,8 @@ class Soak:
                     counts["next step republished"] += 1
                 if "drain: handed back" in line:
                     counts["handed back (log lines)"] += 1
+                if "forcing the exit" in line:
+                    forced.append(f"{path.name}: wedged in {_wedged_at(lines[n + 1:])}")
                 if "event wait of" in line and "settled" in line:
                     counts["event waits settled"] += 1
                 if line.startswith("Traceback"):
@@ -1084,9 +1090,24 @@ class Soak:
                                            if s["left"].isdigit()),
             },
             "drains_expired": expired,
+            "exits_forced": forced,
             "log_counts": dict(counts),
             "tracebacks": dict(tracebacks),
         }
+
+
+def _wedged_at(dump: list[str]) -> str:
+    """The innermost frames of the main thread in a faulthandler dump (workers.deadline):
+    threads are printed newest first, so the MainProcess's main thread is the last block."""
+    blocks: list[list[str]] = []
+    for line in dump:
+        if line.startswith("["):  # the next log record: the dump is over
+            break
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            blocks.append([])
+        elif line.strip().startswith("File ") and blocks:
+            blocks[-1].append(line.strip().removeprefix("File ").split("/")[-1])
+    return " <- ".join(blocks[-1][:4]) if blocks and blocks[-1] else "?"
 
 
 def _expected(op: Any, mig: Any, recs: list[Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from tests.helpers import (
     wait_draining,
     wait_op,
 )
+from workers.deadline import EXIT_GRACE_SECONDS
 from workers.drain import EX_DRAIN_EXPIRED
 
 pytestmark = pytest.mark.shutdown
@@ -315,3 +316,43 @@ def test_steps_with_no_message_are_sent_again(fleet: Fleet) -> None:
     assert f"resent prep_resize of {lost.id} to compute2: no message for it" in log
     assert f"resent build_and_run_instance of {unsent} to compute2: it was never sent" in log
     assert_conserved([booted, lost.id, unsent], HOSTS)
+
+
+def test_wedged_exit_is_forced_at_the_deadline_and_loses_nothing(fleet: Fleet) -> None:
+    """Celery's own shutdown wedges after the drain (tests.wedge_app): the exit deadline ends
+    the process at graceful timeout + grace with 75, says where it wedged, kills the pool
+    process mid-step, and the step's unacknowledged message runs again after a restart."""
+    env = {"ORCHESTRATOR_VISIBILITY_TIMEOUT": "3"}
+    fleet.start("compute1", env=env)
+    timeout = 1.5
+    dest = fleet.spawn("compute2", "wedged", [
+        sys.executable, "-m", "celery", "-A", "tests.wedge_app", "worker", "-n", "compute2@%h",
+        "-Q", "compute2,compute2-alt", "-c", "1", "-l", "info", "--without-mingle",
+        "--without-gossip", "--graceful-timeout", str(timeout),
+    ], env={**env, "ORCHESTRATOR_STEP_DELAYS": "finish_resize=30"})
+    booted, resize = resize_vm1_until("finish_resize")
+    pool = _children(dest.pid)
+    assert pool, "the wedged worker has a pool process"
+
+    signalled = time.monotonic()
+    dest.signal(signal.SIGTERM)
+    assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
+    took = time.monotonic() - signalled
+    assert timeout + EXIT_GRACE_SECONDS - 0.5 < took < timeout + EXIT_GRACE_SECONDS + 3, took
+    log = dest.log()
+    assert "forcing the exit" in log and "wedged_stop_waits_forever" in log, log
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pool), 5,
+             "the pool process killed with its worker")
+    assert views.operation_dict(resize.id)["status"] == "running"
+
+    fleet.start("compute2", env=env)
+    data = wait_op(resize.id, ended)
+    assert data["status"] == "completed"
+    assert step_row(data, "finish_resize")["attempts"] == 2
+    assert _applied(resize.id) == {0: 1, 1: 1, 2: 1}, "each effect happened once"
+    assert_conserved([booted, resize.id], HOSTS)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []

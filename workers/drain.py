@@ -11,7 +11,9 @@ an operation already in progress is not stranded. Here a worker consumes ``<host
    still needs this host can progress, then exits 0 at once;
 4. **expires** at the deadline (or on a second SIGTERM): running steps are stopped and go back to
    their queue unacknowledged, unconsumed alt steps stay in ``<host>-alt``, and the worker exits
-   with :data:`EX_DRAIN_EXPIRED` well before a supervisor's kill.
+   with :data:`EX_DRAIN_EXPIRED` well before a supervisor's kill;
+5. **is gone** by the deadline plus a few seconds whatever Celery's shutdown does
+   (:class:`workers.deadline.ExitDeadline`).
 
 SIGQUIT keeps Celery's cold shutdown. Verified against celery 5.7 / kombu 5.7 internals (see
 ``shared/NOTES-celery-internals.md``): the signal handler only schedules work on the event loop,
@@ -37,11 +39,10 @@ from orchestrator.config import Settings
 from orchestrator.models import Operation
 from orchestrator.routing import ALT_SUFFIX, split_queue
 from orchestrator.state import operations_needing, steps_completed_on
+from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 
 logger = get_logger(__name__)
 
-#: Exit status when the deadline ended the drain: work is left in the broker (EX_TEMPFAIL).
-EX_DRAIN_EXPIRED = 75
 TICK_SECONDS = 0.1
 #: A step not published after this long lost its sender (see workers.resend).
 UNPUBLISHED_GRACE = 5.0
@@ -143,6 +144,7 @@ class Drain(bootsteps.StartStopStep):
         #: Set by a second SIGTERM: end the drain now.
         self.hurry: str | None = None
         self._timers: list = []
+        self.exit_deadline = ExitDeadline()
         self._last_log = 0.0
         self._last_check = 0.0
 
@@ -171,10 +173,11 @@ class Drain(bootsteps.StartStopStep):
         # The signal handler only sets flags; this tick acts on them from the event loop (and
         # bounds how long the loop sleeps, so a drain starts within TICK_SECONDS of SIGTERM).
         self._timers.append(worker.timer.call_repeatedly(TICK_SECONDS, self.tick))
+        self.exit_deadline.start()
         platforms.signals["SIGTERM"] = self._on_sigterm
         logger.info(
             "drain: host %s, service version %d, main queue %s, alt queue %s, "
-            "graceful timeout %.0fs",
+            "graceful timeout %gs",
             self.queues.host, self.version, self.queues.main, self.queues.alt, self.timeout,
         )
 
@@ -230,6 +233,8 @@ class Drain(bootsteps.StartStopStep):
             os._exit(143)
         if self.requested is None:
             self.requested = "SIGTERM"
+            # Bounds the exit even if the event loop never gets to start the drain.
+            self.exit_deadline.set(time.time() + self.timeout)
         else:
             self.hurry = "second SIGTERM"
 
@@ -238,6 +243,7 @@ class Drain(bootsteps.StartStopStep):
         if self.requested is not None:
             return False
         self.requested = reason
+        self.exit_deadline.set(time.time() + self.timeout)
         return True
 
     # -- the drain ---------------------------------------------------------------------------
@@ -251,10 +257,11 @@ class Drain(bootsteps.StartStopStep):
             self.worker.consumer.cancel_task_queue(self.queues.main)
         self.since = time.time()
         self.deadline = self.since + self.timeout
+        self.exit_deadline.set(self.deadline)
         registry.set_state(self.worker.hostname, "draining", drain_started_at=self.since)
         waiting = self.waiting_for()
         logger.warning(
-            "drain: %s: stopped consuming %s, still consuming %s until done or %.0fs; "
+            "drain: %s: stopped consuming %s, still consuming %s until done or %gs; "
             "waiting for %s",
             reason, self.queues.main,
             self.queues.alt or "no alt queue (running steps only)", self.timeout,
@@ -275,7 +282,7 @@ class Drain(bootsteps.StartStopStep):
             self.expire(self.hurry)
             return
         if time.time() >= self.deadline:
-            self.expire(f"deadline ({self.timeout:.0f}s) passed")
+            self.expire(f"deadline ({self.timeout:g}s) passed")
             return
         if waiting is None:
             if time.monotonic() - self._last_check < CHECK_SECONDS:

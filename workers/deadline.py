@@ -1,0 +1,117 @@
+"""The exit deadline: a draining worker is gone by ``graceful_timeout`` plus a short grace.
+
+The drain ends through Celery's own shutdown: a warm one when nothing is left in flight, a
+cold one at the deadline. Neither has a time limit of its own. A warm shutdown waits for every
+job the prefork pool still holds, and a cold one for the pool to terminate; either can wedge
+(a job whose pool process died at the wrong moment, a broker that stops answering, a
+database lock), and then a host that was told to stop never exits and its supervisor has to
+SIGKILL it blind. Nova's ``graceful_shutdown_timeout`` is a bound on the whole stop; so is
+this one.
+
+:class:`ExitDeadline` is a daemon thread, outside the event loop, that does nothing unless
+the process is still alive ``grace`` seconds after the drain's deadline. Then it writes every
+thread's stack to the log (where the exit wedged), kills the pool processes (their steps are
+unacknowledged: the broker delivers them again, as after a SIGKILL of the host) and ends the
+process with :data:`EX_DRAIN_EXPIRED`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from celery.utils.log import get_logger
+
+logger = get_logger(__name__)
+
+#: Exit status when the deadline ended the drain: work is left in the broker (EX_TEMPFAIL).
+EX_DRAIN_EXPIRED = 75
+#: How long past the deadline the exit may take before it is forced: a cold shutdown of the
+#: prefork pool takes one to two seconds.
+EXIT_GRACE_SECONDS = 5.0
+
+
+def pool_pids() -> list[int]:
+    """The pool processes this worker forked (billiard tracks its children per process)."""
+    try:
+        from billiard.process import active_children
+
+        return [p.pid for p in active_children() if p.pid]
+    except Exception:  # the pool may be half torn down: nothing to kill then
+        return []
+
+
+class ExitDeadline:
+    """Forces the exit of a worker whose shutdown outlives its drain deadline.
+
+    The thread runs from worker start and only reads :attr:`deadline`, so that the SIGTERM
+    handler can set it with a plain assignment: no lock, no thread start inside a signal
+    handler, and it works even when the event loop that runs the drain is the thing wedged.
+    """
+
+    def __init__(
+        self, grace: float = EXIT_GRACE_SECONDS, children: Callable[[], list[int]] = pool_pids,
+        poll: float = 0.5,
+    ) -> None:
+        self.grace = grace
+        self.children = children
+        self.poll = poll
+        #: Wall-clock time the drain must be over by; None while the host is not draining.
+        self.deadline: float | None = None
+        self.pid = os.getpid()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching (the worker's MainProcess, once)."""
+        if self._thread is not None:
+            return
+        self.pid = os.getpid()
+        self._thread = threading.Thread(target=self._watch, name="drain-exit-deadline",
+                                        daemon=True)
+        self._thread.start()
+
+    def set(self, deadline: float) -> None:
+        """The drain began: the process must be gone by ``deadline + grace``. Signal-safe;
+        the earliest deadline wins."""
+        if self.deadline is None or deadline < self.deadline:
+            self.deadline = deadline
+
+    def _watch(self) -> None:
+        while True:
+            deadline = self.deadline
+            if deadline is not None and time.time() >= deadline + self.grace:
+                break
+            time.sleep(self.poll)
+        if os.getpid() == self.pid:
+            self.force_exit()
+
+    def force_exit(self) -> None:
+        """Log where the exit wedged, kill the pool, and end the process now."""
+        logger.critical(
+            "drain: still running %.0fs after the deadline; forcing the exit (status %d), "
+            "running steps go back to the broker unacknowledged. Where it wedged:",
+            self.grace, EX_DRAIN_EXPIRED,
+        )
+        try:
+            for handler in _log_handlers():
+                handler.flush()
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            sys.__stderr__.flush()
+        except Exception:  # stderr may be closed; the exit matters more than the stacks
+            pass
+        for pid in self.children():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(EX_DRAIN_EXPIRED)
+
+
+def _log_handlers() -> list:
+    import logging
+
+    return list(logging.getLogger().handlers) + list(logger.handlers)
