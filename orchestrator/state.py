@@ -262,6 +262,20 @@ def operations_needing(host: str, created_before: float | None = None) -> list[O
         return [op for op in ops if host in op.remaining_hosts()]
 
 
+def step_workers(operations: list[Operation]) -> dict[str, str | None]:
+    """The worker (Celery hostname) that last started each operation's current step."""
+    if not operations:
+        return {}
+    wanted = {(op.id, op.position) for op in operations}
+    with db.read() as s:
+        rows = s.execute(
+            select(StepRecord.operation_id, StepRecord.position, StepRecord.worker).where(
+                StepRecord.operation_id.in_([op_id for op_id, _ in wanted])
+            )
+        ).all()
+    return {op_id: worker for op_id, position, worker in rows if (op_id, position) in wanted}
+
+
 def steps_completed_on(host: str, since: float) -> int:
     with db.read() as s:
         rows = s.execute(

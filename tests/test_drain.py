@@ -6,6 +6,7 @@ sleep, and ends by counting every operation it submitted: completed, or waiting 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -356,3 +357,30 @@ def test_wedged_exit_is_forced_at_the_deadline_and_loses_nothing(fleet: Fleet) -
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_step_whose_pool_process_died_is_not_waited_for(fleet: Fleet) -> None:
+    """A pool process dies mid-step during the drain: the step's message goes back to the main
+    queue, which the draining host no longer consumes. The drain must not wait for it until the
+    deadline: it exits 0, and the step runs once the host is back."""
+    worker = fleet.start("compute1", concurrency=1, graceful_timeout=60,
+                         env={"ORCHESTRATOR_STEP_DELAYS": "get_console_output=30"})
+    booted = boot_active("vm1", "compute1")
+    console = operations.console("vm1")
+    wait_op(console.id, at_step("get_console_output"))
+
+    worker.signal(signal.SIGTERM)
+    wait_draining("compute1")
+    (pool,) = _children(worker.pid)
+    killed = time.monotonic()
+    os.kill(pool, signal.SIGKILL)
+    assert worker.wait(timeout=30) == 0, worker.log()
+    assert time.monotonic() - killed < 10, "exits soon after the step went back, not at 60 s"
+    wait_for(lambda: queue_depth(app, "compute1") == 1, 10, "get_console_output in compute1")
+    assert_conserved([booted, console.id], ["compute1"])
+
+    fleet.start("compute1")
+    data = wait_op(console.id, ended)
+    assert data["status"] == "completed"
+    assert step_row(data, "get_console_output")["attempts"] == 2
+    assert_conserved([booted, console.id], ["compute1"])

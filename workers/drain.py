@@ -38,7 +38,7 @@ from orchestrator.broker import queue_depth
 from orchestrator.config import Settings
 from orchestrator.models import Operation
 from orchestrator.routing import ALT_SUFFIX, split_queue
-from orchestrator.state import operations_needing, steps_completed_on
+from orchestrator.state import operations_needing, step_workers, steps_completed_on
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 
 logger = get_logger(__name__)
@@ -346,12 +346,20 @@ class Drain(bootsteps.StartStopStep):
             # it has no second server to keep serving, so it waits only for running steps.
             return waiting
         views = registry.services()
-        for op in operations_needing(self.queues.host, created_before=self.since):
+        needing = operations_needing(self.queues.host, created_before=self.since)
+        ran_here = self._run_by_me_not_held(needing)
+        for op in needing:
             step, host = op.current or (None, None)
             if step is None:
                 continue
             live = registry.consumers(views, host)
-            if op.step_state in ("running", "waiting"):
+            if op.id in ran_here:
+                # Started by this worker but no longer held here: its pool process died and
+                # the message went back to its queue. It progresses only if that queue is
+                # consumed (our alt queue: it comes straight back here; our main queue: not
+                # while we drain, so waiting for it would only run out the deadline).
+                progressing = live.consumes(op.queue) if op.queue else False
+            elif op.step_state in ("running", "waiting"):
                 # A live worker of that host will finish it, if one was alive when it began:
                 # a step left "running" by a killed worker waits for its message to return.
                 progressing = any(
@@ -369,6 +377,22 @@ class Drain(bootsteps.StartStopStep):
                 progressing = live.consumes(op.queue)
             (waiting.operations if progressing else waiting.blocked).append(_describe(op))
         return waiting
+
+    def _run_by_me_not_held(self, operations: list[Operation]) -> set[str]:
+        """Operations whose current step this worker started but holds no request for."""
+        assert self.queues is not None and self.worker is not None
+        running_here = [
+            op for op in operations
+            if op.step_state == "running" and op.current and op.current[1] == self.queues.host
+        ]
+        if not running_here:
+            return set()
+        held = {r.id for r in list(worker_state.reserved_requests)}
+        workers = step_workers(running_here)
+        return {
+            op.id for op in running_here
+            if workers.get(op.id) == self.worker.hostname and f"{op.id}.{op.position}" not in held
+        }
 
     def waiting_for_safe(self) -> Waiting:
         try:
