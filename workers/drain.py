@@ -136,6 +136,8 @@ class Drain(bootsteps.StartStopStep):
         self.queues: HostQueues | None = None
         self.worker = None
         self.pid = os.getpid()
+        #: When this worker registered: steps it started began after this.
+        self.started_at = time.time()
         self.requested: str | None = None
         self.since: float | None = None
         self.deadline: float | None = None
@@ -163,6 +165,7 @@ class Drain(bootsteps.StartStopStep):
                 f"worker consumes only {self.queues.host} (orchestrator worker HOST --legacy)"
             )
         self.worker, self.pid, _current = worker, os.getpid(), self
+        self.started_at = time.time()
         registry.register(
             worker.hostname, self.queues.host, pid=self.pid, version=self.version,
             consumes_main=self.queues.main is not None, consumes_alt=self.queues.alt is not None,
@@ -389,9 +392,12 @@ class Drain(bootsteps.StartStopStep):
             return set()
         held = {r.id for r in list(worker_state.reserved_requests)}
         workers = step_workers(running_here)
+        # Same hostname is not enough: a killed previous run of this worker had it too, and its
+        # steps are judged like any other dead worker's (waiting_for).
         return {
             op.id for op in running_here
-            if workers.get(op.id) == self.worker.hostname and f"{op.id}.{op.position}" not in held
+            if workers.get(op.id) == self.worker.hostname and op.step_since >= self.started_at
+            and f"{op.id}.{op.position}" not in held
         }
 
     def waiting_for_safe(self) -> Waiting:
