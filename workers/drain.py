@@ -22,6 +22,7 @@ because broker I/O inside a signal handler is unsafe.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import time
@@ -178,6 +179,7 @@ class Drain(bootsteps.StartStopStep):
         self._timers.append(worker.timer.call_repeatedly(TICK_SECONDS, self.tick))
         self.exit_deadline.start()
         platforms.signals["SIGTERM"] = self._on_sigterm
+        atexit.register(self._ignore_sigterm_at_exit)
         logger.info(
             "drain: host %s, service version %d, main queue %s, alt queue %s, "
             "graceful timeout %gs",
@@ -190,10 +192,10 @@ class Drain(bootsteps.StartStopStep):
             return
         for tref in self._timers:
             tref.cancel()
-        # The drain is over: a late SIGTERM must not kill the exit half way (Python restores
-        # the default handler while it shuts down).
-        if os.getpid() == self.pid:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Our SIGTERM handler stays until the interpreter exits (_ignore_sigterm_at_exit): set
+        # SIG_IGN here and a pool process forked from now on (billiard replaces dead ones
+        # until the pool is terminated) would ignore the pool's own SIGTERM, and the cold
+        # shutdown would wait for it forever (seen in the soak: _terminate_pool joining it).
         if self.since is not None:
             self._summary()
         try:
@@ -228,6 +230,13 @@ class Drain(bootsteps.StartStopStep):
             registry.heartbeat(self.worker.hostname)
         except Exception as exc:  # a database hiccup must not stop the worker
             logger.warning("drain: heartbeat failed: %s", exc)
+
+    def _ignore_sigterm_at_exit(self) -> None:
+        """The worker is done and its pool gone: a late SIGTERM must not kill the exit half way
+        (Python puts the default action back for Python-level handlers while it finalizes,
+        but leaves an ignored signal ignored)."""
+        if os.getpid() == self.pid:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # -- triggers ----------------------------------------------------------------------------
     def _on_sigterm(self, signum=None, frame=None) -> None:
