@@ -112,6 +112,13 @@ app.user_options["worker"].add(
 )
 
 
+@signals.worker_process_init.connect
+def _pool_process_stacks(**kwargs) -> None:
+    from workers.deadline import dump_stacks_on_signal
+
+    dump_stacks_on_signal()
+
+
 @signals.celeryd_after_setup.connect
 def _log_settings(sender: str, instance, conf, **kwargs) -> None:
     """One line at worker start: where it connects, passwords redacted."""

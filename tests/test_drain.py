@@ -342,6 +342,7 @@ def test_wedged_exit_is_forced_at_the_deadline_and_loses_nothing(fleet: Fleet) -
     assert timeout + EXIT_GRACE_SECONDS - 0.5 < took < timeout + EXIT_GRACE_SECONDS + 3, took
     log = dest.log()
     assert "forcing the exit" in log and "wedged_stop_waits_forever" in log, log
+    assert "in perform" in log, "the pool process, mid-step, wrote its stack too"
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pool), 5,
              "the pool process killed with its worker")
     assert views.operation_dict(resize.id)["status"] == "running"

@@ -10,9 +10,9 @@ this one.
 
 :class:`ExitDeadline` is a daemon thread, outside the event loop, that does nothing unless
 the process is still alive ``grace`` seconds after the drain's deadline. Then it writes every
-thread's stack to the log (where the exit wedged), kills the pool processes (their steps are
-unacknowledged: the broker delivers them again, as after a SIGKILL of the host) and ends the
-process with :data:`EX_DRAIN_EXPIRED`.
+thread's stack to the log (where the exit wedged; the pool processes write theirs too), kills
+the pool processes (their steps are unacknowledged: the broker delivers them again, as after a
+SIGKILL of the host) and ends the process with :data:`EX_DRAIN_EXPIRED`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ EX_DRAIN_EXPIRED = 75
 #: How long past the deadline the exit may take before it is forced: a cold shutdown of the
 #: prefork pool takes one to two seconds.
 EXIT_GRACE_SECONDS = 5.0
+#: Pool processes write their stacks to the log on this signal (:func:`dump_stacks_on_signal`).
+STACKS_SIGNAL = signal.SIGUSR2
+#: How long the pool processes get to write their stacks before they are killed.
+STACKS_WAIT_SECONDS = 0.5
+
+
+def dump_stacks_on_signal() -> None:
+    """In a pool process: write every thread's stack to stderr (the worker's log) on
+    :data:`STACKS_SIGNAL`, from C, so even a process stuck in a lock or a system call answers.
+    A pool process that keeps the worker from exiting says where it is stuck."""
+    faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
 
 
 def pool_pids() -> list[int]:
@@ -105,7 +116,13 @@ class ExitDeadline:
             sys.__stderr__.flush()
         except Exception:  # stderr may be closed; the exit matters more than the stacks
             pass
-        for pid in self.children():
+        children = self.children()
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, STACKS_SIGNAL)
+        if children:
+            time.sleep(STACKS_WAIT_SECONDS)
+        for pid in children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         os._exit(EX_DRAIN_EXPIRED)
