@@ -1097,17 +1097,23 @@ class Soak:
 
 
 def _wedged_at(dump: list[str]) -> str:
-    """The innermost frames of the main thread in a faulthandler dump (workers.deadline):
-    threads are printed newest first, so the MainProcess's main thread is the last block."""
+    """Where a forced exit wedged, from the faulthandler dumps after it (workers.deadline):
+    the MainProcess's main thread (the first block that runs the celery command), then the top
+    frame of each pool process's main thread."""
     blocks: list[list[str]] = []
     for line in dump:
-        if line.startswith("["):  # the next log record: the dump is over
-            break
+        if line.startswith("[") and "forcing the exit" not in line and blocks:
+            break  # the next log record: the dumps are over
         if line.startswith(("Thread 0x", "Current thread 0x")):
             blocks.append([])
         elif line.strip().startswith("File ") and blocks:
             blocks[-1].append(line.strip().removeprefix("File ").split("/")[-1])
-    return " <- ".join(blocks[-1][:4]) if blocks and blocks[-1] else "?"
+    mains = [b for b in blocks if any("runpy" in f for f in b)]
+    if not mains:
+        return "?"
+    where = " <- ".join(mains[0][:4])
+    pool = [m[0] for m in mains[1:] if m]
+    return where + (f"; pool processes at: {', '.join(pool)}" if pool else "")
 
 
 def _expected(op: Any, mig: Any, recs: list[Any]) -> dict[str, Any]:
