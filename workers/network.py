@@ -10,12 +10,9 @@ still gets its event and finishes; route the event to ``main`` and the same buil
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
 
-logger = logging.getLogger(__name__)
 VIF_PLUGGED = "network-vif-plugged"
 
 
@@ -23,22 +20,21 @@ def _seconds(name: str, default: float) -> float:
     return float(os.environ.get(name) or default)
 
 
-def plug_vifs(instance_ref: str) -> threading.Thread:
-    """Ask the network service to plug the instance's VIFs; it answers with an event."""
-    delay = _seconds("ORCHESTRATOR_NETWORK_DELAY", 0.2)
+def plug_vifs(instance_ref: str, asked_at: float) -> None:
+    """Plug the instance's VIFs; the network service answers with ``network-vif-plugged``
+    ``ORCHESTRATOR_NETWORK_DELAY`` seconds after ``asked_at`` (the build's start).
 
-    def deliver() -> None:
-        time.sleep(delay)
-        from orchestrator import operations
+    It answers from inside the build step, before the step ends. An earlier version sent it
+    from a thread of the pool process that outlived the step: a pool process killed or
+    stopped in that window lost the event for good (the build then waited out
+    ``vif_plugging_timeout``), and a pool process exiting with that thread mid-publish could
+    keep the worker's shutdown waiting. Sent from the step, an event not yet sent is sent again
+    when the broker delivers the unacknowledged build again; an error fails the step the
+    usual way (retried, then failed)."""
+    time.sleep(max(0.0, asked_at + _seconds("ORCHESTRATOR_NETWORK_DELAY", 0.2) - time.time()))
+    from orchestrator import operations
 
-        try:
-            operations.external_event(instance_ref, VIF_PLUGGED)
-        except Exception as exc:  # the build times out and says so
-            logger.error("network: could not send %s for %s: %s", VIF_PLUGGED, instance_ref, exc)
-
-    thread = threading.Thread(target=deliver, name=f"network-{instance_ref}", daemon=True)
-    thread.start()
-    return thread
+    operations.external_event(instance_ref, VIF_PLUGGED)
 
 
 def vif_timeout() -> float:

@@ -94,10 +94,11 @@ def _work(step: str, operation_id: str, host: str, attempt: int) -> None:
     """The slow part of a step, outside any transaction."""
     if step in ABORTABLE and _migration_flags(operation_id)[1]:
         raise StepFailure("live migration aborted by request")
-    if step in EVENT_WAITS:
-        network.plug_vifs(state.get_operation(operation_id).instance_id)
+    started = time.time()
     poll = _live_migration_poll(operation_id) if step == "live_migration" else None
     hypervisor().perform(step, host, poll, attempt)
+    if step in EVENT_WAITS:
+        network.plug_vifs(state.get_operation(operation_id).instance_id, started)
 
 
 def run_step(task: Task, step: str, operation_id: str, position: int, host: str) -> str:
