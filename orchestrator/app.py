@@ -20,6 +20,10 @@ from workers.resend import StrandedSteps
 from workers.waits import EventWaits
 
 guard_redis_restore_on_lost_connection()
+
+#: How long a crashed worker can block kombu's Redis restore sweep (see below).
+UNACKED_MUTEX_EXPIRE_SECONDS = 10
+
 settings = Settings.from_env()
 routing_table = load_routing(settings.routing_file, STEP_NAMES)
 # Alt steps go to <host>-alt only for hosts that consume it (ORCHESTRATOR_ALT_ROUTING=auto),
@@ -59,6 +63,12 @@ app.conf.update(
         # sweep a few times per visibility timeout instead (a cheap sorted-set scan).
         "unacked_restore_interval": max(1.0, min(60.0, settings.visibility_timeout / 4)),
         "unacked_restore_throttle": 1,
+        # Each sweep takes a mutex in Redis that expires after 300 s by default. A worker
+        # SIGKILLed inside a sweep (frequent sweeps make that likelier) then stops every
+        # worker from restoring anything for 5 minutes: the soak saw eight operations stuck
+        # that way. A sweep restores at most ten messages in a few milliseconds; a
+        # concurrent one is harmless (each restore is a WATCH transaction).
+        "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_SECONDS,
         # RabbitMQ only: a publish returns once the broker has the message (persisted, for a
         # durable queue and a persistent message), else it raises; one round trip per step.
         "confirm_publish": True,

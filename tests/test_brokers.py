@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlparse
 
 import pytest
@@ -86,3 +87,29 @@ def test_queues_are_durable_and_messages_persistent(broker: str) -> None:
         message.requeue()
     assert queue_depth(app, "compute4") == 1, "still there"
     delete_queues(app, ["compute4"])
+
+
+def test_redis_restore_mutex_of_a_killed_worker_expires_soon(fleet: Fleet) -> None:
+    """kombu's Redis sweep that gives back the messages of killed workers runs under a mutex
+    that expires after 300 s by default: a worker SIGKILLed inside a sweep blocked every
+    restore for five minutes (the soak saw operations stuck so). A real worker must take it
+    for UNACKED_MUTEX_EXPIRE_SECONDS only: watched on the wire with MONITOR."""
+    if _rabbitmq():
+        pytest.skip("Redis transport only")
+    import redis
+
+    from orchestrator.app import UNACKED_MUTEX_EXPIRE_SECONDS
+
+    client = redis.Redis.from_url(app.conf.broker_url)
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    with client.monitor() as monitor:
+        fleet.start("compute1", env={"ORCHESTRATOR_VISIBILITY_TIMEOUT": "2"})
+        deadline = time.monotonic() + 15
+        for command in monitor.listen():
+            words = command["command"].split()
+            if words[:2] == ["SET", "unacked_mutex"] and int(command["db"]) == db:
+                break
+            assert time.monotonic() < deadline, "no restore sweep seen in 15 s"
+    expire = {k: v for k, v in zip(words, words[1:], strict=False) if k in ("EX", "PX")}
+    seconds = int(expire["EX"]) if "EX" in expire else int(expire["PX"]) / 1000
+    assert seconds == UNACKED_MUTEX_EXPIRE_SECONDS, words
