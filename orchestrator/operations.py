@@ -68,6 +68,12 @@ class BrokerUnavailable(OperationError):
     pass
 
 
+def step_task_id(operation_id: str, position: int) -> str:
+    """The Celery task id of a step's message: the same for every copy of it (redelivery,
+    retry, resend), which is how a worker tells which steps it holds."""
+    return f"{operation_id}.{position}"
+
+
 def publish_step(operation_id: str, position: int, step: str, host: str) -> str:
     """Send one step to the queue the router picks; returns that queue.
 
@@ -80,7 +86,7 @@ def publish_step(operation_id: str, position: int, step: str, host: str) -> str:
     app.send_task(
         task_name(step),
         kwargs={"operation_id": operation_id, "position": position, "host": host},
-        task_id=f"{operation_id}.{position}",
+        task_id=step_task_id(operation_id, position),
         queue=queue,
     )
     return queue

@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 from celery.utils.log import get_logger
 
@@ -66,13 +65,11 @@ class ExitDeadline:
     handler, and it works even when the event loop that runs the drain is the thing wedged.
     """
 
-    def __init__(
-        self, grace: float = EXIT_GRACE_SECONDS, children: Callable[[], list[int]] = pool_pids,
-        poll: float = 0.5,
-    ) -> None:
+    #: How often the thread looks at the deadline.
+    poll = 0.5
+
+    def __init__(self, grace: float = EXIT_GRACE_SECONDS) -> None:
         self.grace = grace
-        self.children = children
-        self.poll = poll
         #: Wall-clock time the drain must be over by; None while the host is not draining.
         self.deadline: float | None = None
         self.pid = os.getpid()
@@ -116,7 +113,7 @@ class ExitDeadline:
             sys.__stderr__.flush()
         except Exception:  # stderr may be closed; the exit matters more than the stacks
             pass
-        children = self.children()
+        children = pool_pids()
         for pid in children:
             with contextlib.suppress(OSError):
                 os.kill(pid, STACKS_SIGNAL)

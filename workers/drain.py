@@ -38,6 +38,7 @@ from orchestrator import registry
 from orchestrator.broker import queue_depth
 from orchestrator.config import Settings
 from orchestrator.models import Operation
+from orchestrator.operations import step_task_id
 from orchestrator.routing import ALT_SUFFIX, split_queue
 from orchestrator.state import operations_needing, step_workers, steps_completed_on
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
@@ -137,8 +138,8 @@ class Drain(bootsteps.StartStopStep):
         self.queues: HostQueues | None = None
         self.worker = None
         self.pid = os.getpid()
-        #: When this worker registered: steps it started began after this.
-        self.started_at = time.time()
+        #: When this worker registered (set in start): steps it started began after this.
+        self.started_at = 0.0
         self.requested: str | None = None
         self.since: float | None = None
         self.deadline: float | None = None
@@ -406,7 +407,7 @@ class Drain(bootsteps.StartStopStep):
         return {
             op.id for op in running_here
             if workers.get(op.id) == self.worker.hostname and op.step_since >= self.started_at
-            and f"{op.id}.{op.position}" not in held
+            and step_task_id(op.id, op.position) not in held
         }
 
     def waiting_for_safe(self) -> Waiting:
