@@ -84,6 +84,14 @@ class WorkerProcess:
 
         wait_for(ready, timeout, f"worker {self.host} to be ready")
 
+    def pool_pids(self) -> list[int]:
+        """The worker's child processes (its prefork pool), from /proc; none once it exited."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -164,14 +164,6 @@ class Stats:
     drain_seconds: list[float] = field(default_factory=list)
 
 
-def _child_pids(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 @contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in values}
@@ -467,7 +459,7 @@ class Soak:
             return False
         worker = host.worker
         if kind == "SIGKILL (pool process)":
-            children = _child_pids(worker.pid)
+            children = worker.pool_pids()
             if not children:
                 return False
             pid = rng.choice(children)

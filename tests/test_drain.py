@@ -332,7 +332,7 @@ def test_wedged_exit_is_forced_at_the_deadline_and_loses_nothing(fleet: Fleet) -
         "--without-gossip", "--graceful-timeout", str(timeout),
     ], env={**env, "ORCHESTRATOR_STEP_DELAYS": "finish_resize=30"})
     booted, resize = resize_vm1_until("finish_resize")
-    pool = _children(dest.pid)
+    pool = dest.pool_pids()
     assert pool, "the wedged worker has a pool process"
 
     signalled = time.monotonic()
@@ -355,10 +355,6 @@ def test_wedged_exit_is_forced_at_the_deadline_and_loses_nothing(fleet: Fleet) -
     assert_conserved([booted, resize.id], HOSTS)
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
 
 def test_step_whose_pool_process_died_is_not_waited_for(fleet: Fleet) -> None:
     """A pool process dies mid-step during the drain: the step's message goes back to the main
@@ -372,7 +368,7 @@ def test_step_whose_pool_process_died_is_not_waited_for(fleet: Fleet) -> None:
 
     worker.signal(signal.SIGTERM)
     wait_draining("compute1")
-    (pool,) = _children(worker.pid)
+    (pool,) = worker.pool_pids()
     killed = time.monotonic()
     os.kill(pool, signal.SIGKILL)
     assert worker.wait(timeout=30) == 0, worker.log()

@@ -270,7 +270,6 @@ class Drain(bootsteps.StartStopStep):
             self.worker.consumer.cancel_task_queue(self.queues.main)
         self.since = time.time()
         self.deadline = self.since + self.timeout
-        self.exit_deadline.set(self.deadline)
         registry.set_state(self.worker.hostname, "draining", drain_started_at=self.since)
         waiting = self.waiting_for()
         logger.warning(
