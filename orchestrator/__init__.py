@@ -1,16 +1,53 @@
-"""Celery task orchestration with Nova-style shutdown-aware routing.
+"""Celery task orchestration with Nova-style shutdown-aware routing, for any Celery app.
 
-``celery -A orchestrator worker ...`` finds the Celery application as ``orchestrator.app``.
-A broken routing.yaml or setting stops every entry point here with one clear line (file, line,
-key), not a traceback.
+::
+
+    from celery import Celery
+    from orchestrator import Orchestrator, StepFailure
+
+    app = Celery("rebalance")
+    orch = Orchestrator(app, routing="routing.yaml")
+
+Importing this package (or any module of the engine) builds no app, reads no file, opens no
+connection and patches nothing: the names below are resolved on first use.
+
+``celery -A orchestrator worker ...`` finds the reference application (Nova's compute steps,
+``ORCHESTRATOR_APP`` to name another) as ``orchestrator.app``.
 """
 
-from orchestrator.config import ConfigError
-from orchestrator.routing import RoutingError
+from __future__ import annotations
 
-try:
-    from orchestrator.app import app
-except (RoutingError, ConfigError) as exc:
-    raise SystemExit(f"orchestrator: {exc}") from None
+import importlib
+from typing import Any
 
-__all__ = ["app"]
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "Orchestrator": "orchestrator.api",
+    "StepContext": "orchestrator.api",
+    "load_app": "orchestrator.api",
+    "StepFailure": "orchestrator.errors",
+    "OrchestratorError": "orchestrator.errors",
+    "ConfigError": "orchestrator.errors",
+    "DefinitionError": "orchestrator.errors",
+    "SubmitError": "orchestrator.errors",
+    "SubjectBusy": "orchestrator.errors",
+    "UnknownFlow": "orchestrator.errors",
+    "UnknownOperation": "orchestrator.errors",
+    "BrokerUnavailable": "orchestrator.errors",
+    "SchemaError": "orchestrator.errors",
+    "RoutingError": "orchestrator.routing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "app":
+        # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP (by name: the
+        # engine imports no application).
+        from orchestrator.api import load_app
+
+        return load_app(None).app
+    raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

@@ -12,6 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.errors import ConfigError
+
+__all__ = ["ConfigError", "Settings", "db_url", "redact_url"]
+
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DB_URL = "sqlite:///orchestrator.db"
 DEFAULT_ROUTING_FILE = "routing.yaml"
@@ -29,8 +33,10 @@ DEFAULT_ALT_CACHE_SECONDS = 3.0
 QUEUE_TYPES = ("classic", "quorum")
 
 
-class ConfigError(ValueError):
-    """A setting has a value we cannot use; the message names the variable."""
+#: Steps queued for longer than this whose queue is empty are sent again (Redis can lose one).
+DEFAULT_RESEND_AFTER = 60.0
+#: The application ``orchestrator`` commands and ``celery -A orchestrator`` use without ``--app``.
+DEFAULT_APP = "nova_app.app"
 
 
 def _float(name: str, default: float) -> float:
@@ -67,6 +73,9 @@ class Settings:
     alt_routing: str = DEFAULT_ALT_ROUTING
     alt_cache_seconds: float = DEFAULT_ALT_CACHE_SECONDS
     queue_type: str = "classic"
+    resend_after: float = DEFAULT_RESEND_AFTER
+    #: ``ORCHESTRATOR_APP``: the module (``module`` or ``module:attribute``) of the application.
+    app: str = DEFAULT_APP
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -88,7 +97,15 @@ class Settings:
                 "ORCHESTRATOR_ALT_CACHE_SECONDS", DEFAULT_ALT_CACHE_SECONDS
             ),
             queue_type=_queue_type(),
+            resend_after=_float("ORCHESTRATOR_RESEND_AFTER", DEFAULT_RESEND_AFTER),
+            app=os.environ.get("ORCHESTRATOR_APP") or DEFAULT_APP,
         )
+
+
+def db_url() -> str:
+    """``ORCHESTRATOR_DB_URL``, read at each call: a process may be pointed at another
+    database between two transactions (tests do), and reading one variable costs nothing."""
+    return os.environ.get("ORCHESTRATOR_DB_URL") or DEFAULT_DB_URL
 
 
 def _queue_type() -> str:

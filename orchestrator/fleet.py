@@ -10,38 +10,28 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from orchestrator.registry import LEGACY_SERVICE_VERSION
 from orchestrator.routing import alt_queue
+from orchestrator.views import wait_for
+
+__all__ = ["Fleet", "WorkerProcess", "wait_for", "worker_command"]
 
 QueueSet = Literal["both", "main", "alt"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(
-    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05
-) -> object:
-    """Poll ``condition`` until it returns something truthy; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def worker_command(
     host: str, queues: QueueSet = "both", extra: tuple[str, ...] = (), legacy: bool = False,
+    app: str = "orchestrator",
 ) -> list[str]:
     """The ``celery worker`` command line for one host (``orchestrator worker HOST``).
 
+    ``app``: the ``-A`` argument (``orchestrator``: the application ``ORCHESTRATOR_APP`` names).
     ``legacy``: the previous service version of a rolling upgrade (``LEGACY_SERVICE_VERSION``),
     one process named like a current one (``HOST@%h``) that consumes only ``HOST``.
     """
@@ -49,14 +39,14 @@ def worker_command(
         if queues == "alt":
             raise ValueError("a legacy worker has no alt queue")
         return [
-            sys.executable, "-m", "celery", "-A", "orchestrator", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "-n", f"{host}@%h", "-Q", host,
             "--service-version", str(LEGACY_SERVICE_VERSION), *extra,
         ]
     names = {"both": [host, alt_queue(host)], "main": [host], "alt": [alt_queue(host)]}[queues]
     suffix = {"both": "", "main": "-main", "alt": "-alt"}[queues]
     return [
-        sys.executable, "-m", "celery", "-A", "orchestrator", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "-n", f"{host}{suffix}@%h", "-Q", ",".join(names), *extra,
     ]
 
@@ -117,6 +107,8 @@ class Fleet:
     env: Mapping[str, str]
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+    #: The ``-A`` argument of every worker this fleet starts.
+    app: str = "orchestrator"
 
     def start(
         self, host: str, *, queues: QueueSet = "both", concurrency: int = 2,
@@ -126,7 +118,7 @@ class Fleet:
         args = ["-c", str(concurrency), "-l", "info", "--without-mingle", "--without-gossip"]
         if graceful_timeout is not None:
             args += ["--graceful-timeout", str(graceful_timeout)]
-        command = worker_command(host, queues, (*args, *extra), legacy=legacy)
+        command = worker_command(host, queues, (*args, *extra), legacy=legacy, app=self.app)
         return self.spawn(host, "legacy" if legacy else queues, command, env=env, ready=ready)
 
     def spawn(

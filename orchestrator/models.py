@@ -1,4 +1,6 @@
-"""Tables: instances, migrations, operations, their step log, and the host service registry.
+"""The engine's tables: operations, their step log, events, the host service registry and the
+router's fallback counts. An application keeps its own tables in its own metadata (and its own
+migrations: :mod:`orchestrator.schema`); nothing here knows them.
 
 Times are UNIX seconds (floats) so that SQLite and PostgreSQL compare them the same way.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -20,56 +22,28 @@ class Base(DeclarativeBase):
     pass
 
 
-class Instance(Base):
-    __tablename__ = "instances"
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    name: Mapped[str] = mapped_column(String(255), unique=True)
-    host: Mapped[str] = mapped_column(String(255))
-    flavor: Mapped[str] = mapped_column(String(64))
-    #: Nova's vm_state: building, active, resized, error.
-    vm_state: Mapped[str] = mapped_column(String(32))
-    #: Nova's task_state (None when idle): resize_prep, resize_migrating, resize_finish, ...
-    task_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created_at: Mapped[float] = mapped_column(Float, default=time.time)
-    updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
-
-
-class Migration(Base):
-    __tablename__ = "migrations"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"))
-    source: Mapped[str] = mapped_column(String(255))
-    dest: Mapped[str] = mapped_column(String(255))
-    old_flavor: Mapped[str] = mapped_column(String(64))
-    new_flavor: Mapped[str] = mapped_column(String(64))
-    #: resize, migration (cold), live-migration; cross-cell resizes have ``cross_cell``.
-    migration_type: Mapped[str] = mapped_column(String(32), default="resize")
-    cross_cell: Mapped[bool] = mapped_column(Boolean, default=False)
-    #: Resize: pre-migrating, migrating, post-migrating, finished, confirmed, reverting,
-    #: reverted, error. Live migration: queued, preparing, running, completed, error, cancelled.
-    status: Mapped[str] = mapped_column(String(32))
-    #: Set by live_migration_force_complete / live_migration_abort; polled by live_migration.
-    force_complete: Mapped[bool] = mapped_column(Boolean, default=False)
-    abort_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[float] = mapped_column(Float, default=time.time)
-    updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
-
-
 class Operation(Base):
-    """One user request, run as a plan of steps; ``position`` is the step queued or running."""
+    """One request, run as a plan of steps; ``position`` is the step queued or running."""
 
     __tablename__ = "operations"
+    __table_args__ = (Index("ix_operations_status", "status"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    #: The flow's name.
     kind: Mapped[str] = mapped_column(String(64))
-    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"))
-    migration_id: Mapped[int | None] = mapped_column(ForeignKey("migrations.id"), nullable=True)
+    #: What must not run two operations at once (an instance, a volume...), or None.
+    subject: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    #: ``subject`` while the operation is in flight, None once it ended: the unique index is
+    #: what refuses a second operation on a busy subject, even between two racing submits.
+    holds: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
     #: queued (first step not started), running, completed, failed.
     status: Mapped[str] = mapped_column(String(16), default="queued")
-    #: ``[[step, host], ...]`` resolved at submission (see orchestrator.flows).
+    #: ``[[step, host], ...]``: the flow's roles resolved to hosts at submission.
     plan: Mapped[list] = mapped_column(JSON)
+    #: The roles and their hosts (``{"source": "node1", "dest": "node2"}``).
+    hosts: Mapped[dict] = mapped_column(JSON, default=dict)
     position: Mapped[int] = mapped_column(Integer, default=0)
     #: State of the step at ``position``: queued (a message waits for it), running, or
-    #: waiting (its work is done and it waits for an external event, holding no worker).
+    #: waiting (its work is done and it waits for an event, holding no worker).
     step_state: Mapped[str] = mapped_column(String(16), default="queued")
     #: When the step at ``position`` entered its ``step_state`` (queued: when last sent).
     step_since: Mapped[float] = mapped_column(Float, default=time.time)
@@ -78,9 +52,11 @@ class Operation(Base):
     next_published: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The queue the step at ``position`` was sent to (``<host>`` or ``<host>-alt``).
     queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    #: Hosts by role, and request details (event name, console type...).
+    #: The request's parameters, and what each step returned (merged in, in order).
     params: Mapped[dict] = mapped_column(JSON, default=dict)
-    #: What the operation returns to the user (console output or URL).
+    #: The event the step at ``position`` waits for: name, key, since, deadline.
+    wait: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    #: What the operation returns to its caller, when an application sets it.
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     #: Why a step failed; with rollback steps still to run the operation is still running.
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -99,16 +75,17 @@ class Operation(Base):
         return {host for _, host in self.plan[self.position :]}
 
 
-class InstanceEvent(Base):
-    """An external event (network-vif-plugged...) delivered to the instance's host."""
+class Event(Base):
+    """An event delivered for a key (an instance, a volume...): what a waiting step waits for."""
 
-    __tablename__ = "instance_events"
-    __table_args__ = (UniqueConstraint("operation_id"),)
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("operation_id"), Index("ix_events_key_name", "key", "name"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.id"), index=True)
-    operation_id: Mapped[str] = mapped_column(ForeignKey("operations.id"))
+    key: Mapped[str] = mapped_column(String(255))
     name: Mapped[str] = mapped_column(String(64))
-    host: Mapped[str] = mapped_column(String(255))
+    #: The operation that delivered it (one event per operation, however often it ran).
+    operation_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -118,11 +95,11 @@ class StepRecord(Base):
     __tablename__ = "step_log"
     __table_args__ = (UniqueConstraint("operation_id", "position"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    operation_id: Mapped[str] = mapped_column(ForeignKey("operations.id"))
+    operation_id: Mapped[str] = mapped_column(String(36))
     position: Mapped[int] = mapped_column(Integer)
     step: Mapped[str] = mapped_column(String(64))
     host: Mapped[str] = mapped_column(String(255))
-    #: running, completed, failed.
+    #: running, waiting, completed, failed.
     status: Mapped[str] = mapped_column(String(16))
     #: Deliveries that started this step (more than 1: redelivered after a stop or a crash).
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from orchestrator import db
-from orchestrator.config import Settings
+from orchestrator.db import Database
 from orchestrator.models import RoutingFallback, Service
 from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
 
@@ -38,60 +37,6 @@ class ServiceView:
     state: str  # up, draining, down (stale heartbeats already folded into down)
     heartbeat_age: float
     started_at: float = 0.0
-
-
-def register(
-    nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
-    version: int = SERVICE_VERSION,
-) -> None:
-    now = time.time()
-    with db.session() as s:
-        row = s.get(Service, nodename)
-        if row is None:
-            row = Service(nodename=nodename)
-            s.add(row)
-        row.host, row.version, row.pid = host, version, pid
-        row.consumes_main, row.consumes_alt = consumes_main, consumes_alt
-        row.state, row.started_at, row.heartbeat_at, row.drain_started_at = "up", now, now, None
-
-
-def heartbeat(nodename: str) -> None:
-    with db.session() as s:
-        row = s.get(Service, nodename)
-        if row is not None:
-            row.heartbeat_at = time.time()
-
-
-def set_state(nodename: str, state: str, drain_started_at: float | None = None) -> None:
-    with db.session() as s:
-        row = s.get(Service, nodename)
-        if row is not None:
-            row.state, row.heartbeat_at = state, time.time()
-            if drain_started_at is not None:
-                row.drain_started_at = drain_started_at
-
-
-def services(host: str | None = None) -> list[ServiceView]:
-    stale = STALE_AFTER * Settings.from_env().heartbeat_interval
-    now = time.time()
-    with db.read() as s:
-        query = select(Service).order_by(Service.host, Service.nodename)
-        if host is not None:
-            query = query.where(Service.host == host)
-        rows = s.execute(query).scalars().all()
-        return [
-            ServiceView(
-                nodename=r.nodename, host=r.host, version=r.version,
-                consumes_main=r.consumes_main, consumes_alt=r.consumes_alt,
-                state="down" if now - r.heartbeat_at > stale else r.state,
-                heartbeat_age=now - r.heartbeat_at, started_at=r.started_at,
-            )
-            for r in rows
-        ]
-
-
-def known_hosts() -> list[str]:
-    return sorted({v.host for v in services()})
 
 
 @dataclass(frozen=True)
@@ -131,9 +76,8 @@ def alt_status(views: list[ServiceView], host: str) -> AltStatus:
     return alt_snapshot(views).status(host)
 
 
-def alt_snapshot(views: list[ServiceView] | None = None) -> AltSnapshot:
-    """Every host's alt capability from one registry query (the router caches this)."""
-    views = services() if views is None else views
+def alt_snapshot(views: list[ServiceView]) -> AltSnapshot:
+    """Every host's alt capability, from one read of the registry."""
     hosts = {v.host for v in views}
     return AltSnapshot(
         known=frozenset(hosts),
@@ -150,29 +94,88 @@ def host_state(views: list[ServiceView], host: str) -> str:
     return "up" if "up" in states else "draining" if "draining" in states else "down"
 
 
-def count_fallback(decision: Decision) -> None:
-    """Record an alt step sent to ``<host>`` (one small write, only for such steps)."""
-    key = {"host": decision.host, "reason": decision.reason}
-    for attempt in range(2):
-        try:
-            with db.session() as s:
-                row = s.get(RoutingFallback, key)
-                if row is None:
-                    row = RoutingFallback(**key, count=0)
-                    s.add(row)
-                row.count += 1
-                row.last_step, row.last_at = decision.step, time.time()
-            return
-        except IntegrityError:  # another process inserted the row first: update it
-            if attempt:
-                raise
+class Registry:
+    """The ``services`` and ``routing_fallbacks`` tables of one database."""
 
+    def __init__(self, database: Database, heartbeat_interval: float = 5.0) -> None:
+        self.db, self.heartbeat_interval = database, heartbeat_interval
 
-def fallback_counts() -> dict[str, dict[str, int]]:
-    """Alt steps sent to ``<host>`` fleet-wide: ``{host: {reason: count}}``."""
-    with db.read() as s:
-        rows = s.execute(select(RoutingFallback)).scalars().all()
-        out: dict[str, dict[str, int]] = {}
-        for r in rows:
-            out.setdefault(r.host, {})[r.reason] = r.count
-        return out
+    def register(
+        self, nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
+        version: int = SERVICE_VERSION,
+    ) -> None:
+        now = time.time()
+        with self.db.session() as s:
+            row = s.get(Service, nodename)
+            if row is None:
+                row = Service(nodename=nodename)
+                s.add(row)
+            row.host, row.version, row.pid = host, version, pid
+            row.consumes_main, row.consumes_alt = consumes_main, consumes_alt
+            row.state, row.started_at, row.heartbeat_at = "up", now, now
+            row.drain_started_at = None
+
+    def heartbeat(self, nodename: str) -> None:
+        with self.db.session() as s:
+            row = s.get(Service, nodename)
+            if row is not None:
+                row.heartbeat_at = time.time()
+
+    def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
+        with self.db.session() as s:
+            row = s.get(Service, nodename)
+            if row is not None:
+                row.state, row.heartbeat_at = state, time.time()
+                if drain_started_at is not None:
+                    row.drain_started_at = drain_started_at
+
+    def services(self, host: str | None = None) -> list[ServiceView]:
+        stale = STALE_AFTER * self.heartbeat_interval
+        now = time.time()
+        with self.db.read() as s:
+            query = select(Service).order_by(Service.host, Service.nodename)
+            if host is not None:
+                query = query.where(Service.host == host)
+            rows = s.execute(query).scalars().all()
+            return [
+                ServiceView(
+                    nodename=r.nodename, host=r.host, version=r.version,
+                    consumes_main=r.consumes_main, consumes_alt=r.consumes_alt,
+                    state="down" if now - r.heartbeat_at > stale else r.state,
+                    heartbeat_age=now - r.heartbeat_at, started_at=r.started_at,
+                )
+                for r in rows
+            ]
+
+    def known_hosts(self) -> list[str]:
+        return sorted({v.host for v in self.services()})
+
+    def alt_snapshot(self) -> AltSnapshot:
+        """Every host's alt capability from one registry query (the router caches this)."""
+        return alt_snapshot(self.services())
+
+    def count_fallback(self, decision: Decision) -> None:
+        """Record an alt step sent to ``<host>`` (one small write, only for such steps)."""
+        key = {"host": decision.host, "reason": decision.reason}
+        for attempt in range(2):
+            try:
+                with self.db.session() as s:
+                    row = s.get(RoutingFallback, key)
+                    if row is None:
+                        row = RoutingFallback(**key, count=0)
+                        s.add(row)
+                    row.count += 1
+                    row.last_step, row.last_at = decision.step, time.time()
+                return
+            except IntegrityError:  # another process inserted the row first: update it
+                if attempt:
+                    raise
+
+    def fallback_counts(self) -> dict[str, dict[str, int]]:
+        """Alt steps sent to ``<host>`` fleet-wide: ``{host: {reason: count}}``."""
+        with self.db.read() as s:
+            rows = s.execute(select(RoutingFallback)).scalars().all()
+            out: dict[str, dict[str, int]] = {}
+            for r in rows:
+                out.setdefault(r.host, {})[r.reason] = r.count
+            return out

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from orchestrator.flows import step_of_task
+from orchestrator.errors import OrchestratorError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ AltRoutingMode = Literal["auto", "always", "never"]
 _ENTRY_FIELDS = {"queue", "reason"}
 
 
-class RoutingError(ValueError):
+class RoutingError(OrchestratorError, ValueError):
     """routing.yaml is unusable; ``str()`` reads ``path:line: key: problem``."""
 
     def __init__(self, path: Path | str, line: int | None, key: str | None, problem: str):
@@ -46,7 +46,7 @@ class RoutingError(ValueError):
         super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
 
 
-class MissingHostError(ValueError):
+class MissingHostError(OrchestratorError, ValueError):
     """A step was sent without the host that must run it."""
 
 
@@ -124,7 +124,7 @@ def _entry(key_node: yaml.Node, value: yaml.Node, path: Path) -> Route:
 
 
 def parse_routing(text: str, path: Path, known_steps: Collection[str]) -> RoutingTable:
-    """Validate the text of a routing file against the steps the code defines."""
+    """Validate the text of a routing file against the steps registered on the app."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -204,6 +204,7 @@ class AltSnapshot:
 
 
 _caches: weakref.WeakSet[AltCapability] = weakref.WeakSet()
+_fork_hook: list[bool] = []
 
 
 def _reset_caches_after_fork() -> None:
@@ -211,8 +212,11 @@ def _reset_caches_after_fork() -> None:
         cache._after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_caches_after_fork)
+def _watch_forks() -> None:
+    """Registered with the first cache, not at import: importing this module changes nothing."""
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_reset_caches_after_fork)
+        _fork_hook.append(True)
 
 
 class AltCapability:
@@ -237,6 +241,7 @@ class AltCapability:
         #: Registry queries made (the cost the cache bounds).
         self.loads = 0
         _caches.add(self)
+        _watch_forks()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -289,7 +294,7 @@ class Decision:
 
 
 class StepRouter:
-    """Celery router (``task_routes``): a compute step goes to a queue of its target host.
+    """Celery router (``task_routes``): a step goes to a queue of its target host.
 
     The host is the step's ``host`` keyword argument. A step sent without one raises at send
     time: on the default queue nobody would run it, and nobody would notice.
@@ -307,6 +312,7 @@ class StepRouter:
         self, table: RoutingTable, mode: AltRoutingMode = "always",
         capability: AltCapability | None = None,
         on_fallback: Callable[[Decision], None] | None = None,
+        task_prefix: str = "",
     ):
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"unknown alt routing mode {mode!r}")
@@ -314,6 +320,8 @@ class StepRouter:
             raise ValueError("alt routing mode 'auto' needs a capability source")
         self.table, self.mode, self.capability = table, mode, capability
         self.on_fallback = on_fallback
+        #: Celery task names are the step names under this prefix.
+        self.task_prefix = task_prefix
         #: Alt steps sent to ``<host>`` in this process, by ``(host, reason)``.
         self.counts: Counter[tuple[str, str]] = Counter()
 
@@ -366,11 +374,18 @@ class StepRouter:
             "alt_to_main": fallbacks,
         }
 
+    def step_of_task(self, name: str) -> str | None:
+        """The step a Celery task name stands for; None for any other task."""
+        if not name.startswith(self.task_prefix):
+            return None
+        step = name[len(self.task_prefix):]
+        return step if step in self.table.routes else None
+
     def __call__(
         self, name: str, args: Any, kwargs: Mapping[str, Any] | None, options: Any,
         task: Any = None, **kw: Any,
     ) -> dict[str, str] | None:
-        step = step_of_task(name)
+        step = self.step_of_task(name)
         if step is None:
             return None
         if options and options.get("queue"):

@@ -1,4 +1,4 @@
-"""Read-only views of instances, operations and hosts, as plain dicts (the CLI's JSON)."""
+"""Read-only views of operations and hosts, as plain dicts (the CLI's JSON), for any app."""
 
 from __future__ import annotations
 
@@ -8,68 +8,41 @@ from typing import Any
 
 from sqlalchemy import select
 
-from orchestrator import db, registry
+from orchestrator import registry
 from orchestrator.broker import queue_depths
-from orchestrator.models import Instance, Migration, Operation, StepRecord
-from orchestrator.operations import find_instance
+from orchestrator.errors import UnknownOperation
+from orchestrator.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
-from orchestrator.state import ACTIVE_STATUSES, UnknownOperation
+from orchestrator.state import ACTIVE_STATUSES
 
 
-def instance_dict(instance: Instance) -> dict[str, Any]:
-    return {
-        "id": instance.id, "name": instance.name, "host": instance.host,
-        "flavor": instance.flavor, "vm_state": instance.vm_state,
-        "task_state": instance.task_state,
-    }
-
-
-def show_instance(ref: str) -> dict[str, Any]:
-    with db.read() as s:
-        instance = find_instance(s, ref)
-        out = instance_dict(instance)
-        mig = s.execute(
-            select(Migration).where(Migration.instance_id == instance.id)
-            .order_by(Migration.id.desc())
-        ).scalars().first()
-        out["migration"] = None if mig is None else {
-            "id": mig.id, "source": mig.source, "dest": mig.dest, "status": mig.status,
-            "old_flavor": mig.old_flavor, "new_flavor": mig.new_flavor,
-        }
-        return out
-
-
-def list_instances() -> list[dict[str, Any]]:
-    with db.read() as s:
-        rows = s.execute(select(Instance).order_by(Instance.name)).scalars().all()
-        return [instance_dict(i) for i in rows]
-
-
-def operation_dict(operation_id: str) -> dict[str, Any]:
-    services = registry.services()
-    with db.read() as s:
+def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
+    services = orch.registry.services()
+    with orch.db.read() as s:
         op = s.get(Operation, operation_id)
         if op is None:
             raise UnknownOperation(f"unknown operation {operation_id!r}")
-        instance = s.get(Instance, op.instance_id)
         steps = s.execute(
             select(StepRecord).where(StepRecord.operation_id == op.id)
             .order_by(StepRecord.position)
         ).scalars().all()
         current = op.current
-        return {
-            "operation": op.id, "kind": op.kind,
-            "instance": instance.name if instance else op.instance_id,
+        data = {
+            "operation": op.id, "kind": op.kind, "subject": op.subject,
             "status": op.status, "error": op.error, "result": op.result,
+            "hosts": dict(op.hosts or {}), "params": dict(op.params or {}),
             "current_step": None if current is None else _current_step(op, *current, services),
             "plan": [{"step": step, "host": host} for step, host in op.plan],
             "steps": [
                 {"position": r.position, "step": r.step, "host": r.host, "status": r.status,
-                 "attempts": r.attempts, "worker": r.worker}
+                 "attempts": r.attempts, "worker": r.worker, "finished_at": r.finished_at}
                 for r in steps
             ],
             "age_seconds": round(time.time() - op.created_at, 3),
         }
+        for describe in orch.describers:
+            describe(s, op, data)
+        return data
 
 
 def _current_step(
@@ -96,17 +69,14 @@ def _current_step(
             waiting = (f"in {queue}, which no running service of {host} consumes; the step "
                        f"runs when one does (a version-{registry.ALT_SERVICE_VERSION} worker "
                        f"for {queue})")
+    elif op.step_state == "waiting" and op.wait:
+        waiting = (f"for event {op.wait['event']} on {op.wait['key']} (until "
+                   f"{max(0.0, op.wait['deadline'] - time.time()):.0f}s from now)")
     return {
         "step": step, "host": host, "state": op.step_state,
         "queue": queue, "host_state": host_state, "queue_consumed": consumed,
         "waiting": waiting,
     }
-
-
-def alt_routing_mode() -> str:
-    from orchestrator.app import step_router
-
-    return step_router.mode
 
 
 def _alt_steps_to(mode: str, status: str, host: str) -> str:
@@ -135,14 +105,14 @@ def _host_notes(
     return notes
 
 
-def hosts(app: Any | None = None) -> list[dict[str, Any]]:
+def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
     """Each known host: its services, state, where alt steps go, queue depths and operations
     in flight, and notes on work waiting in a queue nobody consumes."""
-    views = registry.services()
-    mode = alt_routing_mode()
+    views = orch.registry.services()
+    mode = orch.settings.alt_routing
     snapshot = registry.alt_snapshot(views)
-    fallbacks = registry.fallback_counts()
-    with db.read() as s:
+    fallbacks = orch.registry.fallback_counts()
+    with orch.db.read() as s:
         active = s.execute(
             select(Operation).where(Operation.status.in_(ACTIVE_STATUSES))
         ).scalars().all()
@@ -151,7 +121,10 @@ def hosts(app: Any | None = None) -> list[dict[str, Any]]:
             for host in op.remaining_hosts():
                 in_flight[host] = in_flight.get(host, 0) + 1
     known = sorted({v.host for v in views})
-    depths = queue_depths(app, [q for h in known for q in (h, alt_queue(h))]) if app else {}
+    depths = (
+        queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
+        if with_queues else {}
+    )
     out = []
     for host in known:
         mine = [v for v in views if v.host == host]
@@ -177,7 +150,7 @@ def hosts(app: Any | None = None) -> list[dict[str, Any]]:
             ],
             "notes": [],
         }
-        if app is not None:
+        if with_queues:
             entry["queued"] = {q: depths[q] for q in (host, alt_queue(host))}
             entry["notes"] = _host_notes(
                 host, state, entry["queued"], registry.consumers(views, host).alt
@@ -191,15 +164,30 @@ def ended(data: dict[str, Any]) -> bool:
     return data["status"] in ("completed", "failed")
 
 
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> object:
+    """Poll ``condition`` until it returns something truthy; raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
 def wait_operation(
-    operation_id: str, until: Callable[[dict[str, Any]], bool] = ended, timeout: float = 30.0,
-    what: str = "",
+    orch: Any, operation_id: str, until: Callable[[dict[str, Any]], bool] = ended,
+    timeout: float = 30.0, what: str = "",
+    view: Callable[[str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Poll the operation until ``until`` holds; its view then. TimeoutError after ``timeout``."""
-    from orchestrator.fleet import wait_for
+    show = view or (lambda op_id: operation_dict(orch, op_id))
 
     def check() -> dict[str, Any] | None:
-        data = operation_dict(operation_id)
+        data = show(operation_id)
         return data if until(data) else None
 
     return wait_for(check, timeout, what or f"operation {operation_id}")  # type: ignore[return-value]

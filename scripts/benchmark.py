@@ -259,13 +259,14 @@ class Bench:
         # Imported here: orchestrator.app reads ORCHESTRATOR_* at import, set by main().
         import redis
 
-        from orchestrator import db, operations
-        from orchestrator.app import app, routing_table
+        from nova_app import operations
+        from nova_app.app import app, orch
+        from nova_app.flows import STEP_NAMES
         from orchestrator.fleet import Fleet
-        from orchestrator.flows import STEP_NAMES
 
         self.redis = redis.Redis.from_url(broker_url)
-        self.ours_app, self.operations, self.routing_table = app, operations, routing_table
+        self.ours_app, self.operations, self.orch = app, operations, orch
+        self.routing_table = orch.routing
         self.steps = sorted(STEP_NAMES)
         self.fleet = Fleet(
             env={
@@ -278,7 +279,7 @@ class Bench:
         )
         # Create the schema once, before any worker: several processes creating the tables of
         # a fresh SQLite file at the same moment is not what we measure.
-        db.engine()
+        orch.db.engine()
 
         (tmp / f"{PLAIN_MODULE}.py").write_text(PLAIN_APP_SOURCE)
         os.environ["BENCH_BROKER_URL"] = broker_url
@@ -350,16 +351,15 @@ class Bench:
         # The host is registered as a current (alt-consuming) service, as a running worker
         # would be: the router then takes its normal path (a cached registry snapshot), not
         # the fallback of an unknown host, which also records the fallback in the database.
-        from orchestrator import registry
 
-        registry.register(f"{OURS_HOST}@bench", OURS_HOST, consumes_main=True,
+        self.orch.registry.register(f"{OURS_HOST}@bench", OURS_HOST, consumes_main=True,
                           consumes_alt=True, pid=os.getpid())
         # Both sides send the same kwargs to the same pattern of queues: ours cycles through
         # every step (the router picks main or alt from routing.yaml); plain gets the queue
         # the router would have picked, named explicitly.
         plan = [self.steps[i % len(self.steps)] for i in range(n)]
         plain_queues = [
-            PLAIN_QUEUE + ("-alt" if self.routing_table.kind(step) == "alt" else "")
+            PLAIN_QUEUE + ("-alt" if self.orch.routing.kind(step) == "alt" else "")
             for step in plan
         ]
         ours_queues = [OURS_HOST, OURS_HOST + "-alt"]

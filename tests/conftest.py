@@ -23,7 +23,7 @@ os.environ.setdefault("ORCHESTRATOR_HEARTBEAT_INTERVAL", "1")
 os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.parent
                                               / "routing.yaml")
 
-from orchestrator.app import app  # noqa: E402
+from nova_app.app import app, orch  # noqa: E402
 from orchestrator.fleet import Fleet  # noqa: E402
 
 
@@ -47,8 +47,8 @@ def _purge_broker() -> None:
     else:  # RabbitMQ: delete the queues tests may have left (and forget their declarations)
         from orchestrator.broker import delete_queues
 
-        delete_queues(app, [f"compute{i}{s}" for i in range(1, 5) for s in ("", "-alt")]
-                      + [app.conf.task_default_queue])
+        delete_queues(app, [f"{name}{i}{s}" for name in ("compute", "node") for i in range(1, 5)
+                            for s in ("", "-alt")] + ["node1x", app.conf.task_default_queue])
 
 
 def use_broker(url: str) -> None:
@@ -74,9 +74,10 @@ def fresh_db(tmp_dir: Path) -> str:
     """An empty database: a new SQLite file, or ORCHESTRATOR_TEST_DB_URL with its tables reset."""
     url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_dir / 'orch.db'}"
     if not url.startswith("sqlite"):
-        from orchestrator.db import reset_schema
+        from nova_app.app import MIGRATIONS
+        from orchestrator.db import reset
 
-        reset_schema(url)
+        reset(url, [MIGRATIONS])
     return url
 
 
@@ -113,10 +114,8 @@ def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     url = fresh_db(tmp_path)
     monkeypatch.setenv("ORCHESTRATOR_DB_URL", url)
     # The router's registry snapshot belongs to the previous test's database.
-    from orchestrator.app import step_router
-
-    if step_router.capability is not None:
-        step_router.capability.invalidate()
+    if orch.router.capability is not None:
+        orch.router.capability.invalidate()
     return url
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator import views
-from orchestrator.app import app
+from nova_app import views
+from nova_app.app import app, orch
 from orchestrator.broker import queue_depths
 from orchestrator.fleet import wait_for
 from orchestrator.routing import alt_queue
@@ -51,7 +51,7 @@ def assert_conserved(operation_ids: list[str], hosts: list[str]) -> dict[str, in
 
 def boot_active(name: str, host: str) -> str:
     """Boot an instance and wait until it is ACTIVE; returns the boot operation's id."""
-    from orchestrator import operations
+    from nova_app import operations
 
     op = operations.boot(name, host)
     assert wait_op(op.id, ended)["status"] == "completed"
@@ -61,7 +61,7 @@ def boot_active(name: str, host: str) -> str:
 def resize_vm1_until(step: str, state: str = "running") -> tuple[str, Any]:
     """Boot vm1 on compute1, resize it to compute2, and wait until ``step`` is in ``state``:
     the moment a test sends its signal. Returns (boot id, the resize operation)."""
-    from orchestrator import operations
+    from nova_app import operations
 
     booted = boot_active("vm1", "compute1")
     op = operations.resize("vm1", flavor="m1.large", dest="compute2")
@@ -70,7 +70,6 @@ def resize_vm1_until(step: str, state: str = "running") -> tuple[str, Any]:
 
 
 def wait_draining(host: str) -> None:
-    from orchestrator import registry
 
-    wait_for(lambda: any(v.state == "draining" for v in registry.services(host)), 10,
+    wait_for(lambda: any(v.state == "draining" for v in orch.registry.services(host)), 10,
              f"{host} to report draining")

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from orchestrator.app import app
+from nova_app.app import app
 
 STEP = "compute.build_and_run_instance"
 

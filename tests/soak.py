@@ -243,7 +243,7 @@ class Soak:
     def run(self) -> SoakResult:
         env = self.env()
         with _environ(env):
-            from orchestrator.app import app
+            from nova_app.app import app
             from orchestrator.fleet import Fleet
 
             app.conf.broker_url = self.cfg.broker
@@ -327,9 +327,10 @@ class Soak:
 
     def _reset_db(self, url: str) -> None:
         if not url.startswith("sqlite"):
-            from orchestrator.db import reset_schema
+            from nova_app.app import MIGRATIONS
+            from orchestrator.db import reset
 
-            reset_schema(url)
+            reset(url, [MIGRATIONS])
 
     def _progress(self) -> None:
         from sqlalchemy import func, select
@@ -508,9 +509,10 @@ class Soak:
     def _snapshot(self) -> tuple[list[Any], dict[str, Any], dict[str, str]]:
         from sqlalchemy import select
 
+        from nova_app.models import Instance, Migration
+        from nova_app.operations import NON_EXCLUSIVE
         from orchestrator import db
-        from orchestrator.models import Instance, Migration, Operation
-        from orchestrator.operations import NON_EXCLUSIVE
+        from orchestrator.models import Operation
 
         with db.read() as s:
             instances = s.execute(select(Instance).order_by(Instance.name)).scalars().all()
@@ -520,14 +522,14 @@ class Soak:
                     Operation.status.in_(("queued", "running")))).scalars():
                 if op.kind in NON_EXCLUSIVE:
                     continue
-                busy[op.instance_id] = op
-                if op.kind == "live_migration" and op.migration_id is not None:
-                    mig = s.get(Migration, op.migration_id)
-                    live[op.instance_id] = mig.status if mig else "?"
+                busy[op.params["instance_id"]] = op
+                if op.kind == "live_migration" and op.params.get("migration_id") is not None:
+                    mig = s.get(Migration, op.params.get("migration_id"))
+                    live[op.params["instance_id"]] = mig.status if mig else "?"
         return instances, busy, live
 
     def _choose(self) -> tuple[str, str, Callable[[], Any]] | None:
-        from orchestrator import operations as ops
+        from nova_app import operations as ops
 
         rng, hosts = self.rng_driver, list(self.hosts)
         instances, busy, live = self._snapshot()
@@ -590,7 +592,7 @@ class Soak:
         return label, i.name, fn
 
     def _driver(self) -> None:
-        from orchestrator.operations import InstanceBusy, InvalidState
+        from nova_app.operations import InstanceBusy, InvalidState
 
         rng, cfg, stats = self.rng_driver, self.cfg, self.stats
         idle = 0
@@ -726,15 +728,16 @@ class Soak:
     def _verify(self, settled: bool) -> dict[str, Any]:
         from sqlalchemy import select
 
+        from nova_app.models import Instance, Migration
         from orchestrator import db
-        from orchestrator.models import Instance, InstanceEvent, Migration, Operation, StepRecord
+        from orchestrator.models import Event, Operation, StepRecord
 
         with db.read() as s:
             ops = s.execute(select(Operation).order_by(Operation.created_at)).scalars().all()
             instances = {i.id: i for i in s.execute(select(Instance)).scalars()}
             migrations = {m.id: m for m in s.execute(select(Migration)).scalars()}
             records = s.execute(select(StepRecord)).scalars().all()
-            events = s.execute(select(InstanceEvent)).scalars().all()
+            events = s.execute(select(Event)).scalars().all()
         by_op: dict[str, list[Any]] = defaultdict(list)
         for rec in records:
             by_op[rec.operation_id].append(rec)
@@ -753,7 +756,7 @@ class Soak:
                 step = op.current or ("-", "-")
                 stuck.append({
                     "operation": op.id, "kind": op.kind, "status": op.status,
-                    "instance": instances[op.instance_id].name,
+                    "instance": instances[op.params["instance_id"]].name,
                     "at": f"{step[0]}@{step[1]}", "step_state": op.step_state,
                     "queue": op.queue, "next_published": op.next_published,
                     "steps": [f"{r.step}@{r.host}:{r.status}x{r.attempts}"
@@ -778,7 +781,7 @@ class Soak:
             why = self._explain(op, instances, migrations, by_op, events)
             if why is None:
                 entry = {"operation": op.id, "kind": op.kind, "error": op.error,
-                         "instance": instances[op.instance_id].name,
+                         "instance": instances[op.params["instance_id"]].name,
                          "steps": [f"{r.step}@{r.host}:{r.status}x{r.attempts}"
                                    for r in sorted(by_op[op.id], key=lambda r: r.position)]}
                 unexplained.append(entry)
@@ -874,7 +877,7 @@ class Soak:
             if message == f"injected failure: {step} on {host}" and (step, host) in injected:
                 reasons.append("injected")
             elif message == "live migration aborted by request":
-                mig = migrations.get(op.migration_id)
+                mig = migrations.get(op.params.get("migration_id"))
                 if mig is None or not mig.abort_requested:
                     return None
                 reasons.append("abort requested")
@@ -895,7 +898,7 @@ class Soak:
         build = next((r for r in by_op[op.id] if r.step == "build_and_run_instance"), None)
         if build is None or build.started_at is None:
             return None
-        got = [e for e in events if e.instance_id == op.instance_id
+        got = [e for e in events if e.key == op.params["instance_id"]
                and e.name == "network-vif-plugged" and e.received_at >= build.started_at - 1]
         if got:
             return None  # it did arrive: then the build should not have timed out
@@ -907,12 +910,12 @@ class Soak:
 
     def _check_instances(self, ops: list, instances: dict, migrations: dict,
                          by_op: dict) -> list[dict[str, Any]]:
-        from orchestrator.operations import NON_EXCLUSIVE
+        from nova_app.operations import NON_EXCLUSIVE
 
         last: dict[str, Any] = {}
         for op in ops:
             if op.kind not in NON_EXCLUSIVE:
-                last[op.instance_id] = op
+                last[op.params["instance_id"]] = op
         out = []
         for iid, inst in instances.items():
             op = last.get(iid)
@@ -920,7 +923,7 @@ class Soak:
                       "task_state": inst.task_state}
             if op is None or op.status not in TERMINAL:
                 continue  # reported as stuck
-            mig = migrations.get(op.migration_id)
+            mig = migrations.get(op.params.get("migration_id"))
             expected = _expected(op, mig, by_op[op.id])
             if mig is not None:
                 actual["migration"] = mig.status
@@ -930,7 +933,7 @@ class Soak:
                 out.append({"instance": inst.name, "last_operation": op.id, "kind": op.kind,
                             "status": op.status, "error": op.error,
                             "wrong (actual, expected)": wrong})
-        stuck = {op.migration_id for op in ops if op.status not in TERMINAL}
+        stuck = {op.params.get("migration_id") for op in ops if op.status not in TERMINAL}
         for mig in migrations.values():
             if mig.id not in stuck and mig.status in (
                     "pre-migrating", "migrating", "post-migrating", "reverting", "queued",
@@ -1114,7 +1117,7 @@ def _expected(op: Any, mig: Any, recs: list[Any]) -> dict[str, Any]:
     idle = {"task_state": None}
     if op.kind == "boot":
         state = "active" if op.status == "completed" else "error"
-        return {**idle, "host": op.params["source"], "vm_state": state}
+        return {**idle, "host": op.hosts["source"], "vm_state": state}
     if mig is None:
         return {**idle, "vm_state": ("active", "resized", "error")}
     if op.kind == "live_migration":

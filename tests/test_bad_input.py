@@ -10,8 +10,8 @@ from __future__ import annotations
 import pickle
 import signal
 
-from orchestrator import operations, views
-from orchestrator.app import app
+from nova_app import operations, views
+from nova_app.app import app
 from orchestrator.broker import queue_depth
 from orchestrator.fleet import Fleet, wait_for
 from tests.helpers import ended, wait_op
@@ -66,7 +66,7 @@ def test_bad_messages_are_rejected_and_the_host_keeps_working(fleet: Fleet) -> N
                   headers={"timelimit": "abc"}),
         malformed("eta", "a step is never scheduled for later", kwargs=good,
                   headers={"eta": "2099-01-01T00:00:00+00:00"}),
-        malformed("celery builtin", "'celery.chord_unlock' is not a compute step",
+        malformed("celery builtin", "'celery.chord_unlock' is not a step",
                   kwargs={}, headers={"task": "celery.chord_unlock"}),
         # Well-formed Celery messages, bad steps: refused before the step runs.
         step("missing host", "missing host",

@@ -10,8 +10,8 @@ import pytest
 from kombu import Queue
 from kombu.exceptions import ChannelError
 
-from orchestrator import operations, registry
-from orchestrator.app import app, settings
+from nova_app import operations
+from nova_app.app import app, orch
 from orchestrator.broker import delete_queues, queue_depth
 from orchestrator.fleet import Fleet
 from tests.helpers import ended, wait_op
@@ -40,7 +40,7 @@ def test_step_to_a_queue_nobody_declared_waits_for_its_host(fleet: Fleet) -> Non
     # compute3 is known (registered) but its worker never ran here: no queue exists. This
     # process even declared compute3 before and the queue was deleted since, so its
     # connection's "already declared" cache is stale (delete_queues forgets it).
-    registry.register("compute3@elsewhere", "compute3", consumes_main=True, consumes_alt=True,
+    orch.registry.register("compute3@elsewhere", "compute3", consumes_main=True, consumes_alt=True,
                       pid=0)
     _send("compute3", "compute3")
     delete_queues(app, ["compute3", "compute3-alt"])
@@ -72,7 +72,7 @@ def test_queue_depth_and_delete_queues(broker: str) -> None:
 
 def test_queues_are_durable_and_messages_persistent(broker: str) -> None:
     _send("compute4", "compute4")
-    other_type = "quorum" if settings.queue_type == "classic" else "classic"
+    other_type = "quorum" if orch.settings.queue_type == "classic" else "classic"
     with app.connection_for_write() as conn:
         if _rabbitmq():  # Redis has no durable flag or queue type to check
             with pytest.raises(ChannelError, match="durable"):
@@ -98,7 +98,7 @@ def test_redis_restore_mutex_of_a_killed_worker_expires_soon(fleet: Fleet) -> No
         pytest.skip("Redis transport only")
     import redis
 
-    from orchestrator.app import UNACKED_MUTEX_EXPIRE_SECONDS
+    from orchestrator.api import UNACKED_MUTEX_EXPIRE_SECONDS
 
     client = redis.Redis.from_url(app.conf.broker_url)
     db = client.connection_pool.connection_kwargs.get("db", 0)

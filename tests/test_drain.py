@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import operations, views
-from orchestrator.app import app
+from nova_app import operations, views
+from nova_app.app import app
 from orchestrator.broker import queue_depth
 from orchestrator.cli import main as cli
 from orchestrator.fleet import Fleet, wait_for
@@ -288,10 +288,8 @@ def test_build_times_out_if_events_go_to_main(fleet: Fleet, tmp_path) -> None:
 def test_steps_with_no_message_are_sent_again(fleet: Fleet) -> None:
     """A step whose message was lost (Redis: a worker killed between BRPOP and recording it
     unacknowledged) and one never sent (its sender died after the commit) both run."""
-    from orchestrator import db
-    from orchestrator.flows import BOOT
-    from orchestrator.models import Instance
-    from orchestrator.operations import _record
+    from nova_app.app import orch
+    from nova_app.models import Instance
 
     fleet.start("compute1")
     gone = fleet.start("compute2")
@@ -303,12 +301,13 @@ def test_steps_with_no_message_are_sent_again(fleet: Fleet) -> None:
     from orchestrator.broker import delete_queues
 
     delete_queues(app, ["compute2"])  # the message is lost
-    with db.session() as s:  # an operation whose sender died before publishing
+    with orch.transaction() as s:  # an operation whose sender died before publishing
         instance = Instance(name="vm2", host="compute2", flavor="m1.small",
                            vm_state="building", task_state="spawning")
         s.add(instance)
         s.flush()
-        unsent = _record(s, BOOT, instance, "compute2").id
+        unsent = orch._record(s, orch.flows["boot"], {"source": "compute2"},
+                              {"instance_id": instance.id}, instance.id)
 
     host = fleet.start("compute2", env={"ORCHESTRATOR_RESEND_AFTER": "1"})
     assert wait_op(lost.id, ended, timeout=30)["status"] == "completed"

@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from orchestrator import db, operations, views
+from nova_app import operations, views
+from orchestrator import db
 from orchestrator.cli import main as cli
 from orchestrator.fleet import Fleet, wait_for
 from orchestrator.models import Operation, StepRecord
@@ -71,9 +72,9 @@ def test_boot_gets_its_vif_event_through_the_alt_queue(cloud: Fleet) -> None:
     assert state_of("b1") == ("compute1", "m1.tiny", "active", None, None)
     instance_id = views.show_instance("b1")["id"]
     with db.read() as s:
-        events = s.execute(select(Operation).where(
-            Operation.kind == "external_event", Operation.instance_id == instance_id
-        )).scalars().all()
+        events = [op for op in s.execute(select(Operation).where(
+            Operation.kind == "external_event")).scalars()
+            if op.params["instance_id"] == instance_id]
         sent = [(op.params["event"], op.queue, op.status) for op in events]
     assert sent == [("network-vif-plugged", "compute1-alt", "completed")]
 

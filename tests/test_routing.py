@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.flows import STEP_NAMES
+from nova_app.flows import STEP_NAMES
 from orchestrator.routing import (
     MissingHostError,
     RoutingError,
@@ -133,7 +133,7 @@ def test_split_queue() -> None:
 @pytest.fixture
 def celery_config() -> dict:
     table = load_routing(REPO / "routing.yaml", STEP_NAMES)
-    return {"broker_url": "memory://", "task_routes": (StepRouter(table),)}
+    return {"broker_url": "memory://", "task_routes": (StepRouter(table, task_prefix="compute."),)}
 
 
 def _queue_of(celery_app, step: str, **kwargs) -> str:

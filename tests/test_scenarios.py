@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy import select
 
-from orchestrator import db, operations, views
-from orchestrator.app import app
+from nova_app import operations, views
+from nova_app.app import app
+from orchestrator import db
 from orchestrator.broker import queue_depth
 from orchestrator.fleet import Fleet
 from orchestrator.models import StepRecord

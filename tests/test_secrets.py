@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from orchestrator.app import app
+from nova_app.app import app
 from orchestrator.config import redact_url
 from orchestrator.fleet import REPO_ROOT, Fleet, wait_for
 from tests.helpers import ended, wait_op

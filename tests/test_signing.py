@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from orchestrator import operations, views
-from orchestrator.app import app
+from nova_app import operations, views
+from nova_app.app import app
 from orchestrator.broker import queue_depth
 from orchestrator.config import ConfigError
 from orchestrator.fleet import REPO_ROOT, Fleet, wait_for

@@ -23,14 +23,16 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from orchestrator import db, operations, registry, state, views
-from orchestrator.app import app, routing_table, step_router
+from nova_app import operations, views
+from nova_app.app import app, orch
+from orchestrator import db, registry
 from orchestrator.broker import queue_depth
 from orchestrator.cli import main as cli
 from orchestrator.config import ConfigError, Settings
 from orchestrator.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from orchestrator.models import Service, StepRecord
 from orchestrator.routing import AltCapability, AltSnapshot, Decision, StepRouter
+from orchestrator.state import ACTIVE_STATUSES
 from tests.helpers import assert_conserved, at_step, ended, queued_messages, wait_op
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,8 +73,9 @@ MIXED = snap(alt={"current"}, live={"current", "legacy"}, known={"current", "leg
 def make_router(mode: str, loader: FakeRegistry, clock: FakeClock, ttl: float = 3.0):
     recorded: list[Decision] = []
     router = StepRouter(
-        routing_table, mode=mode,  # type: ignore[arg-type]
+        orch.routing, mode=mode,  # type: ignore[arg-type]
         capability=AltCapability(loader, ttl, clock=clock), on_fallback=recorded.append,
+        task_prefix="compute.",
     )
     return router, recorded
 
@@ -151,7 +154,7 @@ def test_bad_override_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("ORCHESTRATOR_ALT_ROUTING", " Never ")
     assert Settings.from_env().alt_routing == "never"
     proc = subprocess.run(
-        [sys.executable, "-c", "import orchestrator"], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-c", "import nova_app.app"], cwd=REPO, capture_output=True, text=True,
         env={**os.environ, "ORCHESTRATOR_ALT_ROUTING": "sometimes"}, timeout=60,
     )
     assert proc.returncode != 0
@@ -182,16 +185,16 @@ def test_legacy_worker_command() -> None:
 
 
 def test_registry_snapshot_and_fallback_counter(db_url: str) -> None:
-    registry.register("legacy@h", "legacy", consumes_main=True, consumes_alt=False, pid=1,
+    orch.registry.register("legacy@h", "legacy", consumes_main=True, consumes_alt=False, pid=1,
                       version=registry.LEGACY_SERVICE_VERSION)
-    registry.register("current@h", "current", consumes_main=True, consumes_alt=True, pid=2)
-    registry.register("draining@h", "draining", consumes_main=True, consumes_alt=True, pid=3)
-    registry.set_state("draining@h", "draining", drain_started_at=time.time())
-    registry.register("split-main@h", "split", consumes_main=True, consumes_alt=False, pid=4)
-    registry.register("stale@h", "stale", consumes_main=True, consumes_alt=True, pid=5)
+    orch.registry.register("current@h", "current", consumes_main=True, consumes_alt=True, pid=2)
+    orch.registry.register("draining@h", "draining", consumes_main=True, consumes_alt=True, pid=3)
+    orch.registry.set_state("draining@h", "draining", drain_started_at=time.time())
+    orch.registry.register("split-main@h", "split", consumes_main=True, consumes_alt=False, pid=4)
+    orch.registry.register("stale@h", "stale", consumes_main=True, consumes_alt=True, pid=5)
     with db.session() as s:  # a SIGKILLed worker: its heartbeat stops
         s.get(Service, "stale@h").heartbeat_at -= 10 * Settings.from_env().heartbeat_interval
-    views_ = registry.services()
+    views_ = orch.registry.services()
     status = {h: registry.alt_status(views_, h)
               for h in ("legacy", "current", "draining", "split", "stale", "nobody")}
     assert status == {"legacy": "no-alt", "current": "alt", "draining": "alt",
@@ -199,16 +202,16 @@ def test_registry_snapshot_and_fallback_counter(db_url: str) -> None:
     assert [registry.host_state(views_, h) for h in ("draining", "stale", "nobody")] == [
         "draining", "down", "unknown"]
     for _ in range(3):
-        registry.count_fallback(Decision("finish_resize", "legacy", "legacy", "alt", "no-alt"))
-    registry.count_fallback(Decision("finish_resize", "stale", "stale", "alt", "down"))
-    assert registry.fallback_counts() == {"legacy": {"no-alt": 3}, "stale": {"down": 1}}
+        orch.registry.count_fallback(Decision("finish_resize", "legacy", "legacy", "alt", "no-alt"))
+    orch.registry.count_fallback(Decision("finish_resize", "stale", "stale", "alt", "down"))
+    assert orch.registry.fallback_counts() == {"legacy": {"no-alt": 3}, "stale": {"down": 1}}
 
 
 # -- end to end ---------------------------------------------------------------------------
 @pytest.fixture
 def short_cache() -> Iterator[None]:
     """This (API) process's router uses the same short window as the workers."""
-    capability = step_router.capability
+    capability = orch.router.capability
     assert capability is not None
     ttl, capability.ttl = capability.ttl, CACHE_SECONDS
     capability.invalidate()
@@ -400,7 +403,7 @@ def test_stale_heartbeat_marks_a_killed_host_down_and_routing_falls_back(
     survivor, doomed = start(fleet, [("compute1", {}),
                                      ("compute2", {"extra": ("-P", "solo")})])
     vm1 = boot_active("vm1", "compute2")
-    assert step_router.queue("resize_instance", "compute2") == "compute2-alt"
+    assert orch.router.queue("resize_instance", "compute2") == "compute2-alt"
 
     killed = time.monotonic()
     doomed.signal(signal.SIGKILL)
@@ -421,8 +424,8 @@ def test_stale_heartbeat_marks_a_killed_host_down_and_routing_falls_back(
     current = views.operation_dict(resize.id)["current_step"]
     assert current["host_state"] == "down" and "host compute2 is down" in current["waiting"]
     assert hosts_json()["compute2"]["alt_fallbacks"] == {"down": 1}
-    assert step_router.capability is not None
-    wait_for(lambda: step_router.capability.status("compute2") == "down", 5,
+    assert orch.router.capability is not None
+    wait_for(lambda: orch.router.capability.status("compute2") == "down", 5,
              "this process's cache to see compute2 down")
     assert queue_depth(app, "compute2") == 1
 
@@ -458,7 +461,7 @@ class Load(threading.Thread):
 
     def submit_one(self) -> None:
         for name, op_id in list(self.busy.items()):
-            if state.get_operation(op_id).status not in state.ACTIVE_STATUSES:
+            if orch.ledger.get_operation(op_id).status not in ACTIVE_STATUSES:
                 del self.busy[name]
         count = len(self.submitted)
         booted = {i["name"]: i for i in views.list_instances()}

@@ -9,7 +9,7 @@ import threading
 
 from celery import bootsteps
 
-from orchestrator.app import app
+from nova_app.app import app
 
 
 class WedgedStop(bootsteps.StartStopStep):

@@ -27,20 +27,21 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import bootsteps, platforms
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 from celery.worker.request import Request
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator import registry
 from orchestrator.broker import queue_depth
-from orchestrator.config import Settings
+from orchestrator.errors import OrchestratorError
 from orchestrator.models import Operation
-from orchestrator.operations import step_task_id
 from orchestrator.routing import ALT_SUFFIX, split_queue
-from orchestrator.state import operations_needing, step_workers, steps_completed_on
+from orchestrator.state import step_task_id
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 
 logger = get_logger(__name__)
@@ -52,12 +53,13 @@ UNPUBLISHED_GRACE = 5.0
 CHECK_SECONDS = 0.2
 LOG_EVERY_SECONDS = 5.0
 
-#: The drain of this worker process (MainProcess only); the request hook looks it up here.
-_current: Drain | None = None
 
-
-def current() -> Drain | None:
-    return _current
+def orchestrator_of(app: Any) -> Any:
+    """The Orchestrator installed on ``app`` (``Orchestrator(app, ...)`` hangs it there)."""
+    orch = getattr(app, "orchestrator", None)
+    if orch is None:
+        raise SystemExit(f"orchestrator: Celery app {app.main!r} has no Orchestrator")
+    return orch
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,19 @@ class Drain(bootsteps.StartStopStep):
         self, worker, graceful_timeout: float | None = None,
         service_version: int | None = None, **kwargs,
     ) -> None:
-        settings = Settings.from_env()
+        self.orch = orch = orchestrator_of(worker.app)
+        try:
+            # A worker with a broken routing.yaml refuses to start, with file, line and key;
+            # one whose database has an older schema, with the command to run.
+            orch.routing  # noqa: B018
+            orch.db.engine()
+        except OrchestratorError as exc:
+            raise SystemExit(f"orchestrator: {exc}") from None
+        except DBAPIError:
+            # An unreachable database is not a configuration error: the worker logs where it
+            # connects first, and registering at start fails with the driver's error.
+            pass
+        settings = orch.settings
         self.timeout = (
             settings.graceful_shutdown_timeout if graceful_timeout is None else graceful_timeout
         )
@@ -154,7 +168,6 @@ class Drain(bootsteps.StartStopStep):
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, worker) -> None:
-        global _current
         app = worker.app
         names = list(app.amqp.queues.consume_from or {})
         self.queues = HostQueues.from_queue_names(names, app.conf.task_default_queue)
@@ -166,9 +179,11 @@ class Drain(bootsteps.StartStopStep):
                 f"service version {self.version} cannot consume {self.queues.alt}: a legacy "
                 f"worker consumes only {self.queues.host} (orchestrator worker HOST --legacy)"
             )
-        self.worker, self.pid, _current = worker, os.getpid(), self
+        self.worker, self.pid = worker, os.getpid()
+        self.orch.drain = self
+        _register_control_command()
         self.started_at = time.time()
-        registry.register(
+        self.orch.registry.register(
             worker.hostname, self.queues.host, pid=self.pid, version=self.version,
             consumes_main=self.queues.main is not None, consumes_alt=self.queues.alt is not None,
         )
@@ -188,7 +203,6 @@ class Drain(bootsteps.StartStopStep):
         )
 
     def stop(self, worker) -> None:
-        global _current
         if self.queues is None:
             return
         for tref in self._timers:
@@ -200,10 +214,10 @@ class Drain(bootsteps.StartStopStep):
         if self.since is not None:
             self._summary()
         try:
-            registry.set_state(worker.hostname, "down")
+            self.orch.registry.set_state(worker.hostname, "down")
         except Exception as exc:  # the database may be what failed; exit anyway
             logger.warning("drain: could not mark %s down: %s", worker.hostname, exc)
-        _current = None
+        self.orch.drain = None
 
     def terminate(self, worker) -> None:
         """Cold shutdown (deadline, second SIGTERM, SIGQUIT): same bookkeeping as stop."""
@@ -228,7 +242,7 @@ class Drain(bootsteps.StartStopStep):
 
     def _heartbeat(self) -> None:
         try:
-            registry.heartbeat(self.worker.hostname)
+            self.orch.registry.heartbeat(self.worker.hostname)
         except Exception as exc:  # a database hiccup must not stop the worker
             logger.warning("drain: heartbeat failed: %s", exc)
 
@@ -270,7 +284,8 @@ class Drain(bootsteps.StartStopStep):
             self.worker.consumer.cancel_task_queue(self.queues.main)
         self.since = time.time()
         self.deadline = self.since + self.timeout
-        registry.set_state(self.worker.hostname, "draining", drain_started_at=self.since)
+        self.orch.registry.set_state(self.worker.hostname, "draining",
+                                     drain_started_at=self.since)
         waiting = self.waiting_for()
         logger.warning(
             "drain: %s: stopped consuming %s, still consuming %s until done or %gs; "
@@ -357,8 +372,8 @@ class Drain(bootsteps.StartStopStep):
             # A main-only process, or a legacy (version 1) service: like an old Nova compute
             # it has no second server to keep serving, so it waits only for running steps.
             return waiting
-        views = registry.services()
-        needing = operations_needing(self.queues.host, created_before=self.since)
+        views = self.orch.registry.services()
+        needing = self.orch.ledger.operations_needing(self.queues.host, created_before=self.since)
         ran_here = self._run_by_me_not_held(needing)
         for op in needing:
             step, host = op.current or (None, None)
@@ -400,7 +415,7 @@ class Drain(bootsteps.StartStopStep):
         if not running_here:
             return set()
         held = {r.id for r in list(worker_state.reserved_requests)}
-        workers = step_workers(running_here)
+        workers = self.orch.ledger.step_workers(running_here)
         # Same hostname is not enough: a killed previous run of this worker had it too, and its
         # steps are judged like any other dead worker's (waiting_for).
         return {
@@ -428,7 +443,7 @@ class Drain(bootsteps.StartStopStep):
         assert self.queues is not None and self.since is not None
         left_main = [r for r in list(worker_state.reserved_requests) if self._unstarted_main(r)]
         try:
-            completed = steps_completed_on(self.queues.host, self.since)
+            completed = self.orch.ledger.steps_completed_on(self.queues.host, self.since)
         except Exception as exc:
             completed = f"unknown ({exc})"
         left_alt: int | str = 0
@@ -446,13 +461,23 @@ class Drain(bootsteps.StartStopStep):
         )
 
 
-@control_command(signature="[reason]", args=[("reason", str)])
-def drain(state, reason: str = "remote control") -> dict:
+def _drain_command(state, reason: str = "remote control") -> dict:
     """Start this worker's drain, as SIGTERM would (``orchestrator drain HOST``)."""
-    d = _current
+    orch = getattr(state.consumer.app, "orchestrator", None)
+    d = orch.drain if orch is not None else None
     if d is None:
         return {"error": "this worker serves no host queue"}
     if not d.request(reason):
         return {"ok": f"{d.queues.host} already draining"}
     return {"ok": f"{d.queues.host} draining"}
 
+
+def _register_control_command() -> None:
+    """The ``drain`` remote-control command, registered when a drain starts (not at import)."""
+    from celery.worker.control import Panel
+
+    if "drain" not in Panel.data:
+        _drain_command.__name__ = "drain"
+        control_command(
+            name="drain", signature="[reason]", args=[("reason", str)]
+        )(_drain_command)

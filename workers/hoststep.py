@@ -21,10 +21,14 @@ class HostTimerStep(bootsteps.StartStopStep):
     def __init__(self, worker, **kwargs) -> None:
         self.host: str | None = None
         self.app = None
+        self.orch = None
         self._tref = None
 
     def start(self, worker) -> None:
         self.app = worker.app
+        self.orch = getattr(worker.app, "orchestrator", None)
+        if self.orch is None:
+            return
         queues = HostQueues.from_queue_names(
             list(self.app.amqp.queues.consume_from or {}), self.app.conf.task_default_queue
         )

@@ -15,9 +15,8 @@ class StepRequest(Request):
     def revoked(self) -> bool:
         if self._already_revoked:
             return True
-        from workers.drain import current
-
-        drain = current()
+        orch = getattr(self._app, "orchestrator", None)
+        drain = orch.drain if orch is not None else None
         if drain is not None and drain.hand_back(self):
             return True
         return super().revoked()

@@ -11,22 +11,13 @@ are idempotent, so a step that was not lost after all runs once and its copy is 
 
 from __future__ import annotations
 
-import os
-
 from celery.utils.log import get_logger
 
-from orchestrator import state
 from orchestrator.broker import queue_depth
-from orchestrator.operations import publish_step
 from workers.drain import UNPUBLISHED_GRACE
 from workers.hoststep import HostTimerStep
 
 logger = get_logger(__name__)
-
-
-
-def resend_after() -> float:
-    return float(os.environ.get("ORCHESTRATOR_RESEND_AFTER") or 60.0)
 
 
 class StrandedSteps(HostTimerStep):
@@ -34,17 +25,20 @@ class StrandedSteps(HostTimerStep):
     interval = 2.0
 
     def tick(self) -> None:
-        for op in state.stranded_steps(self.host, UNPUBLISHED_GRACE, resend_after()):
+        stranded = self.orch.ledger.stranded_steps(
+            self.host, UNPUBLISHED_GRACE, self.orch.settings.resend_after
+        )
+        for op in stranded:
             self._resend(op)
 
     def _resend(self, op) -> None:
         step, host = op.current
         if op.next_published and op.queue and queue_depth(self.app, op.queue) > 0:
             return  # still waiting its turn in the queue
-        if not state.claim_resend(op.id, op.position, op.step_since):
+        if not self.orch.ledger.claim_resend(op.id, op.position, op.step_since):
             return
-        queue = publish_step(op.id, op.position, step, host)
-        state.mark_published(op.id, op.position, queue)
+        queue = self.orch.publish_step(op.id, op.position, step, host)
+        self.orch.ledger.mark_published(op.id, op.position, queue)
         logger.warning(
             "resent %s of %s to %s: %s", step, op.id, queue,
             "it was never sent" if not op.next_published else "no message for it in the broker",

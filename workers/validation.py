@@ -39,7 +39,6 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.consumer import Consumer
 
-from orchestrator.flows import step_of_task
 from orchestrator.routing import split_queue
 
 logger = logging.getLogger(__name__)
@@ -124,14 +123,24 @@ class _OneLinePerRejection(logging.Filter):
         return not isinstance(exc, RejectedStep)
 
 
-logging.getLogger("celery.app.trace").addFilter(_OneLinePerRejection())
+_rejection_filter = _OneLinePerRejection()
+
+
+def quiet_repeated_rejections() -> None:
+    """Install the filter (once; called by the Orchestrator, never at import)."""
+    trace_logger = logging.getLogger("celery.app.trace")
+    if _rejection_filter not in trace_logger.filters:
+        trace_logger.addFilter(_rejection_filter)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def message_problem(message: Any, default_queue: str | None = None) -> str | None:
+def message_problem(
+    message: Any, default_queue: str | None = None,
+    step_of_task: Any = lambda name: None, registered: Any = (),
+) -> str | None:
     """What would make Celery 5.7's consumer crash or stall on this message (None: nothing).
 
     Celery validates little before building a request in the worker's main process: a body that
@@ -176,10 +185,11 @@ def message_problem(message: Any, default_queue: str | None = None) -> str | Non
     ):
         return f"timelimit is not [soft, hard]: {_show(limits)}"
     queue = (message.delivery_info or {}).get("routing_key")
-    if step_of_task(task) is None and queue != default_queue:
+    if step_of_task(task) is None and queue != default_queue and task in registered:
         # Celery's own tasks (celery.chord_unlock, celery.group, ...) are registered in every
-        # worker; a host queue carries steps and nothing else.
-        return f"{_show(task)} is not a compute step; a host queue carries only steps"
+        # worker; a host queue carries steps and nothing else. An unknown name is left to
+        # Celery ("Received unregistered task").
+        return f"{_show(task)} is not a step; a host queue carries only steps"
     if step_of_task(task) is not None and meta.get("eta") is not None:
         # A step held for later would sit unacknowledged in the worker (RabbitMQ closes the
         # channel after consumer_timeout) and keep a drain waiting: steps run when sent.
@@ -195,7 +205,12 @@ class GuardedConsumer(Consumer):
         on_task_received = super().create_task_handler(*args, **kwargs)
 
         def guarded(message: Any) -> Any:
-            problem = message_problem(message, self.app.conf.task_default_queue)
+            orch = getattr(self.app, "orchestrator", None)
+            problem = message_problem(
+                message, self.app.conf.task_default_queue,
+                orch.step_of_task if orch is not None else (lambda name: None),
+                self.app.tasks,
+            )
             if problem is None:
                 return on_task_received(message)
             self.on_malformed_message(message, problem)

@@ -1,8 +1,9 @@
 """Worker bootstep: finish the steps of this host that wait for an external event.
 
-A build waits for ``network-vif-plugged`` (orchestrator.state.wait_for_event) without holding
-a pool process. Every ``interval`` seconds this step, in the worker's event loop, completes the
-waiting steps whose event has arrived and fails those past their deadline (Nova's
+A step that called ``ctx.wait_for(event, timeout)`` waits without holding a pool process
+(``Ledger.wait_for_event``): Nova's build waits for ``network-vif-plugged`` that way. Every
+``interval`` seconds this step, in the worker's event loop, completes the waiting steps of its
+host whose event has arrived and fails those past their deadline (Nova's
 ``vif_plugging_timeout``), then publishes what comes next.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 from celery.utils.log import get_logger
 
-from orchestrator import state
 from workers.hoststep import HostTimerStep
 
 logger = get_logger(__name__)
@@ -21,10 +21,11 @@ class EventWaits(HostTimerStep):
     interval = 0.2
 
     def tick(self) -> None:
-        from workers.effects import EFFECTS, failure_effect
-        from workers.steps import advance
-
-        for operation_id, nxt in state.settle_waits(self.host, EFFECTS.__getitem__,
-                                                    failure_effect):
+        orch = self.orch
+        settled = orch.ledger.settle_waits(
+            self.host, lambda step: orch.steps[step].effect,
+            lambda step: orch.steps[step].on_failure,
+        )
+        for operation_id, nxt in settled:
             logger.info("event wait of %s settled on %s", operation_id, self.host)
-            advance(operation_id, nxt)
+            orch.advance(operation_id, nxt)

@@ -1,20 +1,22 @@
-"""The operations API: check a request, record the operation, send its first step.
+"""Nova's operations API: check a request, record it with its instance and migration rows,
+and submit it to the orchestrator, which sends its first step once that transaction commits.
 
 Every check happens before anything is sent: an unknown instance or host, a state that does
 not allow the operation, or an instance already busy is a clear error and nothing is queued.
 Requests *about* an operation in progress (external events, consoles, force-complete, abort)
-do not make the instance busy and are not refused because it is.
+do not hold the instance (no subject) and are not refused because it is busy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from orchestrator import db, registry
-from orchestrator.flows import (
+from nova_app.app import orch
+from nova_app.flows import (
     BOOT,
     CONFIRM_RESIZE,
     CONSOLE_OUTPUT,
@@ -28,10 +30,10 @@ from orchestrator.flows import (
     RESIZE,
     REVERT_RESIZE,
     VNC_CONSOLE,
-    Flow,
-    task_name,
+    FlowSpec,
 )
-from orchestrator.models import Instance, Migration, Operation
+from nova_app.models import Instance, Migration
+from orchestrator import BrokerUnavailable, SubjectBusy, SubmitError
 
 #: Operation kinds that do not hold the instance (requests about another operation).
 NON_EXCLUSIVE = frozenset({
@@ -43,8 +45,11 @@ KNOWN_EVENTS = frozenset({
     "power-update", "accelerator-request-bound",
 })
 
+__all__ = ["BrokerUnavailable", "InstanceBusy", "InvalidState", "OperationError",
+           "UnknownHost", "UnknownInstance"]
 
-class OperationError(ValueError):
+
+class OperationError(SubmitError):
     """A request that cannot be accepted; the message says why."""
 
 
@@ -56,7 +61,7 @@ class UnknownHost(OperationError, LookupError):
     pass
 
 
-class InstanceBusy(OperationError):
+class InstanceBusy(OperationError, SubjectBusy):
     pass
 
 
@@ -64,32 +69,17 @@ class InvalidState(OperationError):
     pass
 
 
-class BrokerUnavailable(OperationError):
-    pass
+@dataclass(frozen=True)
+class Accepted:
+    """An operation accepted and its first step queued."""
 
-
-def step_task_id(operation_id: str, position: int) -> str:
-    """The Celery task id of a step's message: the same for every copy of it (redelivery,
-    retry, resend), which is how a worker tells which steps it holds."""
-    return f"{operation_id}.{position}"
+    id: str
+    kind: str
 
 
 def publish_step(operation_id: str, position: int, step: str, host: str) -> str:
-    """Send one step to the queue the router picks; returns that queue.
-
-    The same router serves any other publisher through ``task_routes``; here its answer is
-    also recorded on the operation, so the drain knows which queue the step waits in.
-    """
-    from orchestrator.app import app, step_router
-
-    queue = step_router.queue(step, host)
-    app.send_task(
-        task_name(step),
-        kwargs={"operation_id": operation_id, "position": position, "host": host},
-        task_id=step_task_id(operation_id, position),
-        queue=queue,
-    )
-    return queue
+    """Send one step again (tests use it to deliver duplicates)."""
+    return orch.publish_step(operation_id, position, step, host)
 
 
 def find_instance(s: Session, ref: str, *, lock: bool = False) -> Instance:
@@ -101,19 +91,16 @@ def find_instance(s: Session, ref: str, *, lock: bool = False) -> Instance:
 
 
 def check_host(host: str) -> None:
-    known = registry.known_hosts()
+    known = orch.registry.known_hosts()
     if host not in known:
         raise UnknownHost(
             f"unknown host {host!r} (known hosts: {', '.join(known) or 'none registered'})"
         )
 
 
-def _in_flight(s: Session, instance: Instance, kinds: set[str] | None = None) -> Operation | None:
-    query = select(Operation).where(
-        Operation.instance_id == instance.id, Operation.status.in_(("queued", "running"))
-    )
-    ops = [op for op in s.execute(query).scalars() if op.kind not in NON_EXCLUSIVE]
-    return next((op for op in ops if kinds is None or op.kind in kinds), None)
+def _in_flight(s: Session, instance: Instance, kinds: set[str] | None = None) -> Any:
+    busy = orch.ledger.holder(s, instance.id)
+    return busy if busy is not None and (kinds is None or busy.kind in kinds) else None
 
 
 def _exclusive(s: Session, ref: str) -> Instance:
@@ -148,35 +135,54 @@ def _pending_resize(s: Session, instance: Instance) -> Migration:
     return mig
 
 
-def _record(
-    s: Session, flow: Flow, instance: Instance, source: str, dest: str | None = None,
+def _submit(
+    s: Session, flow: FlowSpec, instance: Instance, source: str, dest: str | None = None,
     migration: Migration | None = None, **params: Any,
-) -> Operation:
-    op = Operation(
-        kind=flow.kind, instance_id=instance.id,
-        plan=[list(p) for p in flow.plan(source, dest)],
-        params={"source": source, "dest": dest or source, **params},
-        migration_id=migration.id if migration is not None else None,
+) -> Accepted:
+    """Record the operation in ``s``; its first step is sent once ``s`` commits."""
+    roles = {role for _, role in flow.steps + flow.rollback}
+    hosts = {"source": source, "dest": dest or source}
+    op_id = orch.submit(
+        flow.name, hosts={role: host for role, host in hosts.items() if role in roles},
+        params={"instance_id": instance.id,
+                "migration_id": migration.id if migration is not None else None, **params},
+        subject=None if flow.kind in NON_EXCLUSIVE else instance.id,
+        session=s,
     )
-    s.add(op)
-    s.flush()
-    return op
+    return Accepted(op_id, flow.kind)
 
 
-def _send_first(op: Operation) -> Operation:
-    """Queue the first step; if the broker refuses, the operation is abandoned, not stuck."""
-    from orchestrator import state
+def _abandoned(kind: str, instance_id: str, migration_id: int | None) -> None:
+    """The first step could not be queued (the orchestrator failed the operation): put the
+    instance and migration back as the operation found them, or in error for a boot."""
+    with orch.transaction() as s:
+        instance = s.get(Instance, instance_id)
+        migration = s.get(Migration, migration_id) if migration_id is not None else None
+        if instance is None:
+            return
+        if kind == "boot":
+            instance.vm_state = "error"
+        if migration is not None and kind in ("resize", "cross_cell_resize", "live_migration"):
+            instance.task_state = None
+            migration.status = "error"
+        elif kind in ("revert_resize", "cross_cell_revert"):
+            instance.task_state = None
 
-    step, host = op.plan[0]
-    try:
-        queue = publish_step(op.id, 0, step, host)
-    except Exception as exc:
-        state.abandon(op.id, f"could not queue {step}@{host}: {exc}")
-        raise BrokerUnavailable(
-            f"could not queue {step} for {host} ({exc}); operation {op.id} abandoned"
-        ) from exc
-    state.mark_published(op.id, 0, queue)
-    return op
+
+class _Guard:
+    """Runs ``_abandoned`` when the submit's commit could not queue the first step."""
+
+    def __init__(self) -> None:
+        self.accepted: Accepted | None = None
+        self.instance_id: str | None = None
+        self.migration_id: int | None = None
+
+    def __enter__(self) -> _Guard:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, BrokerUnavailable) and self.accepted and self.instance_id:
+            _abandoned(self.accepted.kind, self.instance_id, self.migration_id)
 
 
 def _migration(s: Session, instance: Instance, dest: str, flavor: str | None,
@@ -185,16 +191,26 @@ def _migration(s: Session, instance: Instance, dest: str, flavor: str | None,
         instance_id=instance.id, source=instance.host, dest=dest,
         old_flavor=instance.flavor, new_flavor=flavor or instance.flavor,
         migration_type=migration_type, status=status, cross_cell=cross_cell,
+        force_complete=False, abort_requested=False,
     )
     s.add(mig)
     s.flush()
     return mig
 
 
+def _run(record: Any) -> Accepted:
+    """``record(s)`` returns (accepted, instance id, migration id) inside one transaction."""
+    with _Guard() as guard, orch.transaction() as s:
+        guard.accepted, guard.instance_id, guard.migration_id = record(s)
+    assert guard.accepted is not None
+    return guard.accepted
+
+
 # -- the operations ----------------------------------------------------------------------------
-def boot(name: str, host: str, flavor: str = "m1.small") -> Operation:
+def boot(name: str, host: str, flavor: str = "m1.small") -> Accepted:
     check_host(host)
-    with db.session() as s:
+
+    def record(s: Session) -> tuple:
         if s.execute(select(Instance.id).where(Instance.name == name)).first() is not None:
             raise OperationError(f"an instance named {name!r} already exists")
         instance = Instance(
@@ -202,27 +218,31 @@ def boot(name: str, host: str, flavor: str = "m1.small") -> Operation:
         )
         s.add(instance)
         s.flush()
-        op = _record(s, BOOT, instance, host)
-    return _send_first(op)
+        return _submit(s, BOOT, instance, host), instance.id, None
+
+    return _run(record)
 
 
-def live_migrate(ref: str, dest: str) -> Operation:
+def live_migrate(ref: str, dest: str) -> Accepted:
     check_host(dest)
-    with db.session() as s:
+
+    def record(s: Session) -> tuple:
         instance = _exclusive(s, ref)
         _require(instance, "active")
         if dest == instance.host:
             raise InvalidState(f"instance {instance.name!r} is already on {dest}")
         mig = _migration(s, instance, dest, None, "live-migration", "queued")
         instance.task_state = "migrating"
-        op = _record(s, LIVE_MIGRATION, instance, instance.host, dest, mig)
-    return _send_first(op)
+        return _submit(s, LIVE_MIGRATION, instance, instance.host, dest, mig), instance.id, mig.id
+
+    return _run(record)
 
 
 def _live_migration_in_progress(s: Session, ref: str, statuses: tuple[str, ...]) -> tuple:
     instance = find_instance(s, ref, lock=True)
     op = _in_flight(s, instance, {LIVE_MIGRATION.kind})
-    mig = s.get(Migration, op.migration_id) if op is not None else None
+    mig_id = op.params.get("migration_id") if op is not None else None
+    mig = s.get(Migration, mig_id) if mig_id is not None else None
     if mig is None or mig.status not in statuses:
         state = mig.status if mig is not None else "none in progress"
         raise InvalidState(
@@ -232,27 +252,31 @@ def _live_migration_in_progress(s: Session, ref: str, statuses: tuple[str, ...])
     return instance, mig
 
 
-def live_migration_force_complete(ref: str) -> Operation:
-    with db.session() as s:
+def live_migration_force_complete(ref: str) -> Accepted:
+    def record(s: Session) -> tuple:
         instance, mig = _live_migration_in_progress(s, ref, ("running",))
-        op = _record(s, LIVE_MIGRATION_FORCE_COMPLETE, instance, mig.source, mig.dest, mig)
-    return _send_first(op)
+        accepted = _submit(s, LIVE_MIGRATION_FORCE_COMPLETE, instance, mig.source, mig.dest, mig)
+        return accepted, None, None
+
+    return _run(record)
 
 
-def live_migration_abort(ref: str) -> Operation:
-    with db.session() as s:
+def live_migration_abort(ref: str) -> Accepted:
+    def record(s: Session) -> tuple:
         instance, mig = _live_migration_in_progress(s, ref, ("queued", "preparing", "running"))
-        op = _record(s, LIVE_MIGRATION_ABORT, instance, mig.source, mig.dest, mig)
-    return _send_first(op)
+        return _submit(s, LIVE_MIGRATION_ABORT, instance, mig.source, mig.dest, mig), None, None
+
+    return _run(record)
 
 
 def resize(
     ref: str, flavor: str | None = None, dest: str | None = None, cross_cell: bool = False
-) -> Operation:
+) -> Accepted:
     """Resize (new flavor) and/or cold-migrate (new host) an active instance."""
     if dest is not None:
         check_host(dest)
-    with db.session() as s:
+
+    def record(s: Session) -> tuple:
         instance = _exclusive(s, ref)
         _require(instance, "active")
         target = dest or instance.host
@@ -267,48 +291,54 @@ def resize(
         mig = _migration(s, instance, target, flavor, kind, "pre-migrating", cross_cell)
         instance.task_state = "resize_prep"
         flow = CROSS_CELL_RESIZE if cross_cell else RESIZE
-        op = _record(s, flow, instance, instance.host, target, mig)
-    return _send_first(op)
+        return _submit(s, flow, instance, instance.host, target, mig), instance.id, mig.id
+
+    return _run(record)
 
 
-def confirm(ref: str) -> Operation:
-    with db.session() as s:
+def confirm(ref: str) -> Accepted:
+    def record(s: Session) -> tuple:
         instance = _exclusive(s, ref)
         mig = _pending_resize(s, instance)
         flow = CROSS_CELL_CONFIRM if mig.cross_cell else CONFIRM_RESIZE
-        op = _record(s, flow, instance, mig.source, mig.dest, mig)
-    return _send_first(op)
+        return _submit(s, flow, instance, mig.source, mig.dest, mig), instance.id, mig.id
+
+    return _run(record)
 
 
-def revert(ref: str) -> Operation:
-    with db.session() as s:
+def revert(ref: str) -> Accepted:
+    def record(s: Session) -> tuple:
         instance = _exclusive(s, ref)
         mig = _pending_resize(s, instance)
         instance.task_state = "resize_reverting"
         flow = CROSS_CELL_REVERT if mig.cross_cell else REVERT_RESIZE
-        op = _record(s, flow, instance, mig.source, mig.dest, mig)
-    return _send_first(op)
+        return _submit(s, flow, instance, mig.source, mig.dest, mig), instance.id, mig.id
+
+    return _run(record)
 
 
-def external_event(ref: str, name: str) -> Operation:
+def external_event(ref: str, name: str) -> Accepted:
     """Deliver an external event (as Neutron or Cinder would) to the instance's host."""
     if name not in KNOWN_EVENTS:
         raise OperationError(
             f"unknown event {name!r} (known: {', '.join(sorted(KNOWN_EVENTS))})"
         )
-    with db.session() as s:
+
+    def record(s: Session) -> tuple:
         instance = find_instance(s, ref)
-        op = _record(s, EXTERNAL_EVENT, instance, instance.host, event=name)
-    return _send_first(op)
+        return _submit(s, EXTERNAL_EVENT, instance, instance.host, event=name), None, None
+
+    return _run(record)
 
 
-def console(ref: str, console_type: str = "output") -> Operation:
+def console(ref: str, console_type: str = "output") -> Accepted:
     flows = {"output": CONSOLE_OUTPUT, "vnc": VNC_CONSOLE}
     if console_type not in flows:
         raise OperationError(f"unknown console type {console_type!r} (known: output, vnc)")
-    with db.session() as s:
+
+    def record(s: Session) -> tuple:
         instance = find_instance(s, ref)
         _require(instance, "active", "resized")
-        op = _record(s, flows[console_type], instance, instance.host)
-    return _send_first(op)
+        return _submit(s, flows[console_type], instance, instance.host), None, None
 
+    return _run(record)

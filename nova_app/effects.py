@@ -1,7 +1,8 @@
 """What each step changes on the instance and its migration, on success and on failure.
 
-An effect runs inside the transaction that advances the operation (orchestrator.state), so it
-is applied exactly once however often the step's message is delivered. The states follow
+An effect runs inside the ledger transaction that completes or fails the step (the
+``effect``/``on_failure`` of ``orch.step``), so it is applied exactly once however often the
+step's message is delivered. The states follow
 Nova: ``vm_state`` active/resized/error, ``task_state`` migrating, resize_*, and migration
 statuses per migration type.
 """
@@ -10,15 +11,24 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-from orchestrator import state
-from orchestrator.flows import STEP_NAMES
-from orchestrator.models import InstanceEvent, Operation
+from nova_app.app import orch
+from nova_app.flows import STEP_NAMES
+from nova_app.models import Instance, Migration
 
-Effect = Callable[[Session, Operation], None]
+Effect = Callable[[Session, Any], None]
 KEEP = object()
+
+
+def instance_and_migration(s: Session, op: Any) -> tuple[Instance, Migration | None]:
+    """The instance and migration an operation is about (ids in its params)."""
+    instance = s.get(Instance, op.params["instance_id"])
+    assert instance is not None
+    mig_id = op.params.get("migration_id")
+    return instance, s.get(Migration, mig_id) if mig_id is not None else None
 
 
 def change(
@@ -27,8 +37,8 @@ def change(
 ) -> Effect:
     """An effect that sets instance and migration fields (KEEP leaves a field as it is)."""
 
-    def apply(s: Session, op: Operation) -> None:
-        instance, mig = state.instance_and_migration(s, op)
+    def apply(s: Session, op: Any) -> None:
+        instance, mig = instance_and_migration(s, op)
         if vm_state is not KEEP:
             instance.vm_state = vm_state  # type: ignore[assignment]
         if task_state is not KEEP:
@@ -46,38 +56,38 @@ def change(
 
 
 def _flag(name: str) -> Effect:
-    def apply(s: Session, op: Operation) -> None:
-        _, mig = state.instance_and_migration(s, op)
+    def apply(s: Session, op: Any) -> None:
+        _, mig = instance_and_migration(s, op)
         if mig is not None:
             setattr(mig, name, True)
 
     return apply
 
 
-def _record_event(s: Session, op: Operation) -> None:
-    instance, _ = state.instance_and_migration(s, op)
-    s.add(InstanceEvent(instance_id=instance.id, operation_id=op.id,
-                        name=op.params["event"], host=op.plan[op.position][1]))
+def _record_event(s: Session, op: Any) -> None:
+    instance, _ = instance_and_migration(s, op)
+    orch.record_event(s, instance.id, op.params["event"], operation_id=op.id,
+                      host=op.plan[op.position][1])
 
 
-def _console_output(s: Session, op: Operation) -> None:
-    instance, _ = state.instance_and_migration(s, op)
+def _console_output(s: Session, op: Any) -> None:
+    instance, _ = instance_and_migration(s, op)
     host = op.plan[op.position][1]
     op.result = {"output": f"[    0.000000] Linux version 6.1.0 ({instance.name})\n"
                            f"{instance.name} login: (console of {instance.id} on {host})"}
 
 
-def _vnc_url(s: Session, op: Operation) -> None:
+def _vnc_url(s: Session, op: Any) -> None:
     host = op.plan[op.position][1]
     op.result = {"type": "novnc", "url": f"http://{host}:6080/vnc_auto.html?token="
                                          f"{secrets.token_hex(8)}", "validated": False}
 
 
-def _validate_port(s: Session, op: Operation) -> None:
+def _validate_port(s: Session, op: Any) -> None:
     op.result = {**(op.result or {}), "validated": True}
 
 
-def _nothing(s: Session, op: Operation) -> None:
+def _nothing(s: Session, op: Any) -> None:
     return None
 
 

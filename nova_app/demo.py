@@ -17,8 +17,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from orchestrator import operations, registry, views
-from orchestrator.app import app
+from nova_app import operations, views
+from nova_app.app import app, orch
 from orchestrator.broker import queue_depth
 from orchestrator.embedded import embedded_redis
 from orchestrator.fleet import Fleet, wait_for
@@ -59,7 +59,7 @@ def run_demo(step_delay: float = 3.0) -> int:
         _say("resize_instance is running on compute1: SIGTERM to compute2 (the destination)")
         signalled = time.monotonic()
         compute2.signal(signal.SIGTERM)
-        wait_for(lambda: any(v.state == "draining" for v in registry.services("compute2")),
+        wait_for(lambda: any(v.state == "draining" for v in orch.registry.services("compute2")),
                  10, "compute2 to report draining")
         late = operations.boot("vm2", "compute2")
         _say(f"compute2 is draining; a new request (boot vm2, {late.id}) is sent to it anyway")

@@ -17,15 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.config import ConfigError
-from orchestrator.flows import STEP_NAMES
+from nova_app.flows import STEP_NAMES
+from orchestrator import ConfigError, StepFailure
+
+__all__ = ["Hypervisor", "StepFailure"]
 
 DEFAULT_STEP_DELAY = 0.1
 POLL_SECONDS = 0.1
-
-
-class StepFailure(RuntimeError):
-    """The (simulated) hypervisor could not do the step; the operation fails."""
 
 
 def _parse_delays(raw: str) -> dict[str, float]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 
+from nova_app import operations
+
 VIF_PLUGGED = "network-vif-plugged"
 
 
@@ -32,8 +34,6 @@ def plug_vifs(instance_ref: str, asked_at: float) -> None:
     when the broker delivers the unacknowledged build again; an error fails the step the
     usual way (retried, then failed)."""
     time.sleep(max(0.0, asked_at + _seconds("ORCHESTRATOR_NETWORK_DELAY", 0.2) - time.time()))
-    from orchestrator import operations
-
     operations.external_event(instance_ref, VIF_PLUGGED)
 
 

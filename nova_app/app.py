@@ -1,0 +1,36 @@
+"""Nova's Celery app and its orchestrator: ``celery -A nova_app.app worker`` (or, as before,
+``celery -A orchestrator worker``: the engine's default application is this one).
+
+The broker is ``ORCHESTRATOR_BROKER_URL`` (the orchestrator's default for an app without a
+broker of its own), the routing file ``ORCHESTRATOR_ROUTING_FILE`` or ``./routing.yaml``. The
+steps and flows live in :mod:`nova_app.steps`, which Celery imports by name (``include``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+
+from nova_app.models import Instance
+from orchestrator import Orchestrator, OrchestratorError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+app = Celery("orchestrator", include=["nova_app.steps"])
+# Non-step tasks only (a host queue carries steps and nothing else).
+app.conf.task_default_queue = "orchestrator"
+try:
+    orch = Orchestrator(
+        app, migrations=MIGRATIONS, task_prefix="compute.", commands="nova_app.cli:COMMANDS",
+    )
+except OrchestratorError as exc:  # a bad ORCHESTRATOR_* setting: one line, no traceback
+    raise SystemExit(f"orchestrator: {exc}") from None
+
+
+@orch.describe
+def _instance_name(session, operation, data) -> None:
+    """An operation's view names its instance."""
+    instance_id = (operation.params or {}).get("instance_id")
+    instance = session.get(Instance, instance_id) if instance_id else None
+    data["instance"] = instance.name if instance is not None else instance_id

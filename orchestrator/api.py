@@ -1,0 +1,600 @@
+"""The public API: put shutdown-aware routing on your own Celery app.
+
+::
+
+    app = Celery("rebalance")
+    orch = Orchestrator(app, routing="routing.yaml")
+
+    @orch.step
+    def copy_out(ctx):
+        ...
+        return {"bytes": 42}
+
+    orch.flow("rebalance", [("prepare", "dest"), ("copy_out", "source"), ("copy_in", "dest")],
+              rollback=[("cleanup", "dest")], rollback_on=["copy_out"])
+    op_id = orch.submit("rebalance", hosts={"source": "node1", "dest": "node2"},
+                        params={"volume": "v1"}, subject="v1")
+    orch.wait(op_id, timeout=60)
+
+Constructing :class:`Orchestrator` installs everything on that app: the routing.yaml router
+with per-host alt fallback, no-loss settings, JSON only, the malformed-message guard, optional
+signing, and the worker bootsteps (drain with its exit deadline and remote ``drain`` command,
+the service registry, event waits, the resend of stranded steps). Worker bootsteps are named,
+not imported, so this module imports nothing that runs in a worker.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from celery import Celery, signals
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from orchestrator import registry as registry_mod
+from orchestrator import signing
+from orchestrator.broker import guard_redis_restore_on_lost_connection
+from orchestrator.config import Settings, redact_url
+from orchestrator.db import Database
+from orchestrator.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DefinitionError,
+    SubjectBusy,
+    SubmitError,
+    UnknownFlow,
+)
+from orchestrator.flows import Flow
+from orchestrator.models import Operation
+from orchestrator.registry import Registry
+from orchestrator.routing import (
+    ALT_SUFFIX,
+    AltCapability,
+    RoutingTable,
+    StepRouter,
+    load_routing,
+)
+from orchestrator.state import Effect, Ledger, no_effect, step_task_id
+
+#: How long a crashed worker can block kombu's Redis restore sweep (see _install).
+UNACKED_MUTEX_EXPIRE_SECONDS = 10
+#: Retries of a step after an unexpected error, before its operation fails.
+DEFAULT_MAX_RETRIES = 3
+#: A host is a queue name on Redis and RabbitMQ, and ``<host>-alt`` is its second queue.
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
+#: The worker bootsteps, by name (resolved by Celery when a worker starts).
+WORKER_STEPS = ("workers.drain:Drain", "workers.waits:EventWaits", "workers.resend:StrandedSteps")
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass
+class StepContext:
+    """What a step function gets: where it runs and what its operation carries."""
+
+    orchestrator: Orchestrator
+    step: str
+    host: str
+    operation_id: str
+    position: int
+    #: Deliveries of this step so far, this one included (more than 1: redelivered).
+    attempt: int
+    #: The request's params, with what the earlier steps returned merged in.
+    params: dict[str, Any]
+    #: The flow's roles and their hosts.
+    hosts: dict[str, str]
+    flow: str = ""
+    subject: str | None = None
+    #: Set by :meth:`wait_for`.
+    waiting: tuple[str, str, float] | None = field(default=None, repr=False)
+
+    def wait_for(self, event_name: str, timeout: float, key: str | None = None) -> None:
+        """Once this step returns, park it until ``event_name`` is delivered for ``key``
+        (default: the operation's subject) with :meth:`Orchestrator.deliver_event` or
+        :meth:`Orchestrator.record_event`; fail it after ``timeout`` seconds. The step holds
+        no worker while it waits, and a draining host keeps waiting for it."""
+        key = key if key is not None else self.subject
+        if not key:
+            raise DefinitionError(
+                f"step {self.step!r}: wait_for({event_name!r}) needs a key (the operation "
+                "has no subject)"
+            )
+        self.waiting = (event_name, key, float(timeout))
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    fn: Callable[[StepContext], Any]
+    task: Any
+    effect: Effect = no_effect
+    on_failure: Effect = no_effect
+
+
+class Orchestrator:
+    """Shutdown-aware routing for the steps of ``app``.
+
+    - ``routing``: the routing.yaml file (default ``ORCHESTRATOR_ROUTING_FILE`` or
+      ``./routing.yaml``), read and validated against the registered steps on first use;
+    - ``db_url``: the ledger's SQLAlchemy URL (default ``ORCHESTRATOR_DB_URL``);
+    - ``migrations``: a folder of Alembic revisions for the application's own tables;
+    - ``task_prefix``: Celery task names are ``task_prefix + step name``;
+    - ``commands``: ``"module:attribute"``, a list of click commands ``orchestrator --app``
+      adds to its own.
+    """
+
+    def __init__(
+        self, app: Celery, routing: str | Path | None = None, db_url: str | None = None, *,
+        migrations: str | Path | None = None, task_prefix: str = "",
+        max_retries: int = DEFAULT_MAX_RETRIES, commands: str | None = None,
+    ) -> None:
+        if getattr(app, "orchestrator", None) is not None:
+            raise DefinitionError(f"Celery app {app.main!r} already has an Orchestrator")
+        self.app = app
+        self.settings = Settings.from_env()
+        self.routing_file = Path(routing) if routing is not None else self.settings.routing_file
+        self.db = Database(db_url, [Path(migrations)] if migrations is not None else [])
+        self.flows: dict[str, Flow] = {}
+        self.steps: dict[str, StepSpec] = {}
+        self.ledger = Ledger(self.db, self.flows)
+        self.registry = Registry(self.db, self.settings.heartbeat_interval)
+        self.task_prefix = task_prefix
+        self.max_retries = max_retries
+        self.commands = commands
+        self.signing = signing.Signing.from_env()
+        #: The drain of the worker this process runs (its MainProcess), once started.
+        self.drain: Any = None
+        self._table: RoutingTable | None = None
+        self._router: StepRouter | None = None
+        self._modules_loaded = False
+        #: ``fn(session, operation, data)`` hooks that add the application's own fields to an
+        #: operation's view (:meth:`describe`).
+        self.describers: list[Callable[[Session, Operation, dict[str, Any]], None]] = []
+        self._install()
+
+    # -- installation ------------------------------------------------------------------------
+    def _install(self) -> None:
+        app = self.app
+        app.orchestrator = self
+        guard_redis_restore_on_lost_connection()
+        from workers.validation import quiet_repeated_rejections
+
+        quiet_repeated_rejections()
+        broker_url = app.conf.broker_url or self.settings.broker_url
+        existing = app.conf.task_routes
+        routes = (
+            () if not existing
+            else tuple(existing) if isinstance(existing, list | tuple) else (existing,)
+        )
+        app.conf.update(
+            broker_url=broker_url,
+            # JSON only: a step message is data, never code.
+            task_serializer="json",
+            accept_content=["json"],
+            result_serializer="json",
+            # Operation state lives in the ledger; Celery results are not needed.
+            task_ignore_result=True,
+            # Nothing lost: a step's message is acknowledged only once the step has finished,
+            # a step whose process died goes back to the queue, and each process holds at most
+            # one unstarted message (fewer to hand back when the host drains).
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=1,
+            # On a lost broker connection a running step cannot be acknowledged any more.
+            # RabbitMQ requeues it at once, so stop it rather than run it twice side by side.
+            # Redis only gives it back after the visibility timeout: let it finish (its effect
+            # is applied once and the operation moves on); the redelivery is a duplicate.
+            worker_cancel_long_running_tasks_on_connection_loss=not str(broker_url).startswith(
+                ("redis", "rediss")
+            ),
+            broker_transport_options={
+                **(app.conf.broker_transport_options or {}),
+                # Redis: an unacknowledged message (its worker was killed) comes back after
+                # this...
+                "visibility_timeout": self.settings.visibility_timeout,
+                # ...once kombu's sweep notices. Its default period is interval x throttle =
+                # 100 s; sweep a few times per visibility timeout instead (a cheap scan).
+                "unacked_restore_interval": max(
+                    1.0, min(60.0, self.settings.visibility_timeout / 4)
+                ),
+                "unacked_restore_throttle": 1,
+                # Each sweep takes a mutex that expires after 300 s by default: a worker
+                # SIGKILLed inside a sweep would stop every restore for 5 minutes (the soak saw
+                # it). A sweep takes milliseconds; a concurrent one is harmless.
+                "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_SECONDS,
+                # RabbitMQ: a publish returns once the broker has the message.
+                "confirm_publish": True,
+            },
+            broker_connection_retry_on_startup=True,
+            # RabbitMQ: persistent messages in durable queues survive a broker restart.
+            # Classic queues by default; quorum with ORCHESTRATOR_QUEUE_TYPE=quorum.
+            task_default_delivery_mode="persistent",
+            task_create_missing_queue_type=self.settings.queue_type,
+            task_default_queue_type=self.settings.queue_type,
+            task_routes=(self._route, *routes),
+            # A host's queues are created on first use (<host>, <host>-alt): a step sent to a
+            # host whose worker never ran waits in the broker.
+            task_create_missing_queues=True,
+            # Refuses task messages that would stop or stall Celery's consumer.
+            worker_consumer="workers.validation:GuardedConsumer",
+        )
+        if self.signing is not None:
+            signing.enable(app, self.signing)
+        app.steps["worker"].update(WORKER_STEPS)
+        self._worker_options()
+        signals.worker_process_init.connect(
+            _pool_process_stacks, weak=False, dispatch_uid="orchestrator.pool-stacks"
+        )
+        signals.celeryd_after_setup.connect(
+            self._log_settings, weak=False, dispatch_uid=f"orchestrator.settings.{id(self)}"
+        )
+
+    def _worker_options(self) -> None:
+        self.app.user_options["worker"].add(click.Option(
+            ["--graceful-timeout"], type=float, default=None,
+            help="Seconds a draining host keeps serving its alt queue after SIGTERM "
+                 "(default: ORCHESTRATOR_GRACEFUL_SHUTDOWN_TIMEOUT or 180).",
+        ))
+        self.app.user_options["worker"].add(click.Option(
+            ["--service-version"],
+            type=click.IntRange(min(registry_mod.SERVICE_VERSIONS),
+                                max(registry_mod.SERVICE_VERSIONS)),
+            default=None,
+            help=f"Service version this worker registers (default "
+                 f"{registry_mod.SERVICE_VERSION}); {registry_mod.LEGACY_SERVICE_VERSION} is the "
+                 "legacy service of a rolling upgrade, which consumes only <host>.",
+        ))
+
+    def _log_settings(self, sender: str, instance: Any, conf: Any, **kwargs: Any) -> None:
+        """One line at worker start: where it connects, passwords redacted."""
+        if getattr(instance, "app", None) is not self.app:
+            return
+        from celery.utils.log import get_logger
+
+        get_logger("orchestrator").info(
+            "orchestrator: broker %s, database %s, %s queues, message signing %s, routing %s",
+            redact_url(conf.broker_url or ""), redact_url(self.db.url),
+            self.settings.queue_type,
+            self.signing.describe() if self.signing is not None else "off",
+            self.routing_file,
+        )
+
+    # -- definitions -------------------------------------------------------------------------
+    def step(
+        self, fn: Callable[[StepContext], Any] | None = None, *, name: str | None = None,
+        effect: Effect | None = None, on_failure: Effect | None = None, **task_options: Any,
+    ) -> Any:
+        """Register ``fn(ctx)`` as a step: a Celery task named ``task_prefix + name``.
+
+        ``effect(session, operation)`` and ``on_failure(session, operation)`` run inside the
+        ledger transaction that completes or fails the step: applied exactly once however often
+        the step's message is delivered (the place to change the application's own tables).
+        """
+
+        def register(fn: Callable[[StepContext], Any]) -> Any:
+            step_name = name or fn.__name__
+            if not isinstance(step_name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", step_name):
+                raise DefinitionError(f"step name {step_name!r} is not a usable task name")
+            if step_name in self.steps:
+                raise DefinitionError(f"step {step_name!r} is registered twice")
+            from workers.steps import StepTask, run_step
+
+            orch = self
+
+            def run(task: Any, *, operation_id: str, position: int, host: str) -> str:
+                return run_step(orch, orch.steps[step_name], task, operation_id, position, host)
+
+            run.__name__, run.__qualname__ = fn.__name__, fn.__qualname__
+            run.__module__, run.__doc__ = fn.__module__, fn.__doc__
+            task = self.app.task(
+                name=self.task_prefix + step_name, bind=True, base=StepTask, shared=False,
+                **task_options,
+            )(run)
+            self.steps[step_name] = StepSpec(
+                step_name, fn, task, effect or no_effect, on_failure or no_effect
+            )
+            self._table = self._router = None  # validated again, with this step, on next use
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def flow(
+        self, name: str, steps: Sequence[tuple[str, str]], *,
+        rollback: Sequence[tuple[str, str]] = (), rollback_on: Iterable[str] = (),
+    ) -> Flow:
+        """Define a flow: ``steps`` and ``rollback`` are ``(step, role)`` pairs."""
+        if not isinstance(name, str) or not name.strip():
+            raise DefinitionError(f"flow name {name!r} must be a non-empty string")
+        if name in self.flows:
+            raise DefinitionError(f"flow {name!r} is defined twice")
+        if not steps:
+            raise DefinitionError(f"flow {name!r} has no steps")
+        pairs = [self._pair(name, p) for p in steps]
+        back = [self._pair(name, p) for p in rollback]
+        names = {s for s, _ in pairs}
+        on = frozenset(rollback_on)
+        for step in sorted(on - names):
+            raise DefinitionError(
+                f"flow {name!r}: rollback_on names {step!r}, which is not one of its steps"
+                + _suggest(step, names)
+            )
+        if on and not back:
+            raise DefinitionError(f"flow {name!r}: rollback_on without rollback steps")
+        flow = Flow(name, tuple(pairs), tuple(back), on)
+        self.flows[name] = flow
+        return flow
+
+    def describe(
+        self, fn: Callable[[Session, Operation, dict[str, Any]], None]
+    ) -> Callable[[Session, Operation, dict[str, Any]], None]:
+        """Register ``fn(session, operation, data)``: it adds fields of the application's own
+        to the view of an operation (``orch.operation``, ``orchestrator operation``)."""
+        self.describers.append(fn)
+        return fn
+
+    def _pair(self, flow: str, pair: Any) -> tuple[str, str]:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise DefinitionError(f"flow {flow!r}: {pair!r} is not a (step, role) pair")
+        step, role = pair
+        if step not in self.steps:
+            raise DefinitionError(
+                f"flow {flow!r}: step {step!r} is not registered (@orch.step)"
+                + _suggest(str(step), self.steps)
+            )
+        if not isinstance(role, str) or not role.strip():
+            raise DefinitionError(f"flow {flow!r}: step {step!r} has no role")
+        return step, role
+
+    # -- routing -------------------------------------------------------------------------------
+    def load_steps(self) -> None:
+        """Import the app's task modules (``include``/``imports``), where steps and flows are
+        defined, so the registered steps are all there before routing.yaml is checked."""
+        if not self._modules_loaded:
+            self._modules_loaded = True
+            self.app.loader.import_default_modules()
+
+    @property
+    def routing(self) -> RoutingTable:
+        """The routing table, read and validated against the registered steps on first use."""
+        if self._table is None:
+            self.load_steps()
+            self._table = load_routing(self.routing_file, self.steps)
+        return self._table
+
+    @property
+    def router(self) -> StepRouter:
+        if self._router is None:
+            self._router = StepRouter(
+                self.routing,
+                mode=self.settings.alt_routing,  # type: ignore[arg-type]
+                capability=AltCapability(
+                    self.registry.alt_snapshot, self.settings.alt_cache_seconds
+                ),
+                on_fallback=self.registry.count_fallback,
+                task_prefix=self.task_prefix,
+            )
+        return self._router
+
+    def _route(
+        self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, str] | None:
+        if not name.startswith(self.task_prefix):
+            return None
+        self.load_steps()
+        if name[len(self.task_prefix):] not in self.steps:
+            return None
+        return self.router(name, args, kwargs, options, task, **kw)
+
+    def task_name(self, step: str) -> str:
+        return self.task_prefix + step
+
+    def step_of_task(self, name: str) -> str | None:
+        """The step a Celery task name stands for, None for any other task."""
+        if not name.startswith(self.task_prefix):
+            return None
+        step = name[len(self.task_prefix):]
+        return step if step in self.steps else None
+
+    # -- operations ----------------------------------------------------------------------------
+    def submit(
+        self, flow: str, hosts: Mapping[str, str], params: Mapping[str, Any] | None = None,
+        subject: str | None = None, *, session: Session | None = None,
+    ) -> str:
+        """Record an operation and queue its first step; returns the operation id.
+
+        Every check comes first, and nothing is recorded or sent if one fails. With
+        ``session`` (from :meth:`transaction`) the operation is recorded in that transaction,
+        with the application's own rows, and its first step is sent once it commits.
+        """
+        spec = self._check_submit(flow, hosts, params, subject)
+        self.routing  # noqa: B018  (validates routing.yaml before anything is recorded)
+        if session is None:
+            with self.db.session() as s:
+                op_id = self._record(s, spec, hosts, params, subject)
+            self._send_first(op_id, spec.plan(hosts)[0])
+            return op_id
+        op_id = self._record(session, spec, hosts, params, subject)
+        first = spec.plan(hosts)[0]
+        event.listen(session, "after_commit", lambda _s: self._send_first(op_id, first),
+                     once=True)
+        return op_id
+
+    def _check_submit(
+        self, flow: str, hosts: Mapping[str, str], params: Mapping[str, Any] | None,
+        subject: str | None,
+    ) -> Flow:
+        self.load_steps()
+        spec = self.flows.get(flow) if isinstance(flow, str) else None
+        if spec is None:
+            raise UnknownFlow(
+                f"unknown flow {flow!r} (known: {', '.join(sorted(self.flows)) or 'none'})"
+                + _suggest(str(flow), self.flows)
+            )
+        if not isinstance(hosts, Mapping):
+            raise SubmitError(f"flow {flow!r}: hosts must map each role to a host")
+        for role in spec.roles:
+            if role not in hosts:
+                raise SubmitError(
+                    f"flow {flow!r}: role {role!r} has no host (given: "
+                    f"{', '.join(sorted(hosts)) or 'none'})"
+                )
+        for role, host in hosts.items():
+            if role not in spec.roles:
+                raise SubmitError(
+                    f"flow {flow!r} has no role {role!r} (roles: {', '.join(spec.roles)})"
+                    + _suggest(str(role), spec.roles)
+                )
+            check_host_name(host, f"flow {flow!r}: role {role!r}")
+        if params is not None and not isinstance(params, Mapping):
+            raise SubmitError(f"flow {flow!r}: params must be a mapping, not "
+                              f"{type(params).__name__}")
+        try:
+            json.dumps(dict(params or {}), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise SubmitError(f"flow {flow!r}: params are not JSON: {exc}") from None
+        if subject is not None and (not isinstance(subject, str) or not subject.strip()):
+            raise SubmitError(f"flow {flow!r}: subject must be a non-empty string or None")
+        return spec
+
+    def _record(
+        self, s: Session, spec: Flow, hosts: Mapping[str, str],
+        params: Mapping[str, Any] | None, subject: str | None,
+    ) -> str:
+        if subject is not None:
+            busy = self.ledger.holder(s, subject)
+            if busy is not None:
+                raise SubjectBusy(
+                    f"subject {subject!r} is busy: operation {busy.id} ({busy.kind}) in progress"
+                )
+        op = Operation(
+            kind=spec.name, subject=subject, holds=subject, plan=spec.plan(hosts),
+            hosts=dict(hosts), params=dict(params or {}), status="queued", position=0,
+            step_state="queued", step_since=time.time(), next_published=False,
+        )
+        s.add(op)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise SubjectBusy(f"subject {subject!r} is busy: another operation was just "
+                              "submitted for it") from None
+        return op.id
+
+    def _send_first(self, op_id: str, first: Sequence[str]) -> None:
+        """Queue the first step; if the broker refuses, the operation is failed, not stuck."""
+        step, host = first
+        try:
+            queue = self.publish_step(op_id, 0, step, host)
+        except Exception as exc:
+            self.ledger.abandon(op_id, f"could not queue {step}@{host}: {exc}")
+            raise BrokerUnavailable(
+                f"could not queue {step} for {host} ({exc}); operation {op_id} abandoned"
+            ) from exc
+        self.ledger.mark_published(op_id, 0, queue)
+
+    def publish_step(self, operation_id: str, position: int, step: str, host: str) -> str:
+        """Send one step to the queue the router picks; returns that queue."""
+        queue = self.router.queue(step, host)
+        self.app.send_task(
+            self.task_name(step),
+            kwargs={"operation_id": operation_id, "position": position, "host": host},
+            task_id=step_task_id(operation_id, position),
+            queue=queue,
+        )
+        return queue
+
+    def advance(self, operation_id: str, nxt: Any) -> None:
+        """Publish the step a ledger transition returned, if any, and record it."""
+        if nxt.next_step is not None and nxt.next_position is not None:
+            step, host = nxt.next_step
+            queue = self.publish_step(operation_id, nxt.next_position, step, host)
+            self.ledger.mark_published(operation_id, nxt.next_position, queue)
+
+    def operation(self, operation_id: str) -> dict[str, Any]:
+        """The operation's status: its steps, where the current one waits, its params."""
+        from orchestrator.views import operation_dict
+
+        return operation_dict(self, operation_id)
+
+    def wait(self, operation_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until the operation ends (completed or failed); its status then.
+        ``TimeoutError`` if it is still in flight after ``timeout`` seconds."""
+        from orchestrator.views import wait_operation
+
+        return wait_operation(self, operation_id, timeout=timeout)
+
+    # -- events and the database -----------------------------------------------------------
+    def transaction(self) -> AbstractContextManager[Session]:
+        """A writing transaction on the ledger's database (also the app's own tables)."""
+        return self.db.session()
+
+    def read(self) -> AbstractContextManager[Session]:
+        return self.db.read()
+
+    def record_event(
+        self, session: Session, key: str, name: str, operation_id: str | None = None,
+        host: str | None = None,
+    ) -> None:
+        """Deliver event ``name`` for ``key`` inside ``session`` (an effect's transaction)."""
+        self.ledger.record_event(session, key, name, operation_id, host)
+
+    def deliver_event(self, key: str, name: str) -> None:
+        """Deliver event ``name`` for ``key`` now, in a transaction of its own."""
+        with self.db.session() as s:
+            self.ledger.record_event(s, key, name)
+
+
+def check_host_name(host: Any, what: str) -> None:
+    """A host must make two usable queue names on both brokers: ``host`` and ``host-alt``."""
+    if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
+        raise SubmitError(
+            f"{what}: host {host!r} cannot be a queue name (letters, digits and . _ : @ + -, "
+            "starting with a letter or digit, at most 200)"
+        )
+    if host.endswith(ALT_SUFFIX):
+        raise SubmitError(f"{what}: host {host!r} ends with {ALT_SUFFIX!r}, the alt queue suffix")
+
+
+def _pool_process_stacks(**kwargs: Any) -> None:
+    from workers.deadline import dump_stacks_on_signal
+
+    dump_stacks_on_signal()
+
+
+def load_app(module: str | None) -> Orchestrator:
+    """The Orchestrator of an application module (``ORCHESTRATOR_APP`` when ``module`` is
+    None): ``package.module`` or ``package.module:attribute``."""
+    name = module or Settings.from_env().app
+    mod_name, _, attr = name.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import application {name!r}: {exc}") from None
+    candidates: list[Any] = [getattr(mod, attr, None)] if attr else list(vars(mod).values())
+    for obj in candidates:
+        if isinstance(obj, Orchestrator):
+            orch = obj
+            break
+        if isinstance(obj, Celery) and isinstance(getattr(obj, "orchestrator", None),
+                                                   Orchestrator):
+            orch = obj.orchestrator
+            break
+    else:
+        raise ConfigError(
+            f"application {name!r} defines no Orchestrator (orch = Orchestrator(app, ...))"
+        )
+    orch.load_steps()
+    return orch

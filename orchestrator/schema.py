@@ -1,0 +1,139 @@
+"""The database schema, managed with Alembic: the engine's tables and an application's own.
+
+Each owner keeps its revisions in a folder of its own, as an Alembic branch with a label
+(the engine's is ``orchestrator``, in ``orchestrator/migrations/versions``; an application
+passes ``Orchestrator(..., migrations=FOLDER)``). The revision a database is at is kept in the
+table :data:`VERSION_TABLE`, not ``alembic_version``, so an application that runs Alembic for
+tables of its own keeps its history apart.
+
+:func:`ensure` runs when a process first touches a database: an empty one (or one where a
+branch was never applied) is brought to the current schema in one transaction, under a lock,
+so the workers of a fleet starting at once do it once; a branch found at an older revision
+stops the process with the command to run (``orchestrator db upgrade``), since an upgrade
+while older processes still run is an operator's decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, MetaData, text
+
+from orchestrator.errors import SchemaError
+
+#: Where the revision of each branch is kept.
+VERSION_TABLE = "orchestrator_schema"
+ENGINE_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+ENGINE_VERSIONS = ENGINE_MIGRATIONS / "versions"
+#: Serialises schema changes between processes on PostgreSQL (SQLite: BEGIN IMMEDIATE).
+_PG_LOCK_KEY = 0x6F72636865737472
+UPGRADE_COMMAND = "orchestrator db upgrade"
+
+
+def _script(locations: Sequence[Path]):
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(
+        str(ENGINE_MIGRATIONS),
+        version_locations=[str(ENGINE_VERSIONS), *(str(p) for p in locations)],
+    )
+
+
+def _context(conn: Connection, script, fn=None):
+    from alembic.runtime.migration import MigrationContext
+
+    opts = {"version_table": VERSION_TABLE, "script": script}
+    if fn is not None:
+        opts["fn"] = fn
+    return MigrationContext.configure(conn, opts=opts)
+
+
+@contextmanager
+def _locked(engine: Engine):
+    """A transaction that holds the schema lock until it ends."""
+    with engine.begin() as conn:  # SQLite: our write engine begins IMMEDIATE (a write lock)
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        yield conn
+
+
+def status(conn: Connection, locations: Sequence[Path]) -> dict[str, object]:
+    """Where the database stands: current revisions, the code's heads, what is behind."""
+    script = _script(locations)
+    current = set(_context(conn, script).get_current_heads())
+    heads = set(script.get_heads())
+    behind, unknown = [], []
+    for rev in sorted(current - heads):
+        (behind if _known(script, rev) else unknown).append(rev)
+    missing = sorted(heads - {_head_of(script, rev) for rev in current})
+    return {"current": sorted(current), "heads": sorted(heads), "behind": behind,
+            "unknown": unknown, "missing": missing}
+
+
+def _known(script, rev: str) -> bool:
+    try:
+        return script.get_revision(rev) is not None
+    except Exception:
+        return False
+
+
+def _head_of(script, rev: str) -> str | None:
+    """The head of the branch ``rev`` belongs to (None if ``rev`` is unknown)."""
+    if not _known(script, rev):
+        return None
+    for head in script.get_heads():
+        if rev == head or any(r.revision == rev for r in script.iterate_revisions(head, "base")):
+            return head
+    return None
+
+
+def _upgrade(conn: Connection, locations: Sequence[Path]) -> list[str]:
+    from alembic.operations import Operations
+
+    script = _script(locations)
+    applied: list[str] = []
+
+    def fn(rev, context):
+        steps = script._upgrade_revs("heads", tuple(r for r in rev if _known(script, r)))
+        applied.extend(str(s.revision.revision) for s in steps)
+        return steps
+
+    ctx = _context(conn, script, fn)
+    with Operations.context(ctx):
+        ctx.run_migrations()
+    return applied
+
+
+def ensure(engine: Engine, locations: Sequence[Path]) -> None:
+    """Bring a new database (or a branch never applied) to the current schema; refuse one
+    where a branch is at an older revision, naming the command to run."""
+    with _locked(engine) as conn:
+        state = status(conn, locations)
+        # A revision this code does not know is another application's branch (several apps
+        # may share a ledger): not ours to judge.
+        if state["behind"]:
+            raise SchemaError(
+                f"database {engine.url.render_as_string(hide_password=True)} has an older "
+                f"schema (revision {', '.join(state['behind'])}; this code needs "
+                f"{', '.join(state['heads'])}): run `{UPGRADE_COMMAND}`"
+            )
+        if state["missing"]:
+            _upgrade(conn, locations)
+
+
+def upgrade(engine: Engine, locations: Sequence[Path]) -> dict[str, object]:
+    """``orchestrator db upgrade``: every branch to its head. Returns what was applied."""
+    with _locked(engine) as conn:
+        before = status(conn, locations)
+        applied = _upgrade(conn, locations)
+        after = status(conn, locations)
+    return {"before": before["current"], "applied": applied, "current": after["current"]}
+
+
+def drop_everything(engine: Engine) -> None:
+    """Drop every table of the database (tests on a shared PostgreSQL database)."""
+    meta = MetaData()
+    meta.reflect(engine)
+    meta.drop_all(engine)

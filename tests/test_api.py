@@ -1,0 +1,166 @@
+"""The public API's guard rails: each mistake is one clear error naming its culprit, raised
+when the app is defined or at submit, and nothing is recorded or sent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from orchestrator import (
+    DefinitionError,
+    Orchestrator,
+    RoutingError,
+    SubjectBusy,
+    SubmitError,
+    UnknownFlow,
+)
+from orchestrator.broker import queue_depths
+from orchestrator.cli import main as cli
+from orchestrator.models import Operation
+
+ROUTING = """\
+steps:
+  prepare:
+    queue: main
+    reason: new work
+  copy:
+    queue: alt
+    reason: started work
+"""
+
+
+@pytest.fixture
+def orch(tmp_path: Path, broker: str, db_url: str) -> Orchestrator:
+    (tmp_path / "routing.yaml").write_text(ROUTING)
+    app = Celery("api-test", broker=broker)
+    orch = Orchestrator(app, routing=tmp_path / "routing.yaml")
+
+    @orch.step
+    def prepare(ctx) -> None:
+        return None
+
+    @orch.step
+    def copy(ctx) -> dict:
+        return {"copied": True}
+
+    orch.flow("sync", [("prepare", "dest"), ("copy", "source")])
+    return orch
+
+
+def recorded(orch: Orchestrator) -> int:
+    with orch.read() as s:
+        return s.execute(select(func.count(Operation.id))).scalar_one()
+
+
+def sent(orch: Orchestrator) -> int:
+    queues = [q for h in ("n1", "n2") for q in (h, f"{h}-alt")]
+    return sum(queue_depths(orch.app, queues).values())
+
+
+def submit(orch: Orchestrator, **overrides):
+    kwargs = {"hosts": {"source": "n1", "dest": "n2"}, "params": {"volume": "v1"},
+              "subject": "v1", **overrides}
+    return orch.submit(overrides.pop("flow", "sync"), **{k: v for k, v in kwargs.items()
+                                                         if k != "flow"})
+
+
+def test_a_good_submit_records_and_sends_one_step(orch: Orchestrator) -> None:
+    op_id = submit(orch)
+    data = orch.operation(op_id)
+    assert (data["kind"], data["subject"], data["status"]) == ("sync", "v1", "queued")
+    assert data["current_step"]["queue"] == "n2"
+    assert data["plan"] == [{"step": "prepare", "host": "n2"}, {"step": "copy", "host": "n1"}]
+    assert (recorded(orch), sent(orch)) == (1, 1)
+
+
+def test_flow_naming_an_unregistered_step(orch: Orchestrator) -> None:
+    with pytest.raises(DefinitionError, match=r"flow 'bad': step 'cpy' is not registered "
+                                              r"\(@orch.step\); did you mean 'copy'\?"):
+        orch.flow("bad", [("prepare", "dest"), ("cpy", "source")])
+    with pytest.raises(DefinitionError, match="rollback_on names 'copy', which is not one"):
+        orch.flow("bad", [("prepare", "dest")], rollback=[("copy", "dest")],
+                  rollback_on=["copy"])
+    with pytest.raises(DefinitionError, match="flow 'sync' is defined twice"):
+        orch.flow("sync", [("prepare", "dest")])
+
+
+def test_a_second_orchestrator_on_the_same_app(orch: Orchestrator) -> None:
+    with pytest.raises(DefinitionError, match="already has an Orchestrator"):
+        Orchestrator(orch.app)
+
+
+def test_registered_step_missing_from_routing(orch: Orchestrator) -> None:
+    @orch.step
+    def verify(ctx) -> None:
+        return None
+
+    orch.flow("checked", [("prepare", "dest"), ("verify", "dest")])
+    with pytest.raises(RoutingError, match=r"routing.yaml:2: steps: no route for step\(s\) "
+                                           "verify"):
+        orch.submit("checked", hosts={"dest": "n2"})
+    assert (recorded(orch), sent(orch)) == (0, 0)
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    ({"flow": "synk"}, UnknownFlow, "unknown flow 'synk' (known: sync); did you mean 'sync'?"),
+    ({"hosts": {"source": "n1"}}, SubmitError,
+     "flow 'sync': role 'dest' has no host (given: source)"),
+    ({"hosts": {"source": "n1", "dest": "n2", "dst": "n3"}}, SubmitError,
+     "flow 'sync' has no role 'dst' (roles: dest, source); did you mean 'dest'?"),
+    ({"hosts": {"source": "n1", "dest": "node 2"}}, SubmitError,
+     "flow 'sync': role 'dest': host 'node 2' cannot be a queue name"),
+    ({"hosts": {"source": "n1-alt", "dest": "n2"}}, SubmitError,
+     "flow 'sync': role 'source': host 'n1-alt' ends with '-alt', the alt queue suffix"),
+    ({"params": {"when": object()}}, SubmitError, "flow 'sync': params are not JSON"),
+    ({"params": {"ratio": float("nan")}}, SubmitError, "flow 'sync': params are not JSON"),
+    ({"subject": ""}, SubmitError, "subject must be a non-empty string or None"),
+])
+def test_bad_submits_are_refused_and_nothing_is_sent(
+    orch: Orchestrator, overrides: dict, error: type, message: str,
+) -> None:
+    with pytest.raises(error) as info:
+        submit(orch, **overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert (recorded(orch), sent(orch)) == (0, 0)
+
+
+def test_a_busy_subject_is_refused(orch: Orchestrator) -> None:
+    first = submit(orch)
+    with pytest.raises(SubjectBusy, match=f"subject 'v1' is busy: operation {first} \\(sync\\)"):
+        submit(orch, hosts={"source": "n2", "dest": "n1"})
+    other = submit(orch, subject="v2")  # another subject is free
+    no_subject = submit(orch, subject=None)
+    assert (recorded(orch), sent(orch)) == (3, 3)
+    assert len({first, other, no_subject}) == 3
+
+
+def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "sync_app.py"
+    module.write_text("from tests.test_api import ORCH\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("tests.test_api.ORCH", orch, raising=False)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--app", "sync_app:ORCH", "submit", "sync", "--host",
+                                 "source=n1", "--host", "dest=n2", "--param", "volume=v7",
+                                 "--param", "size=3", "--subject", "v7", "--json"])
+    assert result.exit_code == 0, result.output
+    op_id = json.loads(result.output)["operation"]
+    data = orch.operation(op_id)
+    assert data["params"] == {"volume": "v7", "size": 3} and data["subject"] == "v7"
+    result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id, "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["kind"] == "sync"
+    result = runner.invoke(cli, ["--app", "sync_app:ORCH", "submit", "sync", "--host",
+                                 "source=n1", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.output) == {"error": "flow 'sync': role 'dest' has no host "
+                                                  "(given: source)"}
+    result = runner.invoke(cli, ["--app", "no_such_module", "hosts"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: cannot import application 'no_such_module'")
+    assert (recorded(orch), sent(orch)) == (1, 1)

@@ -1,0 +1,128 @@
+"""The engine is a library: it imports nothing of an application, no module is in an import
+cycle, and importing any engine module has no side effect (no app, no file, no patch)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE = ("orchestrator", "workers")
+APPLICATIONS = ("nova_app", "examples")
+PACKAGES = ENGINE + APPLICATIONS
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            if "migrations" not in path.parts:
+                found[_module_name(path)] = path
+    return found
+
+
+def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
+    """Project modules that ``path`` imports (at module level only, or anywhere)."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def test_the_engine_imports_nothing_of_an_application() -> None:
+    offenders = {
+        name: sorted(i for i in _imports(path, name, top_level_only=False)
+                     if i.split(".")[0] in APPLICATIONS)
+        for name, path in _modules().items() if name.split(".")[0] in ENGINE
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_module_is_in_an_import_cycle() -> None:
+    modules = _modules()
+    graph = {
+        name: {i for i in _imports(path, name, top_level_only=True) if i in modules}
+        for name, path in modules.items()
+    }
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+    print(f"import graph: {len(graph)} modules, {sum(map(len, graph.values()))} edges, "
+          "no cycle")
+
+
+PROBE = r"""
+import json, logging, sys
+opened = []
+def audit(event, args):
+    if event == "open" and isinstance(args[0], str):
+        path = args[0]
+        if not path.endswith((".py", ".pyc", ".so", ".pth")) and "/lib/python" not in path \
+                and "__pycache__" not in path and not path.startswith("/proc/") \
+                and not path.endswith((".json", ".txt")) and "site-packages" not in path \
+                and not path.startswith("/usr/share/zoneinfo") and "__editable__" not in path:
+            opened.append(path)
+sys.addaudithook(audit)
+import importlib
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+import celery._state
+from kombu.transport import redis as redis_transport
+from celery.worker.control import Panel
+print(json.dumps({
+    "apps": len(celery._state._apps),
+    "kombu_patched": getattr(redis_transport.QoS.restore_unacked, "_orchestrator_guard", False),
+    "log_filters": len(logging.getLogger("celery.app.trace").filters),
+    "drain_command": "drain" in Panel.data,
+    "opened": opened,
+}))
+"""
+
+
+def test_importing_the_engine_has_no_side_effect() -> None:
+    engine = sorted(n for n in _modules() if n.split(".")[0] in ENGINE)
+    for first in ("workers.drain", "orchestrator"):  # each in a fresh interpreter
+        proc = subprocess.run([sys.executable, "-c", PROBE, first], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", PROBE, *engine], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "apps": 0, "kombu_patched": False, "log_filters": 0, "drain_command": False,
+        "opened": [],
+    }, f"importing {len(engine)} engine modules"
