@@ -26,7 +26,6 @@ not imported, so this module imports nothing that runs in a worker.
 from __future__ import annotations
 
 import difflib
-import importlib
 import json
 import re
 import time
@@ -579,8 +578,12 @@ def load_app(module: str | None) -> Orchestrator:
     None): ``package.module`` or ``package.module:attribute``."""
     name = module or Settings.from_env().app
     mod_name, _, attr = name.partition(":")
+    from celery.utils.imports import import_from_cwd
+
     try:
-        mod = importlib.import_module(mod_name)
+        # As `celery -A`: the current directory is searched first (a console script's
+        # sys.path does not hold it).
+        mod = import_from_cwd(mod_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import application {name!r}: {exc}") from None
     candidates: list[Any] = [getattr(mod, attr, None)] if attr else list(vars(mod).values())
