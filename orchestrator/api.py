@@ -420,14 +420,21 @@ class Orchestrator:
         with the application's own rows, and its first step is sent once it commits.
         """
         spec = self._check_submit(flow, hosts, params, subject)
-        self.routing  # noqa: B018  (validates routing.yaml before anything is recorded)
-        if session is None:
-            with self.db.session() as s:
-                op_id = self._record(s, spec, hosts, params, subject)
-            self._send_first(op_id, spec.plan(hosts)[0])
-            return op_id
-        op_id = self._record(session, spec, hosts, params, subject)
         first = spec.plan(hosts)[0]
+        if session is None:
+            # Route first (no transaction open: a fallback is counted in a write of its own),
+            # then one transaction records the operation with its first step as sent, and one
+            # publish sends it.
+            queue = self.router.queue(*first)
+            with self.db.session() as s:
+                op_id = self._record(s, spec, hosts, params, subject, queue=queue)
+            try:
+                self.send_step(op_id, 0, first[0], first[1], queue)
+            except Exception as exc:
+                self._abandon(op_id, first, exc)
+            return op_id
+        self.routing  # noqa: B018  (validates routing.yaml before anything is recorded)
+        op_id = self._record(session, spec, hosts, params, subject)
         event.listen(session, "after_commit", lambda _s: self._send_first(op_id, first),
                      once=True)
         return op_id
@@ -471,7 +478,7 @@ class Orchestrator:
 
     def _record(
         self, s: Session, spec: Flow, hosts: Mapping[str, str],
-        params: Mapping[str, Any] | None, subject: str | None,
+        params: Mapping[str, Any] | None, subject: str | None, queue: str | None = None,
     ) -> str:
         if subject is not None:
             busy = self.ledger.holder(s, subject)
@@ -482,7 +489,8 @@ class Orchestrator:
         op = Operation(
             kind=spec.name, subject=subject, holds=subject, plan=spec.plan(hosts),
             hosts=dict(hosts), params=dict(params or {}), status="queued", position=0,
-            step_state="queued", step_since=time.time(), next_published=False,
+            step_state="queued", step_since=time.time(), next_published=queue is not None,
+            queue=queue,
         )
         s.add(op)
         try:
@@ -490,6 +498,7 @@ class Orchestrator:
         except IntegrityError:
             raise SubjectBusy(f"subject {subject!r} is busy: another operation was just "
                               "submitted for it") from None
+        self.ledger.index_hosts(s, op, new=True)
         return op.id
 
     def _send_first(self, op_id: str, first: Sequence[str]) -> None:
@@ -498,29 +507,48 @@ class Orchestrator:
         try:
             queue = self.publish_step(op_id, 0, step, host)
         except Exception as exc:
-            self.ledger.abandon(op_id, f"could not queue {step}@{host}: {exc}")
-            raise BrokerUnavailable(
-                f"could not queue {step} for {host} ({exc}); operation {op_id} abandoned"
-            ) from exc
+            self._abandon(op_id, first, exc)
         self.ledger.mark_published(op_id, 0, queue)
+
+    def _abandon(self, op_id: str, first: Sequence[str], exc: Exception) -> None:
+        step, host = first
+        self.ledger.abandon(op_id, f"could not queue {step}@{host}: {exc}")
+        raise BrokerUnavailable(
+            f"could not queue {step} for {host} ({exc}); operation {op_id} abandoned"
+        ) from exc
 
     def publish_step(self, operation_id: str, position: int, step: str, host: str) -> str:
         """Send one step to the queue the router picks; returns that queue."""
         queue = self.router.queue(step, host)
+        self.send_step(operation_id, position, step, host, queue)
+        return queue
+
+    def send_step(
+        self, operation_id: str, position: int, step: str, host: str, queue: str
+    ) -> None:
+        """Publish one step's message to ``queue`` (already chosen by the router)."""
         self.app.send_task(
             self.task_name(step),
             kwargs={"operation_id": operation_id, "position": position, "host": host},
             task_id=step_task_id(operation_id, position),
             queue=queue,
         )
-        return queue
 
     def advance(self, operation_id: str, nxt: Any) -> None:
-        """Publish the step a ledger transition returned, if any, and record it."""
-        if nxt.next_step is not None and nxt.next_position is not None:
-            step, host = nxt.next_step
+        """Publish the step a ledger transition returned, if any, and record it (unless the
+        transition already recorded where it goes: ``nxt.queue``)."""
+        if nxt.next_step is None or nxt.next_position is None:
+            return
+        step, host = nxt.next_step
+        if nxt.queue is None:
             queue = self.publish_step(operation_id, nxt.next_position, step, host)
             self.ledger.mark_published(operation_id, nxt.next_position, queue)
+            return
+        try:
+            self.send_step(operation_id, nxt.next_position, step, host, nxt.queue)
+        except Exception:
+            self.ledger.unpublish(operation_id, nxt.next_position)
+            raise
 
     def operation(self, operation_id: str) -> dict[str, Any]:
         """The operation's status: its steps, where the current one waits, its params."""

@@ -26,10 +26,16 @@ class Operation(Base):
     """One request, run as a plan of steps; ``position`` is the step queued or running."""
 
     __tablename__ = "operations"
-    __table_args__ = (Index("ix_operations_status", "status"),)
+    __table_args__ = (
+        Index("ix_operations_status", "status"),
+        Index("ix_operations_current_host", "current_host", "status", "step_state"),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     #: The flow's name.
     kind: Mapped[str] = mapped_column(String(64))
+    #: The host of the step at ``position`` (None once the plan is done): what a worker's
+    #: periodic lookups (event waits, stranded steps) select on, through an index.
+    current_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     #: What must not run two operations at once (an instance, a volume...), or None.
     subject: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
     #: ``subject`` while the operation is in flight, None once it ended: the unique index is
@@ -73,6 +79,18 @@ class Operation(Base):
 
     def remaining_hosts(self) -> set[str]:
         return {host for _, host in self.plan[self.position :]}
+
+
+class OperationHost(Base):
+    """A host an operation's plan names, and the last position it has there: the operation
+    still needs ``host`` while its ``position`` is at most ``last_position``. Lets a draining
+    worker ask for its own host's operations through an index, not scan the fleet's."""
+
+    __tablename__ = "operation_hosts"
+    __table_args__ = (Index("ix_operation_hosts_host", "host", "last_position"),)
+    operation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_position: Mapped[int] = mapped_column(Integer)
 
 
 class Event(Base):

@@ -17,13 +17,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Database
 from orchestrator.errors import StepMismatch, UnknownOperation
 from orchestrator.flows import Flow
-from orchestrator.models import Event, Operation, StepRecord
+from orchestrator.models import Event, Operation, OperationHost, StepRecord
 
 __all__ = ["ACTIVE_STATUSES", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
@@ -57,6 +57,11 @@ class StepStart:
     subject: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     hosts: dict[str, str] = field(default_factory=dict)
+    #: With outcome "run" from begin_step: the plan's next step, if the step succeeds.
+    following: tuple[str, str] | None = None
+    #: The queue the next step was recorded as sent to, in the transaction that advanced the
+    #: operation (the caller then publishes it there); None: publish and record it after.
+    queue: str | None = None
 
 
 class Ledger:
@@ -82,6 +87,21 @@ class Ledger:
                 StepRecord.operation_id == op.id, StepRecord.position == position
             )
         ).scalar_one_or_none()
+
+    @staticmethod
+    def index_hosts(s: Session, op: Operation, replan: bool = True, new: bool = False) -> None:
+        """Keep the per-host lookups of ``op`` in step with its plan and position: its
+        current host, and (``replan``: a new or changed plan) every host it names."""
+        op.current_host = op.current[1] if op.current is not None else None
+        if not replan:
+            return
+        if not new:
+            s.execute(delete(OperationHost).where(OperationHost.operation_id == op.id))
+        last: dict[str, int] = {}
+        for index, (_, host) in enumerate(op.plan):
+            last[host] = index
+        s.add_all(OperationHost(operation_id=op.id, host=host, last_position=position)
+                  for host, position in last.items())
 
     @staticmethod
     def holder(s: Session, subject: str) -> Operation | None:
@@ -112,23 +132,32 @@ class Ledger:
                 s.add(rec)
             rec.status, rec.worker, rec.started_at = "running", worker, time.time()
             rec.attempts = (rec.attempts or 0) + 1
+            following = op.plan[position + 1] if position + 1 < len(op.plan) else None
             return StepStart("run", attempt=rec.attempts, kind=op.kind, subject=op.subject,
-                             params=dict(op.params or {}), hosts=dict(op.hosts or {}))
+                             params=dict(op.params or {}), hosts=dict(op.hosts or {}),
+                             following=tuple(following) if following else None)
 
     def complete_step(
         self, operation_id: str, position: int, effect: Effect = no_effect,
-        output: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None, next_queue: str | None = None,
     ) -> StepStart:
-        """Apply the step's effect and output and advance; returns what to publish next."""
+        """Apply the step's effect and output and advance; returns what to publish next.
+
+        With ``next_queue`` (where the router sends the plan's next step) the next step is
+        recorded as sent there in this same transaction, and the caller publishes it after the
+        commit: one write per executed step besides :meth:`begin_step`. If that publish
+        fails, :meth:`unpublish` puts it back to "not sent" (the retried step sends it again);
+        if the process dies in between, the stranded-step resend sends it.
+        """
         with self.db.session() as s:
             op = self.locked(s, operation_id)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return StepStart("duplicate")
-            return self._complete(s, op, position, effect, output)
+            return self._complete(s, op, position, effect, output, next_queue)
 
     def _complete(
         self, s: Session, op: Operation, position: int, effect: Effect,
-        output: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None, next_queue: str | None = None,
     ) -> StepStart:
         if output:
             op.params = {**(op.params or {}), **output}
@@ -140,15 +169,26 @@ class Ledger:
         op.position, op.wait = position + 1, None
         op.next_published = False
         if op.current is None:  # the plan is done; after a rollback the operation failed
-            self._end(op, "failed" if op.error else "completed")
+            self._end(s, op, "failed" if op.error else "completed")
             return StepStart("duplicate")
+        self.index_hosts(s, op, replan=False)
         op.step_state, op.step_since = "queued", time.time()
-        return StepStart("run", op.current, op.position)
+        if next_queue is not None:
+            op.next_published, op.queue = True, next_queue
+        return StepStart("run", op.current, op.position, queue=next_queue)
 
-    @staticmethod
-    def _end(op: Operation, status: str) -> None:
+    def _end(self, s: Session, op: Operation, status: str) -> None:
         op.status, op.finished_at, op.next_published = status, time.time(), True
-        op.holds = None
+        op.holds, op.current_host = None, None
+        s.execute(delete(OperationHost).where(OperationHost.operation_id == op.id))
+
+    def unpublish(self, operation_id: str, position: int) -> None:
+        """The next step recorded as sent could not be published: mark it "not sent", so a
+        redelivery of the step before it sends it again (the "republish" outcome)."""
+        with self.db.session() as s:
+            op = self.locked(s, operation_id)
+            if op.position == position and op.step_state == "queued":
+                op.next_published = False
 
     def mark_published(self, operation_id: str, position: int, queue: str) -> None:
         with self.db.session() as s:
@@ -183,11 +223,12 @@ class Ledger:
         op.error = error if op.error is None else f"{op.error}; then {error}"
         op.wait = None
         if not rollback:
-            self._end(op, "failed")
+            self._end(s, op, "failed")
             return StepStart("duplicate")
         op.plan = op.plan[: position + 1] + rollback
         op.position, op.step_state, op.next_published = position + 1, "queued", False
         op.step_since = time.time()
+        self.index_hosts(s, op)
         return StepStart("run", op.current, op.position)
 
     # -- event waits -----------------------------------------------------------------------
@@ -223,12 +264,10 @@ class Ledger:
         deadline. Returns ``(operation_id, next)`` for each, for the caller to publish."""
         settled: list[tuple[str, StepStart]] = []
         with self.db.read() as s:
-            candidates = [
-                op.id for op in s.execute(select(Operation).where(
-                    Operation.status.in_(ACTIVE_STATUSES), Operation.step_state == "waiting",
-                )).scalars()
-                if op.current is not None and op.current[1] == host
-            ]
+            candidates = s.execute(select(Operation.id).where(
+                Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
+                Operation.step_state == "waiting",
+            )).scalars().all()
         for operation_id in candidates:
             with self.db.session() as s:
                 op = self.locked(s, operation_id)
@@ -268,12 +307,13 @@ class Ledger:
         now = time.time()
         with self.db.read() as s:
             ops = s.execute(select(Operation).where(
-                Operation.status.in_(ACTIVE_STATUSES), Operation.step_state == "queued"
+                Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
+                Operation.step_state == "queued",
+                Operation.step_since < now - min(queued_after, unpublished_after),
             )).scalars().all()
         return [
             op for op in ops
-            if op.current is not None and op.current[1] == host
-            and now - op.step_since > (queued_after if op.next_published else unpublished_after)
+            if now - op.step_since > (queued_after if op.next_published else unpublished_after)
         ]
 
     def claim_resend(self, operation_id: str, position: int, step_since: float) -> bool:
@@ -293,7 +333,7 @@ class Ledger:
                 return False
             effect(s, op)
             op.error = error
-            self._end(op, "failed")
+            self._end(s, op, "failed")
             return True
 
     # -- queries -----------------------------------------------------------------------------
@@ -302,11 +342,28 @@ class Ledger:
     ) -> list[Operation]:
         """Operations in flight with a step left to run on ``host`` (current one included)."""
         with self.db.read() as s:
-            query = select(Operation).where(Operation.status.in_(ACTIVE_STATUSES))
+            query = select(Operation).join(
+                OperationHost, OperationHost.operation_id == Operation.id
+            ).where(
+                OperationHost.host == host, OperationHost.last_position >= Operation.position,
+                Operation.status.in_(ACTIVE_STATUSES),
+            )
             if created_before is not None:
                 query = query.where(Operation.created_at <= created_before)
-            ops = s.execute(query.order_by(Operation.created_at)).scalars().all()
-            return [op for op in ops if host in op.remaining_hosts()]
+            return list(s.execute(query.order_by(Operation.created_at)).scalars().all())
+
+    def in_flight_by_host(self) -> dict[str, int]:
+        """Operations in flight that still need each host (one grouped, indexed query)."""
+        with self.db.read() as s:
+            rows = s.execute(
+                select(OperationHost.host, func.count()).join(
+                    Operation, OperationHost.operation_id == Operation.id
+                ).where(
+                    OperationHost.last_position >= Operation.position,
+                    Operation.status.in_(ACTIVE_STATUSES),
+                ).group_by(OperationHost.host)
+            ).all()
+        return {host: count for host, count in rows}
 
     def step_workers(self, operations: list[Operation]) -> dict[str, str | None]:
         """The worker (Celery hostname) that last started each operation's current step."""

@@ -13,7 +13,6 @@ from orchestrator.broker import queue_depths
 from orchestrator.errors import UnknownOperation
 from orchestrator.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
-from orchestrator.state import ACTIVE_STATUSES
 
 
 def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
@@ -112,14 +111,7 @@ def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
     mode = orch.settings.alt_routing
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
-    with orch.db.read() as s:
-        active = s.execute(
-            select(Operation).where(Operation.status.in_(ACTIVE_STATUSES))
-        ).scalars().all()
-        in_flight: dict[str, int] = {}
-        for op in active:
-            for host in op.remaining_hosts():
-                in_flight[host] = in_flight.get(host, 0) + 1
+    in_flight = orch.ledger.in_flight_by_host()
     known = sorted({v.host for v in views})
     depths = (
         queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])

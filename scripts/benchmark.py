@@ -99,6 +99,89 @@ def noop(**kwargs):
 '''
 
 
+FLOW_MODULE = "benchflow_app"
+FLOW_HOSTS = ("benchflowa", "benchflowb")  # roles a and b; queues <host> and <host>-alt
+FLOW_COUNTER_KEY = "bench:flow:done"
+FLOW_ROUTING = """\
+steps:
+  prep: {queue: main, reason: nothing started (as prep_resize)}
+  move: {queue: alt, reason: started (as resize_instance)}
+  finish: {queue: alt, reason: started (as finish_resize)}
+"""
+FLOW_APP_SOURCE = '''\
+"""Three steps over two hosts, the shape of a resize: prep (b), move (a), finish (b)."""
+import os
+
+from celery import Celery
+
+from orchestrator import Orchestrator
+
+app = Celery("benchflow")
+orch = Orchestrator(app, routing=os.environ["BENCH_FLOW_ROUTING"])
+
+
+@orch.step
+def prep(ctx):
+    return None
+
+
+@orch.step
+def move(ctx):
+    return None
+
+
+@orch.step
+def finish(ctx):
+    return None
+
+
+orch.flow("three", [("prep", "b"), ("move", "a"), ("finish", "b")])
+'''
+PLAIN_FLOW_SOURCE = '''\
+"""Plain Celery doing the same work: three tasks over the same two queues, each sending the
+next (as a chain would), with the same no-loss settings; the last one counts."""
+import os
+
+import redis
+from celery import Celery
+
+BROKER_URL = os.environ["BENCH_BROKER_URL"]
+A, B = os.environ["BENCH_FLOW_PLAIN_HOSTS"].split(",")
+
+app = Celery("benchplainflow", broker=BROKER_URL)
+app.conf.update(
+    task_serializer="json", accept_content=["json"], result_serializer="json",
+    task_ignore_result=True, task_acks_late=True, task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1, broker_transport_options={"visibility_timeout": 3600.0},
+    broker_connection_retry_on_startup=True, task_create_missing_queues=True,
+    task_default_queue="benchplainflow-default", task_default_delivery_mode="persistent",
+)
+_client = None
+
+
+@app.task(name="bench.prep")
+def prep(operation_id, position, host):
+    app.send_task("bench.move", kwargs={"operation_id": operation_id, "position": 1,
+                  "host": A}, task_id=f"{operation_id}.1", queue=A + "-alt")
+
+
+@app.task(name="bench.move")
+def move(operation_id, position, host):
+    app.send_task("bench.finish", kwargs={"operation_id": operation_id, "position": 2,
+                  "host": B}, task_id=f"{operation_id}.2", queue=B + "-alt")
+
+
+@app.task(name="bench.finish")
+def finish(operation_id, position, host):
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(BROKER_URL)
+    _client.incr("bench:flow:done")
+'''
+PLAIN_FLOW_MODULE = "benchplainflow_app"
+PLAIN_FLOW_HOSTS = ("benchplaina", "benchplainb")
+
+
 @dataclass(frozen=True)
 class Config:
     mode: str
@@ -108,10 +191,17 @@ class Config:
     e2e_reps: int
     drain_reps: int
     concurrency: int = 2
+    flow_n: int = 100
+    flow_reps: int = 3
+    #: Operations in flight per host for the ledger lookups, and the fleet sizes compared.
+    ledger_per_host: int = 100
+    ledger_hosts: tuple[int, ...] = (2, 50)
 
 
-QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, drain_reps=3)
-FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3)
+QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, drain_reps=3,
+               flow_n=40, flow_reps=3)
+FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3,
+              flow_n=150, flow_reps=3)
 
 
 @dataclass
@@ -533,6 +623,180 @@ class Bench:
             "ours_detail": ours, "plain_detail": plain,
         }
 
+    # -- 2b. three-step flows over two hosts -----------------------------------------------
+    def _flow_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tmp), str(REPO_ROOT),
+                                                        os.environ.get("PYTHONPATH")])),
+        }
+
+    def _spawn(self, app_module: str, host: str, label: str) -> subprocess.Popen:
+        log_path = self.log_dir / f"{label}-{host}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-n", f"{host}@%h",
+               "-Q", f"{host},{host}-alt", "-c", str(self.config.concurrency), "-l", "info",
+               "--without-mingle", "--without-gossip"]
+        with log_path.open("w") as out:
+            proc = self.processes.track(subprocess.Popen(
+                cmd, cwd=self.tmp, env=self._flow_env(), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            ))
+        wait_log(proc, log_path, " ready.", timeout=60)
+        self.processes.note_children(proc)
+        return proc
+
+    def flow(self) -> None:
+        """N three-step operations over two hosts (a resize's shape) against the same three
+        tasks in plain Celery over the same two kinds of queues, each step sending the next."""
+        import importlib
+
+        n, reps = self.config.flow_n, self.config.flow_reps
+        log(f"[flow] {n} three-step operations over two hosts x {reps} repetitions")
+        (self.tmp / "flow-routing.yaml").write_text(FLOW_ROUTING)
+        (self.tmp / f"{FLOW_MODULE}.py").write_text(FLOW_APP_SOURCE)
+        (self.tmp / f"{PLAIN_FLOW_MODULE}.py").write_text(PLAIN_FLOW_SOURCE)
+        os.environ["BENCH_FLOW_ROUTING"] = str(self.tmp / "flow-routing.yaml")
+        os.environ["BENCH_FLOW_PLAIN_HOSTS"] = ",".join(PLAIN_FLOW_HOSTS)
+        orch = importlib.import_module(FLOW_MODULE).orch
+        plain_app = importlib.import_module(PLAIN_FLOW_MODULE).app
+        for host in FLOW_HOSTS:  # registered as current services, as their workers will be
+            orch.registry.register(f"{host}@bench", host, consumes_main=True,
+                                   consumes_alt=True, pid=os.getpid())
+        a, b = FLOW_HOSTS
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+
+        def ours_batch(count: int) -> dict[str, float]:
+            before = self._op_counts(conn).get("completed", 0)
+            start = time.monotonic()
+            for _ in range(count):
+                orch.submit("three", hosts={"a": a, "b": b})
+            submitted = time.monotonic()
+            end = poll_until(lambda: self._op_counts(conn).get("completed", 0) - before
+                             >= count, timeout=120 + count, what=f"{count} flows",
+                             interval=0.01)
+            return {"seconds": end - start, "submit_seconds": submitted - start,
+                    "ops_per_second": count / (end - start)}
+
+        def plain_batch(count: int) -> dict[str, float]:
+            self.redis.set(FLOW_COUNTER_KEY, 0)
+            start = time.monotonic()
+            for _ in range(count):
+                op = str(uuid.uuid4())
+                plain_app.send_task("bench.prep", kwargs={"operation_id": op, "position": 0,
+                                    "host": PLAIN_FLOW_HOSTS[1]}, task_id=f"{op}.0",
+                                    queue=PLAIN_FLOW_HOSTS[1])
+            submitted = time.monotonic()
+            end = poll_until(lambda: int(self.redis.get(FLOW_COUNTER_KEY) or 0) >= count,
+                             timeout=120 + count, what=f"{count} plain flows", interval=0.01)
+            return {"seconds": end - start, "submit_seconds": submitted - start,
+                    "ops_per_second": count / (end - start)}
+
+        samples: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
+        for name, module, hosts, batch in (
+            ("ours", FLOW_MODULE, FLOW_HOSTS, ours_batch),
+            ("plain", PLAIN_FLOW_MODULE, PLAIN_FLOW_HOSTS, plain_batch),
+        ):
+            procs = [self._spawn(module, host, name) for host in hosts]
+            try:
+                batch(max(2, n // 10))  # warm-up
+                for rep in range(reps):
+                    sample = batch(n)
+                    samples[name].append(sample)
+                    log(f"  {name} rep {rep + 1}: {sample['ops_per_second']:.1f} ops/s "
+                        f"(submitting {sample['submit_seconds'] / n * 1e3:.2f} ms/op)")
+            finally:
+                for proc in procs:
+                    code = self.stop(proc, f"{name} flow worker")
+                    if code not in (0, None):
+                        self.run.problem(f"{name} flow worker exited {code} after SIGTERM")
+        conn.close()
+        ours_ops = median([x["ops_per_second"] for x in samples["ours"]])
+        plain_ops = median([x["ops_per_second"] for x in samples["plain"]])
+        self.run.results["flow"] = {
+            "operations": n, "repetitions": reps, "steps_per_operation": 3,
+            "unit": "operations per second", "ours": ours_ops, "plain": plain_ops,
+            "ours_samples": [x["ops_per_second"] for x in samples["ours"]],
+            "plain_samples": [x["ops_per_second"] for x in samples["plain"]],
+            "ours_submit_ms_per_op": median(
+                [x["submit_seconds"] for x in samples["ours"]]) / n * 1e3,
+            "plain_submit_ms_per_op": median(
+                [x["submit_seconds"] for x in samples["plain"]]) / n * 1e3,
+            "ratio_ours_over_plain": ratio(ours_ops, plain_ops),
+        }
+
+    # -- 2c. a worker's ledger lookups, as the fleet grows -----------------------------------
+    def ledger(self) -> None:
+        """What a draining worker asks the ledger every 0.2 s (operations that still need its
+        host), what event waits and resends ask, at ``ledger_per_host`` operations in flight
+        per host, for fleets of each size in ``ledger_hosts``: the indexed per-host queries
+        against the fleet-wide scan they replaced (the same data, the same run)."""
+        per_host = self.config.ledger_per_host
+        out: dict[str, Any] = {"operations_per_host": per_host, "fleets": {}}
+        log(f"[ledger] {per_host} operations in flight per host, fleets of "
+            f"{', '.join(map(str, self.config.ledger_hosts))} hosts")
+        for fleet_size in self.config.ledger_hosts:
+            entry = self._ledger_fleet(fleet_size, per_host)
+            out["fleets"][str(fleet_size)] = entry
+            log(f"  {fleet_size} hosts ({entry['operations']} operations): operations_needing "
+                f"{entry['needing_ms']:.2f} ms (fleet-wide scan "
+                f"{entry['fleet_scan_needing_ms']:.1f} ms), stranded_steps "
+                f"{entry['stranded_ms']:.2f} ms, waits {entry['waits_ms']:.2f} ms")
+        sizes = [str(n) for n in self.config.ledger_hosts]
+        if len(sizes) >= 2:
+            small, large = out["fleets"][sizes[0]], out["fleets"][sizes[-1]]
+            out["needing_ratio_large_over_small"] = ratio(large["needing_ms"],
+                                                          small["needing_ms"])
+        self.run.results["ledger"] = out
+
+    def _ledger_fleet(self, fleet_size: int, per_host: int) -> dict[str, Any]:
+        from sqlalchemy import select
+
+        from orchestrator.db import Database
+        from orchestrator.models import Operation
+        from orchestrator.state import ACTIVE_STATUSES, Ledger
+
+        db = Database(f"sqlite:///{self.tmp / f'ledger-{fleet_size}.db'}")
+        ledger = Ledger(db, {})
+        hosts = [f"h{i}" for i in range(fleet_size)]
+        total = per_host * fleet_size
+        now = time.time()
+        with db.session() as s:
+            for i in range(total):
+                a, b = hosts[i % fleet_size], hosts[(i + 1) % fleet_size]
+                op = Operation(kind="three", plan=[["prep", b], ["move", a], ["finish", b]],
+                               hosts={"a": a, "b": b}, params={}, status="running",
+                               position=i % 3,
+                               step_state=("queued", "running", "queued")[i % 3],
+                               step_since=now, next_published=True, queue=b)
+                s.add(op)
+                s.flush()
+                ledger.index_hosts(s, op, new=True)
+        host = hosts[0]
+
+        def scan_needing() -> int:
+            with db.read() as s:
+                ops = s.execute(select(Operation).where(
+                    Operation.status.in_(ACTIVE_STATUSES))).scalars().all()
+                return sum(1 for op in ops if host in op.remaining_hosts())
+
+        def time_it(fn: Callable[[], object], reps: int = 20) -> float:
+            fn()
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return median(times) * 1e3
+
+        return {
+            "operations": total,
+            "needing_ms": time_it(lambda: ledger.operations_needing(host)),
+            "stranded_ms": time_it(lambda: ledger.stranded_steps(host, 5, 60)),
+            "waits_ms": time_it(lambda: ledger.settle_waits(host, lambda s: None,
+                                                            lambda s: None)),
+            "fleet_scan_needing_ms": time_it(scan_needing, reps=5),
+        }
+
     # -- 3. drain --------------------------------------------------------------------------
     def _sigterm_to_exit(self, proc: subprocess.Popen, what: str) -> tuple[float | None, int]:
         self.processes.note_children(proc)
@@ -631,6 +895,25 @@ def table(run: Run) -> str:
                      f"{e['plain_submit_ms_per_op']:.2f} ms",
                      f"{ratio(e['ours_submit_ms_per_op'], e['plain_submit_ms_per_op']):.2f}x"
                      " time"))
+    if "flow" in r:
+        f = r["flow"]
+        rows.append((f"3-step flows over 2 hosts, {f['operations']} ops (median of "
+                     f"{f['repetitions']})", fmt(f["ours"], "ops/s"), fmt(f["plain"], "ops/s"),
+                     f"{f['ratio_ours_over_plain']:.2f}x throughput"))
+        rows.append(("  of which submitting, per op", f"{f['ours_submit_ms_per_op']:.2f} ms",
+                     f"{f['plain_submit_ms_per_op']:.2f} ms",
+                     f"{ratio(f['ours_submit_ms_per_op'], f['plain_submit_ms_per_op']):.2f}x"
+                     " time"))
+    if "ledger" in r:
+        g = r["ledger"]
+        for size, entry in g["fleets"].items():
+            rows.append((f"ledger, {size} hosts x {g['operations_per_host']} ops: needing(host)",
+                         f"{entry['needing_ms']:.2f} ms",
+                         f"scan {entry['fleet_scan_needing_ms']:.1f} ms",
+                         f"{ratio(entry['needing_ms'], entry['fleet_scan_needing_ms']):.3f}x"))
+        if "needing_ratio_large_over_small" in g:
+            rows.append(("  needing(host): largest fleet / smallest", "", "",
+                         f"{g['needing_ratio_large_over_small']:.2f}x"))
     if "drain" in r:
         d = r["drain"]
         rows.append((f"idle SIGTERM->exit (median of {d['repetitions']})",
@@ -654,7 +937,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write the results (all samples) as JSON here")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
                         help="a Redis database used only by this script (default: %(default)s)")
-    parser.add_argument("--only", choices=("publish", "e2e", "drain"), action="append",
+    parser.add_argument("--only", choices=("publish", "e2e", "flow", "ledger", "drain"),
+                        action="append",
                         help="run only this measurement (repeatable)")
     parser.add_argument("--keep-tmp", action="store_true",
                         help="keep the temporary directory (SQLite file, worker logs)")
@@ -671,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     if parsed.scheme not in ("redis", "rediss"):
         raise SystemExit("benchmark: --redis-url must be a redis:// URL")
     config = QUICK if args.quick else FULL
-    only = set(args.only or ("publish", "e2e", "drain"))
+    only = set(args.only or ("publish", "e2e", "flow", "ledger", "drain"))
     tmp = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
 
     # orchestrator.app reads these at import: set them before anything imports it.
@@ -700,6 +984,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.publish()
         if "e2e" in only:
             bench.e2e()
+        if "flow" in only:
+            bench.flow()
+        if "ledger" in only:
+            bench.ledger()
         if "drain" in only:
             bench.drain()
         run.results["environment"] = {

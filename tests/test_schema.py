@@ -52,10 +52,10 @@ def tables(url: str) -> set[str]:
 def test_an_empty_database_gets_the_schema_on_first_use(tmp_path: Path) -> None:
     url = fresh_db(tmp_path)
     reset(url)  # nothing but the engine's tables, made through its migration
-    assert {"operations", "step_log", "events", "services", "routing_fallbacks",
-            "orchestrator_schema"} <= tables(url)
+    assert {"operations", "operation_hosts", "step_log", "events", "services",
+            "routing_fallbacks", "orchestrator_schema"} <= tables(url)
     status = Database(url).status()
-    assert status["current"] == status["heads"] == ["orch0001"]
+    assert status["current"] == status["heads"] == ["orch0002"]
 
 
 def test_an_older_schema_is_refused_until_upgraded(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_an_older_schema_is_refused_until_upgraded(tmp_path: Path) -> None:
 
     result = newer.upgrade()
     assert result["applied"] == ["shelf0002"]
-    assert sorted(result["current"]) == ["orch0001", "shelf0002"]
+    assert sorted(result["current"]) == ["orch0002", "shelf0002"]
     newer.engine()  # accepted now
     columns = {c["name"] for c in inspect(newer.engine()).get_columns("shelves")}
     assert columns == {"id", "label"}
@@ -140,3 +140,32 @@ def test_the_command_line_upgrades_and_a_worker_refuses_an_older_schema(
         text=True, timeout=60,
     )
     assert (proc.returncode, proc.stdout.strip()) == (0, "applied shelf0002"), proc.stderr
+
+
+def test_the_per_host_migration_indexes_operations_already_in_flight(tmp_path: Path) -> None:
+    """orch0002 on a ledger with operations in flight: their per-host rows are made."""
+    from alembic.operations import Operations
+    from sqlalchemy import text
+
+    from orchestrator import schema
+    from orchestrator.state import Ledger
+
+    url = fresh_db(tmp_path)
+    reset(url)
+    engine = Database(url).engine()
+    with engine.begin() as conn:  # back to orch0001, with one operation in flight
+        ctx = schema._context(conn, schema._script(()), lambda rev, c: schema._script(())
+                              ._downgrade_revs("orch0001", rev))
+        with Operations.context(ctx):
+            ctx.run_migrations()
+        conn.execute(text(
+            "INSERT INTO operations (id, kind, status, plan, hosts, position, step_state, "
+            "step_since, next_published, params, created_at, updated_at) VALUES ('op1', 'f', "
+            "'running', '[[\"a\", \"h1\"], [\"b\", \"h2\"], [\"c\", \"h1\"]]', '{}', 1, "
+            "'queued', 0, TRUE, '{}', 0, 0)"))
+    assert Database(url).upgrade()["applied"] == ["orch0002"]
+    ledger = Ledger(Database(url), {})
+    assert [op.id for op in ledger.operations_needing("h1")] == ["op1"]
+    assert [op.id for op in ledger.operations_needing("h2")] == ["op1"]
+    assert ledger.in_flight_by_host() == {"h1": 1, "h2": 1}
+    assert ledger.get_operation("op1").current_host == "h2"

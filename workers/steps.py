@@ -79,8 +79,12 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
             event_name, key, timeout = ctx.waiting
             ledger.wait_for_event(operation_id, position, event_name, key, timeout, output)
             return "waiting"
+        # Where the next step goes is decided before the transaction that records it as sent
+        # (a fallback to <host> is counted in a write of its own).
+        following = start.following
+        queue = orch.router.queue(*following) if following is not None else None
         orch.advance(operation_id, ledger.complete_step(operation_id, position, spec.effect,
-                                                        output))
+                                                        output, next_queue=queue))
         return "completed"
     except StepFailure as exc:
         logger.error("step %s of %s failed on %s: %s", step, operation_id, host, exc)
