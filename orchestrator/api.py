@@ -60,9 +60,9 @@ from orchestrator.registry import Registry
 from orchestrator.routing import (
     ALT_SUFFIX,
     AltCapability,
+    RoutingSource,
     RoutingTable,
     StepRouter,
-    load_routing,
 )
 from orchestrator.state import Effect, Ledger, no_effect, step_task_id
 
@@ -157,7 +157,7 @@ class Orchestrator:
         self.signing = signing.Signing.from_env()
         #: The drain of the worker this process runs (its MainProcess), once started.
         self.drain: Any = None
-        self._table: RoutingTable | None = None
+        self._source: RoutingSource | None = None
         self._router: StepRouter | None = None
         self._modules_loaded = False
         #: ``fn(session, operation, data)`` hooks that add the application's own fields to an
@@ -306,7 +306,7 @@ class Orchestrator:
             self.steps[step_name] = StepSpec(
                 step_name, fn, task, effect or no_effect, on_failure or no_effect
             )
-            self._table = self._router = None  # validated again, with this step, on next use
+            self._source = self._router = None  # validated again, with this step, on next use
             return task
 
         return register(fn) if fn is not None else register
@@ -367,15 +367,34 @@ class Orchestrator:
             self.app.loader.import_default_modules()
 
     @property
-    def routing(self) -> RoutingTable:
-        """The routing table, read and validated against the registered steps on first use."""
-        if self._table is None:
+    def routing_source(self) -> RoutingSource:
+        """routing.yaml as loaded (read and validated against the registered steps on first
+        use), with its load time and the error of an edit that could not be used."""
+        if self._source is None:
             self.load_steps()
-            self._table = load_routing(self.routing_file, self.steps)
-        return self._table
+            source = RoutingSource(self.routing_file, lambda: self.steps)
+            source.on_change.append(self._routing_changed)
+            self._source = source
+        return self._source
+
+    @property
+    def routing(self) -> RoutingTable:
+        """The routing table in force, read again if routing.yaml changed (checked at most
+        once a second): an edit is in force within two seconds, with no restart."""
+        return self.routing_source.check()
+
+    def _routing_changed(self, table: RoutingTable) -> None:
+        if self._router is not None:
+            self._router.table = table
+
+    def use_routing(self, path: str | Path) -> None:
+        """Read the routing table from ``path`` from now on (validated on next use)."""
+        self.routing_file = Path(path)
+        self._source = self._router = None
 
     @property
     def router(self) -> StepRouter:
+        self.routing  # noqa: B018  (the table in force, reloaded if the file changed)
         if self._router is None:
             self._router = StepRouter(
                 self.routing,

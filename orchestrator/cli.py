@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -266,19 +267,109 @@ def wait(operation_id: str, timeout: float, as_json: bool) -> None:
         sys.exit(EXIT_NOT_COMPLETED)
 
 
-@main.command()
+def _table_dict(source: Any) -> dict[str, Any]:
+    table = source.table
+    return {
+        "file": str(table.path),
+        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(source.loaded_at)),
+        "steps": {s: {"queue": r.queue, "reason": r.reason, "line": r.line}
+                  for s, r in sorted(table.routes.items())},
+        "pending_error": str(source.error) if source.error is not None else None,
+    }
+
+
+@main.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+@handles_errors
+def routing(ctx: click.Context, as_json: bool) -> None:
+    """The routing table in force (routing.yaml); subcommands show, check and explain."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(routing_show, as_json=as_json)
+
+
+@routing.command(name="show")
 @json_option
 @handles_errors
-def routing(as_json: bool) -> None:
-    """Show the routing table loaded from routing.yaml (it was validated to get here)."""
-    table = current().routing
-    data = {
-        "file": str(table.path),
-        "steps": {s: {"queue": r.queue, "reason": r.reason}
-                  for s, r in sorted(table.routes.items())},
-    }
+def routing_show(as_json: bool) -> None:
+    """The table in force: each step's queue and reason, the file and when it was read."""
+    orch = current()
+    orch.routing_source.check(force=True)  # read again now if the file changed
+    data = _table_dict(orch.routing_source)
     lines = [f"{step:<32}{r['queue']:<6}{r['reason']}" for step, r in data["steps"].items()]
+    lines.append(f"from {data['file']}, read at {data['loaded_at']}")
+    if data["pending_error"]:
+        lines.append(f"not in force (the file's current text has an error): "
+                     f"{data['pending_error']}")
     emit(as_json, data, "\n".join(lines))
+
+
+@routing.command(name="check")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@json_option
+def routing_check(path: str | None, as_json: bool) -> None:
+    """Validate routing.yaml (PATH, or the application's) against the registered steps: exit
+    0 if every process would accept it, 1 with file, line and key if not (CI, pre-commit)."""
+    from orchestrator.routing import RoutingError, load_routing
+
+    try:
+        orch = current()
+        orch.load_steps()
+        table = load_routing(path or orch.routing_file, orch.steps)
+    except RoutingError as exc:
+        emit(as_json, {"ok": False, "error": str(exc)}, f"error: {exc}")
+        sys.exit(EXIT_NOT_COMPLETED)
+    except OrchestratorError as exc:
+        fail(as_json, str(exc))
+    emit(as_json, {"ok": True, "file": str(table.path), "steps": len(table.routes)},
+         f"{table.path}: ok ({len(table.routes)} steps)")
+
+
+@routing.command(name="explain")
+@click.argument("step")
+@click.option("--host", required=True, help="The host the step would run on.")
+@json_option
+@handles_errors
+def routing_explain(step: str, host: str, as_json: bool) -> None:
+    """Which queue STEP for HOST goes to now, and why: routing.yaml, the host's state in the
+    service registry, and ORCHESTRATOR_ALT_ROUTING."""
+    from orchestrator import registry
+    from orchestrator.routing import RoutingError
+
+    orch = current()
+    table = orch.routing_source.check(force=True)
+    if step not in table.routes:
+        raise RoutingError(table.path, None, step, "no such step in the table in force")
+    route = table.routes[step]
+    decision = orch.router.decide(step, host, record=False)
+    views = orch.registry.services()
+    live = [v for v in views if v.host == host and v.state != "down"]
+    host_text = (
+        f"{host} is {registry.host_state(views, host)}"
+        + (f", version {max(v.version for v in live)}, consuming "
+           + ", ".join(sorted({host for v in live if v.consumes_main}
+                              | {f"{host}-alt" for v in live if v.consumes_alt}))
+           if live else "")
+    )
+    why = {
+        "table": "as routing.yaml says",
+        "no-alt": f"{host} has no live service that consumes {host}-alt (legacy or main-only)",
+        "down": f"every service of {host} is down",
+        "unknown": f"{host} never registered",
+        "forced-main": "ORCHESTRATOR_ALT_ROUTING=never",
+    }[decision.reason]
+    data = {
+        "step": step, "host": host, "queue": decision.queue, "wanted": route.queue,
+        "reason": decision.reason, "explanation": why, "fallback": decision.fallback,
+        "routing_file": str(table.path), "line": route.line, "route_reason": route.reason,
+        "alt_routing": orch.settings.alt_routing, "host_state": host_text,
+    }
+    emit(as_json, data, "\n".join([
+        f"{step} for {host} goes to {decision.queue}: {why}",
+        f"  {table.path}:{route.line}: {step}: queue {route.queue} ({route.reason})",
+        f"  registry: {host_text}",
+        f"  ORCHESTRATOR_ALT_ROUTING={orch.settings.alt_routing}",
+    ]))
 
 
 @main.group()

@@ -180,6 +180,84 @@ def load_routing(path: Path | str, known_steps: Collection[str]) -> RoutingTable
     return parse_routing(text, path, known_steps)
 
 
+#: How often a process looks at routing.yaml's modification (a stat, at most once a second, on
+#: a routing decision or a worker's tick): an edit is in force within two seconds everywhere.
+RELOAD_CHECK_SECONDS = 1.0
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class RoutingSource:
+    """routing.yaml, loaded, and loaded again when the file changes.
+
+    :meth:`check` (cheap: one ``stat`` at most every :data:`RELOAD_CHECK_SECONDS`) reads the
+    file again when its modification time, size or inode changed. The new table replaces the
+    old one in a single assignment, and only once it parsed and validated in full: a router
+    never sees a half-read file, and a file caught half-written fails validation (every step
+    must be listed) and is read again at the next change. An invalid edit keeps the table in
+    force and is logged once, with the file, the line and the key.
+    """
+
+    def __init__(
+        self, path: Path | str, known_steps: Callable[[], Collection[str]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path, self.known_steps, self.clock = Path(path), known_steps, clock
+        self._signature = _signature(self.path)
+        self.table = load_routing(self.path, known_steps())
+        #: Wall-clock time the table in force was read.
+        self.loaded_at = time.time()
+        #: The error of the last edit that could not be used (None once one could).
+        self.error: RoutingError | None = None
+        self._checked = clock()
+        self._lock = threading.Lock()
+        self.on_change: list[Callable[[RoutingTable], None]] = []
+
+    def check(self, force: bool = False) -> RoutingTable:
+        """The table in force, read again first if the file changed since the last look."""
+        now = self.clock()
+        if not force and now - self._checked < RELOAD_CHECK_SECONDS:
+            return self.table
+        if not self._lock.acquire(blocking=False):
+            return self.table  # another thread is reloading it
+        try:
+            self._checked = now
+            signature = _signature(self.path)
+            if signature == self._signature:
+                return self.table
+            try:
+                table = load_routing(self.path, self.known_steps())
+            except RoutingError as exc:
+                if self.error is None or str(exc) != str(self.error):
+                    logger.error("routing: %s; keeping the table read at %s", exc,
+                                 time.strftime("%H:%M:%S", time.localtime(self.loaded_at)))
+                self.error = exc
+                self._signature = signature
+                return self.table
+            if _signature(self.path) != signature:  # written again while we read it
+                return self.table
+            changed = sorted(
+                f"{step} {old.queue}->{table.routes[step].queue}"
+                for step, old in self.table.routes.items()
+                if step in table.routes and table.routes[step].queue != old.queue
+            )
+            self.table, self.loaded_at, self.error = table, time.time(), None
+            self._signature = signature
+            logger.warning("routing: %s reloaded (%s)", self.path,
+                           ", ".join(changed) if changed else "no queue changed")
+            for callback in self.on_change:
+                callback(table)
+            return table
+        finally:
+            self._lock.release()
+
+
 #: What a host offers alt steps: alt (a live version-2 service consumes ``<host>-alt``), no-alt
 #: (live, but nothing consumes its alt queue: a legacy or main-only service), down (every
 #: service down or its heartbeat stale), unknown (not in the registry).
@@ -325,8 +403,9 @@ class StepRouter:
         #: Alt steps sent to ``<host>`` in this process, by ``(host, reason)``.
         self.counts: Counter[tuple[str, str]] = Counter()
 
-    def decide(self, step: str, host: str) -> Decision:
-        """Where ``step`` for ``host`` goes (no registry query while the cache is fresh)."""
+    def decide(self, step: str, host: str, record: bool = True) -> Decision:
+        """Where ``step`` for ``host`` goes (no registry query while the cache is fresh).
+        ``record=False`` (``orchestrator routing explain``) counts no fallback."""
         if not isinstance(host, str) or not host:
             raise MissingHostError(f"step {step!r} sent without a target host (kwarg 'host')")
         if step not in self.table.routes:
@@ -335,7 +414,7 @@ class StepRouter:
         if wanted == "main":
             return Decision(step, host, host, wanted, "table")
         if self.mode == "never":
-            return self._fallback(Decision(step, host, host, wanted, "forced-main"))
+            return self._fallback(Decision(step, host, host, wanted, "forced-main"), record)
         if self.mode == "always":
             # No registry query: the operator says every host consumes its alt queue.
             return Decision(step, host, alt_queue(host), wanted, "table")
@@ -343,9 +422,11 @@ class StepRouter:
         status = self.capability.status(host)
         if status == "alt":
             return Decision(step, host, alt_queue(host), wanted, "table")
-        return self._fallback(Decision(step, host, host, wanted, status))
+        return self._fallback(Decision(step, host, host, wanted, status), record)
 
-    def _fallback(self, decision: Decision) -> Decision:
+    def _fallback(self, decision: Decision, record: bool = True) -> Decision:
+        if not record:
+            return decision
         self.counts[(decision.host, decision.reason)] += 1
         logger.debug(
             "routing: %s is an alt step; sending it to %s (%s, ORCHESTRATOR_ALT_ROUTING=%s)",

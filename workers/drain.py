@@ -298,7 +298,12 @@ class Drain(bootsteps.StartStopStep):
         return waiting
 
     def tick(self) -> None:
-        """Every TICK_SECONDS in the event loop: start, check and end the drain."""
+        """Every TICK_SECONDS in the event loop: start, check and end the drain (and look at
+        routing.yaml, at most once a second, so an edit is logged where it takes effect)."""
+        try:
+            self.orch.routing  # noqa: B018
+        except Exception as exc:  # the file vanished: keep the table, say so
+            logger.warning("drain: routing check failed: %s", exc)
         if self.requested is None or self.expired is not None:
             return
         waiting = self.quiet(self.requested) if self.since is None else None
