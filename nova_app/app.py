@@ -2,7 +2,8 @@
 ``celery -A orchestrator worker``: the engine's default application is this one).
 
 The broker is ``ORCHESTRATOR_BROKER_URL`` (the orchestrator's default for an app without a
-broker of its own), the routing file ``ORCHESTRATOR_ROUTING_FILE`` or ``./routing.yaml``. The
+broker of its own), the routing file ``ORCHESTRATOR_ROUTING_FILE``, else ``./routing.yaml``,
+else the repository's ``routing.yaml`` (so the CLI and the demo work from any directory). The
 steps and flows live in :mod:`nova_app.steps`, which Celery imports by name (``include``).
 """
 
@@ -16,6 +17,9 @@ from nova_app.models import Instance
 from orchestrator import Orchestrator, OrchestratorError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: Nova's routing table, found from any working directory (ORCHESTRATOR_ROUTING_FILE or a
+#: ./routing.yaml win): the repository's, beside this package.
+ROUTING = Path(__file__).resolve().parent.parent / "routing.yaml"
 
 app = Celery("orchestrator", include=["nova_app.steps"])
 # Non-step tasks only (a host queue carries steps and nothing else).
@@ -23,6 +27,7 @@ app.conf.task_default_queue = "orchestrator"
 try:
     orch = Orchestrator(
         app, migrations=MIGRATIONS, task_prefix="compute.", commands="nova_app.cli:COMMANDS",
+        default_routing=ROUTING,
     )
 except OrchestratorError as exc:  # a bad ORCHESTRATOR_* setting: one line, no traceback
     raise SystemExit(f"orchestrator: {exc}") from None

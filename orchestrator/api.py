@@ -127,8 +127,9 @@ class StepSpec:
 class Orchestrator:
     """Shutdown-aware routing for the steps of ``app``.
 
-    - ``routing``: the routing.yaml file (default ``ORCHESTRATOR_ROUTING_FILE`` or
-      ``./routing.yaml``), read and validated against the registered steps on first use;
+    - ``routing``: the routing.yaml file (default ``ORCHESTRATOR_ROUTING_FILE``, else
+      ``./routing.yaml``, else ``default_routing``), read and validated against the registered
+      steps on first use, and read again when it changes;
     - ``db_url``: the ledger's SQLAlchemy URL (default ``ORCHESTRATOR_DB_URL``);
     - ``migrations``: a folder of Alembic revisions for the application's own tables;
     - ``task_prefix``: Celery task names are ``task_prefix + step name``;
@@ -140,12 +141,13 @@ class Orchestrator:
         self, app: Celery, routing: str | Path | None = None, db_url: str | None = None, *,
         migrations: str | Path | None = None, task_prefix: str = "",
         max_retries: int = DEFAULT_MAX_RETRIES, commands: str | None = None,
+        default_routing: str | Path | None = None,
     ) -> None:
         if getattr(app, "orchestrator", None) is not None:
             raise DefinitionError(f"Celery app {app.main!r} already has an Orchestrator")
         self.app = app
         self.settings = Settings.from_env()
-        self.routing_file = Path(routing) if routing is not None else self.settings.routing_file
+        self.routing_file = self._routing_file(routing, default_routing)
         self.db = Database(db_url, [Path(migrations)] if migrations is not None else [])
         self.flows: dict[str, Flow] = {}
         self.steps: dict[str, StepSpec] = {}
@@ -164,6 +166,16 @@ class Orchestrator:
         #: operation's view (:meth:`describe`).
         self.describers: list[Callable[[Session, Operation, dict[str, Any]], None]] = []
         self._install()
+
+    def _routing_file(self, routing: str | Path | None, default: str | Path | None) -> Path:
+        """``routing``, else ORCHESTRATOR_ROUTING_FILE, else ``./routing.yaml``, else the
+        application's own ``default_routing`` (the file it ships, found from any directory)."""
+        if routing is not None:
+            return Path(routing)
+        if self.settings.routing_file_set or default is None:
+            return self.settings.routing_file
+        here = self.settings.routing_file
+        return here if here.exists() else Path(default)
 
     # -- installation ------------------------------------------------------------------------
     def _install(self) -> None:

@@ -74,6 +74,8 @@ class Settings:
     alt_cache_seconds: float = DEFAULT_ALT_CACHE_SECONDS
     queue_type: str = "classic"
     resend_after: float = DEFAULT_RESEND_AFTER
+    #: ORCHESTRATOR_ROUTING_FILE was set (else ``routing_file`` is the default).
+    routing_file_set: bool = False
     #: ``ORCHESTRATOR_APP``: the module (``module`` or ``module:attribute``) of the application.
     app: str = DEFAULT_APP
 
@@ -98,6 +100,7 @@ class Settings:
             ),
             queue_type=_queue_type(),
             resend_after=_float("ORCHESTRATOR_RESEND_AFTER", DEFAULT_RESEND_AFTER),
+            routing_file_set=bool(os.environ.get("ORCHESTRATOR_ROUTING_FILE")),
             app=os.environ.get("ORCHESTRATOR_APP") or DEFAULT_APP,
         )
 

@@ -158,3 +158,20 @@ def test_step_without_host_fails_at_send_time(celery_app) -> None:
 def test_other_tasks_are_not_routed(celery_app) -> None:
     router = celery_app.conf.task_routes[0]
     assert router("celery.ping", (), {}, {}) is None
+
+
+def test_nova_finds_its_routing_file_from_any_directory(tmp_path: Path) -> None:
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ORCHESTRATOR_ROUTING_FILE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{REPO / 'routing.yaml'}: ok ({len(STEP_NAMES)} steps)"
+    (tmp_path / "routing.yaml").write_text(VALID.replace("  revert_resize:", "  revert_resise:"))
+    proc = subprocess.run(  # a ./routing.yaml wins (and here it is wrong)
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1 and "routing.yaml:" in proc.stdout
+    assert "revert_resise: unknown step" in proc.stdout
