@@ -173,7 +173,12 @@ def demo(step_delay: float) -> None:
     """Show a host draining mid-resize (embedded Redis when no broker is configured)."""
     from nova_app.demo import run_demo
 
-    sys.exit(run_demo(step_delay))
+    try:
+        code = run_demo(step_delay)
+    except (RuntimeError, OSError, TimeoutError) as exc:  # no broker to embed, a port taken...
+        click.echo(f"demo: {exc}", err=True)
+        code = 2
+    sys.exit(code)
 
 
 COMMANDS = [boot, live_migrate, live_migration_force_complete, live_migration_abort, resize,

@@ -453,16 +453,17 @@ class Orchestrator:
         spec = self._check_submit(flow, hosts, params, subject)
         first = spec.plan(hosts)[0]
         if session is None:
-            # Route first (no transaction open: a fallback is counted in a write of its own),
-            # then one transaction records the operation with its first step as sent, and one
-            # publish sends it.
-            queue = self.router.queue(*first)
+            # Route first, then one transaction records the operation with its first step as
+            # sent, and one publish sends it. A fallback to <host> is counted (a write of its
+            # own, never inside the ledger's transaction) only once the step is sent.
+            decision = self.router.decide(*first, record=False)
             with self.db.session() as s:
-                op_id = self._record(s, spec, hosts, params, subject, queue=queue)
+                op_id = self._record(s, spec, hosts, params, subject, queue=decision.queue)
             try:
-                self.send_step(op_id, 0, first[0], first[1], queue)
+                self.send_step(op_id, 0, first[0], first[1], decision.queue)
             except Exception as exc:
                 self._abandon(op_id, first, exc)
+            self.router.record(decision)
             return op_id
         self.routing  # noqa: B018  (validates routing.yaml before anything is recorded)
         op_id = self._record(session, spec, hosts, params, subject)
@@ -580,6 +581,8 @@ class Orchestrator:
         except Exception:
             self.ledger.unpublish(operation_id, nxt.next_position)
             raise
+        if nxt.decision is not None:
+            self.router.record(nxt.decision)
 
     def operation(self, operation_id: str) -> dict[str, Any]:
         """The operation's status: its steps, where the current one waits, its params."""

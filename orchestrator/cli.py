@@ -372,6 +372,35 @@ def routing_explain(step: str, host: str, as_json: bool) -> None:
     ]))
 
 
+@main.command()
+@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--once", is_flag=True, help="Print one scrape on stdout and exit.")
+@handles_errors
+def metrics(port: int, address: str, once: bool) -> None:
+    """Serve Prometheus metrics of hosts and drains on http://ADDRESS:PORT/metrics."""
+    from orchestrator.metrics import OrchestratorCollector, serve
+
+    orch = current()
+    if once:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(OrchestratorCollector(orch))
+        click.echo(generate_latest(registry).decode(), nl=False)
+        return
+    try:
+        server = serve(orch, port, address)
+    except OSError as exc:
+        raise SubmitError(f"cannot listen on {address}:{port}: {exc.strerror}") from None
+    click.echo(f"serving metrics on http://{address}:{port}/metrics", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 @main.group()
 def db() -> None:
     """The ledger's database schema (Alembic migrations of the engine and the application)."""

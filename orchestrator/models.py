@@ -155,3 +155,24 @@ class RoutingFallback(Base):
     count: Mapped[int] = mapped_column(Integer, default=0)
     last_step: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Drain(Base):
+    """One drain of one worker: when it began, its deadline, what it waits for (refreshed while
+    it lasts) and how it ended: done (nothing left), deadline, second SIGTERM; a row never ended
+    whose worker is gone was ended by the exit deadline or a kill."""
+
+    __tablename__ = "drains"
+    __table_args__ = (Index("ix_drains_host", "host", "started_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    nodename: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    deadline_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: done, deadline, second-sigterm (None while it lasts).
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    handed_back: Mapped[int] = mapped_column(Integer, default=0)
+    #: {"running": [...], "operations": [...], "blocked": [...]}, as last checked.
+    waiting: Mapped[dict | None] = mapped_column(JSON, nullable=True)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.db import Database
-from orchestrator.models import RoutingFallback, Service
+from orchestrator.models import Drain, RoutingFallback, Service
 from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
 
 #: Version 2 consumes ``<host>-alt``; version 1 (legacy) consumes only ``<host>``.
@@ -179,3 +179,32 @@ class Registry:
             for r in rows:
                 out.setdefault(r.host, {})[r.reason] = r.count
             return out
+
+    # -- drains ------------------------------------------------------------------------------
+    def drain_started(self, nodename: str, host: str, reason: str, started_at: float,
+                      deadline_at: float, waiting: dict) -> int:
+        with self.db.session() as s:
+            row = Drain(nodename=nodename, host=host, reason=reason[:64], started_at=started_at,
+                        deadline_at=deadline_at, handed_back=0, waiting=waiting)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def drain_progress(self, drain_id: int, handed_back: int, waiting: dict | None = None,
+                       outcome: str | None = None) -> None:
+        with self.db.session() as s:
+            row = s.get(Drain, drain_id)
+            if row is None:
+                return
+            row.handed_back = handed_back
+            if waiting is not None:
+                row.waiting = waiting
+            if outcome is not None:
+                row.outcome, row.ended_at = outcome, time.time()
+
+    def drains(self, since: float | None = None) -> list[Drain]:
+        with self.db.read() as s:
+            query = select(Drain).order_by(Drain.started_at)
+            if since is not None:
+                query = query.where(Drain.started_at >= since)
+            return list(s.execute(query).scalars().all())

@@ -424,6 +424,11 @@ class StepRouter:
             return Decision(step, host, alt_queue(host), wanted, "table")
         return self._fallback(Decision(step, host, host, wanted, status), record)
 
+    def record(self, decision: Decision) -> None:
+        """Count a fallback decided with ``record=False``, once the step was really sent."""
+        if decision.fallback:
+            self._fallback(decision)
+
     def _fallback(self, decision: Decision, record: bool = True) -> Decision:
         if not record:
             return decision

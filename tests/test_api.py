@@ -58,12 +58,12 @@ def recorded(orch: Orchestrator) -> int:
 
 
 def sent(orch: Orchestrator) -> int:
-    queues = [q for h in ("n1", "n2") for q in (h, f"{h}-alt")]
+    queues = [q for h in ("node3", "node4") for q in (h, f"{h}-alt")]
     return sum(queue_depths(orch.app, queues).values())
 
 
 def submit(orch: Orchestrator, **overrides):
-    kwargs = {"hosts": {"source": "n1", "dest": "n2"}, "params": {"volume": "v1"},
+    kwargs = {"hosts": {"source": "node3", "dest": "node4"}, "params": {"volume": "v1"},
               "subject": "v1", **overrides}
     return orch.submit(overrides.pop("flow", "sync"), **{k: v for k, v in kwargs.items()
                                                          if k != "flow"})
@@ -73,8 +73,8 @@ def test_a_good_submit_records_and_sends_one_step(orch: Orchestrator) -> None:
     op_id = submit(orch)
     data = orch.operation(op_id)
     assert (data["kind"], data["subject"], data["status"]) == ("sync", "v1", "queued")
-    assert data["current_step"]["queue"] == "n2"
-    assert data["plan"] == [{"step": "prepare", "host": "n2"}, {"step": "copy", "host": "n1"}]
+    assert data["current_step"]["queue"] == "node4"
+    assert data["plan"] == [{"step": "prepare", "host": "node4"}, {"step": "copy", "host": "node3"}]
     assert (recorded(orch), sent(orch)) == (1, 1)
 
 
@@ -102,20 +102,20 @@ def test_registered_step_missing_from_routing(orch: Orchestrator) -> None:
     orch.flow("checked", [("prepare", "dest"), ("verify", "dest")])
     with pytest.raises(RoutingError, match=r"routing.yaml:2: steps: no route for step\(s\) "
                                            "verify"):
-        orch.submit("checked", hosts={"dest": "n2"})
+        orch.submit("checked", hosts={"dest": "node4"})
     assert (recorded(orch), sent(orch)) == (0, 0)
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
     ({"flow": "synk"}, UnknownFlow, "unknown flow 'synk' (known: sync); did you mean 'sync'?"),
-    ({"hosts": {"source": "n1"}}, SubmitError,
+    ({"hosts": {"source": "node3"}}, SubmitError,
      "flow 'sync': role 'dest' has no host (given: source)"),
-    ({"hosts": {"source": "n1", "dest": "n2", "dst": "n3"}}, SubmitError,
+    ({"hosts": {"source": "node3", "dest": "node4", "dst": "node2"}}, SubmitError,
      "flow 'sync' has no role 'dst' (roles: dest, source); did you mean 'dest'?"),
-    ({"hosts": {"source": "n1", "dest": "node 2"}}, SubmitError,
+    ({"hosts": {"source": "node3", "dest": "node 2"}}, SubmitError,
      "flow 'sync': role 'dest': host 'node 2' cannot be a queue name"),
-    ({"hosts": {"source": "n1-alt", "dest": "n2"}}, SubmitError,
-     "flow 'sync': role 'source': host 'n1-alt' ends with '-alt', the alt queue suffix"),
+    ({"hosts": {"source": "node3-alt", "dest": "node4"}}, SubmitError,
+     "flow 'sync': role 'source': host 'node3-alt' ends with '-alt', the alt queue suffix"),
     ({"params": {"when": object()}}, SubmitError, "flow 'sync': params are not JSON"),
     ({"params": {"ratio": float("nan")}}, SubmitError, "flow 'sync': params are not JSON"),
     ({"subject": ""}, SubmitError, "subject must be a non-empty string or None"),
@@ -132,7 +132,7 @@ def test_bad_submits_are_refused_and_nothing_is_sent(
 def test_a_busy_subject_is_refused(orch: Orchestrator) -> None:
     first = submit(orch)
     with pytest.raises(SubjectBusy, match=f"subject 'v1' is busy: operation {first} \\(sync\\)"):
-        submit(orch, hosts={"source": "n2", "dest": "n1"})
+        submit(orch, hosts={"source": "node4", "dest": "node3"})
     other = submit(orch, subject="v2")  # another subject is free
     no_subject = submit(orch, subject=None)
     assert (recorded(orch), sent(orch)) == (3, 3)
@@ -147,7 +147,7 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     monkeypatch.setattr("tests.test_api.ORCH", orch, raising=False)
     runner = CliRunner()
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "submit", "sync", "--host",
-                                 "source=n1", "--host", "dest=n2", "--param", "volume=v7",
+                                 "source=node3", "--host", "dest=node4", "--param", "volume=v7",
                                  "--param", "size=3", "--subject", "v7", "--json"])
     assert result.exit_code == 0, result.output
     op_id = json.loads(result.output)["operation"]
@@ -156,7 +156,7 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id, "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["kind"] == "sync"
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "submit", "sync", "--host",
-                                 "source=n1", "--json"])
+                                 "source=node3", "--json"])
     assert result.exit_code == 2
     assert json.loads(result.output) == {"error": "flow 'sync': role 'dest' has no host "
                                                   "(given: source)"}

@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 
 from orchestrator import SchemaError
 from orchestrator.db import Database, reset
-from tests.conftest import fresh_db
+from tests.conftest import BROKER_URL, fresh_db
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST = '''
@@ -106,7 +106,7 @@ def test_the_command_line_upgrades_and_a_worker_refuses_an_older_schema(
     url = fresh_db(tmp_path)
     reset(url)
     env = {"ORCHESTRATOR_DB_URL": url, "PATH": "/usr/bin:/bin",
-           "ORCHESTRATOR_BROKER_URL": "redis://127.0.0.1:6379/10"}
+           "ORCHESTRATOR_BROKER_URL": BROKER_URL}
     cli = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
     proc = subprocess.run([*cli, "db", "status", "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)

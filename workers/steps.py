@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
@@ -79,12 +80,14 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
             event_name, key, timeout = ctx.waiting
             ledger.wait_for_event(operation_id, position, event_name, key, timeout, output)
             return "waiting"
-        # Where the next step goes is decided before the transaction that records it as sent
-        # (a fallback to <host> is counted in a write of its own).
+        # Where the next step goes is decided before the transaction that records it as sent;
+        # a fallback to <host> is counted (a write of its own) once that step is sent.
         following = start.following
-        queue = orch.router.queue(*following) if following is not None else None
-        orch.advance(operation_id, ledger.complete_step(operation_id, position, spec.effect,
-                                                        output, next_queue=queue))
+        decision = (orch.router.decide(*following, record=False)
+                    if following is not None else None)
+        nxt = ledger.complete_step(operation_id, position, spec.effect, output,
+                                   next_queue=decision.queue if decision else None)
+        orch.advance(operation_id, replace(nxt, decision=decision) if nxt.queue else nxt)
         return "completed"
     except StepFailure as exc:
         logger.error("step %s of %s failed on %s: %s", step, operation_id, host, exc)

@@ -1,0 +1,154 @@
+"""Prometheus metrics of hosts and drains, in the conventions of celery-exporter and Flower.
+
+``orchestrator metrics --port 9808`` serves them on ``/metrics``. Each scrape reads the
+service registry, the ledger and the broker once (a few indexed queries and one passive queue
+declare per queue), so what is shown is never older than the scrape; nothing is kept in the
+exporter, and any number of exporters can run. The names:
+
+=========================================================  ======  ===============================
+``orchestrator_host_state{host,state}``                    gauge   1 for the host's state (up,
+                                                                   draining, down), 0 for others
+``orchestrator_host_service_version{host}``                gauge   version of its live services
+``orchestrator_drain_deadline_remaining_seconds{host}``    gauge   until a draining host's deadline
+``orchestrator_drain_waiting_operations{host}``            gauge   operations its drain waits for
+``orchestrator_operations_in_flight{host}``                gauge   operations that still need it
+``orchestrator_queue_messages{host,queue,kind}``           gauge   messages waiting in ``<host>``
+                                                                   (main) and ``<host>-alt`` (alt)
+``orchestrator_drain_handed_back_total{host}``             counter messages drains handed back
+``orchestrator_drains_total{host,outcome}``                counter drains ended: done, deadline,
+                                                                   second-sigterm, forced
+``orchestrator_drain_duration_seconds{host}``              summary duration of ended drains
+``orchestrator_alt_fallbacks_total{host,reason}``          counter alt steps sent to ``<host>``
+=========================================================  ======  ===============================
+
+A drain whose worker is gone without recording its end (the exit deadline forced it, or it was
+killed) counts as ``forced``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from orchestrator import registry
+from orchestrator.broker import queue_depths
+from orchestrator.routing import alt_queue
+
+HOST_STATES = ("up", "draining", "down")
+DRAIN_OUTCOMES = ("done", "deadline", "second-sigterm", "forced")
+
+
+class OrchestratorCollector:
+    """A prometheus_client collector: everything is read at scrape time."""
+
+    def __init__(self, orch: Any) -> None:
+        self.orch = orch
+
+    def describe(self) -> list:  # no metrics at registration: collect() reads the ledger
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        orch, now = self.orch, time.time()
+        views = orch.registry.services()
+        hosts = sorted({v.host for v in views})
+        state = GaugeMetricFamily("orchestrator_host_state", "1 for the host's state",
+                                  labels=["host", "state"])
+        version = GaugeMetricFamily("orchestrator_host_service_version",
+                                    "Service version of the host's live services (the last "
+                                    "known when all are down)", labels=["host"])
+        for host in hosts:
+            current = registry.host_state(views, host)
+            for name in HOST_STATES:
+                state.add_metric([host, name], 1.0 if current == name else 0.0)
+            mine = [v for v in views if v.host == host]
+            live = [v for v in mine if v.state != "down"] or mine
+            version.add_metric([host], float(max(v.version for v in live)))
+        yield state
+        yield version
+
+        in_flight = orch.ledger.in_flight_by_host()
+        gauge = GaugeMetricFamily("orchestrator_operations_in_flight",
+                                  "Operations in flight that still need the host",
+                                  labels=["host"])
+        for host in sorted(set(hosts) | set(in_flight)):
+            gauge.add_metric([host], float(in_flight.get(host, 0)))
+        yield gauge
+
+        queues = GaugeMetricFamily("orchestrator_queue_messages",
+                                   "Messages waiting in a host's queue (not counting "
+                                   "unacknowledged ones)", labels=["host", "queue", "kind"])
+        names = [(h, q, kind) for h in hosts for q, kind in ((h, "main"), (alt_queue(h), "alt"))]
+        depths = queue_depths(orch.app, [q for _, q, _ in names]) if names else {}
+        for host, queue, kind in names:
+            queues.add_metric([host, queue, kind], float(depths.get(queue, 0)))
+        yield queues
+
+        yield from self._drains(views, now)
+
+        fallbacks = CounterMetricFamily("orchestrator_alt_fallbacks",
+                                        "Alt steps sent to <host> instead of <host>-alt",
+                                        labels=["host", "reason"])
+        for host, reasons in sorted(orch.registry.fallback_counts().items()):
+            for reason, count in sorted(reasons.items()):
+                fallbacks.add_metric([host, reason], float(count))
+        yield fallbacks
+
+    def _drains(self, views: list[registry.ServiceView], now: float) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            SummaryMetricFamily,
+        )
+
+        live = {v.nodename for v in views if v.state != "down"}
+        remaining = GaugeMetricFamily("orchestrator_drain_deadline_remaining_seconds",
+                                      "Seconds until a draining host's deadline",
+                                      labels=["host"])
+        waiting = GaugeMetricFamily("orchestrator_drain_waiting_operations",
+                                    "Operations a draining host waits for", labels=["host"])
+        handed = CounterMetricFamily("orchestrator_drain_handed_back",
+                                     "Messages drains handed back to <host> unstarted",
+                                     labels=["host"])
+        outcomes = CounterMetricFamily("orchestrator_drains", "Drains ended, by outcome",
+                                       labels=["host", "outcome"])
+        durations = SummaryMetricFamily("orchestrator_drain_duration_seconds",
+                                        "Duration of ended drains", labels=["host"])
+        ended: Counter[tuple[str, str]] = Counter()
+        handed_back: Counter[str] = Counter()
+        spent: dict[str, list[float]] = defaultdict(list)
+        for d in self.orch.registry.drains():
+            handed_back[d.host] += d.handed_back
+            outcome = d.outcome or (None if d.nodename in live else "forced")
+            if outcome is None:  # still draining
+                remaining.add_metric([d.host], max(0.0, d.deadline_at - now))
+                waiting.add_metric([d.host], float(len((d.waiting or {}).get("operations", []))))
+                continue
+            ended[(d.host, outcome)] += 1
+            if d.ended_at is not None:
+                spent[d.host].append(d.ended_at - d.started_at)
+        for host in sorted(handed_back):
+            handed.add_metric([host], float(handed_back[host]))
+            for outcome in DRAIN_OUTCOMES:
+                outcomes.add_metric([host, outcome], float(ended[(host, outcome)]))
+            if spent[host]:
+                durations.add_metric([host], count_value=len(spent[host]),
+                                     sum_value=sum(spent[host]))
+        yield remaining
+        yield waiting
+        yield handed
+        yield outcomes
+        yield durations
+
+
+def serve(orch: Any, port: int, address: str = "127.0.0.1") -> Any:
+    """Serve /metrics on ``address:port`` from a thread; returns the server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry_ = CollectorRegistry(auto_describe=False)
+    registry_.register(OrchestratorCollector(orch))
+    server, thread = start_http_server(port, addr=address, registry=registry_)
+    return server
