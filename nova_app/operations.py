@@ -169,22 +169,6 @@ def _abandoned(kind: str, instance_id: str, migration_id: int | None) -> None:
             instance.task_state = None
 
 
-class _Guard:
-    """Runs ``_abandoned`` when the submit's commit could not queue the first step."""
-
-    def __init__(self) -> None:
-        self.accepted: Accepted | None = None
-        self.instance_id: str | None = None
-        self.migration_id: int | None = None
-
-    def __enter__(self) -> _Guard:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if isinstance(exc, BrokerUnavailable) and self.accepted and self.instance_id:
-            _abandoned(self.accepted.kind, self.instance_id, self.migration_id)
-
-
 def _migration(s: Session, instance: Instance, dest: str, flavor: str | None,
                migration_type: str, status: str, cross_cell: bool = False) -> Migration:
     mig = Migration(
@@ -199,11 +183,19 @@ def _migration(s: Session, instance: Instance, dest: str, flavor: str | None,
 
 
 def _run(record: Any) -> Accepted:
-    """``record(s)`` returns (accepted, instance id, migration id) inside one transaction."""
-    with _Guard() as guard, orch.transaction() as s:
-        guard.accepted, guard.instance_id, guard.migration_id = record(s)
-    assert guard.accepted is not None
-    return guard.accepted
+    """``record(s)`` returns (accepted, instance id, migration id) inside one transaction; the
+    first step is sent when it commits. If it cannot be, the instance is put back."""
+    accepted: Accepted | None = None
+    instance_id = migration_id = None
+    try:
+        with orch.transaction() as s:
+            accepted, instance_id, migration_id = record(s)
+    except BrokerUnavailable:
+        if accepted is not None and instance_id is not None:
+            _abandoned(accepted.kind, instance_id, migration_id)
+        raise
+    assert accepted is not None
+    return accepted
 
 
 # -- the operations ----------------------------------------------------------------------------

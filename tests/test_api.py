@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from orchestrator import (
+    BrokerUnavailable,
     DefinitionError,
     Orchestrator,
     RoutingError,
@@ -164,3 +165,45 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: cannot import application 'no_such_module'")
     assert (recorded(orch), sent(orch)) == (1, 1)
+
+
+def test_a_broker_that_refuses_fails_the_operation_and_frees_its_subject(
+    tmp_path: Path, db_url: str,
+) -> None:
+    (tmp_path / "routing.yaml").write_text(ROUTING)
+    app = Celery("api-down", broker="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    app.conf.task_publish_retry = False
+    orch = Orchestrator(app, routing=tmp_path / "routing.yaml")
+    orch.step(lambda ctx: None, name="prepare")
+    orch.step(lambda ctx: None, name="copy")
+    orch.flow("sync", [("prepare", "dest"), ("copy", "source")])
+    for _ in range(2):  # the second time too: the subject was freed, it is not "busy"
+        with pytest.raises(BrokerUnavailable, match=r"could not queue prepare for node4 \("):
+            submit(orch)
+    with orch.read() as s:
+        ops = s.execute(select(Operation)).scalars().all()
+        assert [(op.status, op.holds) for op in ops] == [("failed", None), ("failed", None)]
+        assert all(op.error.startswith("could not queue prepare@node4: ") for op in ops)
+
+
+def test_nova_puts_the_instance_back_when_the_broker_refuses(db_url: str) -> None:
+    from nova_app import operations
+    from nova_app.app import app, orch
+    from tests.conftest import use_broker
+
+    orch.registry.register("compute1@test", "compute1", consumes_main=True, consumes_alt=True,
+                           pid=1)
+    retry = app.conf.task_publish_retry
+    use_broker("redis://127.0.0.1:1/0")
+    app.conf.task_publish_retry = False
+    try:
+        with pytest.raises(BrokerUnavailable):
+            operations.boot("vm-down", "compute1")
+    finally:
+        app.conf.task_publish_retry = retry
+        from tests.conftest import BROKER_URL
+
+        use_broker(BROKER_URL)
+    from nova_app import views
+
+    assert views.show_instance("vm-down")["vm_state"] == "error"
