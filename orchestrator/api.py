@@ -460,15 +460,15 @@ class Orchestrator:
             with self.db.session() as s:
                 op_id = self._record(s, spec, hosts, params, subject, queue=decision.queue)
             try:
-                self.send_step(op_id, 0, first[0], first[1], decision.queue)
+                self.send_step(op_id, 0, first[0], first[1], decision.queue, spec.name, subject)
             except Exception as exc:
                 self._abandon(op_id, first, exc)
             self.router.record(decision)
             return op_id
         self.routing  # noqa: B018  (validates routing.yaml before anything is recorded)
         op_id = self._record(session, spec, hosts, params, subject)
-        event.listen(session, "after_commit", lambda _s: self._send_first(op_id, first),
-                     once=True)
+        event.listen(session, "after_commit",
+                     lambda _s: self._send_first(op_id, first, spec.name, subject), once=True)
         return op_id
 
     def _check_submit(
@@ -533,11 +533,12 @@ class Orchestrator:
         self.ledger.index_hosts(s, op, new=True)
         return op.id
 
-    def _send_first(self, op_id: str, first: Sequence[str]) -> None:
+    def _send_first(self, op_id: str, first: Sequence[str], kind: str = "",
+                    subject: str | None = None) -> None:
         """Queue the first step; if the broker refuses, the operation is failed, not stuck."""
         step, host = first
         try:
-            queue = self.publish_step(op_id, 0, step, host)
+            queue = self.publish_step(op_id, 0, step, host, kind, subject)
         except Exception as exc:
             self._abandon(op_id, first, exc)
         self.ledger.mark_published(op_id, 0, queue)
@@ -549,21 +550,27 @@ class Orchestrator:
             f"could not queue {step} for {host} ({exc}); operation {op_id} abandoned"
         ) from exc
 
-    def publish_step(self, operation_id: str, position: int, step: str, host: str) -> str:
+    def publish_step(self, operation_id: str, position: int, step: str, host: str,
+                     kind: str = "", subject: str | None = None) -> str:
         """Send one step to the queue the router picks; returns that queue."""
         queue = self.router.queue(step, host)
-        self.send_step(operation_id, position, step, host, queue)
+        self.send_step(operation_id, position, step, host, queue, kind, subject)
         return queue
 
     def send_step(
-        self, operation_id: str, position: int, step: str, host: str, queue: str
+        self, operation_id: str, position: int, step: str, host: str, queue: str,
+        kind: str = "", subject: str | None = None,
     ) -> None:
-        """Publish one step's message to ``queue`` (already chosen by the router)."""
+        """Publish one step's message to ``queue`` (already chosen by the router).
+
+        What task events (Flower's task rows) show as the step's kwargs also names the
+        operation's flow, its subject and the queue it was sent to: a step that came through
+        ``<host>-alt`` says so."""
+        kwargs = {"operation_id": operation_id, "position": position, "host": host}
+        about = " ".join(filter(None, [kind, subject and f"subject={subject}"]))
         self.app.send_task(
-            self.task_name(step),
-            kwargs={"operation_id": operation_id, "position": position, "host": host},
-            task_id=step_task_id(operation_id, position),
-            queue=queue,
+            self.task_name(step), kwargs=kwargs, task_id=step_task_id(operation_id, position),
+            queue=queue, kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "),
         )
 
     def advance(self, operation_id: str, nxt: Any) -> None:
@@ -573,11 +580,13 @@ class Orchestrator:
             return
         step, host = nxt.next_step
         if nxt.queue is None:
-            queue = self.publish_step(operation_id, nxt.next_position, step, host)
+            queue = self.publish_step(operation_id, nxt.next_position, step, host, nxt.kind,
+                                      nxt.subject)
             self.ledger.mark_published(operation_id, nxt.next_position, queue)
             return
         try:
-            self.send_step(operation_id, nxt.next_position, step, host, nxt.queue)
+            self.send_step(operation_id, nxt.next_position, step, host, nxt.queue, nxt.kind,
+                           nxt.subject)
         except Exception:
             self.ledger.unpublish(operation_id, nxt.next_position)
             raise

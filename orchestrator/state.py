@@ -122,7 +122,8 @@ class Ledger:
                 )
             if (op.position == position + 1 and op.status in ACTIVE_STATUSES
                     and not op.next_published):
-                return StepStart("republish", op.current, op.position)
+                return StepStart("republish", op.current, op.position, kind=op.kind,
+                                 subject=op.subject)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return StepStart("duplicate")
             if op.step_state == "waiting":  # its work is done; the event will finish it
@@ -177,7 +178,8 @@ class Ledger:
         op.step_state, op.step_since = "queued", time.time()
         if next_queue is not None:
             op.next_published, op.queue = True, next_queue
-        return StepStart("run", op.current, op.position, queue=next_queue)
+        return StepStart("run", op.current, op.position, queue=next_queue, kind=op.kind,
+                         subject=op.subject)
 
     def _end(self, s: Session, op: Operation, status: str) -> None:
         op.status, op.finished_at, op.next_published = status, time.time(), True
@@ -231,7 +233,7 @@ class Ledger:
         op.position, op.step_state, op.next_published = position + 1, "queued", False
         op.step_since = time.time()
         self.index_hosts(s, op)
-        return StepStart("run", op.current, op.position)
+        return StepStart("run", op.current, op.position, kind=op.kind, subject=op.subject)
 
     # -- event waits -----------------------------------------------------------------------
     def wait_for_event(

@@ -162,6 +162,9 @@ def test_broker_password_never_shows(tmp_path: Path) -> None:
     assert redact_url(broker_url) in shown["worker log"], "the worker says where it connects"
     assert "compute1" in shown["flower /api/workers"] and "compute1" in shown["hosts"]
     assert "operation_id" in shown["flower /api/tasks"], "the step's kwargs are there"
+    # ...with the operation's flow and the queue the step came through (kwargsrepr).
+    assert "boot subject=" in shown["flower /api/tasks"]
+    assert "via compute1" in shown["flower /api/tasks"]
     assert "broker_url" in shown["celery inspect conf"], shown["celery inspect conf"][-2000:]
 
 

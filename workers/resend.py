@@ -37,7 +37,7 @@ class StrandedSteps(HostTimerStep):
             return  # still waiting its turn in the queue
         if not self.orch.ledger.claim_resend(op.id, op.position, op.step_since):
             return
-        queue = self.orch.publish_step(op.id, op.position, step, host)
+        queue = self.orch.publish_step(op.id, op.position, step, host, op.kind, op.subject)
         self.orch.ledger.mark_published(op.id, op.position, queue)
         logger.warning(
             "resent %s of %s to %s: %s", step, op.id, queue,
