@@ -214,6 +214,12 @@ def hosts(as_json: bool) -> None:
             f"{sum(h['alt_fallbacks'].values()):<11}{h['operations_in_flight']:<11}{queued}"
         )
         notes += [f"{h['host']}: {note}" for note in h["notes"]]
+        for d in h["drains"]:
+            waits = d["waiting_for"].get("operations", []) + d["waiting_for"].get("running", [])
+            notes.append(
+                f"{h['host']}: {d['worker']} draining for {d['seconds']:.0f}s, deadline in "
+                f"{d['deadline_in']:.0f}s, waiting for " + ("; ".join(waits) or "nothing")
+            )
     lines.append(f"alt routing: {orch.settings.alt_routing} (ORCHESTRATOR_ALT_ROUTING)")
     emit(as_json, data, "\n".join(lines + notes))
 

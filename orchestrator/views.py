@@ -112,6 +112,17 @@ def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
     in_flight = orch.ledger.in_flight_by_host()
+    live_nodes = {v.nodename for v in views if v.state != "down"}
+    now = time.time()
+    draining: dict[str, list[dict[str, Any]]] = {}
+    for d in orch.registry.drains(since=now - 24 * 3600):
+        if d.outcome is None and d.nodename in live_nodes:
+            draining.setdefault(d.host, []).append({
+                "worker": d.nodename, "reason": d.reason,
+                "seconds": round(now - d.started_at, 1),
+                "deadline_in": round(max(0.0, d.deadline_at - now), 1),
+                "handed_back": d.handed_back, "waiting_for": d.waiting or {},
+            })
     known = sorted({v.host for v in views})
     depths = (
         queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
@@ -134,6 +145,9 @@ def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
             "alt_steps_to": _alt_steps_to(mode, status, host),
             "alt_fallbacks": fallbacks.get(host, {}),
             "operations_in_flight": in_flight.get(host, 0),
+            # Each drain in progress: its deadline and what it waits for (a gone worker's
+            # drain is not shown: its host is down).
+            "drains": draining.get(host, []),
             "services": [
                 {"nodename": v.nodename, "state": v.state, "version": v.version,
                  "consumes_main": v.consumes_main, "consumes_alt": v.consumes_alt,

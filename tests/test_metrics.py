@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import urllib.request
@@ -63,6 +64,13 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         assert value(during, "orchestrator_drain_waiting_operations", host="compute2") == 1
         assert value(during, "orchestrator_queue_messages", host="compute2", queue="compute2",
                      kind="main") == 1, "the queue of a draining host is visible"
+        hosts = {h["host"]: h for h in json.loads(
+            CliRunner().invoke(cli, ["hosts", "--json"]).output)}
+        (drain,) = hosts["compute2"]["drains"]
+        assert drain["worker"].startswith("compute2@") and 50 < drain["deadline_in"] <= 60
+        assert [resize.id in w for w in drain["waiting_for"]["operations"]] == [True]
+        text = CliRunner().invoke(cli, ["hosts"]).output
+        assert "compute2: compute2@" in text and f"waiting for resize {resize.id}" in text
 
         assert dest.wait(timeout=30) == 0, dest.log()
         after = scrape(port)
@@ -82,9 +90,15 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         assert 'orchestrator_drains_total{host="compute2",outcome="done"} 1.0' in text
         fleet.start("compute2")
         wait_for(lambda: operations_done(late.id), 30, "the waiting boot to run")
-        del booted, resize
+        assert orch.operation(booted)["status"] == "completed"
+        assert hosts_now()["compute2"]["drains"] == [], "a gone worker is not shown draining"
     finally:
         server.shutdown()
+
+
+def hosts_now() -> dict:
+    return {h["host"]: h for h in json.loads(
+        CliRunner().invoke(cli, ["hosts", "--json"]).output)}
 
 
 def operations_done(operation_id: str) -> bool:
