@@ -13,6 +13,7 @@ from pathlib import Path
 
 from celery import Celery
 
+from nova_app.flows import TASK_PREFIX
 from nova_app.models import Instance
 from orchestrator import Orchestrator, OrchestratorError
 
@@ -26,7 +27,7 @@ app = Celery("orchestrator", include=["nova_app.steps"])
 app.conf.task_default_queue = "orchestrator"
 try:
     orch = Orchestrator(
-        app, migrations=MIGRATIONS, task_prefix="compute.", commands="nova_app.cli:COMMANDS",
+        app, migrations=MIGRATIONS, task_prefix=TASK_PREFIX, commands="nova_app.cli:COMMANDS",
         default_routing=ROUTING,
     )
 except OrchestratorError as exc:  # a bad ORCHESTRATOR_* setting: one line, no traceback

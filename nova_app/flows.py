@@ -106,6 +106,3 @@ STEP_NAMES: frozenset[str] = frozenset(s for f in FLOWS.values() for s in f.step
 #: Nova's Celery task names are the step names under this prefix (``compute.resize_instance``).
 TASK_PREFIX = "compute."
 
-
-def task_name(step: str) -> str:
-    return TASK_PREFIX + step

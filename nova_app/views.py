@@ -49,14 +49,6 @@ def operation_dict(operation_id: str) -> dict[str, Any]:
     return orch.operation(operation_id)
 
 
-def hosts(app: Any | None = None) -> list[dict[str, Any]]:
-    return engine_views.hosts(orch, with_queues=app is not None)
-
-
-def alt_routing_mode() -> str:
-    return orch.settings.alt_routing
-
-
 def wait_operation(
     operation_id: str, until: Callable[[dict[str, Any]], bool] = ended, timeout: float = 30.0,
     what: str = "",

@@ -573,9 +573,10 @@ class Orchestrator:
             queue=queue, kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "),
         )
 
-    def advance(self, operation_id: str, nxt: Any) -> None:
+    def advance(self, operation_id: str, nxt: Any, decision: Any = None) -> None:
         """Publish the step a ledger transition returned, if any, and record it (unless the
-        transition already recorded where it goes: ``nxt.queue``)."""
+        transition already recorded where it goes: ``nxt.queue``, the router's ``decision``,
+        whose fallback is counted once the step is sent)."""
         if nxt.next_step is None or nxt.next_position is None:
             return
         step, host = nxt.next_step
@@ -590,8 +591,8 @@ class Orchestrator:
         except Exception:
             self.ledger.unpublish(operation_id, nxt.next_position)
             raise
-        if nxt.decision is not None:
-            self.router.record(nxt.decision)
+        if decision is not None:
+            self.router.record(decision)
 
     def operation(self, operation_id: str) -> dict[str, Any]:
         """The operation's status: its steps, where the current one waits, its params."""

@@ -27,10 +27,6 @@ class Flow:
     rollback_on: frozenset[str] = frozenset()
 
     @property
-    def kind(self) -> str:
-        return self.name
-
-    @property
     def roles(self) -> list[str]:
         """Every role the flow's steps and rollback name, in order of first use."""
         return list(dict.fromkeys(role for _, role in self.steps + self.rollback))
@@ -48,6 +44,3 @@ class Flow:
         if failed_step not in self.rollback_on:
             return []
         return self._resolve(self.rollback, hosts)
-
-    def step_names(self) -> set[str]:
-        return {step for step, _ in self.steps + self.rollback}

@@ -62,8 +62,6 @@ class StepStart:
     #: The queue the next step was recorded as sent to, in the transaction that advanced the
     #: operation (the caller then publishes it there); None: publish and record it after.
     queue: str | None = None
-    #: The router's decision behind ``queue`` (its fallback is counted once it is sent).
-    decision: Any = None
 
 
 class Ledger:

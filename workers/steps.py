@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from typing import Any
 
 from celery import Task
@@ -87,7 +86,7 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
                     if following is not None else None)
         nxt = ledger.complete_step(operation_id, position, spec.effect, output,
                                    next_queue=decision.queue if decision else None)
-        orch.advance(operation_id, replace(nxt, decision=decision) if nxt.queue else nxt)
+        orch.advance(operation_id, nxt, decision)
         return "completed"
     except StepFailure as exc:
         logger.error("step %s of %s failed on %s: %s", step, operation_id, host, exc)
