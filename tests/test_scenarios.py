@@ -197,7 +197,7 @@ def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch
             "ORCHESTRATOR_STEP_DELAYS": "resize_instance=3",
         }, log_dir=tmp_path / "logs")
         try:
-            fleet.start("compute1")
+            source = fleet.start("compute1")
             dest = fleet.start("compute2", graceful_timeout=GRACEFUL_TIMEOUT)
             booted = run_ok(operations.boot("vm1", "compute1"))
             op = operations.resize("vm1", flavor="m1.large", dest="compute2")
@@ -208,7 +208,11 @@ def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch
 
             redis_server.restart()
             assert dest.wait(timeout=GRACEFUL_TIMEOUT) == 0, dest.log()
-            assert wait_op(op.id, ended)["status"] == "completed"
+            assert wait_op(op.id, ended)["status"] == "completed", source.log()[-4000:]
+            # The source finished resize_instance on a connection that was lost meanwhile:
+            # the ack it could not send must not end the worker.
+            assert source.proc.poll() is None, source.log()[-4000:]
+            assert "Unrecoverable error" not in source.log()
             assert views.operation_dict(late.id)["steps"] == []
             assert_conserved([booted, op.id, late.id], HOSTS)
             assert set(applied_counts([booted, op.id])) == {1}
