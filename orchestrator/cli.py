@@ -407,6 +407,18 @@ def metrics(port: int, address: str, once: bool) -> None:
         server.shutdown()
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@handles_errors
+def flower(flower_args: tuple[str, ...]) -> None:
+    """Flower with a Hosts page (drains, deadlines, queue depths) and the orchestrator's
+    metrics on /metrics; takes Flower's options (--port, --address, --basic-auth, ...)."""
+    from orchestrator import flower as orchestrator_flower
+
+    orchestrator_flower.run(current(), list(flower_args))
+
+
 @main.group()
 def db() -> None:
     """The ledger's database schema (Alembic migrations of the engine and the application)."""
@@ -434,3 +446,7 @@ def db_status(as_json: bool) -> None:
          f"{', '.join(state['heads'])}" + ("; run `orchestrator db upgrade`" if behind else ""))
     if behind:
         sys.exit(EXIT_NOT_COMPLETED)
+
+
+if __name__ == "__main__":
+    main()

@@ -115,7 +115,17 @@ def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
     live_nodes = {v.nodename for v in views if v.state != "down"}
     now = time.time()
     draining: dict[str, list[dict[str, Any]]] = {}
+    last_drain: dict[str, dict[str, Any]] = {}
     for d in orch.registry.drains(since=now - 24 * 3600):
+        if d.outcome is not None or d.nodename not in live_nodes:
+            # Oldest first: the host's most recent ended drain wins. One never ended whose
+            # worker is gone was cut short by the exit deadline or a kill.
+            last_drain[d.host] = {
+                "worker": d.nodename, "reason": d.reason, "outcome": d.outcome or "forced",
+                "seconds": None if d.ended_at is None else round(d.ended_at - d.started_at, 1),
+                "ended_ago": None if d.ended_at is None else round(now - d.ended_at, 1),
+                "handed_back": d.handed_back,
+            }
         if d.outcome is None and d.nodename in live_nodes:
             draining.setdefault(d.host, []).append({
                 "worker": d.nodename, "reason": d.reason,
@@ -148,6 +158,7 @@ def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
             # Each drain in progress: its deadline and what it waits for (a gone worker's
             # drain is not shown: its host is down).
             "drains": draining.get(host, []),
+            "last_drain": last_drain.get(host),
             "services": [
                 {"nodename": v.nodename, "state": v.state, "version": v.version,
                  "consumes_main": v.consumes_main, "consumes_alt": v.consumes_alt,

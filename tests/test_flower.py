@@ -1,0 +1,176 @@
+"""``orchestrator flower`` during a real drain: through Flower's HTTP API, its /metrics, and
+the Hosts page as headless Chromium renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nova_app import operations
+from orchestrator.fleet import Fleet, wait_for
+from tests.helpers import resize_vm1_until, wait_draining
+from tests.test_metrics import _free_port
+
+pytestmark = pytest.mark.shutdown
+
+#: Set to a directory (docs/screenshots) to keep the screenshots this test takes.
+SCREENSHOTS = os.environ.get("ORCHESTRATOR_SCREENSHOTS")
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class FlowerProcess:
+    def __init__(self, log: Path, unauthenticated_api: bool) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+        if unauthenticated_api:
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "flower", f"--port={self.port}",
+                 "--address=127.0.0.1"],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def hosts(self) -> dict[str, dict]:
+        status, body = self.get("/api/orchestrator/hosts")
+        assert status == 200, body
+        return {h["host"]: h for h in json.loads(body)["hosts"]}
+
+    def wait_up(self) -> None:
+        def answers() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                return self.get("/healthcheck")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(answers, 30, "flower to answer")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(timeout=10)
+
+
+def render(url: str, out_dir: Path, name: str) -> str:
+    """The page's DOM once its script ran, and a screenshot of it in ``out_dir/name.png``."""
+    browser = chromium()
+    assert browser is not None
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--window-size=1500,620", "--virtual-time-budget=2500"]
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    shot = out_dir / f"{name}.png"
+    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=60,
+                   check=True)
+    assert shot.stat().st_size > 10_000, f"{shot} looks empty"
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(SCREENSHOTS) / shot.name)
+    return dom
+
+
+def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
+    if chromium() is None:
+        pytest.skip("no chromium: apt-get install chromium (.ci/run installs it)")
+    # Long enough for two page loads in Chromium while the drain waits for it.
+    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=20"}
+    fleet.start("compute1", env=env)
+    dest = fleet.start("compute2", graceful_timeout=60, env=env)
+    flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
+    try:
+        flower.wait_up()
+        before = flower.hosts()
+        assert before["compute2"]["state"] == "up" and before["compute2"]["drains"] == []
+
+        booted, resize = resize_vm1_until("resize_instance")
+        dest.signal(signal.SIGTERM)
+        wait_draining("compute2")
+        late = operations.boot("vm2", "compute2")  # waits in compute2 while it drains
+
+        wait_for(lambda: flower.hosts()["compute2"]["queued"]["compute2"] == 1, 10,
+                 "the boot to wait in compute2")
+        host = flower.hosts()["compute2"]
+        assert host["state"] == "draining"
+        (drain,) = host["drains"]
+        assert 45 < drain["deadline_in"] <= 60
+        assert [resize.id in w for w in drain["waiting_for"]["operations"]] == [True]
+        assert host["operations_in_flight"] == 2  # the resize, and the boot waiting for it
+
+        status, metrics = flower.get("/metrics")
+        assert status == 200
+        assert 'orchestrator_host_state{host="compute2",state="draining"} 1.0' in metrics
+        assert 'orchestrator_queue_messages{host="compute2",kind="main",queue="compute2"} 1.0' \
+            in metrics
+        assert "flower_events_total" in metrics or "# TYPE flower_" in metrics, \
+            "Flower's own metrics are still there"
+
+        status, workers_page = flower.get("/workers")
+        assert status == 200 and 'href="/hosts"' in workers_page, "Hosts is in Flower's navbar"
+        dom = render(f"{flower.base}/hosts", tmp_path, "flower-hosts-draining")
+        row = dom.split('data-host="compute2"', 1)[1].split("</tr>", 1)[0]
+        assert 'data-state="draining"' in row and " s left" in row
+        assert resize.id in row and "resize_instance@compute1" in row, row
+        assert "compute1-alt" not in row
+        dom = render(f"{flower.base}/workers", tmp_path, "flower-workers-draining")
+        row = dom.split(">compute2@", 1)[1].split("</tr>", 1)[0]
+        assert 'data-orchestrator-state="draining"' in row and " s left" in row, row
+
+        assert dest.wait(timeout=30) == 0, dest.log()
+        gone = flower.hosts()["compute2"]
+        assert gone["state"] == "down" and gone["drains"] == []
+        assert gone["last_drain"]["outcome"] == "done"
+        assert gone["queued"]["compute2"] == 1, "a down host's waiting work stays visible"
+        dom = render(f"{flower.base}/hosts", tmp_path, "flower-hosts-gone")
+        row = dom.split('data-host="compute2"', 1)[1].split("</tr>", 1)[0]
+        assert "down (worker gone)" in row and "last: done" in row
+        dom = render(f"{flower.base}/workers", tmp_path, "flower-workers-exited")
+        row = dom.split(">compute2@", 1)[1].split("</tr>", 1)[0]
+        assert 'data-orchestrator-state="down"' in row and "Exited" in row, row
+
+        fleet.start("compute2")
+        wait_for(lambda: operations.orch.operation(late.id)["status"] == "completed", 30,
+                 "the waiting boot to run")
+        assert operations.orch.operation(booted)["status"] == "completed"
+    finally:
+        assert flower.stop() in (0, -signal.SIGTERM), flower.log_path.read_text()[-2000:]
+
+
+def test_flower_api_needs_auth_or_the_unauthenticated_flag(fleet: Fleet, tmp_path: Path) -> None:
+    """Flower's own rule applies to the Hosts API; the page stays reachable in a browser."""
+    fleet.start("compute1")
+    flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=False)
+    try:
+        flower.wait_up()
+        status, body = flower.get("/api/orchestrator/hosts")
+        assert status == 401 and "FLOWER_UNAUTHENTICATED_API" in body
+        status, body = flower.get("/hosts?json=1")
+        assert status == 200 and json.loads(body)["hosts"][0]["host"] == "compute1"
+    finally:
+        flower.stop()
