@@ -169,12 +169,16 @@ def list_(as_json: bool) -> None:
 @click.command()
 @click.option("--step-delay", default=3.0, show_default=True,
               help="Seconds resize_instance takes, so the drain happens mid-operation.")
-def demo(step_delay: float) -> None:
-    """Show a host draining mid-resize (embedded Redis when no broker is configured)."""
+@click.option("--flower/--no-flower", default=True, show_default=True,
+              help="Start Flower (orchestrator flower) beside the workers.")
+@click.option("--flower-port", default=5555, show_default=True,
+              help="Flower's port (a free one if it is taken).")
+def demo(step_delay: float, flower: bool, flower_port: int) -> None:
+    """Show a host draining mid-resize, live (embedded Redis when no broker is configured)."""
     from nova_app.demo import run_demo
 
     try:
-        code = run_demo(step_delay)
+        code = run_demo(step_delay, flower=flower, flower_port=flower_port)
     except (RuntimeError, OSError, TimeoutError) as exc:  # no broker to embed, a port taken...
         click.echo(f"demo: {exc}", err=True)
         code = 2

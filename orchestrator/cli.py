@@ -419,6 +419,59 @@ def flower(flower_args: tuple[str, ...]) -> None:
     orchestrator_flower.run(current(), list(flower_args))
 
 
+@main.command()
+@click.option("--host", "hosts", multiple=True, default=("compute1", "compute2"),
+              show_default=True, help="A host to run a worker for (repeat for more).")
+@click.option("--flower/--no-flower", default=True, show_default=True,
+              help="Start Flower (orchestrator flower) beside the workers.")
+@click.option("--flower-port", default=5555, show_default=True,
+              help="Flower's port (a free one if it is taken).")
+@click.option("--live/--plain", default=None,
+              help="Draw the fleet live (default on a terminal) or print events as lines.")
+@handles_errors
+def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None) -> None:
+    """Run a fleet here until Ctrl-C: a broker (embedded unless ORCHESTRATOR_BROKER_URL is
+    set), a ledger, one worker per host and Flower; use the CLI against it from another shell."""
+    import signal
+
+    from orchestrator.api import check_host_name
+    from orchestrator.live import Watch
+    from orchestrator.stack import local_stack
+
+    for host in hosts:
+        check_host_name(host, "--host")
+    orch = current()
+    app = click.get_current_context().find_root().params.get("app") or "orchestrator"
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with local_stack(orch, app=app, flower=flower, flower_port=flower_port,
+                         db_url=os.environ.get("ORCHESTRATOR_DB_URL")) as stack:
+            for host in hosts:
+                stack.fleet.start(host, graceful_timeout=orch.settings.graceful_shutdown_timeout)
+            exports = " ".join(f"{k}={v}" for k, v in sorted(stack.env.items()))
+            if app != "orchestrator":
+                exports += f" ORCHESTRATOR_APP={app}"
+            click.echo(f"up: workers {', '.join(hosts)}"
+                       + (f"; Flower {stack.flower_url}" if stack.flower_url else ""))
+            click.echo(f"up: in another shell: export {exports}")
+            click.echo("up: Ctrl-C stops everything")
+            watch = Watch(orch, title=f"orchestrator up: {', '.join(hosts)}",
+                          subtitle=f"Flower: {stack.flower_url}" if stack.flower_url else None)
+            if live is not None:
+                watch.live = live
+            with watch:
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("up: stopped", err=True)
+    except (RuntimeError, OSError) as exc:  # no broker to embed, a worker that did not start
+        raise SubmitError(str(exc)) from None
+
+
 @main.group()
 def db() -> None:
     """The ledger's database schema (Alembic migrations of the engine and the application)."""

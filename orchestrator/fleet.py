@@ -139,6 +139,29 @@ class Fleet:
             worker.wait_ready()
         return worker
 
+    def start_flower(self, port: int, address: str = "127.0.0.1") -> WorkerProcess:
+        """``orchestrator flower`` on ``address:port`` for this fleet's application; returns
+        once it answers."""
+        import urllib.request
+
+        app = [] if self.app == "orchestrator" else ["--app", self.app]
+        flower = self.spawn("flower", str(port), [
+            sys.executable, "-m", "orchestrator.cli", *app, "flower", f"--port={port}",
+            f"--address={address}",
+        ], ready=False)
+
+        def answers() -> bool:
+            if flower.proc.poll() is not None:
+                raise RuntimeError(f"flower exited: {flower.log()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{address}:{port}/healthcheck", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(answers, 30, f"flower on {address}:{port}")
+        return flower
+
     def stop_all(self, timeout: float = 30.0) -> None:
         for worker in self.workers:
             worker.signal(signal.SIGQUIT)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Database
@@ -353,6 +353,14 @@ class Ledger:
             if created_before is not None:
                 query = query.where(Operation.created_at <= created_before)
             return list(s.execute(query.order_by(Operation.created_at)).scalars().all())
+
+    def recent_operations(self, since: float, limit: int = 20) -> list[Operation]:
+        """Operations in flight, and those that ended after ``since``: newest first."""
+        with self.db.read() as s:
+            query = select(Operation).where(or_(
+                Operation.status.in_(ACTIVE_STATUSES), Operation.finished_at >= since,
+            )).order_by(Operation.created_at.desc()).limit(limit)
+            return list(s.execute(query).scalars().all())
 
     def in_flight_by_host(self) -> dict[str, int]:
         """Operations in flight that still need each host (one grouped, indexed query)."""

@@ -78,29 +78,30 @@ class FlowerProcess:
         return self.proc.wait(timeout=10)
 
 
-def render(url: str, out_dir: Path, name: str) -> str:
-    """The page's DOM once its script ran, and a screenshot of it in ``out_dir/name.png``."""
+def render(url: str, name: str) -> str:
+    """The page's DOM once its script ran; with ORCHESTRATOR_SCREENSHOTS, a screenshot of it
+    there too (``name``.png)."""
     browser = chromium()
     assert browser is not None
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
             "--window-size=1500,620", "--virtual-time-budget=2500"]
     dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True,
                          timeout=60, check=True).stdout
-    shot = out_dir / f"{name}.png"
-    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=60,
-                   check=True)
-    assert shot.stat().st_size > 10_000, f"{shot} looks empty"
     if SCREENSHOTS:
-        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(SCREENSHOTS) / shot.name)
+        shot = Path(SCREENSHOTS) / f"{name}.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=60,
+                       check=True)
+        assert shot.stat().st_size > 10_000, f"{shot} looks empty"
     return dom
 
 
 def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
     if chromium() is None:
         pytest.skip("no chromium: apt-get install chromium (.ci/run installs it)")
-    # Long enough for two page loads in Chromium while the drain waits for it.
-    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=20"}
+    # Long enough for the pages to load in Chromium (twice each when taking screenshots)
+    # while the drain waits for it.
+    env = {"ORCHESTRATOR_STEP_DELAYS": f"resize_instance={20 if SCREENSHOTS else 10}"}
     fleet.start("compute1", env=env)
     dest = fleet.start("compute2", graceful_timeout=60, env=env)
     flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
@@ -133,12 +134,12 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
 
         status, workers_page = flower.get("/workers")
         assert status == 200 and 'href="/hosts"' in workers_page, "Hosts is in Flower's navbar"
-        dom = render(f"{flower.base}/hosts", tmp_path, "flower-hosts-draining")
+        dom = render(f"{flower.base}/hosts", "flower-hosts-draining")
         row = dom.split('data-host="compute2"', 1)[1].split("</tr>", 1)[0]
         assert 'data-state="draining"' in row and " s left" in row
         assert resize.id in row and "resize_instance@compute1" in row, row
         assert "compute1-alt" not in row
-        dom = render(f"{flower.base}/workers", tmp_path, "flower-workers-draining")
+        dom = render(f"{flower.base}/workers", "flower-workers-draining")
         row = dom.split(">compute2@", 1)[1].split("</tr>", 1)[0]
         assert 'data-orchestrator-state="draining"' in row and " s left" in row, row
 
@@ -147,10 +148,10 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
         assert gone["state"] == "down" and gone["drains"] == []
         assert gone["last_drain"]["outcome"] == "done"
         assert gone["queued"]["compute2"] == 1, "a down host's waiting work stays visible"
-        dom = render(f"{flower.base}/hosts", tmp_path, "flower-hosts-gone")
+        dom = render(f"{flower.base}/hosts", "flower-hosts-gone")
         row = dom.split('data-host="compute2"', 1)[1].split("</tr>", 1)[0]
         assert "down (worker gone)" in row and "last: done" in row
-        dom = render(f"{flower.base}/workers", tmp_path, "flower-workers-exited")
+        dom = render(f"{flower.base}/workers", "flower-workers-exited")
         row = dom.split(">compute2@", 1)[1].split("</tr>", 1)[0]
         assert 'data-orchestrator-state="down"' in row and "Exited" in row, row
 

@@ -1,0 +1,107 @@
+"""The README's main command, as a new user runs it: ``orchestrator demo`` from any directory
+with no broker configured (an embedded Redis), and ``orchestrator up`` used from another shell.
+Without a terminal both print plain event lines, which is what these tests read."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.fleet import wait_for
+
+pytestmark = pytest.mark.shutdown
+
+CLI = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def _fresh_env(tmp_path: Path) -> dict[str, str]:
+    """No broker, database or routing file configured: what a fresh machine has."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            return False
+    return True
+
+
+@pytest.mark.timeout(180)
+def test_demo_on_a_fresh_machine(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*CLI, "demo", "--step-delay", "2"], cwd=tmp_path, env=_fresh_env(tmp_path),
+        capture_output=True, text=True, timeout=170,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "Traceback" not in out + done.stderr
+    assert "started an embedded Redis" in out
+    assert re.search(r"Flower: http://127\.0\.0\.1:\d+/", out)
+    # The story, and the fleet's own events around it, in order.
+    story = ["SIGTERM to compute2", "host compute2: up -> draining",
+             "queue compute2: 1 message(s) waiting", "compute2 exited with status 0",
+             "resize completed: vm1 is on compute2", "host compute2: down -> up",
+             "boot vm2 completed on compute2 after the restart", "demo succeeded"]
+    positions = [out.find(line) for line in story]
+    assert -1 not in positions and positions == sorted(positions), out
+    assert re.search(r"resize \w{8} \(vm1\): finish_resize@compute2", out), out
+
+
+@pytest.mark.timeout(180)
+def test_up_serves_the_cli_until_ctrl_c(tmp_path: Path) -> None:
+    env = _fresh_env(tmp_path)
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        up = subprocess.Popen([*CLI, "up", "--no-flower", "--plain"], cwd=tmp_path, env=env,
+                              stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        exports = wait_for(
+            lambda: re.search(r"in another shell: export (.*)", log.read_text()), 90,
+            "up to print its settings")
+        shell = dict(env, **dict(pair.split("=", 1) for pair in exports.group(1).split()))
+        boot = subprocess.run([*CLI, "boot", "vm1", "--host", "compute1", "--json"],
+                              cwd=tmp_path, env=shell, capture_output=True, text=True,
+                              timeout=60)
+        assert boot.returncode == 0, boot.stdout + boot.stderr
+        operation = re.search(r'"operation": "([0-9a-f-]+)"', boot.stdout).group(1)
+        waited = subprocess.run([*CLI, "wait", operation], cwd=tmp_path, env=shell,
+                                capture_output=True, text=True, timeout=60)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        wait_for(lambda: "(vm1) completed" in log.read_text(), 10, "up to show the boot")
+        started = _descendants(up.pid)
+        assert len(started) >= 3, "a Redis and two workers"
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(timeout=60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+    assert code == 0, log.read_text()
+    wait_for(lambda: _gone(started), 10, "every process up started to be gone")
+    assert "Traceback" not in log.read_text()
