@@ -845,6 +845,48 @@ class Bench:
             "plain_samples": samples["plain"], "ours": ours_s, "plain": plain_s,
             "exit_codes": codes, "ratio_ours_over_plain": ratio(ours_s, plain_s),
         }
+        self.busy_drain()
+
+    def busy_drain(self) -> None:
+        """SIGTERM while a boot's build runs on the host: the drain waits for the build and
+        for the event step that follows it (through <host>-alt); measured from the end of
+        that last step (its finished_at in the ledger) to the worker's exit."""
+        reps = self.config.drain_reps
+        log(f"[drain] busy worker: from the last step it waited for to exit, x {reps}")
+        samples: list[float] = []
+        for rep in range(reps):
+            worker = self.fleet.start(
+                DRAIN_HOST, concurrency=self.config.concurrency, ready=False,
+                env={"ORCHESTRATOR_STEP_DELAYS": "build_and_run_instance=1"},
+            )
+            self.processes.track(worker.proc)
+            worker.wait_ready(timeout=60)
+            self.processes.note_children(worker.proc)
+            accepted = self.operations.boot(f"{PREFIX}-busy-{rep}-{uuid.uuid4().hex[:6]}",
+                                            DRAIN_HOST)
+            op_id = accepted.id
+            poll_until(lambda op_id=op_id: (self.orch.operation(op_id)["current_step"] or {})
+                       .get("state") == "running", 30, "the build to run", 0.01)
+            worker.proc.send_signal(signal.SIGTERM)
+            try:
+                code = worker.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.run.problem("busy drain: still running 60s after SIGTERM; killed")
+                worker.proc.kill()
+                worker.proc.wait(timeout=10)
+                continue
+            exited = time.time()
+            data = self.orch.operation(accepted.id)
+            if code != 0 or data["status"] != "completed":
+                self.run.problem(f"busy drain: exit {code}, boot {data['status']}")
+                continue
+            last = max(step["finished_at"] for step in data["steps"])
+            samples.append(exited - last)
+            log(f"  rep {rep + 1}: exit {exited - last:.3f}s after the last step ended")
+        self.run.results["busy_drain"] = {
+            "repetitions": reps, "unit": "seconds", "samples": samples,
+            "median": median(samples) if samples else None,
+        }
 
 
 # -- redis hygiene, output, main -----------------------------------------------------------
@@ -919,6 +961,10 @@ def table(run: Run) -> str:
         rows.append((f"idle SIGTERM->exit (median of {d['repetitions']})",
                      fmt(d["ours"], "s"), fmt(d["plain"], "s"),
                      f"{d['ratio_ours_over_plain']:.2f}x time"))
+    if r.get("busy_drain", {}).get("median") is not None:
+        b = r["busy_drain"]
+        rows.append((f"busy drain: last step ended->exit (median of {b['repetitions']})",
+                     fmt(b["median"], "s"), "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
                        for i, cell in enumerate(row)).rstrip() for row in rows]

@@ -44,6 +44,7 @@ from orchestrator.routing import ALT_SUFFIX, split_queue
 from orchestrator.state import step_task_id
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 from workers.poolstop import stop_idle_pool
+from workers.wakeup import unblock_consumer
 
 logger = get_logger(__name__)
 
@@ -373,6 +374,7 @@ class Drain(bootsteps.StartStopStep):
         if not waiting:
             logger.warning("drain: nothing left in flight; exiting")
             worker_state.should_stop = 0
+            unblock_consumer(self.worker.consumer)
             return
         if time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
             self._last_log = time.monotonic()
