@@ -1,13 +1,17 @@
 """The ledger: operation state transitions, written so that any step may be delivered twice.
 
-A step runs in three moves: :meth:`Ledger.begin_step` (claim it), the step's work (slow,
-outside any transaction), then :meth:`Ledger.complete_step`, which applies the step's effect,
-merges what the step returned into the operation's params and advances the operation in one
-transaction guarded by the operation's ``position``: a second delivery of the same step finds
-the position moved on and changes nothing. The next step's message is published after that
-commit and recorded by :meth:`Ledger.mark_published`; a redelivered step that finds the next
-one not yet recorded publishes it again, so a crash between the commit and the publish
-strands nothing.
+A step runs in three moves: :meth:`Ledger.begin_step` (may it run? a read), the step's work
+(slow, outside any transaction), then :meth:`Ledger.complete_step`, which records the attempt,
+applies the step's effect, merges what the step returned into the operation's params, advances
+the operation and records the next step as sent, in one transaction guarded by the operation's
+``position``: a second delivery of the same step finds the position moved on and changes
+nothing. So an executed step costs one write transaction. A step that runs longer than a
+moment is also recorded as running while it runs (:meth:`Ledger.claim_step`, from a timer in
+the worker), so operators and drains see it; a short one is not worth that second write.
+
+The next step's message is published after the commit; if that publish fails, or the process
+dies before it, a redelivery of the step (or the stranded-step resend) publishes it again, so
+nothing is stranded.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from orchestrator.errors import StepMismatch, UnknownOperation
 from orchestrator.flows import Flow
 from orchestrator.models import Event, Operation, OperationHost, StepRecord
 
-__all__ = ["ACTIVE_STATUSES", "Effect", "Ledger", "StepMismatch", "StepStart",
+__all__ = ["ACTIVE_STATUSES", "Attempt", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
 
 ACTIVE_STATUSES = ("queued", "running")
@@ -41,6 +45,16 @@ def step_task_id(operation_id: str, position: int) -> str:
     """The Celery task id of a step's message: the same for every copy of it (redelivery,
     retry, resend), which is how a worker tells which steps it holds."""
     return f"{operation_id}.{position}"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery of a step as a worker ran it: by whom, since when, and whether it was
+    already recorded as running (claimed) while it ran."""
+
+    worker: str
+    started_at: float
+    claimed: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,10 +124,15 @@ class Ledger:
 
     # -- a step's life ---------------------------------------------------------------------
     def begin_step(
-        self, operation_id: str, position: int, step: str, host: str, worker: str
+        self, operation_id: str, position: int, step: str, host: str, worker: str,
+        claim: bool = True,
     ) -> StepStart:
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
+        """May this delivery of the step run? With ``claim``, also record it as running (a
+        write); without, only read: the completion records the attempt."""
+        with (self.db.session() if claim else self.db.read()) as s:
+            op = self.locked(s, operation_id) if claim else s.get(Operation, operation_id)
+            if op is None:
+                raise UnknownOperation(f"unknown operation {operation_id!r}")
             if not 0 <= position < len(op.plan) or tuple(op.plan[position]) != (step, host):
                 raise StepMismatch(
                     f"operation {operation_id} has no step {step}@{host} at position {position}"
@@ -126,45 +145,89 @@ class Ledger:
                 return StepStart("duplicate")
             if op.step_state == "waiting":  # its work is done; the event will finish it
                 return StepStart("duplicate")
-            op.status, op.step_state, op.step_since = "running", "running", time.time()
             rec = self._record(s, op, position)
-            if rec is None:
-                rec = StepRecord(operation_id=op.id, position=position, step=step, host=host)
-                s.add(rec)
-            rec.status, rec.worker, rec.started_at = "running", worker, time.time()
-            rec.attempts = (rec.attempts or 0) + 1
+            if claim:
+                rec = self._claim(s, op, position, Attempt(worker, time.time()), rec)
+                attempt = rec.attempts
+            else:
+                attempt = (rec.attempts if rec is not None else 0) + 1
             following = op.plan[position + 1] if position + 1 < len(op.plan) else None
-            return StepStart("run", attempt=rec.attempts, kind=op.kind, subject=op.subject,
+            return StepStart("run", attempt=attempt, kind=op.kind, subject=op.subject,
                              params=dict(op.params or {}), hosts=dict(op.hosts or {}),
                              following=tuple(following) if following else None)
+
+    def claim_step(self, operation_id: str, position: int, attempt: Attempt) -> bool:
+        """Record a step that is taking a while as running (``attempt``: this delivery);
+        False if the operation has moved on meanwhile."""
+        with self.db.session() as s:
+            op = self.locked(s, operation_id)
+            if (op.position != position or op.status not in ACTIVE_STATUSES
+                    or op.step_state == "waiting"):
+                return False
+            self._claim(s, op, position, attempt, self._record(s, op, position))
+            return True
+
+    def record_attempt(self, operation_id: str, position: int, attempt: Attempt) -> None:
+        """Count an attempt that ended in an error and will be retried (unless its claim
+        counted it already), so the next delivery knows which attempt it is."""
+        if attempt.claimed:
+            return
+        with self.db.session() as s:
+            op = self.locked(s, operation_id)
+            if op.position == position and op.status in ACTIVE_STATUSES:
+                self._attempt_record(s, op, position, attempt).status = "running"
+
+    def _claim(self, s: Session, op: Operation, position: int, attempt: Attempt,
+               rec: StepRecord | None) -> StepRecord:
+        op.status, op.step_state, op.step_since = "running", "running", time.time()
+        rec = self._attempt_record(s, op, position, attempt, rec)
+        rec.status = "running"
+        return rec
+
+    def _attempt_record(self, s: Session, op: Operation, position: int,
+                        attempt: Attempt | None, rec: StepRecord | None = None) -> StepRecord:
+        """The step's record, counting ``attempt`` unless its claim already did."""
+        rec = rec or self._record(s, op, position)
+        if rec is None:
+            step, host = op.plan[position]
+            rec = StepRecord(operation_id=op.id, position=position, step=step, host=host,
+                             attempts=0)
+            s.add(rec)
+        if attempt is not None and not attempt.claimed:
+            rec.attempts = (rec.attempts or 0) + 1
+            rec.worker, rec.started_at = attempt.worker, attempt.started_at
+            op.status = "running"
+        return rec
 
     def complete_step(
         self, operation_id: str, position: int, effect: Effect = no_effect,
         output: Mapping[str, Any] | None = None, next_queue: str | None = None,
+        attempt: Attempt | None = None,
     ) -> StepStart:
         """Apply the step's effect and output and advance; returns what to publish next.
 
-        With ``next_queue`` (where the router sends the plan's next step) the next step is
-        recorded as sent there in this same transaction, and the caller publishes it after the
-        commit: one write per executed step besides :meth:`begin_step`. If that publish
-        fails, :meth:`unpublish` puts it back to "not sent" (the retried step sends it again);
-        if the process dies in between, the stranded-step resend sends it.
+        ``attempt`` (this delivery) is recorded here unless its claim did. With
+        ``next_queue`` (where the router sends the plan's next step) the next step is recorded
+        as sent there in this same transaction, and the caller publishes it after the commit:
+        one write per executed step. If that publish fails, :meth:`unpublish` puts it back to
+        "not sent" (the retried step sends it again); if the process dies in between, the
+        stranded-step resend sends it.
         """
         with self.db.session() as s:
             op = self.locked(s, operation_id)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return StepStart("duplicate")
-            return self._complete(s, op, position, effect, output, next_queue)
+            return self._complete(s, op, position, effect, output, next_queue, attempt)
 
     def _complete(
         self, s: Session, op: Operation, position: int, effect: Effect,
         output: Mapping[str, Any] | None = None, next_queue: str | None = None,
+        attempt: Attempt | None = None,
     ) -> StepStart:
         if output:
             op.params = {**(op.params or {}), **output}
         effect(s, op)
-        rec = self._record(s, op, position)
-        assert rec is not None, "complete_step without begin_step"
+        rec = self._attempt_record(s, op, position, attempt)
         rec.status, rec.finished_at = "completed", time.time()
         rec.applied = (rec.applied or 0) + 1
         op.position, op.wait = position + 1, None
@@ -199,7 +262,8 @@ class Ledger:
                 op.next_published, op.queue, op.step_since = True, queue, time.time()
 
     def fail_step(
-        self, operation_id: str, position: int, error: str, effect: Effect = no_effect
+        self, operation_id: str, position: int, error: str, effect: Effect = no_effect,
+        attempt: Attempt | None = None,
     ) -> StepStart:
         """Record that the step failed: run the flow's rollback steps if it has some for this
         step, otherwise end the operation as failed. Returns the rollback step to publish."""
@@ -207,13 +271,15 @@ class Ledger:
             op = self.locked(s, operation_id)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return StepStart("duplicate")
-            return self._fail(s, op, position, error, effect)
+            return self._fail(s, op, position, error, effect, attempt)
 
     def _fail(
-        self, s: Session, op: Operation, position: int, error: str, effect: Effect
+        self, s: Session, op: Operation, position: int, error: str, effect: Effect,
+        attempt: Attempt | None = None,
     ) -> StepStart:
         effect(s, op)
-        rec = self._record(s, op, position)
+        rec = (self._attempt_record(s, op, position, attempt) if attempt is not None
+               else self._record(s, op, position))
         if rec is not None:
             rec.status, rec.finished_at = "failed", time.time()
         step = op.plan[position][0]
@@ -236,7 +302,7 @@ class Ledger:
     # -- event waits -----------------------------------------------------------------------
     def wait_for_event(
         self, operation_id: str, position: int, event: str, key: str, timeout: float,
-        output: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None, attempt: Attempt | None = None,
     ) -> bool:
         """Park the step until ``event`` is delivered for ``key`` (or ``timeout`` passes).
 
@@ -247,8 +313,8 @@ class Ledger:
             op = self.locked(s, operation_id)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return False
-            rec = self._record(s, op, position)
-            assert rec is not None and rec.started_at is not None, "wait before begin_step"
+            rec = self._attempt_record(s, op, position, attempt)
+            assert rec.started_at is not None, "wait for an attempt nobody recorded"
             rec.status = "waiting"
             if output:
                 op.params = {**(op.params or {}), **output}

@@ -1,9 +1,13 @@
 """How a step runs in a worker, for any application's steps.
 
 Every step message has the same shape (``operation_id``, ``position``, ``host``) and the same
-life: claim the step in the ledger, run the application's step function (slow, outside any
-transaction), then complete it, applying its effect and what it returned, and publish the next
-step of the plan. A :class:`~orchestrator.errors.StepFailure` fails the operation (running the
+life: ask the ledger whether it may run (a read), run the application's step function (slow,
+outside any transaction), then complete it in one write, recording the attempt, applying its
+effect and what it returned, and publish the next step of the plan. A step still running after
+:data:`CLAIM_AFTER_SECONDS` is recorded as running meanwhile (:class:`Claim`), so that
+operators and drains see it; a short step never pays for that second write.
+
+A :class:`~orchestrator.errors.StepFailure` fails the operation (running the
 flow's rollback when the step is in ``rollback_on``); any other exception is retried a few times,
 then fails it, so an operation is never left "running" with no message anywhere.
 """
@@ -12,15 +16,47 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
 from celery import Task
 
 from orchestrator.errors import StepFailure, StepMismatch, UnknownOperation
+from orchestrator.state import Attempt
 from workers.validation import check_step_call, reject
 
 logger = logging.getLogger(__name__)
+
+#: A step that has run this long is recorded as running (one more write) while it runs.
+CLAIM_AFTER_SECONDS = 0.25
+
+
+class Claim:
+    """Records this delivery of a step as running once it has run CLAIM_AFTER_SECONDS (from a
+    timer thread of the pool process), and says at the end whether it did."""
+
+    def __init__(self, ledger: Any, operation_id: str, position: int, worker: str) -> None:
+        self.ledger, self.operation_id, self.position = ledger, operation_id, position
+        self.worker, self.started_at = worker, time.time()
+        self.claimed = False
+        self._timer = threading.Timer(CLAIM_AFTER_SECONDS, self._claim)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _claim(self) -> None:
+        try:
+            self.claimed = self.ledger.claim_step(
+                self.operation_id, self.position, Attempt(self.worker, self.started_at))
+        except Exception as exc:  # the completion records the attempt anyway
+            logger.warning("step %s.%s: could not record it as running: %r",
+                           self.operation_id, self.position, exc)
+
+    def done(self) -> Attempt:
+        """Stop the timer (waiting for a claim under way) and return the attempt."""
+        self._timer.cancel()
+        self._timer.join()
+        return Attempt(self.worker, self.started_at, self.claimed)
 
 
 class StepTask(Task):
@@ -60,7 +96,8 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
     from orchestrator.api import StepContext
 
     ledger, step = orch.ledger, spec.name
-    start = ledger.begin_step(operation_id, position, step, host, worker=task.request.hostname)
+    start = ledger.begin_step(operation_id, position, step, host, worker=task.request.hostname,
+                              claim=False)
     if start.outcome == "duplicate":
         logger.info("step %s of %s delivered again: already done, dropped", step, operation_id)
         return "duplicate"
@@ -73,11 +110,16 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         attempt=start.attempt, params=start.params, hosts=start.hosts, flow=start.kind,
         subject=start.subject,
     )
+    claim = Claim(ledger, operation_id, position, task.request.hostname)
     try:
-        output = _output(step, spec.fn(ctx))
+        try:
+            output = _output(step, spec.fn(ctx))
+        finally:
+            attempt = claim.done()
         if ctx.waiting is not None:  # completed by workers.waits.EventWaits once it arrives
             event_name, key, timeout = ctx.waiting
-            ledger.wait_for_event(operation_id, position, event_name, key, timeout, output)
+            ledger.wait_for_event(operation_id, position, event_name, key, timeout, output,
+                                  attempt=attempt)
             return "waiting"
         # Where the next step goes is decided before the transaction that records it as sent;
         # a fallback to <host> is counted (a write of its own) once that step is sent.
@@ -85,27 +127,34 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         decision = (orch.router.decide(*following, record=False)
                     if following is not None else None)
         nxt = ledger.complete_step(operation_id, position, spec.effect, output,
-                                   next_queue=decision.queue if decision else None)
+                                   next_queue=decision.queue if decision else None,
+                                   attempt=attempt)
         orch.advance(operation_id, nxt, decision)
         return "completed"
     except StepFailure as exc:
         logger.error("step %s of %s failed on %s: %s", step, operation_id, host, exc)
         orch.advance(operation_id, ledger.fail_step(
-            operation_id, position, f"{step}@{host}: {exc}", spec.on_failure
+            operation_id, position, f"{step}@{host}: {exc}", spec.on_failure,
+            attempt=claim.done(),
         ))
         return "failed"
     except Exception as exc:
-        _retry_or_fail(orch, spec, task, operation_id, position, host, exc)
+        _retry_or_fail(orch, spec, task, operation_id, position, host, exc, claim.done())
         raise
 
 
 def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
-                   host: str, exc: Exception) -> None:
+                   host: str, exc: Exception, attempt: Attempt) -> None:
     """An unexpected error (database, broker, bug): Celery would acknowledge the message and
     strand the operation. Send the step again, to the same queue, a few times with backoff;
     then fail the operation."""
     retries, step = task.request.retries, spec.name
     if retries < orch.max_retries:
+        try:
+            orch.ledger.record_attempt(operation_id, position, attempt)
+        except Exception as record_exc:  # the database may be what failed: retry anyway
+            logger.warning("step %s of %s: could not count the attempt: %r", step,
+                           operation_id, record_exc)
         logger.warning("step %s of %s on %s: %r; retry %d of %d", step, operation_id, host,
                        exc, retries + 1, orch.max_retries)
         queue = (task.request.delivery_info or {}).get("routing_key")
@@ -116,4 +165,5 @@ def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position
     orch.advance(operation_id, orch.ledger.fail_step(
         operation_id, position,
         f"{step}@{host}: gave up after {orch.max_retries} retries: {exc!r}", spec.on_failure,
+        attempt=attempt,
     ))
