@@ -663,17 +663,23 @@ class Bench:
             orch.registry.register(f"{host}@bench", host, consumes_main=True,
                                    consumes_alt=True, pid=os.getpid())
         a, b = FLOW_HOSTS
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+        from sqlalchemy import func, select
+
+        from orchestrator.models import Operation
+
+        def completed() -> int:  # any database: SQLite by default, --db-url for another
+            with orch.db.read() as s:
+                return s.execute(select(func.count()).select_from(Operation).where(
+                    Operation.status == "completed", Operation.kind == "three")).scalar_one()
 
         def ours_batch(count: int) -> dict[str, float]:
-            before = self._op_counts(conn).get("completed", 0)
+            before = completed()
             start = time.monotonic()
             for _ in range(count):
                 orch.submit("three", hosts={"a": a, "b": b})
             submitted = time.monotonic()
-            end = poll_until(lambda: self._op_counts(conn).get("completed", 0) - before
-                             >= count, timeout=120 + count, what=f"{count} flows",
-                             interval=0.01)
+            end = poll_until(lambda: completed() - before >= count, timeout=120 + count,
+                             what=f"{count} flows", interval=0.01)
             return {"seconds": end - start, "submit_seconds": submitted - start,
                     "ops_per_second": count / (end - start)}
 
@@ -709,7 +715,6 @@ class Bench:
                     code = self.stop(proc, f"{name} flow worker")
                     if code not in (0, None):
                         self.run.problem(f"{name} flow worker exited {code} after SIGTERM")
-        conn.close()
         ours_ops = median([x["ops_per_second"] for x in samples["ours"]])
         plain_ops = median([x["ops_per_second"] for x in samples["plain"]])
         self.run.results["flow"] = {
@@ -986,6 +991,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=("publish", "e2e", "flow", "ledger", "drain"),
                         action="append",
                         help="run only this measurement (repeatable)")
+    parser.add_argument("--db-url", metavar="URL",
+                        help="the ledger's database for the flow and drain measurements "
+                             "(default: a temporary SQLite file), e.g. postgresql+psycopg://"
+                             "postgres@127.0.0.1/orchestrator_bench")
     parser.add_argument("--keep-tmp", action="store_true",
                         help="keep the temporary directory (SQLite file, worker logs)")
     return parser.parse_args(argv)
@@ -1006,7 +1015,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # orchestrator.app reads these at import: set them before anything imports it.
     os.environ["ORCHESTRATOR_BROKER_URL"] = args.redis_url
-    os.environ["ORCHESTRATOR_DB_URL"] = f"sqlite:///{tmp / 'orchestrator.db'}"
+    if args.db_url and only & {"e2e", "ledger"}:
+        raise SystemExit("benchmark: --db-url applies to --only flow and --only drain "
+                         "(e2e and ledger read the SQLite file directly)")
+    os.environ["ORCHESTRATOR_DB_URL"] = args.db_url or f"sqlite:///{tmp / 'orchestrator.db'}"
     os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(REPO_ROOT / "routing.yaml")
     os.environ["ORCHESTRATOR_STEP_DELAY"] = "0"
     for name in ("ORCHESTRATOR_STEP_DELAYS", "ORCHESTRATOR_FAIL_STEPS"):

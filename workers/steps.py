@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -33,30 +34,77 @@ CLAIM_AFTER_SECONDS = 0.25
 
 
 class Claim:
-    """Records this delivery of a step as running once it has run CLAIM_AFTER_SECONDS (from a
-    timer thread of the pool process), and says at the end whether it did."""
+    """Records this delivery of a step as running once it has run CLAIM_AFTER_SECONDS (from
+    the pool process's :class:`ClaimTimer`), and says at the end whether it did."""
 
     def __init__(self, ledger: Any, operation_id: str, position: int, worker: str) -> None:
         self.ledger, self.operation_id, self.position = ledger, operation_id, position
         self.worker, self.started_at = worker, time.time()
+        self.due = self.started_at + CLAIM_AFTER_SECONDS
         self.claimed = False
-        self._timer = threading.Timer(CLAIM_AFTER_SECONDS, self._claim)
-        self._timer.daemon = True
-        self._timer.start()
+        self.finished = threading.Event()
+        ClaimTimer.of(ledger).add(self)
 
-    def _claim(self) -> None:
+    def claim(self) -> None:
         try:
             self.claimed = self.ledger.claim_step(
                 self.operation_id, self.position, Attempt(self.worker, self.started_at))
         except Exception as exc:  # the completion records the attempt anyway
             logger.warning("step %s.%s: could not record it as running: %r",
                            self.operation_id, self.position, exc)
+        finally:
+            self.finished.set()
 
     def done(self) -> Attempt:
-        """Stop the timer (waiting for a claim under way) and return the attempt."""
-        self._timer.cancel()
-        self._timer.join()
+        """Withdraw the claim if it is still to come, else wait for it; the attempt."""
+        if ClaimTimer.of(self.ledger).withdraw(self):
+            self.finished.set()
+        self.finished.wait()
         return Attempt(self.worker, self.started_at, self.claimed)
+
+
+class ClaimTimer:
+    """One thread per process, hung on the ledger, that makes the claims that come due: a
+    thread started per step would cost more than the write it saves (Thread.start waits for
+    the new thread to be scheduled)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._cond = threading.Condition()
+        self._pending: dict[int, Claim] = {}
+        self._thread = threading.Thread(target=self._run, name="step-claims", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def of(cls, ledger: Any) -> ClaimTimer:
+        timer = getattr(ledger, "claim_timer", None)
+        if timer is None or timer.pid != os.getpid():  # none yet, or the parent's (fork)
+            timer = ledger.claim_timer = cls()
+        return timer
+
+    def add(self, claim: Claim) -> None:
+        with self._cond:
+            self._pending[id(claim)] = claim
+            self._cond.notify()
+
+    def withdraw(self, claim: Claim) -> bool:
+        """True if the claim had not been made (it will not be)."""
+        with self._cond:
+            return self._pending.pop(id(claim), None) is not None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.time()
+                due = [c for c in self._pending.values() if c.due <= now]
+                if not due:
+                    nearest = min((c.due for c in self._pending.values()), default=None)
+                    self._cond.wait(None if nearest is None else nearest - now)
+                    continue
+                for claim in due:
+                    del self._pending[id(claim)]
+            for claim in due:
+                claim.claim()
 
 
 class StepTask(Task):
