@@ -465,10 +465,13 @@ class Orchestrator:
                 self._abandon(op_id, first, exc)
             self.router.record(decision)
             return op_id
-        self.routing  # noqa: B018  (validates routing.yaml before anything is recorded)
-        op_id = self._record(session, spec, hosts, params, subject)
+        # The same in the caller's transaction: the operation is recorded with its first step
+        # as sent to the queue routed now, and that step is published once it commits.
+        decision = self.router.decide(*first, record=False)
+        op_id = self._record(session, spec, hosts, params, subject, queue=decision.queue)
         event.listen(session, "after_commit",
-                     lambda _s: self._send_first(op_id, first, spec.name, subject), once=True)
+                     lambda _s: self._send_first(op_id, first, decision, spec.name, subject),
+                     once=True)
         return op_id
 
     def _check_submit(
@@ -522,7 +525,7 @@ class Orchestrator:
             kind=spec.name, subject=subject, holds=subject, plan=spec.plan(hosts),
             hosts=dict(hosts), params=dict(params or {}), status="queued", position=0,
             step_state="queued", step_since=time.time(), next_published=queue is not None,
-            queue=queue,
+            queue=queue, current_host=spec.plan(hosts)[0][1],
         )
         s.add(op)
         try:
@@ -533,15 +536,16 @@ class Orchestrator:
         self.ledger.index_hosts(s, op, new=True)
         return op.id
 
-    def _send_first(self, op_id: str, first: Sequence[str], kind: str = "",
+    def _send_first(self, op_id: str, first: Sequence[str], decision: Any, kind: str = "",
                     subject: str | None = None) -> None:
-        """Queue the first step; if the broker refuses, the operation is failed, not stuck."""
+        """Queue the first step where it was recorded as sent; if the broker refuses, the
+        operation is failed, not stuck."""
         step, host = first
         try:
-            queue = self.publish_step(op_id, 0, step, host, kind, subject)
+            self.send_step(op_id, 0, step, host, decision.queue, kind, subject)
         except Exception as exc:
             self._abandon(op_id, first, exc)
-        self.ledger.mark_published(op_id, 0, queue)
+        self.router.record(decision)
 
     def _abandon(self, op_id: str, first: Sequence[str], exc: Exception) -> None:
         step, host = first
