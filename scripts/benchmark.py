@@ -745,7 +745,9 @@ class Bench:
             log(f"  {fleet_size} hosts ({entry['operations']} operations): operations_needing "
                 f"{entry['needing_ms']:.2f} ms (fleet-wide scan "
                 f"{entry['fleet_scan_needing_ms']:.1f} ms), stranded_steps "
-                f"{entry['stranded_ms']:.2f} ms, waits {entry['waits_ms']:.2f} ms")
+                f"{entry['stranded_ms']:.2f} ms, waits {entry['waits_ms']:.2f} ms; routing "
+                f"decision {entry['decide_us']:.1f} us, registry snapshot "
+                f"{entry['snapshot_ms']:.2f} ms")
         sizes = [str(n) for n in self.config.ledger_hosts]
         if len(sizes) >= 2:
             small, large = out["fleets"][sizes[0]], out["fleets"][sizes[-1]]
@@ -793,8 +795,21 @@ class Bench:
                 times.append(time.perf_counter() - start)
             return median(times) * 1e3
 
+        from orchestrator.registry import Registry
+        from orchestrator.routing import AltCapability, StepRouter
+
+        registry = Registry(db)
+        for h in hosts:
+            registry.register(f"{h}@bench", h, consumes_main=True, consumes_alt=True, pid=1)
+        router = StepRouter(self.orch.routing, mode="auto",
+                            capability=AltCapability(registry.alt_snapshot, 5.0))
+        step = next(iter(self.orch.routing.routes))
+
         return {
             "operations": total,
+            # The router: one registry snapshot per cache period, then a lookup per decision.
+            "snapshot_ms": time_it(registry.alt_snapshot),
+            "decide_us": time_it(lambda: router.decide(step, host, record=False), 200) * 1e3,
             "needing_ms": time_it(lambda: ledger.operations_needing(host)),
             "stranded_ms": time_it(lambda: ledger.stranded_steps(host, 5, 60)),
             "waits_ms": time_it(lambda: ledger.settle_waits(host, lambda s: None,
@@ -803,9 +818,20 @@ class Bench:
         }
 
     # -- 3. drain --------------------------------------------------------------------------
+    def _rss_mb(self, pid: int) -> float:
+        """Resident memory of a worker: its MainProcess and its pool processes."""
+        total = 0
+        for p in [pid, *_children(pid)]:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total / 1024
+
     def _sigterm_to_exit(self, proc: subprocess.Popen, what: str) -> tuple[float | None, int]:
         self.processes.note_children(proc)
         time.sleep(0.5)  # idle: let the consumer settle after " ready."
+        self.memory.setdefault(what, []).append(self._rss_mb(proc.pid))
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -819,6 +845,7 @@ class Bench:
 
     def drain(self) -> None:
         reps = self.config.drain_reps
+        self.memory: dict[str, list[float]] = {}
         log(f"[drain] idle worker, SIGTERM to exit, x {reps}")
         samples: dict[str, list[float]] = {"ours": [], "plain": []}
         codes: dict[str, list[int]] = {"ours": [], "plain": []}
@@ -849,6 +876,13 @@ class Bench:
             "repetitions": reps, "unit": "seconds", "ours_samples": samples["ours"],
             "plain_samples": samples["plain"], "ours": ours_s, "plain": plain_s,
             "exit_codes": codes, "ratio_ours_over_plain": ratio(ours_s, plain_s),
+        }
+        ours_mb = median(self.memory["orchestrator worker"])
+        plain_mb = median(self.memory["plain worker"])
+        self.run.results["memory"] = {
+            "unit": "MiB, resident, MainProcess + pool processes (-c "
+                    f"{self.config.concurrency}), idle", "ours": ours_mb, "plain": plain_mb,
+            "ratio_ours_over_plain": ratio(ours_mb, plain_mb),
         }
         self.busy_drain()
 
@@ -954,6 +988,8 @@ def table(run: Run) -> str:
     if "ledger" in r:
         g = r["ledger"]
         for size, entry in g["fleets"].items():
+            rows.append((f"routing decision, {size} hosts registered",
+                         f"{entry['decide_us']:.1f} us", "", ""))
             rows.append((f"ledger, {size} hosts x {g['operations_per_host']} ops: needing(host)",
                          f"{entry['needing_ms']:.2f} ms",
                          f"scan {entry['fleet_scan_needing_ms']:.1f} ms",
@@ -966,6 +1002,10 @@ def table(run: Run) -> str:
         rows.append((f"idle SIGTERM->exit (median of {d['repetitions']})",
                      fmt(d["ours"], "s"), fmt(d["plain"], "s"),
                      f"{d['ratio_ours_over_plain']:.2f}x time"))
+    if "memory" in r:
+        m = r["memory"]
+        rows.append(("idle worker memory, RSS incl. pool", f"{m['ours']:.0f} MiB",
+                     f"{m['plain']:.0f} MiB", f"{m['ratio_ours_over_plain']:.2f}x"))
     if r.get("busy_drain", {}).get("median") is not None:
         b = r["busy_drain"]
         rows.append((f"busy drain: last step ended->exit (median of {b['repetitions']})",
