@@ -159,6 +159,8 @@ class Orchestrator:
         self.signing = signing.Signing.from_env()
         #: The drain of the worker this process runs (its MainProcess), once started.
         self.drain: Any = None
+        #: Its event-wait checker (workers.waits.EventWaits), woken when a step parks.
+        self.event_waits: Any = None
         self._source: RoutingSource | None = None
         self._router: StepRouter | None = None
         self._modules_loaded = False

@@ -47,6 +47,13 @@ def step_task_id(operation_id: str, position: int) -> str:
     return f"{operation_id}.{position}"
 
 
+class Settled(list):
+    """The waits :meth:`Ledger.settle_waits` finished, as ``(operation_id, next)`` pairs;
+    ``still_waiting``: how many of the host's steps still wait for their event."""
+
+    still_waiting: int = 0
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One delivery of a step as a worker ran it: by whom, since when, and whether it was
@@ -327,10 +334,11 @@ class Ledger:
 
     def settle_waits(
         self, host: str, effect_of: Callable[[str], Effect], failure_of: Callable[[str], Effect]
-    ) -> list[tuple[str, StepStart]]:
+    ) -> Settled:
         """Finish the waiting steps of ``host`` whose event arrived; fail those past their
-        deadline. Returns ``(operation_id, next)`` for each, for the caller to publish."""
-        settled: list[tuple[str, StepStart]] = []
+        deadline. Returns ``(operation_id, next)`` for each, for the caller to publish, and
+        how many still wait."""
+        settled = Settled()
         with self.db.read() as s:
             candidates = s.execute(select(Operation.id).where(
                 Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
@@ -351,6 +359,8 @@ class Ledger:
                 elif time.time() >= wait["deadline"]:
                     error = f"{step}@{host}: timed out waiting for {wait['event']}"
                     settled.append((op.id, self._fail(s, op, position, error, failure_of(step))))
+                else:
+                    settled.still_waiting += 1
         return settled
 
     @staticmethod

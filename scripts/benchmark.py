@@ -13,8 +13,15 @@ prefetch 1, JSON) measured in the same run:
    ``orchestrator.fleet.Fleet`` (prefork, concurrency 2, ``ORCHESTRATOR_STEP_DELAY=0``), from
    the first submit until the database shows every operation completed, versus N trivial tasks
    (one Redis INCR each) through a plain ``celery worker`` with the same pool and options.
-3. **drain**: SIGTERM-to-exit time of an idle orchestrator worker versus an idle plain worker
-   (both prefork ``-c 2``).
+3. **flow**: N three-step operations over two hosts (a resize's shape) against the same three
+   tasks in plain Celery, each sending the next, over the same kinds of queues.
+4. **ledger**: a worker's lookups of its own host (and a routing decision) at 2 and 50 hosts,
+   against the fleet-wide scan they replaced.
+5. **drain**: SIGTERM-to-exit time of an idle orchestrator worker versus an idle plain worker
+   (both prefork ``-c 2``), their memory, and a busy drain: from the end of the last step it
+   waited for to its exit.
+6. **scale** (only with ``--only scale``: it starts 50 workers): real workers for 50 hosts, the
+   same steady load at 2 hosts and at 50, then one host drained while the others stay busy.
 
 Absolute times depend on the machine; only the ratios are meant to be compared between runs.
 Everything runs against a dedicated Redis database (default ``redis://127.0.0.1:6379/12``) and
@@ -196,10 +203,15 @@ class Config:
     #: Operations in flight per host for the ledger lookups, and the fleet sizes compared.
     ledger_per_host: int = 100
     ledger_hosts: tuple[int, ...] = (2, 50)
+    #: The scale run: real workers (prefork -c 1) for this many hosts, flows kept in flight,
+    #: and how long each steady-load window lasts.
+    scale_hosts: int = 50
+    scale_inflight: int = 40
+    scale_seconds: float = 15.0
 
 
 QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, drain_reps=3,
-               flow_n=40, flow_reps=3)
+               flow_n=40, flow_reps=3, scale_hosts=12, scale_seconds=8.0)
 FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3,
               flow_n=150, flow_reps=3)
 
@@ -631,19 +643,36 @@ class Bench:
                                                         os.environ.get("PYTHONPATH")])),
         }
 
-    def _spawn(self, app_module: str, host: str, label: str) -> subprocess.Popen:
+    def _spawn(self, app_module: str, host: str, label: str, concurrency: int | None = None,
+               ready: bool = True) -> subprocess.Popen:
         log_path = self.log_dir / f"{label}-{host}.log"
         cmd = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-n", f"{host}@%h",
-               "-Q", f"{host},{host}-alt", "-c", str(self.config.concurrency), "-l", "info",
-               "--without-mingle", "--without-gossip"]
+               "-Q", f"{host},{host}-alt", "-c", str(concurrency or self.config.concurrency),
+               "-l", "info", "--without-mingle", "--without-gossip"]
         with log_path.open("w") as out:
             proc = self.processes.track(subprocess.Popen(
                 cmd, cwd=self.tmp, env=self._flow_env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             ))
-        wait_log(proc, log_path, " ready.", timeout=60)
-        self.processes.note_children(proc)
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        if ready:
+            self._ready(proc)
         return proc
+
+    def _ready(self, proc: subprocess.Popen, timeout: float = 60) -> None:
+        wait_log(proc, proc.log_path, " ready.", timeout=timeout)  # type: ignore[attr-defined]
+        self.processes.note_children(proc)
+
+    def _flow_orch(self) -> Any:
+        """The three-step flow app (and its plain twin) written to the temporary directory."""
+        import importlib
+
+        (self.tmp / "flow-routing.yaml").write_text(FLOW_ROUTING)
+        (self.tmp / f"{FLOW_MODULE}.py").write_text(FLOW_APP_SOURCE)
+        (self.tmp / f"{PLAIN_FLOW_MODULE}.py").write_text(PLAIN_FLOW_SOURCE)
+        os.environ["BENCH_FLOW_ROUTING"] = str(self.tmp / "flow-routing.yaml")
+        os.environ["BENCH_FLOW_PLAIN_HOSTS"] = ",".join(PLAIN_FLOW_HOSTS)
+        return importlib.import_module(FLOW_MODULE).orch
 
     def flow(self) -> None:
         """N three-step operations over two hosts (a resize's shape) against the same three
@@ -652,12 +681,7 @@ class Bench:
 
         n, reps = self.config.flow_n, self.config.flow_reps
         log(f"[flow] {n} three-step operations over two hosts x {reps} repetitions")
-        (self.tmp / "flow-routing.yaml").write_text(FLOW_ROUTING)
-        (self.tmp / f"{FLOW_MODULE}.py").write_text(FLOW_APP_SOURCE)
-        (self.tmp / f"{PLAIN_FLOW_MODULE}.py").write_text(PLAIN_FLOW_SOURCE)
-        os.environ["BENCH_FLOW_ROUTING"] = str(self.tmp / "flow-routing.yaml")
-        os.environ["BENCH_FLOW_PLAIN_HOSTS"] = ",".join(PLAIN_FLOW_HOSTS)
-        orch = importlib.import_module(FLOW_MODULE).orch
+        orch = self._flow_orch()
         plain_app = importlib.import_module(PLAIN_FLOW_MODULE).app
         for host in FLOW_HOSTS:  # registered as current services, as their workers will be
             orch.registry.register(f"{host}@bench", host, consumes_main=True,
@@ -816,6 +840,107 @@ class Bench:
                                                             lambda s: None)),
             "fleet_scan_needing_ms": time_it(scan_needing, reps=5),
         }
+
+    # -- 2d. a fleet of real workers ---------------------------------------------------------
+    def _steady(self, orch: Any, pairs: list[tuple[str, str]], seconds: float) -> dict:
+        """Keep scale_inflight three-step flows in flight over ``pairs`` (roles a, b) for
+        ``seconds``; operations completed per second over the window."""
+        from sqlalchemy import func, select
+
+        from orchestrator.models import Operation
+
+        def completed() -> int:
+            with orch.db.read() as s:
+                return s.execute(select(func.count()).select_from(Operation).where(
+                    Operation.status == "completed")).scalar_one()
+
+        start_done, submitted, i = completed(), 0, 0
+        start = time.monotonic()
+        end = start + seconds
+        done = start_done
+        while time.monotonic() < end:
+            done = completed()
+            while submitted - (done - start_done) < self.config.scale_inflight:
+                a, b = pairs[i % len(pairs)]
+                orch.submit("three", hosts={"a": a, "b": b})
+                submitted, i = submitted + 1, i + 1
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        return {"ops_per_second": (completed() - start_done) / elapsed, "seconds": elapsed,
+                "submitted": submitted}
+
+    def scale(self) -> None:
+        """Real workers for scale_hosts hosts: the same steady load at 2 hosts and at all of
+        them (the per-step cost, flat or not), then one host drained under load (its exit
+        after the last step it waited for, and the others' throughput meanwhile)."""
+        n, seconds = self.config.scale_hosts, self.config.scale_seconds
+        log(f"[scale] {n} hosts of real workers (prefork -c 1), steady load "
+            f"{self.config.scale_inflight} flows in flight, {seconds:g}s windows")
+        orch = self._flow_orch()
+        hosts = [f"{PREFIX}scale{i}" for i in range(n)]
+        procs = {h: self._spawn(FLOW_MODULE, h, "scale", concurrency=1) for h in hosts[:2]}
+        two = self._steady(orch, [(hosts[0], hosts[1]), (hosts[1], hosts[0])], seconds)
+        log(f"  2 hosts: {two['ops_per_second']:.1f} ops/s")
+        started = time.monotonic()
+        procs.update({h: self._spawn(FLOW_MODULE, h, "scale", concurrency=1, ready=False)
+                      for h in hosts[2:]})
+        for h in hosts[2:]:
+            self._ready(procs[h], timeout=300)
+        log(f"  {n - 2} more workers ready in {time.monotonic() - started:.0f}s")
+        ring = [(hosts[k], hosts[(k + 1) % n]) for k in range(n)]
+        everyone = self._steady(orch, ring, seconds)
+        log(f"  {n} hosts: {everyone['ops_per_second']:.1f} ops/s")
+
+        # Drain hosts[0] while the other hosts stay busy: it has flows of its own in flight.
+        victim, others = hosts[0], [p for p in ring if hosts[0] not in p]
+        for _ in range(self.config.scale_inflight // 2):
+            orch.submit("three", hosts={"a": hosts[1], "b": victim})
+        proc = procs[victim]
+        proc.send_signal(signal.SIGTERM)
+        during: dict[str, Any] = {}
+        import threading
+
+        load = threading.Thread(target=lambda: during.update(
+            self._steady(orch, others, seconds)))
+        load.start()
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.run.problem("scale: the drained host still ran 120s after SIGTERM; killed")
+            proc.kill()
+            code = proc.wait(timeout=10)
+        exited = time.time()
+        load.join()
+        from sqlalchemy import func, select
+
+        from orchestrator.models import StepRecord
+
+        with orch.db.read() as s:
+            last = s.execute(select(func.max(StepRecord.finished_at)).where(
+                StepRecord.host == victim)).scalar_one()
+        after_last = exited - last if last else None
+        log(f"  drained {victim}: exit {code}, {after_last:.3f}s after its last step ended; "
+            f"the other {n - 1} hosts meanwhile {during['ops_per_second']:.1f} ops/s")
+        rss = [self._rss_mb(p.pid) for h, p in procs.items() if h != victim and p.poll() is None]
+        self.run.results["scale"] = {
+            "hosts": n, "inflight": self.config.scale_inflight, "window_seconds": seconds,
+            "two_hosts_ops_per_second": two["ops_per_second"],
+            "all_hosts_ops_per_second": everyone["ops_per_second"],
+            "per_step_cost_ratio_all_over_two": ratio(two["ops_per_second"],
+                                                      everyone["ops_per_second"]),
+            "drain_exit_code": code, "drain_exit_after_last_step_s": after_last,
+            "others_during_drain_ops_per_second": during["ops_per_second"],
+            "worker_rss_mib_median": median(rss) if rss else None,
+        }
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for h, p in procs.items():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.run.problem(f"scale: {h} still running 60s after SIGTERM; killed")
+                p.kill()
 
     # -- 3. drain --------------------------------------------------------------------------
     def _rss_mb(self, pid: int) -> float:
@@ -1002,6 +1127,18 @@ def table(run: Run) -> str:
         rows.append((f"idle SIGTERM->exit (median of {d['repetitions']})",
                      fmt(d["ours"], "s"), fmt(d["plain"], "s"),
                      f"{d['ratio_ours_over_plain']:.2f}x time"))
+    if "scale" in r:
+        c = r["scale"]
+        rows.append((f"scale: flows, 2 hosts -> {c['hosts']} hosts of real workers",
+                     f"{c['all_hosts_ops_per_second']:.1f} ops/s",
+                     f"{c['two_hosts_ops_per_second']:.1f} ops/s",
+                     f"{c['per_step_cost_ratio_all_over_two']:.2f}x cost"))
+        rows.append(("  one host drained under load: exit after its last step",
+                     fmt(c["drain_exit_after_last_step_s"], "s"), "", ""))
+        rows.append(("  the other hosts meanwhile",
+                     f"{c['others_during_drain_ops_per_second']:.1f} ops/s", "", ""))
+        rows.append(("  worker RSS (-c 1, under load)", f"{c['worker_rss_mib_median']:.0f} MiB",
+                     "", ""))
     if "memory" in r:
         m = r["memory"]
         rows.append(("idle worker memory, RSS incl. pool", f"{m['ours']:.0f} MiB",
@@ -1028,7 +1165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also write the results (all samples) as JSON here")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
                         help="a Redis database used only by this script (default: %(default)s)")
-    parser.add_argument("--only", choices=("publish", "e2e", "flow", "ledger", "drain"),
+    parser.add_argument("--only", choices=("publish", "e2e", "flow", "ledger", "drain",
+                                           "scale"),
                         action="append",
                         help="run only this measurement (repeatable)")
     parser.add_argument("--db-url", metavar="URL",
@@ -1088,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.ledger()
         if "drain" in only:
             bench.drain()
+        if "scale" in only:
+            bench.scale()
         run.results["environment"] = {
             "python": platform.python_version(), "celery": celery.__version__,
             "kombu": kombu.__version__, "cpus": os.cpu_count(), "platform": platform.platform(),

@@ -44,6 +44,14 @@ class StepRequest(Request):
             return True
         return super().revoked()
 
+    def on_success(self, failed__retval__runtime, **kwargs) -> None:
+        failed, retval, _runtime = failed__retval__runtime
+        if not failed and retval == "waiting":  # the step parked: look for its event soon
+            waits = getattr(getattr(self._app, "orchestrator", None), "event_waits", None)
+            if waits is not None:
+                waits.wake()
+        super().on_success(failed__retval__runtime, **kwargs)
+
     def acknowledge(self) -> None:
         if self.acknowledged or self._lost_with_connection("acknowledged"):
             return
