@@ -292,10 +292,11 @@ def test_mixed_fleet_resize_and_revert_through_a_legacy_host(fleet: Fleet,
     assert wait_op(confirm2.id, ended)["status"] == "completed"
     assert views.show_instance("vm2")["host"] == "compute1"
 
-    hosts = hosts_json()
     # vm1's network-vif-plugged event, resize_instance, check_instance_shared_storage,
-    # finish_revert_resize, finish_resize.
-    assert hosts["compute1"]["alt_fallbacks"] == {"no-alt": 5}
+    # finish_revert_resize, finish_resize (each counted once sent, after the ledger's commit).
+    wait_for(lambda: hosts_json()["compute1"]["alt_fallbacks"] == {"no-alt": 5}, 5,
+             "the fallbacks to be counted")
+    hosts = hosts_json()
     assert hosts["compute2"]["alt_fallbacks"] == hosts["compute3"]["alt_fallbacks"] == {}
     assert_conserved([vm1, resize1.id, revert1.id, vm2, resize2.id, confirm2.id],
                      ["compute1", "compute2", "compute3"])
@@ -388,10 +389,9 @@ def test_never_sends_every_step_to_main(fleet: Fleet, short_cache: None) -> None
     resize = operations.resize("vm1", flavor="m1.large", dest="compute2")
     assert published_queue(resize.id, "resize_instance") == "compute1"
     assert wait_op(resize.id, ended)["status"] == "completed"
-    hosts = hosts_json()
-    # vm1's network-vif-plugged event and resize_instance.
-    assert hosts["compute1"]["alt_fallbacks"] == {"forced-main": 2}
-    assert hosts["compute2"]["alt_fallbacks"] == {"forced-main": 1}  # finish_resize
+    # vm1's network-vif-plugged event and resize_instance; finish_resize.
+    wait_for(lambda: [h["alt_fallbacks"] for h in hosts_json().values()]
+             == [{"forced-main": 2}, {"forced-main": 1}], 5, "the fallbacks to be counted")
     assert_conserved([vm1, resize.id], ["compute1", "compute2"])
 
 
@@ -423,7 +423,9 @@ def test_stale_heartbeat_marks_a_killed_host_down_and_routing_falls_back(
     assert published_queue(resize.id, "resize_instance") == "compute2"
     current = views.operation_dict(resize.id)["current_step"]
     assert current["host_state"] == "down" and "host compute2 is down" in current["waiting"]
-    assert hosts_json()["compute2"]["alt_fallbacks"] == {"down": 1}
+    # The worker counts the fallback once the step is sent, after the ledger's commit.
+    wait_for(lambda: hosts_json()["compute2"]["alt_fallbacks"] == {"down": 1}, 5,
+             "the fallback to be counted")
     assert orch.router.capability is not None
     wait_for(lambda: orch.router.capability.status("compute2") == "down", 5,
              "this process's cache to see compute2 down")

@@ -52,7 +52,7 @@ TICK_SECONDS = 0.1
 #: A step not published after this long lost its sender (see workers.resend).
 UNPUBLISHED_GRACE = 5.0
 #: How often the drain asks the database what is still in flight.
-CHECK_SECONDS = 0.2
+CHECK_SECONDS = 0.1
 LOG_EVERY_SECONDS = 5.0
 #: How often a draining worker records what it waits for (table ``drains``), when it changed.
 RECORD_EVERY_SECONDS = 1.0
