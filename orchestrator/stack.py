@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.embedded import embedded_redis
+from orchestrator.embedded import embedded_redis, free_port
 from orchestrator.fleet import Fleet
 
 FLOWER_PORT = 5555
@@ -42,12 +42,6 @@ def _port_free(port: int, address: str) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -79,7 +73,7 @@ def local_stack(
         flower_url = None
         if flower:
             address = "127.0.0.1"
-            port = flower_port if _port_free(flower_port, address) else _free_port(address)
+            port = flower_port if _port_free(flower_port, address) else free_port(address)
             fleet.start_flower(port, address)
             flower_url = f"http://{address}:{port}/"
         yield Stack(broker_url=broker, db_url=db_url, workdir=workdir, fleet=fleet,
