@@ -34,6 +34,7 @@ _EXPORTS = {
     "UnknownFlow": "orchestrator.errors",
     "UnknownOperation": "orchestrator.errors",
     "BrokerUnavailable": "orchestrator.errors",
+    "LedgerUnavailable": "orchestrator.errors",
     "SchemaError": "orchestrator.errors",
     "RoutingError": "orchestrator.routing",
 }

@@ -152,7 +152,9 @@ class Orchestrator:
         self.flows: dict[str, Flow] = {}
         self.steps: dict[str, StepSpec] = {}
         self.ledger = Ledger(self.db, self.flows)
-        self.registry = Registry(self.db, self.settings.heartbeat_interval)
+        #: This process's view of the ledger's reachability (orchestrator.health).
+        self.ledger_health = self.db.health
+        self.registry = Registry(self.db, self.settings.heartbeat_interval, self.db.health)
         self.task_prefix = task_prefix
         self.max_retries = max_retries
         self.commands = commands
@@ -161,6 +163,8 @@ class Orchestrator:
         self.drain: Any = None
         #: Its event-wait checker (workers.waits.EventWaits), woken when a step parks.
         self.event_waits: Any = None
+        #: Its resend of stranded steps (workers.resend.StrandedSteps), for its counts.
+        self.stranded_steps: Any = None
         self._source: RoutingSource | None = None
         self._router: StepRouter | None = None
         self._modules_loaded = False

@@ -199,9 +199,19 @@ def hosts(as_json: bool) -> None:
     """Hosts: service version, up/draining/down, where alt steps go, queues, operations in
     flight, and what waits on a queue nobody consumes."""
     from orchestrator import views
+    from orchestrator.errors import LedgerUnavailable
 
     orch = current()
-    data = views.hosts(orch)
+    try:
+        data = views.hosts(orch, with_reports=True)
+    except LedgerUnavailable as exc:
+        # What the workers say over the broker, then the error (one line, exit status 2).
+        outage = views.ledger_outage(orch, exc, views.worker_reports(orch))
+        if as_json:
+            click.echo(json.dumps({"error": str(exc), **outage}, indent=2, sort_keys=True))
+            sys.exit(EXIT_ERROR)
+        click.echo("\n".join(views.describe_outage(outage)))
+        fail(False, str(exc))
     lines = [
         f"{'HOST':<14}{'STATE':<10}{'VERSION':<9}{'ALT STEPS TO':<18}{'FALLBACKS':<11}"
         f"{'IN FLIGHT':<11}QUEUED"
@@ -214,6 +224,14 @@ def hosts(as_json: bool) -> None:
             f"{sum(h['alt_fallbacks'].values()):<11}{h['operations_in_flight']:<11}{queued}"
         )
         notes += [f"{h['host']}: {note}" for note in h["notes"]]
+        for v in h["services"]:
+            ledger = v.get("ledger") or {}
+            if ledger and not ledger.get("up"):
+                notes.append(f"{h['host']}: {v['nodename']} cannot reach the ledger: "
+                             f"{ledger.get('last_error') or 'unreachable'}")
+            elif v.get("heartbeat_unconfirmed"):
+                notes.append(f"{h['host']}: {v['nodename']} heartbeat {v['heartbeat_age']:.0f}s "
+                             "old, not counted as down: the ledger was unreachable meanwhile")
         for d in h["drains"]:
             waits = d["waiting_for"].get("operations", []) + d["waiting_for"].get("running", [])
             notes.append(

@@ -9,6 +9,14 @@ with "database is locked" instead of waiting for ``busy_timeout``. Read-only ses
 
 Nothing connects at import or construction: the first session opens the engine and checks the
 schema (:func:`orchestrator.schema.ensure`), once per process, URL and set of migrations.
+
+A database that does not answer is raised as :class:`~orchestrator.errors.LedgerUnavailable`,
+one line naming it (password redacted), from every session: callers wait and try again
+(workers) or say so and stop (the command line), and never take it for an answer. On
+PostgreSQL, libpq's connect timeout, TCP keepalives and ``tcp_user_timeout`` bound how long a
+connection across a partition stays silent before it fails (a TCP connection over a downed
+link is not reset: without them a query would hang for the kernel's 15 minutes of
+retransmissions).
 """
 
 from __future__ import annotations
@@ -21,9 +29,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import config, schema
+from orchestrator.errors import LedgerUnavailable
+from orchestrator.health import LedgerHealth
+
+#: libpq connection settings (seconds): a connect, and a query on a connection whose peer went
+#: silent, fail within about this long.
+PG_CONNECT_TIMEOUT = 5
+PG_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                "keepalives_count": 3, "tcp_user_timeout": 10_000}
+#: SQLite errors that say "not now" rather than "wrong": another writer holds the file.
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
 
 _engines: dict[tuple[int, str, bool], Engine] = {}
 _makers: dict[tuple[int, str, bool], sessionmaker] = {}
@@ -72,10 +91,42 @@ def _engine(url: str, write: bool) -> Engine:
         if sqlite:
             eng = _sqlite_engine(url, immediate=write)
         else:
-            eng = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+            eng = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4,
+                                connect_args=_connect_args(url))
         _engines[key] = eng
         _makers[key] = sessionmaker(eng, expire_on_commit=False)
     return eng
+
+
+def _connect_args(url: str) -> dict[str, object]:
+    if url.startswith(("postgresql", "postgres")):
+        return {"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVE}
+    return {}
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True for an error that says the database cannot be reached now (refused, cut, timed
+    out, locked), as opposed to one that says a statement is wrong."""
+    if isinstance(exc, LedgerUnavailable | DisconnectionError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    if isinstance(exc.orig, sqlite3.Error):
+        return any(word in str(exc.orig).lower() for word in _SQLITE_TRANSIENT)
+    return True
+
+
+def unavailable_error(url: str, exc: BaseException) -> LedgerUnavailable:
+    """One line: which database, and the driver's first line of why (no password)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines() or [type(orig).__name__]
+    return LedgerUnavailable(
+        f"cannot reach the ledger at {config.redact_url(url)}: {lines[0].strip()[:200]}"
+    )
 
 
 def _maker(url: str, write: bool) -> sessionmaker:
@@ -90,6 +141,23 @@ class Database:
     def __init__(self, url: str | None = None, migrations: Sequence[Path] = ()) -> None:
         self._url = url
         self.migrations = tuple(Path(p) for p in migrations)
+        #: Whether the database answered this process's last attempts (orchestrator.health).
+        self.health = LedgerHealth()
+
+    @contextmanager
+    def _reachable(self, url: str) -> Iterator[None]:
+        """Turn "the database does not answer" into LedgerUnavailable, and tell the health."""
+        try:
+            yield
+        except LedgerUnavailable:  # said by the session it came from
+            raise
+        except (DBAPIError, DisconnectionError) as exc:
+            if not unreachable(exc):
+                raise
+            error = unavailable_error(url, exc)
+            self.health.note_failure(error)
+            raise error from exc
+        self.health.note_success()
 
     @property
     def url(self) -> str:
@@ -99,32 +167,45 @@ class Database:
         url = self.url
         key = (os.getpid(), url, tuple(str(p) for p in self.migrations))
         if key not in _ready:
-            schema.ensure(_engine(url, True), self.migrations)
+            with self._reachable(url):
+                schema.ensure(_engine(url, True), self.migrations)
             _ready.add(key)
         return _engine(url, write)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A writing transaction: committed on success, rolled back on error."""
-        self.engine()
-        with _maker(self.url, True).begin() as s:
-            yield s
+        url = self.url
+        with self._reachable(url):
+            self.engine()
+            with _maker(url, True).begin() as s:
+                yield s
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only session (never takes SQLite's write lock)."""
-        self.engine()
-        with _maker(self.url, False)() as s:
-            yield s
+        url = self.url
+        with self._reachable(url):
+            self.engine()
+            with _maker(url, False)() as s:
+                yield s
+
+    def ping(self) -> None:
+        """One round trip to the database; LedgerUnavailable if it does not answer."""
+        from sqlalchemy import text
+
+        with self.read() as s:
+            s.execute(text("SELECT 1"))
 
     def upgrade(self) -> dict[str, object]:
         """Every branch of the schema to its head (``orchestrator db upgrade``)."""
-        result = schema.upgrade(_engine(self.url, True), self.migrations)
+        with self._reachable(self.url):
+            result = schema.upgrade(_engine(self.url, True), self.migrations)
         _ready.add((os.getpid(), self.url, tuple(str(p) for p in self.migrations)))
         return result
 
     def status(self) -> dict[str, object]:
-        with _engine(self.url, True).connect() as conn:
+        with self._reachable(self.url), _engine(self.url, True).connect() as conn:
             return schema.status(conn, self.migrations)
 
 

@@ -47,6 +47,12 @@ class SchemaError(OrchestratorError, RuntimeError):
     """The database schema is not the one this code needs; the message says what to run."""
 
 
+class LedgerUnavailable(OrchestratorError, ConnectionError):
+    """The ledger's database does not answer (refused, cut, locked for too long). A reason to
+    wait and try again, never a verdict on an operation; the message names the database,
+    without its password."""
+
+
 class StepFailure(RuntimeError):
     """Raised by a step: the step failed for good. The operation fails, after running its
     flow's rollback steps when the failed step is one of the flow's ``rollback_on``. Any other

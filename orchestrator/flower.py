@@ -44,9 +44,17 @@ WORKERS_SCRIPT = '\n{% include "orchestrator_workers_status.html" %}\n'
 
 
 def snapshot(orch: Any) -> dict[str, Any]:
-    """What the Hosts page and its API show: every known host, read now."""
-    return {"generated_at": time.time(), "alt_routing": orch.settings.alt_routing,
-            "hosts": views.hosts(orch)}
+    """What the Hosts page and its API show: every known host, read now, with what each
+    live worker says of the ledger; while the ledger does not answer, since when and the
+    workers that answer over the broker (no host judged down for a heartbeat it could not
+    write)."""
+    from orchestrator.errors import LedgerUnavailable
+
+    base = {"generated_at": time.time(), "alt_routing": orch.settings.alt_routing}
+    try:
+        return {**base, "ledger": {"up": True}, "hosts": views.hosts(orch, with_reports=True)}
+    except LedgerUnavailable as exc:
+        return {**base, "hosts": [], **views.ledger_outage(orch, exc, views.worker_reports(orch))}
 
 
 def patch_flower_template(name: str, text: str) -> str:

@@ -19,7 +19,17 @@ exporter, and any number of exporters can run. The names:
                                                                    second-sigterm, forced
 ``orchestrator_drain_duration_seconds{host}``              summary duration of ended drains
 ``orchestrator_alt_fallbacks_total{host,reason}``          counter alt steps sent to ``<host>``
+``orchestrator_ledger_reachable``                          gauge   1 if this exporter reached
+                                                                   the ledger at this scrape
+``orchestrator_ledger_up{worker,host}``                    gauge   1 if the worker reaches the
+                                                                   ledger (it says so over the
+                                                                   broker)
+``orchestrator_ledger_errors_total{worker,host}``          counter its failed ledger attempts
+``orchestrator_steps_recovered_total{worker,host}``        counter steps it sent again
 =========================================================  ======  ===============================
+
+The last three come from the workers over the broker (``workers.status``), so they are there
+while the ledger is down; then the metrics read from the ledger are left out of the scrape.
 
 A drain whose worker is gone without recording its end (the exit deadline forced it, or it was
 killed) counts as ``forced``.
@@ -50,6 +60,46 @@ class OrchestratorCollector:
         return []
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from orchestrator.errors import LedgerUnavailable
+        from orchestrator.views import worker_reports
+
+        yield from self._workers(worker_reports(self.orch))
+        reachable = GaugeMetricFamily("orchestrator_ledger_reachable",
+                                      "1 if this exporter reached the ledger at this scrape")
+        try:
+            families = list(self._from_ledger())
+        except LedgerUnavailable:
+            reachable.add_metric([], 0.0)
+            yield reachable
+            return
+        reachable.add_metric([], 1.0)
+        yield reachable
+        yield from families
+
+    @staticmethod
+    def _workers(reports: dict[str, dict[str, Any]]) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily("orchestrator_ledger_up", "1 if the worker reaches the ledger",
+                               labels=["worker", "host"])
+        errors = CounterMetricFamily("orchestrator_ledger_errors",
+                                     "Failed ledger attempts of the worker's main process",
+                                     labels=["worker", "host"])
+        recovered = CounterMetricFamily("orchestrator_steps_recovered",
+                                        "Steps the worker sent again (no delivery left)",
+                                        labels=["worker", "host"])
+        for name, data in sorted(reports.items()):
+            labels, ledger = [name, str(data.get("host"))], data.get("ledger") or {}
+            up.add_metric(labels, 1.0 if ledger.get("up") else 0.0)
+            errors.add_metric(labels, float(ledger.get("errors", 0)))
+            recovered.add_metric(labels, float(data.get("steps_recovered", 0)))
+        yield up
+        yield errors
+        yield recovered
+
+    def _from_ledger(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         orch, now = self.orch, time.time()

@@ -2,7 +2,9 @@
 
 Each worker writes its own row (up at start, draining on SIGTERM, down at exit) and refreshes a
 heartbeat; a heartbeat older than ``STALE_AFTER`` heartbeat intervals counts as down, since a
-killed worker writes nothing. The drain reads it to tell an operation that can still progress
+killed worker writes nothing, unless the reader itself could not reach the ledger meanwhile
+(:meth:`orchestrator.health.LedgerHealth.excuses_silence`): a heartbeat nobody could write
+says nothing of its writer. The drain reads it to tell an operation that can still progress
 from one whose next step waits on a queue nobody consumes.
 """
 
@@ -15,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.db import Database
+from orchestrator.health import LedgerHealth
 from orchestrator.models import Drain, RoutingFallback, Service
 from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
 
@@ -37,6 +40,8 @@ class ServiceView:
     state: str  # up, draining, down (stale heartbeats already folded into down)
     heartbeat_age: float
     started_at: float = 0.0
+    #: The heartbeat is stale, but the ledger was unreachable meanwhile: not counted as down.
+    unconfirmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,10 @@ def host_state(views: list[ServiceView], host: str) -> str:
 class Registry:
     """The ``services`` and ``routing_fallbacks`` tables of one database."""
 
-    def __init__(self, database: Database, heartbeat_interval: float = 5.0) -> None:
+    def __init__(self, database: Database, heartbeat_interval: float = 5.0,
+                 health: LedgerHealth | None = None) -> None:
         self.db, self.heartbeat_interval = database, heartbeat_interval
+        self.health = health
 
     def register(
         self, nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
@@ -115,11 +122,15 @@ class Registry:
             row.state, row.started_at, row.heartbeat_at = "up", now, now
             row.drain_started_at = None
 
-    def heartbeat(self, nodename: str) -> None:
+    def heartbeat(self, nodename: str, state: str | None = None) -> None:
+        """Refresh the worker's heartbeat, and its state if given (a state change that could
+        not be written when it happened, the ledger being unreachable, is written here)."""
         with self.db.session() as s:
             row = s.get(Service, nodename)
             if row is not None:
                 row.heartbeat_at = time.time()
+                if state is not None and row.state != state:
+                    row.state = state
 
     def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
         with self.db.session() as s:
@@ -132,6 +143,7 @@ class Registry:
     def services(self, host: str | None = None) -> list[ServiceView]:
         stale = STALE_AFTER * self.heartbeat_interval
         now = time.time()
+        excused = self.health is not None and self.health.excuses_silence(stale)
         with self.db.read() as s:
             query = select(Service).order_by(Service.host, Service.nodename)
             if host is not None:
@@ -141,8 +153,9 @@ class Registry:
                 ServiceView(
                     nodename=r.nodename, host=r.host, version=r.version,
                     consumes_main=r.consumes_main, consumes_alt=r.consumes_alt,
-                    state="down" if now - r.heartbeat_at > stale else r.state,
+                    state="down" if now - r.heartbeat_at > stale and not excused else r.state,
                     heartbeat_age=now - r.heartbeat_at, started_at=r.started_at,
+                    unconfirmed=excused and now - r.heartbeat_at > stale and r.state != "down",
                 )
                 for r in rows
             ]

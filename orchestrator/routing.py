@@ -304,7 +304,9 @@ class AltCapability:
     lookup after it expires, so a process asks the registry at most once per ``ttl`` however
     many steps it routes, and a decision is never based on a snapshot older than ``ttl``. If
     the registry cannot be read, the previous snapshot is kept (and retried after ``ttl``);
-    with no snapshot at all every host counts as unknown. A forked child (prefork pool) starts
+    with no snapshot at all every host counts as unknown, except when the ledger is
+    unreachable (a ``ConnectionError``, as LedgerUnavailable is): that is raised, for the
+    caller to wait for it rather than route on no knowledge. A forked child (prefork pool) starts
     with no snapshot and a fresh lock.
     """
 
@@ -340,6 +342,10 @@ class AltCapability:
                 self.loads += 1
                 self._snapshot = self.loader()
             except Exception as exc:
+                if self._snapshot is None and isinstance(exc, ConnectionError):
+                    # The ledger does not answer and nothing is known: "unknown" would send
+                    # an alt step to a draining host's main queue. The caller waits instead.
+                    raise
                 logger.warning(
                     "routing: cannot read the service registry (%s); keeping the snapshot "
                     "from %.1fs ago", exc, now - self._loaded_at,

@@ -376,34 +376,46 @@ class Ledger:
 
     # -- recovery ----------------------------------------------------------------------------
     def stranded_steps(
-        self, host: str, unpublished_after: float, queued_after: float
+        self, host: str, unpublished_after: float, queued_after: float,
+        running_after: float | None = None,
     ) -> list[Operation]:
         """Operations whose current step, on ``host``, may have no message in the broker.
 
         Either it was never sent (its sender died between commit and publish), or it has
-        waited as ``queued`` for longer than ``queued_after`` seconds: on Redis a worker killed
-        between BRPOP and recording the message as unacknowledged loses it. The caller checks
-        the queue and resends; a resent step that was not lost after all is a duplicate.
+        waited as ``queued`` for longer than ``queued_after`` seconds (on Redis a worker killed
+        between BRPOP and recording the message as unacknowledged loses it), or (with
+        ``running_after``) it has been recorded as ``running`` for longer than that: its worker
+        may be gone, or its delivery lost. The caller (workers.resend) tells which, checks the
+        queue and resends; a resent step that was not lost after all is a duplicate.
         """
         now = time.time()
+        states = ["queued"] if running_after is None else ["queued", "running"]
+        shortest = min(queued_after, unpublished_after,
+                       running_after if running_after is not None else queued_after)
         with self.db.read() as s:
             ops = s.execute(select(Operation).where(
                 Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
-                Operation.step_state == "queued",
-                Operation.step_since < now - min(queued_after, unpublished_after),
+                Operation.step_state.in_(states),
+                Operation.step_since < now - shortest,
             )).scalars().all()
-        return [
-            op for op in ops
-            if now - op.step_since > (queued_after if op.next_published else unpublished_after)
-        ]
 
-    def claim_resend(self, operation_id: str, position: int, step_since: float) -> bool:
-        """Take the right to resend a step (one process wins when several look at once)."""
+        def due(op: Operation) -> float:
+            if op.step_state == "running":
+                return running_after  # type: ignore[return-value]
+            return queued_after if op.next_published else unpublished_after
+
+        return [op for op in ops if now - op.step_since > due(op)]
+
+    def claim_resend(self, operation_id: str, position: int, step_since: float,
+                     step_state: str = "queued") -> bool:
+        """Take the right to resend a step (one process wins when several look at once): it
+        is queued again from now, whatever delivery it had is taken as lost."""
         with self.db.session() as s:
             op = self.locked(s, operation_id)
-            if (op.position, op.step_state, op.step_since) != (position, "queued", step_since):
+            if (op.position, op.step_state, op.step_since) != (position, step_state,
+                                                                step_since):
                 return False
-            op.step_since = time.time()
+            op.step_state, op.step_since = "queued", time.time()
             return True
 
     def abandon(self, operation_id: str, error: str, effect: Effect = no_effect) -> bool:
@@ -456,16 +468,23 @@ class Ledger:
 
     def step_workers(self, operations: list[Operation]) -> dict[str, str | None]:
         """The worker (Celery hostname) that last started each operation's current step."""
+        return {op_id: worker for op_id, (worker, _) in self.step_attempts(operations).items()}
+
+    def step_attempts(
+        self, operations: list[Operation]
+    ) -> dict[str, tuple[str | None, float | None]]:
+        """Who last started each operation's current step (Celery hostname), and when."""
         if not operations:
             return {}
         wanted = {(op.id, op.position) for op in operations}
         with self.db.read() as s:
             rows = s.execute(
-                select(StepRecord.operation_id, StepRecord.position, StepRecord.worker).where(
+                select(StepRecord.operation_id, StepRecord.position, StepRecord.worker,
+                       StepRecord.started_at).where(
                     StepRecord.operation_id.in_([op_id for op_id, _ in wanted])
                 )
             ).all()
-        return {op_id: worker for op_id, position, worker in rows
+        return {op_id: (worker, started) for op_id, position, worker, started in rows
                 if (op_id, position) in wanted}
 
     def steps_completed_on(self, host: str, since: float) -> int:

@@ -104,10 +104,67 @@ def _host_notes(
     return notes
 
 
-def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
+def worker_reports(orch: Any, timeout: float = 0.5,
+                   limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """What each live worker says of itself over the broker (``workers.status``): host,
+    drain state, its view of the ledger, steps recovered; by worker name. Returns once
+    ``limit`` workers answered, else after ``timeout``; empty when the broker does not answer
+    either."""
+    try:
+        replies = orch.app.control.broadcast("orchestrator_status", reply=True,
+                                             timeout=timeout, limit=limit) or []
+    except Exception:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        for nodename, data in reply.items():
+            if isinstance(data, dict) and "error" not in data:
+                out[nodename] = data
+    return out
+
+
+def ledger_outage(orch: Any, exc: Exception, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What can be said while the ledger does not answer: since when (this process's view,
+    else the earliest a worker reports), and each worker that answers over the broker."""
+    since = [r["ledger"]["unreachable_since"] for r in reports.values()
+             if r.get("ledger", {}).get("unreachable_since")]
+    own = orch.ledger_health.unreachable_since
+    return {
+        "ledger": {"up": False, "error": str(exc),
+                   "unreachable_since": min([*since, *([own] if own else [])], default=None)},
+        "workers": [{"nodename": name, **data} for name, data in sorted(reports.items())],
+    }
+
+
+def describe_outage(outage: dict[str, Any]) -> list[str]:
+    """Lines for a person: the ledger's outage and the workers that answer meanwhile."""
+    now = time.time()
+
+    def ago(t: float | None) -> str:
+        return "" if not t else f" since {time.strftime('%H:%M:%S', time.localtime(t))} " \
+                                f"({now - t:.0f}s)"
+
+    lines = [f"ledger unreachable{ago(outage['ledger']['unreachable_since'])}: "
+             "hosts cannot be judged from their heartbeats"]
+    for w in outage["workers"]:
+        ledger = w.get("ledger") or {}
+        seen = ("ledger up" if ledger.get("up")
+                else f"ledger unreachable{ago(ledger.get('unreachable_since'))}")
+        lines.append(f"  {w['host']:<12} {w['nodename']:<28} {w['state']:<9} answers over "
+                     f"the broker; {seen}")
+    if not outage["workers"]:
+        lines.append("  no worker answers over the broker either")
+    return lines
+
+
+def hosts(orch: Any, with_queues: bool = True,
+          with_reports: bool = False) -> list[dict[str, Any]]:
     """Each known host: its services, state, where alt steps go, queue depths and operations
-    in flight, and notes on work waiting in a queue nobody consumes."""
+    in flight, and notes on work waiting in a queue nobody consumes. ``with_reports``: also
+    what each live worker says of the ledger over the broker (:func:`worker_reports`)."""
     views = orch.registry.services()
+    reports = (worker_reports(orch, limit=sum(v.state != "down" for v in views) or None)
+               if with_reports else {})
     mode = orch.settings.alt_routing
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
@@ -162,7 +219,11 @@ def hosts(orch: Any, with_queues: bool = True) -> list[dict[str, Any]]:
             "services": [
                 {"nodename": v.nodename, "state": v.state, "version": v.version,
                  "consumes_main": v.consumes_main, "consumes_alt": v.consumes_alt,
-                 "heartbeat_age": round(v.heartbeat_age, 1)}
+                 "heartbeat_age": round(v.heartbeat_age, 1),
+                 "heartbeat_unconfirmed": v.unconfirmed,
+                 **({"ledger": reports[v.nodename].get("ledger"),
+                     "steps_recovered": reports[v.nodename].get("steps_recovered", 0)}
+                    if reports and v.nodename in reports else {})}
                 for v in mine
             ],
             "notes": [],

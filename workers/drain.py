@@ -30,18 +30,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import bootsteps, platforms
+from celery.exceptions import WorkerShutdown
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 from celery.worker.request import Request
-from sqlalchemy.exc import DBAPIError
 
 from orchestrator import registry
 from orchestrator.broker import queue_depth
-from orchestrator.errors import OrchestratorError
+from orchestrator.config import redact_url
+from orchestrator.errors import LedgerUnavailable, OrchestratorError
 from orchestrator.models import Operation
 from orchestrator.routing import ALT_SUFFIX, split_queue
 from orchestrator.state import step_task_id
+from workers import status
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 from workers.poolstop import stop_idle_pool
 from workers.wakeup import unblock_consumer
@@ -143,12 +145,12 @@ class Drain(bootsteps.StartStopStep):
             # one whose database has an older schema, with the command to run.
             orch.routing  # noqa: B018
             orch.db.engine()
+        except LedgerUnavailable:
+            # Not a configuration error: start() waits for the ledger before it registers,
+            # as Celery waits for its broker, and checks the schema then.
+            pass
         except OrchestratorError as exc:
             raise SystemExit(f"orchestrator: {exc}") from None
-        except DBAPIError:
-            # An unreachable database is not a configuration error: the worker logs where it
-            # connects first, and registering at start fails with the driver's error.
-            pass
         settings = orch.settings
         self.timeout = (
             settings.graceful_shutdown_timeout if graceful_timeout is None else graceful_timeout
@@ -171,6 +173,7 @@ class Drain(bootsteps.StartStopStep):
         self._timers: list = []
         self.exit_deadline = ExitDeadline()
         self._last_log = 0.0
+        self._last_error = ""
         self._last_check = 0.0
         #: This drain's row in table ``drains`` and what was last written there.
         self.record_id: int | None = None
@@ -191,13 +194,10 @@ class Drain(bootsteps.StartStopStep):
                 f"worker consumes only {self.queues.host} (orchestrator worker HOST --legacy)"
             )
         self.worker, self.pid = worker, os.getpid()
+        self._register(worker)
         self.orch.drain = self
         _register_control_command()
-        self.started_at = time.time()
-        self.orch.registry.register(
-            worker.hostname, self.queues.host, pid=self.pid, version=self.version,
-            consumes_main=self.queues.main is not None, consumes_alt=self.queues.alt is not None,
-        )
+        status.register()
         self._timers.append(
             worker.timer.call_repeatedly(self.heartbeat_interval, self._heartbeat)
         )
@@ -213,6 +213,38 @@ class Drain(bootsteps.StartStopStep):
             "graceful timeout %gs",
             self.queues.host, self.version, self.queues.main, self.queues.alt, self.timeout,
         )
+
+    def _register(self, worker) -> None:
+        """Register this worker's host, waiting for the ledger first, as Celery waits for its
+        broker at start (``broker_connection_retry_on_startup``): the consumer starts after
+        this step, so nothing is consumed until what runs can be recorded. A SIGTERM or
+        SIGQUIT meanwhile ends the worker, exit 0, having taken nothing."""
+        assert self.queues is not None
+        queues, delay = self.queues, 1.0
+        while True:
+            try:
+                self.orch.db.engine()  # the schema check that __init__ could not make
+                self.started_at = time.time()
+                self.orch.registry.register(
+                    worker.hostname, queues.host, pid=self.pid, version=self.version,
+                    consumes_main=queues.main is not None, consumes_alt=queues.alt is not None,
+                )
+                return
+            except LedgerUnavailable as exc:
+                logger.error("orchestrator: %s; trying again in %g s (consuming nothing until "
+                             "then)", exc, delay)
+            except OrchestratorError as exc:  # an older schema: the command to run
+                raise SystemExit(f"orchestrator: {exc}") from None
+            until = time.monotonic() + delay
+            while time.monotonic() < until:
+                if (worker_state.should_stop is not None
+                        or worker_state.should_terminate is not None):
+                    self.queues = None  # nothing registered: nothing to undo at stop
+                    logger.warning("orchestrator: stopped while waiting for the ledger at %s",
+                                   redact_url(self.orch.db.url))
+                    raise WorkerShutdown(0)
+                time.sleep(0.1)
+            delay = min(10.0, delay * 2)
 
     def _stop_idle_pool_at_once(self, worker) -> None:
         """After a drain, a pool with nothing reserved is ended at once (workers.poolstop)
@@ -273,12 +305,18 @@ class Drain(bootsteps.StartStopStep):
                 "deadline_in": None if self.deadline is None
                 else round(self.deadline - time.time(), 1),
                 "handed_back": self.handed_back,
-            }
+            },
+            "ledger": self.orch.ledger_health.as_dict(),
         }
 
     def _heartbeat(self) -> None:
+        """Refresh the heartbeat, and the state with it: a drain that began while the ledger
+        was unreachable is recorded as draining by the first heartbeat that gets through."""
         try:
-            self.orch.registry.heartbeat(self.worker.hostname)
+            self.orch.registry.heartbeat(
+                self.worker.hostname, "draining" if self.since is not None else "up")
+        except LedgerUnavailable as exc:
+            self.orch.ledger_health.report(exc, "heartbeat")
         except Exception as exc:  # a database hiccup must not stop the worker
             logger.warning("drain: heartbeat failed: %s", exc)
 
@@ -310,9 +348,9 @@ class Drain(bootsteps.StartStopStep):
         return True
 
     # -- the drain ---------------------------------------------------------------------------
-    def quiet(self, reason: str) -> Waiting:
+    def quiet(self, reason: str) -> Waiting | None:
         """Stop taking new work; keep the alt queue. Runs in the event loop. Returns what the
-        drain waits for, which the first tick acts on."""
+        drain waits for, which the first tick acts on (None: the ledger cannot tell yet)."""
         assert self.queues is not None and self.since is None
         if self.queues.main is not None:
             # Cancel before raising the flag: a message handed back while the consumer still
@@ -320,9 +358,18 @@ class Drain(bootsteps.StartStopStep):
             self.worker.consumer.cancel_task_queue(self.queues.main)
         self.since = time.time()
         self.deadline = self.since + self.timeout
-        self.orch.registry.set_state(self.worker.hostname, "draining",
-                                     drain_started_at=self.since)
-        waiting = self.waiting_for()
+        try:
+            self.orch.registry.set_state(self.worker.hostname, "draining",
+                                         drain_started_at=self.since)
+            waiting = self.waiting_for()
+        except LedgerUnavailable as exc:  # the heartbeat records the state once it answers
+            self.orch.ledger_health.report(exc, "drain: cannot tell what is in flight")
+            logger.warning(
+                "drain: %s: stopped consuming %s, still consuming %s until done or %gs; what "
+                "is in flight is unknown until the ledger answers", reason, self.queues.main,
+                self.queues.alt or "no alt queue (running steps only)", self.timeout)
+            self._last_log = self._last_check = time.monotonic()
+            return None
         logger.warning(
             "drain: %s: stopped consuming %s, still consuming %s until done or %gs; "
             "waiting for %s",
@@ -331,15 +378,7 @@ class Drain(bootsteps.StartStopStep):
             waiting.describe(),
         )
         self._last_log = self._last_check = time.monotonic()
-        try:
-            self.record_id = self.orch.registry.drain_started(
-                self.worker.hostname, self.queues.host, reason, self.since, self.deadline,
-                waiting.as_dict(),
-            )
-            self._recorded, self._last_record = (self.handed_back, waiting.as_dict()), \
-                time.monotonic()
-        except Exception as exc:  # operators lose a row; the drain goes on
-            logger.warning("drain: could not record the drain: %s", exc)
+        self._record(waiting)
         return waiting
 
     def tick(self) -> None:
@@ -367,8 +406,11 @@ class Drain(bootsteps.StartStopStep):
             self._last_check = time.monotonic()
             try:
                 waiting = self.waiting_for()
+            except LedgerUnavailable as exc:  # keep waiting until the deadline; say so rarely
+                self.orch.ledger_health.report(exc, "drain: cannot tell what is in flight")
+                return
             except Exception as exc:
-                logger.error("drain: cannot tell what is in flight (%s); retrying", exc)
+                self._cannot_tell(exc)
                 return
         self._record(waiting)
         if not waiting:
@@ -383,19 +425,36 @@ class Drain(bootsteps.StartStopStep):
                 waiting.describe(),
             )
 
+    def _cannot_tell(self, exc: Exception) -> None:
+        """An unexpected error asking what is left: logged when it changes, or every
+        LOG_EVERY_SECONDS, not at every check."""
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_error or time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
+            self._last_error, self._last_log = text, time.monotonic()
+            logger.error("drain: cannot tell what is in flight (%s); retrying", text)
+
     def _record(self, waiting: Waiting) -> None:
         """Refresh the drain's row (what it waits for, messages handed back): at most every
         RECORD_EVERY_SECONDS, and only when something changed."""
-        if self.record_id is None or time.monotonic() - self._last_record < RECORD_EVERY_SECONDS:
+        if time.monotonic() - self._last_record < RECORD_EVERY_SECONDS:
             return
         state = (self.handed_back, waiting.as_dict())
         if state == self._recorded:
             return
         self._last_record = time.monotonic()
+        assert self.queues is not None and self.since is not None and self.deadline is not None
         try:
-            self.orch.registry.drain_progress(self.record_id, self.handed_back,
-                                              waiting.as_dict())
+            if self.record_id is None:  # first row: now, or once the ledger answers
+                self.record_id = self.orch.registry.drain_started(
+                    self.worker.hostname, self.queues.host, self.requested or "", self.since,
+                    self.deadline, waiting.as_dict())
+                self.orch.registry.drain_progress(self.record_id, self.handed_back)
+            else:
+                self.orch.registry.drain_progress(self.record_id, self.handed_back,
+                                                  waiting.as_dict())
             self._recorded = state
+        except LedgerUnavailable as exc:
+            self.orch.ledger_health.report(exc, "drain: its progress is not recorded")
         except Exception as exc:
             logger.warning("drain: could not record its progress: %s", exc)
 

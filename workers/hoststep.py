@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 from celery import bootsteps
 from celery.utils.log import get_logger
 
+from orchestrator.errors import LedgerUnavailable
 from workers.drain import HostQueues
+
+#: The same error again is logged at most this often.
+REPEAT_LOG_SECONDS = 10.0
 
 logger = get_logger(__name__)
 
@@ -13,7 +19,9 @@ logger = get_logger(__name__)
 class HostTimerStep(bootsteps.StartStopStep):
     """Runs :meth:`tick` every ``interval`` seconds on a worker that serves a host (none on a
     plain worker). An error in a tick is logged and the next tick tries again: a database or
-    broker hiccup must not stop the worker."""
+    broker hiccup must not stop the worker. The ledger unreachable is said through the
+    process's ledger health (once, then every 10 s); any other error when it changes, or
+    every REPEAT_LOG_SECONDS while it repeats."""
 
     requires = ("celery.worker.components:Timer",)
     interval: float = 1.0
@@ -23,6 +31,8 @@ class HostTimerStep(bootsteps.StartStopStep):
         self.app = None
         self.orch = None
         self._tref = None
+        self._last_error = ""
+        self._last_log = 0.0
 
     def start(self, worker) -> None:
         self.app = worker.app
@@ -46,8 +56,14 @@ class HostTimerStep(bootsteps.StartStopStep):
     def _safe_tick(self) -> None:
         try:
             self.tick()
+        except LedgerUnavailable as exc:
+            self.orch.ledger_health.report(exc, f"{self.label} on {self.host}")
         except Exception as exc:
-            logger.warning("%s on %s: %s", self.label, self.host, exc)
+            text = f"{self.label} on {self.host}: {exc}"
+            if text != self._last_error or time.monotonic() - self._last_log >= \
+                    REPEAT_LOG_SECONDS:
+                self._last_error, self._last_log = text, time.monotonic()
+                logger.warning("%s", text)
 
     def tick(self) -> None:
         raise NotImplementedError

@@ -1,45 +1,122 @@
 """Worker bootstep: send again the steps of this host that have no message in the broker.
 
-Two ways a step can be left with no message: its sender died between committing the step and
-publishing it, or (Redis) a worker was SIGKILLed between BRPOP taking the message and kombu
-recording it as unacknowledged, so no visibility timeout brings it back. Every
-2 seconds this step looks at the operations whose current step targets this host:
-one never sent after ``UNPUBLISHED_GRACE`` seconds is sent; one queued for longer than
-``ORCHESTRATOR_RESEND_AFTER`` seconds (default 60) whose queue is empty is sent again. Steps
-are idempotent, so a step that was not lost after all runs once and its copy is dropped.
+One rule for every step the ledger says is in flight on this host, queued or running: once the
+delivery it had is known gone and no message for it waits in its queue, it is sent again.
+Steps are idempotent and the ledger applies a step's effect once, so a step that was not lost
+after all runs once more and its copy is dropped.
+
+How a step is left with no delivery:
+
+- **queued, never sent**: its sender died between committing the step and publishing it (sent
+  after ``UNPUBLISHED_GRACE`` seconds);
+- **queued, lost by the broker**: on Redis a worker SIGKILLed between BRPOP and kombu recording
+  the message as unacknowledged, or a failover to a replica that had not received it (sent
+  after ``ORCHESTRATOR_RESEND_AFTER`` seconds, default 60, if its queue is empty);
+- **running, its worker gone**: the worker that started it is down, or was restarted since
+  (on Redis its message waits out the visibility timeout, an hour by default; on RabbitMQ it
+  is back in the queue at once, and then nothing is sent);
+- **running, its delivery lost**: the worker that started it is this one, and it no longer
+  holds the message (a delivery acknowledged or dropped without its outcome recorded).
+
+A running step is looked at after :func:`running_grace` seconds, a stale heartbeat only once
+it is confirmed (``ServiceView.unconfirmed``: not while the ledger was unreachable).
 """
 
 from __future__ import annotations
 
 from celery.utils.log import get_logger
+from celery.worker import state as worker_state
 
 from orchestrator.broker import queue_depth
+from orchestrator.registry import STALE_AFTER, ServiceView
+from orchestrator.state import step_task_id
 from workers.drain import UNPUBLISHED_GRACE
 from workers.hoststep import HostTimerStep
 
 logger = get_logger(__name__)
 
 
+def running_grace(heartbeat_interval: float) -> float:
+    """How long a step is recorded as running before its delivery is questioned: long
+    enough for a stale heartbeat to be noticed."""
+    return max(10.0, (STALE_AFTER + 1) * heartbeat_interval)
+
+
+def delivery_gone(
+    operation_id: str, position: int, worker: str | None, started_at: float | None, *,
+    me: str, registered_at: float, held: set[str], views: list[ServiceView],
+) -> str | None:
+    """Why the running step's delivery is known gone, or None while a live worker may still
+    run it. ``me``: this worker's name, registered at ``registered_at``, holding the requests
+    ``held`` (task ids); ``views``: the registry."""
+    if worker is None or started_at is None:
+        return None
+    if worker == me:
+        if started_at < registered_at:
+            return "the worker that ran it restarted since"
+        if step_task_id(operation_id, position) not in held:
+            return "this worker no longer holds its message"
+        return None
+    view = next((v for v in views if v.nodename == worker), None)
+    if view is None:
+        return None
+    if view.started_at > started_at:
+        return f"{worker} restarted since"
+    if view.state == "down":
+        return f"{worker} is down"
+    return None
+
+
 class StrandedSteps(HostTimerStep):
     label = "StrandedSteps"
     interval = 2.0
 
-    def tick(self) -> None:
-        stranded = self.orch.ledger.stranded_steps(
-            self.host, UNPUBLISHED_GRACE, self.orch.settings.resend_after
-        )
-        for op in stranded:
-            self._resend(op)
+    def __init__(self, worker, **kwargs) -> None:
+        super().__init__(worker, **kwargs)
+        self.nodename = getattr(worker, "hostname", "")
+        #: Steps this worker sent again (``orchestrator_steps_recovered``).
+        self.recovered = 0
 
-    def _resend(self, op) -> None:
+    def start(self, worker) -> None:
+        super().start(worker)
+        self.nodename = worker.hostname
+        if self.host is not None:
+            self.orch.stranded_steps = self
+
+    def tick(self) -> None:
+        held = {r.id for r in list(worker_state.reserved_requests)}  # before the ledger read
+        orch = self.orch
+        stranded = orch.ledger.stranded_steps(
+            self.host, UNPUBLISHED_GRACE, orch.settings.resend_after,
+            running_grace(orch.settings.heartbeat_interval),
+        )
+        running = [op for op in stranded if op.step_state == "running"]
+        attempts = orch.ledger.step_attempts(running)
+        views = orch.registry.services() if running else []
+        drain = orch.drain
+        registered_at = drain.started_at if drain is not None else 0.0
+        for op in stranded:
+            if op.step_state == "running":
+                why = delivery_gone(op.id, op.position, *attempts.get(op.id, (None, None)),
+                                    me=self.nodename, registered_at=registered_at, held=held,
+                                    views=views)
+                if why is None:
+                    continue
+            elif not op.next_published:
+                why = "it was never sent"
+            else:
+                why = "no message for it in the broker"
+            self._resend(op, why)
+
+    def _resend(self, op, why: str) -> None:
         step, host = op.current
-        if op.next_published and op.queue and queue_depth(self.app, op.queue) > 0:
-            return  # still waiting its turn in the queue
-        if not self.orch.ledger.claim_resend(op.id, op.position, op.step_since):
+        if (op.next_published or op.step_state == "running") and op.queue \
+                and queue_depth(self.app, op.queue) > 0:
+            return  # a message for it waits its turn in the queue
+        if not self.orch.ledger.claim_resend(op.id, op.position, op.step_since, op.step_state):
             return
         queue = self.orch.publish_step(op.id, op.position, step, host, op.kind, op.subject)
         self.orch.ledger.mark_published(op.id, op.position, queue)
-        logger.warning(
-            "resent %s of %s to %s: %s", step, op.id, queue,
-            "it was never sent" if not op.next_published else "no message for it in the broker",
-        )
+        self.recovered += 1
+        logger.warning("resent %s of %s to %s: %s (the step was %s)", step, op.id, queue, why,
+                       op.step_state)

@@ -10,6 +10,14 @@ operators and drains see it; a short step never pays for that second write.
 A :class:`~orchestrator.errors.StepFailure` fails the operation (running the
 flow's rollback when the step is in ``rollback_on``); any other exception is retried a few times,
 then fails it, so an operation is never left "running" with no message anywhere.
+
+The ledger unreachable is a wait, never a verdict: a delivery that cannot ask the ledger whether
+it may run waits for it (nothing run, no attempt counted), and a step whose work is done keeps
+its result and retries only the recording, with backoff, until the ledger answers
+(:meth:`orchestrator.health.LedgerHealth.call`). The message stays unacknowledged meanwhile
+(``task_acks_late``); if the worker must exit first (the drain's deadline, a second SIGTERM),
+the pool process is ended and Celery's ``task_reject_on_worker_lost`` puts the message back, for
+the ledger to judge on redelivery. Nothing is failed because the ledger was down.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 
-from orchestrator.errors import StepFailure, StepMismatch, UnknownOperation
+from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
 from orchestrator.state import Attempt
 from workers.validation import check_step_call, reject
 
@@ -49,6 +58,9 @@ class Claim:
         try:
             self.claimed = self.ledger.claim_step(
                 self.operation_id, self.position, Attempt(self.worker, self.started_at))
+        except LedgerUnavailable as exc:  # the completion records the attempt anyway
+            self.ledger.db.health.report(
+                exc, f"step {self.operation_id}.{self.position}: not recorded as running")
         except Exception as exc:  # the completion records the attempt anyway
             logger.warning("step %s.%s: could not record it as running: %r",
                            self.operation_id, self.position, exc)
@@ -144,8 +156,12 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
     from orchestrator.api import StepContext
 
     ledger, step = orch.ledger, spec.name
-    start = ledger.begin_step(operation_id, position, step, host, worker=task.request.hostname,
-                              claim=False)
+
+    def recorded(what: str, fn: Any) -> Any:
+        return orch.ledger_health.call(fn, f"step {step} of {operation_id} on {host} {what}")
+
+    start = recorded("waits to start", lambda: ledger.begin_step(
+        operation_id, position, step, host, worker=task.request.hostname, claim=False))
     if start.outcome == "duplicate":
         logger.info("step %s of %s delivered again: already done, dropped", step, operation_id)
         return "duplicate"
@@ -166,25 +182,29 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
             attempt = claim.done()
         if ctx.waiting is not None:  # completed by workers.waits.EventWaits once it arrives
             event_name, key, timeout = ctx.waiting
-            ledger.wait_for_event(operation_id, position, event_name, key, timeout, output,
-                                  attempt=attempt)
+            recorded("is done, waits to record its event wait", lambda: ledger.wait_for_event(
+                operation_id, position, event_name, key, timeout, output, attempt=attempt))
             return "waiting"
-        # Where the next step goes is decided before the transaction that records it as sent;
-        # a fallback to <host> is counted (a write of its own) once that step is sent.
+        # Where the next step goes is decided before the transaction that records it as sent
+        # (from the registry as it is once the ledger answers); a fallback to <host> is
+        # counted (a write of its own) once that step is sent.
         following = start.following
-        decision = (orch.router.decide(*following, record=False)
-                    if following is not None else None)
-        nxt = ledger.complete_step(operation_id, position, spec.effect, output,
-                                   next_queue=decision.queue if decision else None,
-                                   attempt=attempt)
+
+        def complete() -> tuple[Any, Any]:
+            decision = (orch.router.decide(*following, record=False)
+                        if following is not None else None)
+            return decision, ledger.complete_step(
+                operation_id, position, spec.effect, output,
+                next_queue=decision.queue if decision else None, attempt=attempt)
+
+        decision, nxt = recorded("is done, waits to record it", complete)
         orch.advance(operation_id, nxt, decision)
         return "completed"
     except StepFailure as exc:
         logger.error("step %s of %s failed on %s: %s", step, operation_id, host, exc)
-        orch.advance(operation_id, ledger.fail_step(
-            operation_id, position, f"{step}@{host}: {exc}", spec.on_failure,
-            attempt=claim.done(),
-        ))
+        attempt, error = claim.done(), f"{step}@{host}: {exc}"
+        orch.advance(operation_id, recorded("failed, waits to record it", lambda: ledger.fail_step(
+            operation_id, position, error, spec.on_failure, attempt=attempt)))
         return "failed"
     except Exception as exc:
         _retry_or_fail(orch, spec, task, operation_id, position, host, exc, claim.done())
@@ -193,25 +213,37 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
 
 def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
                    host: str, exc: Exception, attempt: Attempt) -> None:
-    """An unexpected error (database, broker, bug): Celery would acknowledge the message and
-    strand the operation. Send the step again, to the same queue, a few times with backoff;
-    then fail the operation."""
+    """An unexpected error (a bug, a dependency of the step): Celery would acknowledge the
+    message and strand the operation. Send the step again, to the same queue, a few times with
+    backoff; then fail the operation. The ledger unreachable from the step's own code is no
+    reason to give up: such a step is sent again for as long as it lasts."""
     retries, step = task.request.retries, spec.name
-    if retries < orch.max_retries:
+    waiting_for_ledger = isinstance(exc, LedgerUnavailable)
+    if retries < orch.max_retries or waiting_for_ledger:
         try:
             orch.ledger.record_attempt(operation_id, position, attempt)
-        except Exception as record_exc:  # the database may be what failed: retry anyway
+        except LedgerUnavailable as record_exc:  # the next delivery counts from the ledger
+            orch.ledger_health.report(record_exc, f"step {step} of {operation_id}: attempt "
+                                                  "not counted")
+        except Exception as record_exc:
             logger.warning("step %s of %s: could not count the attempt: %r", step,
                            operation_id, record_exc)
-        logger.warning("step %s of %s on %s: %r; retry %d of %d", step, operation_id, host,
-                       exc, retries + 1, orch.max_retries)
+        logger.warning("step %s of %s on %s: %s; retry %d%s", step, operation_id, host,
+                       exc if waiting_for_ledger else repr(exc), retries + 1,
+                       "" if waiting_for_ledger else f" of {orch.max_retries}")
         queue = (task.request.delivery_info or {}).get("routing_key")
         # Back off here rather than with a countdown: a step message never carries an ETA
         # (workers.validation refuses them: the worker would hold it unacknowledged).
-        time.sleep(min(10, 2 ** retries))
-        raise task.retry(exc=exc, queue=queue)
-    orch.advance(operation_id, orch.ledger.fail_step(
+        time.sleep(min(10, 2 ** min(retries, 4)))
+        try:
+            raise task.retry(exc=exc, queue=queue)
+        except Reject as rejected:
+            # Celery rejects the message without requeue when the retry cannot be sent (the
+            # broker is down too): it would be lost. Give it back instead; its redelivery is
+            # judged by the ledger.
+            raise Reject(rejected.reason, requeue=True) from None
+    orch.advance(operation_id, orch.ledger_health.call(lambda: orch.ledger.fail_step(
         operation_id, position,
         f"{step}@{host}: gave up after {orch.max_retries} retries: {exc!r}", spec.on_failure,
         attempt=attempt,
-    ))
+    ), f"step {step} of {operation_id} on {host} failed, waits to record it"))

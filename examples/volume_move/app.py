@@ -20,7 +20,9 @@ Run it (see the README, "Your own workflow")::
         --host source=node1 --host dest=node2 --param volume=vol1 --subject vol1
 
 Knobs for tests and demos: ``VOLUMES_STEP_SECONDS`` (``copy_out=3,copy_in=1``: how long a
-step takes) and ``VOLUMES_FAIL`` (``copy_in`` or ``copy_in@node2``: a step that fails).
+step takes), ``VOLUMES_FAIL`` (``copy_in`` or ``copy_in@node2``: a step that fails) and
+``VOLUMES_RUN_LOG`` (a file each step's work appends a line to when it starts: how often each
+step's work was done).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def staging_path(volume: str, operation_id: str) -> Path:
 
 
 def _take_time_and_maybe_fail(ctx: StepContext) -> None:
+    run_log = os.environ.get("VOLUMES_RUN_LOG")
+    if run_log:
+        with open(run_log, "a") as log:
+            log.write(f"{ctx.step}@{ctx.host} {ctx.operation_id} attempt={ctx.attempt}\n")
     delays = dict(item.split("=", 1) for item in
                   filter(None, (os.environ.get("VOLUMES_STEP_SECONDS") or "").split(",")))
     time.sleep(float(delays.get(ctx.step, 0.05)))
