@@ -25,8 +25,10 @@ not imported, so this module imports nothing that runs in a worker.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +39,7 @@ from typing import Any
 
 import click
 from celery import Celery, signals
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -50,6 +53,7 @@ from orchestrator.errors import (
     BrokerUnavailable,
     ConfigError,
     DefinitionError,
+    LedgerUnavailable,
     SubjectBusy,
     SubmitError,
     UnknownFlow,
@@ -72,6 +76,10 @@ UNACKED_MUTEX_EXPIRE_SECONDS = 10
 DEFAULT_MAX_RETRIES = 3
 #: A host is a queue name on Redis and RabbitMQ, and ``<host>-alt`` is its second queue.
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
+#: What a publish raises when the broker cannot take a message (kombu wraps the transport's
+#: connection errors in its OperationalError; a socket error may come through as it is).
+BROKER_ERRORS = (KombuOperationalError, ConnectionError, OSError)
+_logger = logging.getLogger("orchestrator")
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
 WORKER_STEPS = ("workers.drain:Drain", "workers.waits:EventWaits", "workers.resend:StrandedSteps")
 
@@ -586,21 +594,32 @@ class Orchestrator:
     def advance(self, operation_id: str, nxt: Any, decision: Any = None) -> None:
         """Publish the step a ledger transition returned, if any, and record it (unless the
         transition already recorded where it goes: ``nxt.queue``, the router's ``decision``,
-        whose fallback is counted once the step is sent)."""
+        whose fallback is counted once the step is sent).
+
+        The transition is recorded already, so a broker that cannot take the step is no reason
+        to undo or repeat it: the step is left recorded as "not sent" (when the ledger can
+        take that), and the resend of its host (``workers.resend``) sends it once the broker
+        answers. Any other error is raised."""
         if nxt.next_step is None or nxt.next_position is None:
             return
         step, host = nxt.next_step
-        if nxt.queue is None:
-            queue = self.publish_step(operation_id, nxt.next_position, step, host, nxt.kind,
-                                      nxt.subject)
-            self.ledger.mark_published(operation_id, nxt.next_position, queue)
-            return
         try:
+            if nxt.queue is None:
+                queue = self.publish_step(operation_id, nxt.next_position, step, host,
+                                          nxt.kind, nxt.subject)
+                self.ledger.mark_published(operation_id, nxt.next_position, queue)
+                return
             self.send_step(operation_id, nxt.next_position, step, host, nxt.queue, nxt.kind,
                            nxt.subject)
-        except Exception:
-            self.ledger.unpublish(operation_id, nxt.next_position)
-            raise
+        except BROKER_ERRORS as exc:
+            if nxt.queue is not None:
+                # Ledger down too: still recorded as sent, resent after resend_after.
+                with contextlib.suppress(LedgerUnavailable):
+                    self.ledger.unpublish(operation_id, nxt.next_position)
+            _logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
+                            "sends it once the broker answers", operation_id, step, host,
+                            _one_line(exc), host)
+            return
         if decision is not None:
             self.router.record(decision)
 
@@ -636,6 +655,11 @@ class Orchestrator:
         """Deliver event ``name`` for ``key`` now, in a transaction of its own."""
         with self.db.session() as s:
             self.ledger.record_event(s, key, name)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def check_host_name(host: Any, what: str) -> None:

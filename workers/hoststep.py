@@ -54,6 +54,11 @@ class HostTimerStep(bootsteps.StartStopStep):
     terminate = stop
 
     def _safe_tick(self) -> None:
+        if not self.orch.ledger_health.up:
+            # The ledger did not answer: leave it to the heartbeat thread to find it back.
+            # Asking from here would hold the event loop (and the worker's answers over the
+            # broker) for a connect or a query timeout at every tick.
+            return
         try:
             self.tick()
         except LedgerUnavailable as exc:

@@ -93,6 +93,9 @@ class StrandedSteps(HostTimerStep):
         running = [op for op in stranded if op.step_state == "running"]
         attempts = orch.ledger.step_attempts(running)
         views = orch.registry.services() if running else []
+        if views and orch.drain is not None:  # silent workers asked over the broker
+            ran = {worker for worker, _ in attempts.values()}
+            views = orch.drain.witness.revise([v for v in views if v.nodename in ran])
         drain = orch.drain
         registered_at = drain.started_at if drain is not None else 0.0
         for op in stranded:

@@ -1,0 +1,198 @@
+"""Each host its own machine: Linux network namespaces on a bridge, for partition tests.
+
+One bed is a bridge in the root namespace holding two addresses, the broker's (``.1``) and the
+ledger's (``.2``), and one namespace per machine, joined to the bridge by a veth pair, with an
+address of its own (``.11``, ``.12``...) and ``tc netem`` delay on its link (2 ms +- 1 ms by
+default) where the kernel has netem (:attr:`NetBed.delay_note` says when it has not: this
+machine's kernel ships no ``sch_netem`` and cannot load it, so its beds run without delay).
+A worker runs inside its machine (``ip netns exec``); the broker and the ledger listen on the
+bridge's addresses.
+
+Faults, all real:
+
+- :meth:`Machine.cut` takes the machine's link down: silence both ways, as a pulled cable (a
+  TCP connection across it is not reset; each side notices only by its own timeouts);
+- :meth:`Machine.cut_from` makes one address (the broker's or the ledger's) a blackhole route
+  in the machine: a partition from that service alone. Packets of a connection already open
+  vanish (silence, as above); a new connection fails at once with EINVAL (the kernel's answer
+  for a blackhole route), where a cut link would let it time out;
+- :meth:`Machine.heal` undoes either.
+
+Names carry a tag of this process, so that beds of two runs never meet; :meth:`NetBed.destroy`
+removes every namespace, link and filter the bed made. Needs root and ``ip netns``; tests skip
+with :func:`available`'s reason where either is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+#: A /24 in a range no machine here routes: the bed's own, on its own bridge.
+SUBNET_BASE = "10.213"
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=30)
+
+
+def _tc(*args: str, namespace: str | None = None) -> None:
+    prefix = ["ip", "netns", "exec", namespace] if namespace else []
+    subprocess.run([*prefix, "tc", *args], check=True, capture_output=True, text=True,
+                   timeout=30)
+
+
+def available() -> str | None:
+    """None if network namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "iproute2 (ip, tc) is not installed"
+    probe = f"orchprobe{os.getpid()}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"ip netns add fails here: {made.stderr.strip()}"
+    _ip("netns", "delete", probe, check=False)
+    return None
+
+
+@dataclass
+class Machine:
+    bed: NetBed
+    name: str
+    index: int
+    namespace: str
+    inside: str
+    outside: str
+    address: str
+    cut_from_addresses: list[str] = field(default_factory=list)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside this machine (``ip netns exec`` execs it: the PID is its)."""
+        return ["ip", "netns", "exec", self.namespace, *argv]
+
+    def cut(self) -> None:
+        _ip("-n", self.namespace, "link", "set", self.inside, "down")
+
+    def cut_from(self, address: str) -> None:
+        """Packets from this machine to ``address`` are dropped (a blackhole route)."""
+        _ip("-n", self.namespace, "route", "add", "blackhole", f"{address}/32")
+        self.cut_from_addresses.append(address)
+
+    def heal(self) -> None:
+        _ip("-n", self.namespace, "link", "set", self.inside, "up")
+        for address in self.cut_from_addresses:
+            _ip("-n", self.namespace, "route", "del", "blackhole", f"{address}/32", check=False)
+        self.cut_from_addresses.clear()
+
+
+class NetBed:
+    def __init__(self, delay: str = "2ms 1ms") -> None:
+        self.tag = f"ob{os.getpid() % 100000}"
+        self.octet = 100 + os.getpid() % 150
+        self.prefix = f"{SUBNET_BASE}.{self.octet}"
+        self.bridge = f"{self.tag}br"
+        self.broker_address = f"{self.prefix}.1"
+        self.ledger_address = f"{self.prefix}.2"
+        self.delay = delay
+        #: Why the machines have no delay between them, if they have none.
+        self.delay_note: str | None = None
+        self.machines: dict[str, Machine] = {}
+
+    def create(self) -> NetBed:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        for address in (self.broker_address, self.ledger_address):
+            _ip("addr", "add", f"{address}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        return self
+
+    def machine(self, name: str) -> Machine:
+        index = len(self.machines) + 1
+        namespace = f"{self.tag}-{name}"
+        inside, outside = f"{self.tag}m{index}i", f"{self.tag}m{index}o"
+        address = f"{self.prefix}.{10 + index}"
+        _ip("netns", "add", namespace)
+        _ip("link", "add", inside, "type", "veth", "peer", "name", outside)
+        _ip("link", "set", inside, "netns", namespace)
+        _ip("link", "set", outside, "master", self.bridge)
+        _ip("link", "set", outside, "up")
+        _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", inside)
+        _ip("-n", namespace, "link", "set", inside, "up")
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        # Delay between machines, both ways: on the machine's side and on the bridge's.
+        if self.delay and self.delay_note is None:
+            try:
+                _tc("qdisc", "add", "dev", outside, "root", "netem", "delay",
+                    *self.delay.split())
+                _tc("qdisc", "add", "dev", inside, "root", "netem", "delay",
+                    *self.delay.split(), namespace=namespace)
+            except subprocess.CalledProcessError as exc:
+                self.delay_note = (f"no delay between machines: tc netem fails here "
+                                   f"({(exc.stderr or '').strip() or exc})")
+        machine = Machine(self, name, index, namespace, inside, outside, address)
+        self.machines[name] = machine
+        return machine
+
+    def destroy(self) -> None:
+        for machine in self.machines.values():
+            _ip("netns", "delete", machine.namespace, check=False)  # takes its veth pair
+            _ip("link", "delete", machine.outside, check=False)
+        _ip("link", "delete", self.bridge, check=False)
+        self.machines.clear()
+
+
+class TcpForwarder:
+    """Relays ``listen`` to ``target`` (a broker that listens on loopback only, reached from
+    the machines at the bed's broker address). A partition of a machine is on its own link,
+    so the relay changes nothing of what it does: silence stays silence."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self.listen, self.target = listen, target
+        self.loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="tcp-forwarder")
+
+    def start(self) -> TcpForwarder:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(timeout=10)
+        return self
+
+    async def _serve(self) -> None:
+        self._server = await asyncio.start_server(self._handle, *self.listen)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)

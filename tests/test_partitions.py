@@ -1,0 +1,200 @@
+"""Each host its own machine: partitions of the source or the destination of a move.
+
+node1 and node2 run in network namespaces of their own (tests/netbed.py); the broker and the
+ledger (a private PostgreSQL) listen on the bridge, the broker at one address and the ledger
+at another, so a machine can be cut from either or both. On RabbitMQ the bed relays its broker
+address to the suite's RabbitMQ (which listens on loopback only); on Redis it runs a private
+redis-server on the bridge. Each partition lasts PARTITION_SECONDS, then heals.
+
+What each partition does, for the README's "Partitions" section, is logged by the test
+(``-s``) and asserted: the move completes, each step's work is done once, no worker dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from examples.volume_move.app import app, orch, volume_path
+from orchestrator.broker import delete_queues
+from orchestrator.embedded import RedisServer, free_port
+from orchestrator.fleet import Fleet, WorkerProcess
+from orchestrator.views import wait_operation
+from tests import netbed, pgserver
+from tests.conftest import BROKER_URL
+
+pytestmark = [
+    pytest.mark.shutdown,
+    pytest.mark.skipif(netbed.available() is not None, reason=str(netbed.available())),
+    pytest.mark.skipif(pgserver.available() is not None, reason=str(pgserver.available())),
+]
+APP = "examples.volume_move.app"
+#: How long a partition lasts before it heals (the scenario's length, not a wait).
+PARTITION_SECONDS = 20.0
+QUEUES = ["node1", "node1-alt", "node2", "node2-alt"]
+
+
+@dataclass
+class Bed:
+    net: netbed.NetBed
+    fleet: Fleet
+    broker_url: str
+    tmp: Path
+
+    def start(self, host: str, **kwargs) -> WorkerProcess:
+        machine = self.net.machines[host]
+        return self.fleet.start(host, prefix=tuple(machine.command([])), **kwargs)
+
+    def runs(self) -> list[str]:
+        path = self.tmp / "runs.log"
+        return sorted(line.split()[0] for line in path.read_text().splitlines())
+
+
+def _point(url: str) -> None:
+    """This process's publishers of the example app at ``url``."""
+    app.conf.broker_url = url
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
+@pytest.fixture
+def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
+    net = netbed.NetBed().create()
+    servers: list = []
+    previous = app.conf.broker_url
+    try:
+        for name in ("node1", "node2"):
+            net.machine(name)
+        if net.delay_note:
+            print(f"\n{net.delay_note}")
+        pg = pgserver.PrivatePostgres(address=net.ledger_address).init()
+        servers.append(pg)
+        pg.start()
+        pg.wait_answering()
+        parsed = urlparse(BROKER_URL)
+        if parsed.scheme.startswith("redis"):
+            redis = RedisServer(tmp_path, address=net.broker_address)
+            servers.append(redis)
+            redis.start()
+            url = redis.url
+        else:
+            port = free_port(net.broker_address)
+            relay = netbed.TcpForwarder((net.broker_address, port),
+                                        (parsed.hostname or "127.0.0.1", parsed.port or 5672))
+            servers.append(relay.start())
+            url = parsed._replace(netloc=f"{parsed.netloc.rsplit('@', 1)[0]}@"
+                                         f"{net.broker_address}:{port}").geturl()
+        _point(url)
+        if not url.startswith("redis"):
+            delete_queues(app, QUEUES)
+        env = {
+            "ORCHESTRATOR_BROKER_URL": url,
+            "ORCHESTRATOR_DB_URL": pg.url,
+            "ORCHESTRATOR_HEARTBEAT_INTERVAL": os.environ["ORCHESTRATOR_HEARTBEAT_INTERVAL"],
+            "VOLUMES_ROOT": str(tmp_path / "volumes"),
+            "VOLUMES_RUN_LOG": str(tmp_path / "runs.log"),
+            "VOLUMES_STEP_SECONDS": "copy_out=6",
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        orch.db.engine()
+        fleet = Fleet(env=env, log_dir=tmp_path / "logs", app=APP)
+        try:
+            yield Bed(net, fleet, url, tmp_path)
+        finally:
+            for machine in net.machines.values():
+                machine.heal()
+            fleet.stop_all()
+            if not url.startswith("redis"):
+                delete_queues(app, QUEUES)
+    finally:
+        _point(previous)
+        for server in reversed(servers):
+            (server.destroy if hasattr(server, "destroy") else server.stop)()
+        net.destroy()
+
+
+def start_move(bed: Bed) -> tuple[WorkerProcess, WorkerProcess, str]:
+    source = bed.start("node1")
+    dest = bed.start("node2", graceful_timeout=120)
+    volume = volume_path("node1", "vol1")
+    volume.parent.mkdir(parents=True, exist_ok=True)
+    volume.write_bytes(os.urandom(4096))
+    op = orch.submit("move", hosts={"source": "node1", "dest": "node2"},
+                     params={"volume": "vol1"}, subject="vol1")
+    wait_operation(orch, op, lambda d: (d["current_step"] or {}).get("step") == "copy_out"
+                   and d["current_step"]["state"] == "running", timeout=30, what="copy_out")
+    return source, dest, op
+
+
+EVERY_STEP_ONCE = ["copy_in@node2", "copy_out@node1", "reserve@node2", "retire_source@node1"]
+
+
+@pytest.mark.parametrize("cut", ["broker", "ledger", "both"])
+def test_source_partitioned_mid_step(bed: Bed, cut: str) -> None:
+    """copy_out runs on node1 while node1 is cut from the broker, the ledger or both, and
+    node2 drains; the partition heals after 20 s."""
+    source, dest, op = start_move(bed)
+    dest.signal(signal.SIGTERM)
+    machine = bed.net.machines["node1"]
+    began = time.monotonic()
+    if cut == "both":
+        machine.cut()
+    else:
+        machine.cut_from(bed.net.broker_address if cut == "broker" else bed.net.ledger_address)
+    time.sleep(PARTITION_SECONDS)  # the partition's length: the scenario, not a wait
+    machine.heal()
+    healed = time.monotonic()
+
+    if cut == "both":
+        # node1 is silent on both channels: node2 cannot tell it from a dead worker, stops
+        # waiting for it once its heartbeat is stale and it does not answer over the broker,
+        # and exits; copy_in waits in the broker for node2's next start.
+        assert dest.wait(timeout=120) == 0, dest.log()[-3000:]
+        gave_up = time.monotonic()
+        bed.start("node2")
+    done = orch.wait(op, timeout=120)
+    assert done["status"] == "completed", done
+    finished = time.monotonic()
+    code = dest.wait(timeout=120)
+    print(f"\nsource cut from {cut} for {PARTITION_SECONDS:.0f}s: move completed "
+          f"{finished - healed:.1f}s after the heal ({finished - began:.1f}s after the cut); "
+          f"node2's drain exited {code}"
+          + (f", {gave_up - began:.1f}s after the cut" if cut == "both" else ""))
+    assert code == 0, dest.log()[-3000:]
+    assert source.proc.poll() is None, source.log()[-3000:]
+    assert bed.runs() == EVERY_STEP_ONCE, bed.runs()
+    if cut != "both":
+        assert "steps completed during drain: 1" in dest.log(), dest.log()[-3000:]
+    for worker in (source, dest):
+        assert "Traceback" not in worker.log(), worker.log()[-4000:]
+
+
+def test_destination_partitioned_while_it_drains(bed: Bed) -> None:
+    """node2 drains, waiting for copy_out on node1, and is cut off from everything for 20 s;
+    copy_out ends meanwhile and copy_in is sent to node2."""
+    source, dest, op = start_move(bed)
+    dest.signal(signal.SIGTERM)
+    machine = bed.net.machines["node2"]
+    machine.cut()
+    time.sleep(PARTITION_SECONDS)  # the partition's length: the scenario, not a wait
+    machine.heal()
+    healed = time.monotonic()
+    code = dest.wait(timeout=150)
+    data = orch.operation(op)
+    print(f"\nnode2 cut while draining for {PARTITION_SECONDS:.0f}s: its drain exited {code} "
+          f"{time.monotonic() - healed:.1f}s after the heal; the move was {data['status']} "
+          f"at {(data['current_step'] or {}).get('step')}")
+    if data["status"] != "completed":
+        bed.start("node2")  # what it waits for runs when node2 is back
+    done = orch.wait(op, timeout=120)
+    assert done["status"] == "completed", done
+    assert source.proc.poll() is None
+    assert bed.runs() == EVERY_STEP_ONCE, bed.runs()
