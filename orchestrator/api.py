@@ -256,6 +256,13 @@ class Orchestrator:
             task_create_missing_queues=True,
             # Refuses task messages that would stop or stall Celery's consumer.
             worker_consumer="workers.validation:GuardedConsumer",
+            # RabbitMQ: the worker's remote-control queue is exclusive to its connection by
+            # default (Celery 5.5+). A worker cut off from the broker reconnects before
+            # RabbitMQ has noticed its old connection is gone (its heartbeat timeout), the
+            # redeclare fails with RESOURCE_LOCKED and Celery ends the worker ("Unrecoverable
+            # error"; seen in tests/test_partitions.py). Not exclusive, the queue is shared
+            # by the new connection meanwhile and still auto-deleted once unused.
+            control_queue_exclusive=False,
         )
         if self.signing is not None:
             signing.enable(app, self.signing)
