@@ -104,3 +104,40 @@ def guard_redis_restore_on_lost_connection() -> None:
 
     restore_unacked._orchestrator_guard = True  # type: ignore[attr-defined]
     qos.restore_unacked = restore_unacked
+
+
+#: How a draining worker gives back a message it fetched and did not start, by transport and
+#: queue type. ``requeue`` (``basic.reject`` with requeue; on Redis, back at the head of the
+#: list) is one call, but a RabbitMQ quorum queue counts every such return against its
+#: ``delivery-limit`` (20 by default on RabbitMQ 4.x) and drops or dead-letters the message
+#: past it: a step handed back by 21 drains in a row would be lost. ``republish`` sends a
+#: copy back to the queue it came from, with publisher confirms, and only then acknowledges
+#: the delivery: not a return, so nothing is counted (a crash in between leaves two copies,
+#: and the ledger drops the second).
+HAND_BACK = {("amqp", "quorum"): "republish"}
+#: Headers the broker sets on a delivery, not the sender: not copied into a republished copy.
+_BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-exchange",
+                   "x-first-death-queue", "x-first-death-reason")
+
+
+def hand_back_mode(app: Celery, queue_type: str) -> str:
+    with app.connection_for_write() as conn:
+        driver = conn.transport.driver_type
+    return HAND_BACK.get((driver, queue_type), "requeue")
+
+
+def republish(app: Celery, message) -> None:  # type: ignore[no-untyped-def]
+    """Publish ``message`` (a kombu Message as delivered) again where it came from, as it
+    is (body, serializer, headers, properties), and return once the broker confirmed it."""
+    info = message.delivery_info or {}
+    props = message.properties or {}
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body, exchange=info.get("exchange") or "",
+            routing_key=info.get("routing_key"), headers=headers,
+            content_type=message.content_type, content_encoding=message.content_encoding,
+            delivery_mode=props.get("delivery_mode", 2), priority=props.get("priority"),
+            correlation_id=props.get("correlation_id"), reply_to=props.get("reply_to"),
+            retry=False,
+        )

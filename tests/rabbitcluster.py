@@ -99,7 +99,15 @@ class RabbitCluster:
             node.proc = subprocess.Popen([SERVER], env=self._env(node), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
-        self.ctl(node, "await_startup", "--timeout", "120")
+        # The CLI answers "not running" until the node has registered with epmd.
+        def booted() -> bool:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"RabbitMQ node {node.name} exited:\n"
+                                   + log.read_text()[-2000:])
+            return self.ctl(node, "await_startup", "--timeout", "60", check=False,
+                            timeout=90).returncode == 0
+
+        wait_for(booted, 120, f"RabbitMQ node {node.name}", interval=0.5)
 
     def start(self) -> RabbitCluster:
         first = self.nodes[0]

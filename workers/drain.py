@@ -37,7 +37,7 @@ from celery.worker.control import control_command
 from celery.worker.request import Request
 
 from orchestrator import registry
-from orchestrator.broker import queue_depth
+from orchestrator.broker import hand_back_mode, queue_depth, republish
 from orchestrator.config import redact_url
 from orchestrator.errors import LedgerUnavailable, OrchestratorError
 from orchestrator.models import Operation
@@ -168,6 +168,8 @@ class Drain(bootsteps.StartStopStep):
         self.since: float | None = None
         self.deadline: float | None = None
         self.handed_back = 0
+        #: requeue or republish (orchestrator.broker.HAND_BACK), found at the first hand-back.
+        self.hand_back_mode: str | None = None
         self.expired: str | None = None
         #: Set by a second SIGTERM: end the drain now.
         self.hurry: str | None = None
@@ -489,12 +491,29 @@ class Drain(bootsteps.StartStopStep):
             return False
         if (request.delivery_info or {}).get("routing_key") != self.queues.main:
             return False
-        request.reject(requeue=True)
+        self._give_back(request)
         worker_state.task_ready(request)
         request._already_revoked = True
         self.handed_back += 1
         logger.warning("drain: handed back %s %s (not started)", request.name, request.id)
         return True
+
+    def _give_back(self, request: Request) -> None:
+        """Back to its queue, in the way its broker and queue type allow without counting a
+        return (orchestrator.broker.HAND_BACK); a republish that fails falls back to the
+        requeue (counted, but nothing lost now)."""
+        if self.hand_back_mode is None:
+            self.hand_back_mode = hand_back_mode(self.worker.app, self.orch.settings.queue_type)
+        if self.hand_back_mode == "republish":
+            try:
+                republish(self.worker.app, request.message)
+            except Exception as exc:
+                logger.warning("drain: could not republish %s (%s); requeued instead",
+                               request.id, exc)
+            else:
+                request.acknowledge()
+                return
+        request.reject(requeue=True)
 
     # -- what is left ------------------------------------------------------------------------
     def waiting_for(self) -> Waiting:

@@ -99,6 +99,8 @@ class StrandedSteps(HostTimerStep):
         drain = orch.drain
         registered_at = drain.started_at if drain is not None else 0.0
         for op in stranded:
+            if step_task_id(op.id, op.position) in held:
+                continue  # this worker holds its message (fetched, not yet started)
             if op.step_state == "running":
                 why = delivery_gone(op.id, op.position, *attempts.get(op.id, (None, None)),
                                     me=self.nodename, registered_at=registered_at, held=held,
