@@ -80,6 +80,8 @@ HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
 #: connection errors in its OperationalError; a socket error may come through as it is).
 BROKER_ERRORS = (KombuOperationalError, ConnectionError, OSError)
 _logger = logging.getLogger("orchestrator")
+#: Broker URL schemes of kombu's Redis transports (Sentinel's included).
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
 WORKER_STEPS = ("workers.drain:Drain", "workers.waits:EventWaits", "workers.resend:StrandedSteps")
 
@@ -224,10 +226,15 @@ class Orchestrator:
             # Redis only gives it back after the visibility timeout: let it finish (its effect
             # is applied once and the operation moves on); the redelivery is a duplicate.
             worker_cancel_long_running_tasks_on_connection_loss=not str(broker_url).startswith(
-                ("redis", "rediss")
+                REDIS_SCHEMES
             ),
             broker_transport_options={
                 **(app.conf.broker_transport_options or {}),
+                # Redis Sentinel (sentinel://h1:26379;sentinel://h2:26379): the primary's
+                # name, from ORCHESTRATOR_SENTINEL_MASTER unless the app set its own.
+                **({"master_name": self.settings.sentinel_master}
+                   if str(broker_url).startswith("sentinel") and not
+                   (app.conf.broker_transport_options or {}).get("master_name") else {}),
                 # Redis: an unacknowledged message (its worker was killed) comes back after
                 # this...
                 "visibility_timeout": self.settings.visibility_timeout,

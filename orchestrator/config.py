@@ -35,6 +35,8 @@ QUEUE_TYPES = ("classic", "quorum")
 
 #: Steps queued for longer than this whose queue is empty are sent again (Redis can lose one).
 DEFAULT_RESEND_AFTER = 60.0
+#: The name Redis Sentinel knows the broker's primary by (``sentinel monitor NAME ...``).
+DEFAULT_SENTINEL_MASTER = "mymaster"
 #: The application ``orchestrator`` commands and ``celery -A orchestrator`` use without ``--app``.
 DEFAULT_APP = "nova_app.app"
 
@@ -78,6 +80,8 @@ class Settings:
     routing_file_set: bool = False
     #: ``ORCHESTRATOR_APP``: the module (``module`` or ``module:attribute``) of the application.
     app: str = DEFAULT_APP
+    #: ``ORCHESTRATOR_SENTINEL_MASTER``: the primary's name for a ``sentinel://`` broker URL.
+    sentinel_master: str = DEFAULT_SENTINEL_MASTER
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -102,6 +106,8 @@ class Settings:
             resend_after=_float("ORCHESTRATOR_RESEND_AFTER", DEFAULT_RESEND_AFTER),
             routing_file_set=bool(os.environ.get("ORCHESTRATOR_ROUTING_FILE")),
             app=os.environ.get("ORCHESTRATOR_APP") or DEFAULT_APP,
+            sentinel_master=os.environ.get("ORCHESTRATOR_SENTINEL_MASTER")
+            or DEFAULT_SENTINEL_MASTER,
         )
 
 
