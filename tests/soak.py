@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from orchestrator.errors import LedgerUnavailable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 FLAVORS = ("m1.small", "m1.medium", "m1.large")
@@ -101,6 +103,11 @@ class SoakConfig:
     workdir: Path | None = None
     keep: bool = False
     progress: bool = True
+    #: Ledger outages to inject while the driver runs: the soak's own PostgreSQL
+    #: (tests/pgserver.py) stopped (fast and immediate, in turn) and started again.
+    ledger_restarts: int = 0
+    #: How long each outage lasts, seconds (drawn between the two).
+    ledger_outage: tuple[float, float] = (2.0, 6.0)
 
     def host_names(self) -> list[str]:
         return [f"compute{i}" for i in range(1, self.hosts + 1)]
@@ -156,6 +163,9 @@ class Stats:
     refused: Counter = field(default_factory=Counter)
     signals: Counter = field(default_factory=Counter)
     restarts: int = 0
+    #: Ledger outages injected, by pg_ctl stop mode; and the seconds each lasted.
+    ledger_outages: Counter = field(default_factory=Counter)
+    ledger_outage_seconds: list[float] = field(default_factory=list)
     exits: Counter = field(default_factory=Counter)
     #: (wall time, host, what, pid): kills and expired drains, to explain what they lost.
     incidents: list[tuple[float, str, str, int]] = field(default_factory=list)
@@ -197,6 +207,8 @@ class Soak:
         self.t0 = time.monotonic()
         self.timings: dict[str, float] = {}
         self.fleet: Any = None
+        #: The soak's own PostgreSQL when it injects ledger outages.
+        self.ledger: Any = None
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="orch-soak-"))
         self.names = 0
         #: Average seconds between two chaos strikes while the driver runs.
@@ -241,6 +253,20 @@ class Soak:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> SoakResult:
+        if self.cfg.ledger_restarts and self.cfg.db is None:
+            from tests.pgserver import PrivatePostgres
+
+            self.ledger = PrivatePostgres().init()
+            self.ledger.start()
+            self.ledger.wait_answering()
+            self.cfg.db = self.ledger.url
+        try:
+            return self._run_with_ledger()
+        finally:
+            if self.ledger is not None:
+                self.ledger.destroy()
+
+    def _run_with_ledger(self) -> SoakResult:
         env = self.env()
         with _environ(env):
             from nova_app.app import app
@@ -268,10 +294,14 @@ class Soak:
 
         driver = threading.Thread(target=self._driver, name="soak-driver", daemon=True)
         chaos = threading.Thread(target=self._chaos, name="soak-chaos", daemon=True)
-        driver.start()
-        chaos.start()
+        threads = [driver, chaos]
+        if self.ledger is not None:
+            threads.append(threading.Thread(target=self._ledger_chaos, name="soak-ledger",
+                                            daemon=True))
+        for thread in threads:
+            thread.start()
         last = time.monotonic()
-        while driver.is_alive() or chaos.is_alive():
+        while any(thread.is_alive() for thread in threads):
             time.sleep(0.2)
             if time.monotonic() - last >= 5:
                 last = time.monotonic()
@@ -338,9 +368,12 @@ class Soak:
         from orchestrator import db
         from orchestrator.models import Operation
 
-        with db.read() as s:
-            counts = dict(s.execute(
-                select(Operation.status, func.count()).group_by(Operation.status)).all())
+        try:
+            with db.read() as s:
+                counts = dict(s.execute(
+                    select(Operation.status, func.count()).group_by(Operation.status)).all())
+        except LedgerUnavailable:
+            counts = "unknown (ledger unreachable)"
         phases = " ".join(f"{h.name}:{h.phase}" for h in self.hosts.values())
         self.say(f"submitted {len(self.stats.submitted)}/{self.cfg.operations} "
                  f"(refused {sum(self.stats.refused.values())}), operations {counts}, "
@@ -500,6 +533,35 @@ class Soak:
         except Exception:
             self.problem(f"chaos thread crashed:\n{traceback.format_exc()}")
 
+    def _ledger_chaos(self) -> None:
+        """Stop the ledger's PostgreSQL ``ledger_restarts`` times while the driver runs
+        (``fast``: clients cut, clean; ``immediate``: a crash, WAL recovery at start), each
+        for a few seconds, and start it again; it is up when this returns."""
+        rng, cfg = random.Random(self.seed + 2), self.cfg
+        driving = cfg.operations / cfg.rate
+        try:
+            for i in range(cfg.ledger_restarts):
+                at = self.t0 + driving * (i + rng.uniform(0.3, 0.8)) / cfg.ledger_restarts
+                while time.monotonic() < at and not self.stop.is_set():
+                    time.sleep(0.1)
+                if self.stop.is_set():
+                    return
+                mode = ("fast", "immediate")[i % 2]
+                outage = rng.uniform(*cfg.ledger_outage)
+                began = time.monotonic()
+                self.ledger.stop(mode)
+                self.event("ledger", f"PostgreSQL stopped ({mode})", seconds=round(outage, 1))
+                time.sleep(outage)  # the outage's length: the fault, not a wait
+                self.ledger.start()
+                self.ledger.wait_answering()
+                self.stats.ledger_outages[mode] += 1
+                self.stats.ledger_outage_seconds.append(round(time.monotonic() - began, 1))
+                self.event("ledger", "PostgreSQL started")
+        except Exception:
+            self.problem(f"ledger chaos crashed:\n{traceback.format_exc()}")
+            if not self.ledger.running():
+                self.ledger.start()
+
     def _restore_all(self) -> None:
         """Restart every host (a draining one first exits by itself) and wait for them."""
         self._wait(lambda: all(h.phase == "up" for h in self.hosts.values()),
@@ -600,7 +662,11 @@ class Soak:
             while (len(stats.submitted) < cfg.operations and not self.stop.is_set()
                    and stats.attempts < 5 * cfg.operations):
                 time.sleep(rng.uniform(0.5, 1.5) / cfg.rate)
-                choice = self._choose()
+                try:
+                    choice = self._choose()
+                except LedgerUnavailable:  # an outage of the soak's: try again later
+                    stats.refused["ledger unreachable"] += 1
+                    continue
                 if choice is None:
                     idle += 1
                     if idle * 1.0 / cfg.rate > 60:
@@ -614,6 +680,9 @@ class Soak:
                     op = submit()
                 except (InstanceBusy, InvalidState) as exc:
                     stats.refused[f"{label}: {type(exc).__name__}"] += 1
+                    continue
+                except LedgerUnavailable:  # nothing recorded, nothing sent
+                    stats.refused[f"{label}: ledger unreachable"] += 1
                     continue
                 stats.submitted.append(Submitted(op.id, label, instance, self.now()))
         except Exception:
@@ -838,6 +907,8 @@ class Soak:
             "signals": dict(self.stats.signals),
             "signals_total": sum(self.stats.signals.values()),
             "restarts": self.stats.restarts,
+            "ledger_outages": dict(self.stats.ledger_outages),
+            "ledger_outage_seconds": list(self.stats.ledger_outage_seconds),
             "exits": dict(self.stats.exits),
             "steps": {
                 "total": len(records),
@@ -1191,7 +1262,9 @@ def format_report(r: dict[str, Any], ok: bool, detail: bool = False) -> str:
             f"{k} {' '.join(f'{s}={n}' for s, n in v.items())}" for k, v in o["by_kind"].items()),
         f"  signals: {r['signals_total']} "
         f"({', '.join(f'{k} x{v}' for k, v in sorted(r['signals'].items()))}); "
-        f"restarts {r['restarts']}",
+        f"restarts {r['restarts']}; ledger outages " + (", ".join(
+            f"{k} x{v}" for k, v in sorted(r.get("ledger_outages", {}).items())) or "none")
+        + f" ({', '.join(f'{x:g}s' for x in r.get('ledger_outage_seconds', []))})",
         f"  exits: {', '.join(f'{k} x{v}' for k, v in sorted(r['exits'].items()))}",
         f"  drains: {d.get('summaries', 0)} summaries: ended done {d.get('ended_done', 0)}, "
         f"by deadline {d.get('ended_deadline', 0)} (exit 0 x{d.get('exit_0', 0)}, "
@@ -1257,14 +1330,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true",
                    help="detailed report: latencies, failed operation ids, signal timeline")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--ledger-restarts", type=int, default=0,
+                   help="ledger outages to inject (a PostgreSQL of the soak's own, stopped "
+                        "and started; --db is then ignored)")
     a = p.parse_args(argv)
     config = SoakConfig(
         operations=a.operations, hosts=a.hosts, signals=a.signals, seed=a.seed, broker=a.broker,
         db=a.db, graceful_timeout=a.graceful_timeout, visibility_timeout=a.visibility_timeout,
         rate=a.rate, concurrency=a.concurrency, max_down=min(a.max_down, max(1, a.hosts - 1)),
         inject_failures=not a.no_inject, settle_timeout=a.settle_timeout, workdir=a.workdir,
-        keep=a.keep, progress=not a.quiet,
+        keep=a.keep, progress=not a.quiet, ledger_restarts=a.ledger_restarts,
     )
+    if a.ledger_restarts:
+        config.db = None
     # orchestrator.app reads its settings at import: point it at the soak's broker first.
     os.environ["ORCHESTRATOR_BROKER_URL"] = config.broker
     os.environ.setdefault("ORCHESTRATOR_ROUTING_FILE", str(REPO_ROOT / "routing.yaml"))
