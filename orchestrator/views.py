@@ -104,7 +104,7 @@ def _host_notes(
     return notes
 
 
-def worker_reports(orch: Any, timeout: float = 0.5,
+def worker_reports(orch: Any, timeout: float = 1.0,
                    limit: int | None = None) -> dict[str, dict[str, Any]]:
     """What each live worker says of itself over the broker (``workers.status``): host,
     drain state, its view of the ledger, steps recovered; by worker name. Returns once

@@ -108,6 +108,11 @@ class SoakConfig:
     ledger_restarts: int = 0
     #: How long each outage lasts, seconds (drawn between the two).
     ledger_outage: tuple[float, float] = (2.0, 6.0)
+    #: Partitions to inject while the driver runs: each host in a network namespace of its
+    #: own (tests/netbed.py), one cut from the broker, the ledger or both for a few seconds.
+    #: The soak then runs its own broker and PostgreSQL on the bed's bridge.
+    partitions: int = 0
+    partition_seconds: tuple[float, float] = (3.0, 8.0)
 
     def host_names(self) -> list[str]:
         return [f"compute{i}" for i in range(1, self.hosts + 1)]
@@ -166,6 +171,8 @@ class Stats:
     #: Ledger outages injected, by pg_ctl stop mode; and the seconds each lasted.
     ledger_outages: Counter = field(default_factory=Counter)
     ledger_outage_seconds: list[float] = field(default_factory=list)
+    #: Partitions injected, by what the host was cut from.
+    partitions: Counter = field(default_factory=Counter)
     exits: Counter = field(default_factory=Counter)
     #: (wall time, host, what, pid): kills and expired drains, to explain what they lost.
     incidents: list[tuple[float, str, str, int]] = field(default_factory=list)
@@ -207,8 +214,11 @@ class Soak:
         self.t0 = time.monotonic()
         self.timings: dict[str, float] = {}
         self.fleet: Any = None
-        #: The soak's own PostgreSQL when it injects ledger outages.
+        #: The soak's own PostgreSQL when it injects ledger outages or partitions.
         self.ledger: Any = None
+        #: The network bed (tests/netbed.py) and the broker on its bridge, with partitions.
+        self.net: Any = None
+        self._servers: list[Any] = []
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="orch-soak-"))
         self.names = 0
         #: Average seconds between two chaos strikes while the driver runs.
@@ -253,18 +263,54 @@ class Soak:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> SoakResult:
-        if self.cfg.ledger_restarts and self.cfg.db is None:
-            from tests.pgserver import PrivatePostgres
-
-            self.ledger = PrivatePostgres().init()
-            self.ledger.start()
-            self.ledger.wait_answering()
-            self.cfg.db = self.ledger.url
         try:
+            if self.cfg.partitions:
+                self._make_network()
+            if (self.cfg.ledger_restarts or self.cfg.partitions) and self.ledger is None:
+                from tests.pgserver import PrivatePostgres
+
+                self.ledger = PrivatePostgres().init()
+            if self.ledger is not None:
+                self.ledger.start()
+                self.ledger.wait_answering()
+                self.cfg.db = self.ledger.url
             return self._run_with_ledger()
         finally:
             if self.ledger is not None:
                 self.ledger.destroy()
+            for server in reversed(self._servers):
+                server.stop()
+            if self.net is not None:
+                self.net.destroy()
+
+    def _make_network(self) -> None:
+        """Each host a machine of its own; the broker and the ledger on the bridge."""
+        from tests import netbed
+        from tests.pgserver import PrivatePostgres
+
+        self.net = netbed.NetBed().create()
+        for name in self.hosts:
+            self.net.machine(name)
+        self.ledger = PrivatePostgres(address=self.net.ledger_address).init()
+        parsed = urlparse(self.cfg.broker)
+        if parsed.scheme.startswith("redis"):
+            from orchestrator.embedded import RedisServer
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            redis_server = RedisServer(self.workdir, address=self.net.broker_address)
+            redis_server.start()
+            self._servers.append(redis_server)
+            self.cfg.broker = redis_server.url
+        else:  # the machine's RabbitMQ listens on loopback: relay the bridge's address
+            from orchestrator.embedded import free_port
+
+            port = free_port(self.net.broker_address)
+            relay = netbed.TcpForwarder((self.net.broker_address, port),
+                                        (parsed.hostname or "127.0.0.1", parsed.port or 5672))
+            self._servers.append(relay.start())
+            self.cfg.broker = parsed._replace(
+                netloc=f"{parsed.netloc.rsplit('@', 1)[0]}@{self.net.broker_address}:{port}"
+            ).geturl()
 
     def _run_with_ledger(self) -> SoakResult:
         env = self.env()
@@ -273,6 +319,8 @@ class Soak:
             from orchestrator.fleet import Fleet
 
             app.conf.broker_url = self.cfg.broker
+            app._pool = None  # made for another broker, if any (tests.conftest.use_broker)
+            app.amqp._producer_pool = None
             self.app = app
             self._reset_broker()
             self._reset_db(env["ORCHESTRATOR_DB_URL"])
@@ -295,9 +343,12 @@ class Soak:
         driver = threading.Thread(target=self._driver, name="soak-driver", daemon=True)
         chaos = threading.Thread(target=self._chaos, name="soak-chaos", daemon=True)
         threads = [driver, chaos]
-        if self.ledger is not None:
+        if self.cfg.ledger_restarts:
             threads.append(threading.Thread(target=self._ledger_chaos, name="soak-ledger",
                                             daemon=True))
+        if self.cfg.partitions:
+            threads.append(threading.Thread(target=self._partition_chaos,
+                                            name="soak-partitions", daemon=True))
         for thread in threads:
             thread.start()
         last = time.monotonic()
@@ -386,10 +437,12 @@ class Soak:
         concurrency, prefetch = self.rng_chaos.choice(
             [(self.cfg.concurrency, 1), (self.cfg.concurrency, 1), (self.cfg.concurrency, 4),
              (1, 4)])
+        machine = self.net.machines[host.name] if self.net is not None else None
         host.worker = self.fleet.start(
             host.name, concurrency=concurrency,
             graceful_timeout=self.cfg.graceful_timeout, ready=False,
             extra=("--prefetch-multiplier", str(prefetch)),
+            prefix=tuple(machine.command([])) if machine is not None else (),
         )
         host.phase, host.since = "starting", time.monotonic()
         host.hurry_at = host.hurried = None
@@ -561,6 +614,39 @@ class Soak:
             self.problem(f"ledger chaos crashed:\n{traceback.format_exc()}")
             if not self.ledger.running():
                 self.ledger.start()
+
+    def _partition_chaos(self) -> None:
+        """Cut a random host from the broker, the ledger or both ``partitions`` times while
+        the driver runs, for a few seconds each, then heal it; every link is up when this
+        returns."""
+        rng, cfg = random.Random(self.seed + 3), self.cfg
+        driving = cfg.operations / cfg.rate
+        try:
+            for i in range(cfg.partitions):
+                at = self.t0 + driving * (i + rng.uniform(0.2, 0.7)) / cfg.partitions
+                while time.monotonic() < at and not self.stop.is_set():
+                    time.sleep(0.1)
+                if self.stop.is_set():
+                    return
+                name = rng.choice(sorted(self.hosts))
+                machine = self.net.machines[name]
+                cut = rng.choice(["broker", "ledger", "both"])
+                seconds = rng.uniform(*cfg.partition_seconds)
+                if cut == "both":
+                    machine.cut()
+                else:
+                    machine.cut_from(self.net.broker_address if cut == "broker"
+                                     else self.net.ledger_address)
+                self.event(name, f"cut from {cut}", seconds=round(seconds, 1))
+                time.sleep(seconds)  # the partition's length: the fault, not a wait
+                machine.heal()
+                self.stats.partitions[cut] += 1
+                self.event(name, "healed")
+        except Exception:
+            self.problem(f"partition chaos crashed:\n{traceback.format_exc()}")
+        finally:
+            for machine in self.net.machines.values():
+                machine.heal()
 
     def _restore_all(self) -> None:
         """Restart every host (a draining one first exits by itself) and wait for them."""
@@ -908,6 +994,7 @@ class Soak:
             "signals_total": sum(self.stats.signals.values()),
             "restarts": self.stats.restarts,
             "ledger_outages": dict(self.stats.ledger_outages),
+            "partitions": dict(self.stats.partitions),
             "ledger_outage_seconds": list(self.stats.ledger_outage_seconds),
             "exits": dict(self.stats.exits),
             "steps": {
@@ -1264,7 +1351,9 @@ def format_report(r: dict[str, Any], ok: bool, detail: bool = False) -> str:
         f"({', '.join(f'{k} x{v}' for k, v in sorted(r['signals'].items()))}); "
         f"restarts {r['restarts']}; ledger outages " + (", ".join(
             f"{k} x{v}" for k, v in sorted(r.get("ledger_outages", {}).items())) or "none")
-        + f" ({', '.join(f'{x:g}s' for x in r.get('ledger_outage_seconds', []))})",
+        + f" ({', '.join(f'{x:g}s' for x in r.get('ledger_outage_seconds', []))}); partitions "
+        + (", ".join(f"from {k} x{v}" for k, v in sorted(r.get("partitions", {}).items()))
+           or "none"),
         f"  exits: {', '.join(f'{k} x{v}' for k, v in sorted(r['exits'].items()))}",
         f"  drains: {d.get('summaries', 0)} summaries: ended done {d.get('ended_done', 0)}, "
         f"by deadline {d.get('ended_deadline', 0)} (exit 0 x{d.get('exit_0', 0)}, "
@@ -1330,6 +1419,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true",
                    help="detailed report: latencies, failed operation ids, signal timeline")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--partitions", type=int, default=0,
+                   help="partitions to inject (each host in a network namespace; needs root; "
+                        "the soak runs its own broker and PostgreSQL on the bed's bridge)")
     p.add_argument("--ledger-restarts", type=int, default=0,
                    help="ledger outages to inject (a PostgreSQL of the soak's own, stopped "
                         "and started; --db is then ignored)")
@@ -1340,8 +1432,9 @@ def main(argv: list[str] | None = None) -> int:
         rate=a.rate, concurrency=a.concurrency, max_down=min(a.max_down, max(1, a.hosts - 1)),
         inject_failures=not a.no_inject, settle_timeout=a.settle_timeout, workdir=a.workdir,
         keep=a.keep, progress=not a.quiet, ledger_restarts=a.ledger_restarts,
+        partitions=a.partitions,
     )
-    if a.ledger_restarts:
+    if a.ledger_restarts or a.partitions:
         config.db = None
     # orchestrator.app reads its settings at import: point it at the soak's broker first.
     os.environ["ORCHESTRATOR_BROKER_URL"] = config.broker

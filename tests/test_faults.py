@@ -7,10 +7,7 @@ shared PostgreSQL on 5432 is never touched.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,15 +17,14 @@ from examples.volume_move.app import orch, volume_path
 from orchestrator.broker import queue_depths
 from orchestrator.errors import LedgerUnavailable
 from orchestrator.fleet import Fleet, wait_for
-from orchestrator.views import wait_operation
 from tests import pgserver
 from tests.conftest import fresh_broker
+from tests.volumes import cli, make_volume, runs, volume_fleet, wait_step
 
 pytestmark = [
     pytest.mark.shutdown,
     pytest.mark.skipif(pgserver.available() is not None, reason=str(pgserver.available())),
 ]
-APP = "examples.volume_move.app"
 NODES = ["node1", "node2", "node3"]
 
 
@@ -46,33 +42,8 @@ def pg() -> Iterator[pgserver.PrivatePostgres]:
 @pytest.fixture
 def ledger_fleet(tmp_path: Path, pg: pgserver.PrivatePostgres,
                  monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
-    broker = fresh_broker()
-    root = tmp_path / "volumes"
-    env = {
-        "ORCHESTRATOR_BROKER_URL": broker,
-        "ORCHESTRATOR_DB_URL": pg.url,
-        "ORCHESTRATOR_HEARTBEAT_INTERVAL": os.environ["ORCHESTRATOR_HEARTBEAT_INTERVAL"],
-        "VOLUMES_ROOT": str(root),
-        "VOLUMES_RUN_LOG": str(tmp_path / "runs.log"),
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    orch.db.engine()  # the schema, before any worker starts
-    fleet = Fleet(env=env, log_dir=tmp_path / "logs", app=APP)
-    try:
+    with volume_fleet(tmp_path, monkeypatch, fresh_broker(), pg.url) as fleet:
         yield fleet
-    finally:
-        fleet.stop_all()
-
-
-def runs(tmp_path: Path) -> list[str]:
-    path = tmp_path / "runs.log"
-    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--app", APP, *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 def log_lines(worker, text: str) -> int:
@@ -86,13 +57,10 @@ def test_ledger_down_mid_step_the_move_completes_each_step_once(
     env = {"VOLUMES_STEP_SECONDS": "copy_out=6"}
     source = ledger_fleet.start("node1", env=env)
     dest = ledger_fleet.start("node2", graceful_timeout=90, env=env)
-    volume = volume_path("node1", "vol1")
-    volume.parent.mkdir(parents=True)
-    volume.write_bytes(os.urandom(4096))
+    make_volume("vol1")
     op = orch.submit("move", hosts={"source": "node1", "dest": "node2"},
                      params={"volume": "vol1"}, subject="vol1")
-    wait_operation(orch, op, lambda d: (d["current_step"] or {}).get("step") == "copy_out"
-                   and d["current_step"]["state"] == "running", timeout=30, what="copy_out")
+    wait_step(op, "copy_out")
 
     pg.stop("fast")
     dest.signal(signal.SIGTERM)
@@ -139,7 +107,7 @@ def test_ledger_down_mid_step_the_move_completes_each_step_once(
     steps = {s["step"]: s for s in done["steps"]}
     assert steps["copy_out"]["attempts"] == 1 and steps["copy_in"]["attempts"] == 1, steps
     assert steps["copy_in"]["worker"].startswith("node2@")
-    assert volume_path("node2", "vol1").exists() and not volume.exists()
+    assert volume_path("node2", "vol1").exists() and not volume_path("node1", "vol1").exists()
     # Waiting is said once per change of state and every 10 s, not at every check.
     assert log_lines(dest, "cannot tell what is in flight") <= 3, dest.log()
     for worker in (source, dest):

@@ -175,3 +175,62 @@ def test_flower_api_needs_auth_or_the_unauthenticated_flag(fleet: Fleet, tmp_pat
         assert status == 200 and json.loads(body)["hosts"][0]["host"] == "compute1"
     finally:
         flower.stop()
+
+
+def test_flower_shows_a_ledger_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's PostgreSQL stopped under a running worker and Flower: the Hosts page
+    says since when the ledger is unreachable and lists the workers answering over the
+    broker (no fleet of down hosts); /metrics has each worker's view of the ledger."""
+    from tests import pgserver
+    from tests.conftest import running_fleet
+
+    if chromium() is None or pgserver.available() is not None:
+        pytest.skip("needs chromium and a private PostgreSQL")
+    pg = pgserver.PrivatePostgres().init()
+    try:
+        pg.start()
+        pg.wait_answering()
+        with running_fleet(tmp_path, ORCHESTRATOR_DB_URL=pg.url) as fleet:
+            monkeypatch.setenv("ORCHESTRATOR_DB_URL", pg.url)
+            fleet.start("compute1")
+            flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
+            try:
+                flower.wait_up()
+                assert flower.hosts()["compute1"]["state"] == "up"
+                pg.stop("fast")
+
+                def outage() -> dict | None:
+                    status, body = flower.get("/api/orchestrator/hosts")
+                    data = json.loads(body)
+                    workers = data.get("workers") or []
+                    return data if status == 200 and not data["ledger"]["up"] and workers \
+                        and workers[0]["ledger"]["unreachable_since"] else None
+
+                data = wait_for(outage, 30, "Flower and compute1 to see the ledger down")
+                assert data["hosts"] == [] and data["ledger"]["unreachable_since"]
+                (worker,) = data["workers"]
+                assert worker["host"] == "compute1" and worker["state"] == "up"
+                line = ('orchestrator_ledger_up{host="compute1",'
+                        f'worker="{worker["nodename"]}"}} 0.0')
+
+                def scraped() -> str | None:
+                    status, metrics = flower.get("/metrics")
+                    return metrics if status == 200 and line in metrics else None
+
+                metrics = wait_for(scraped, 15, "compute1's view of the ledger on /metrics")
+                assert "orchestrator_ledger_reachable 0.0" in metrics
+                dom = render(f"{flower.base}/hosts", "flower-hosts-ledger-unreachable")
+                assert "Ledger unreachable since" in dom
+                row = dom.split('data-host="compute1"', 1)[1].split("</tr>", 1)[0]
+                assert "answers over the broker; ledger unreachable since" in row, row
+                assert 'data-state="down"' not in dom  # no host called down
+
+                pg.start()
+                wait_for(lambda: flower.get("/api/orchestrator/hosts")[0] == 200
+                         and json.loads(flower.get("/api/orchestrator/hosts")[1])
+                         .get("hosts"), 30, "the hosts back")
+                assert flower.hosts()["compute1"]["state"] == "up"
+            finally:
+                flower.stop()
+    finally:
+        pg.destroy()

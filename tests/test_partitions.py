@@ -12,7 +12,6 @@ What each partition does, for the README's "Partitions" section, is logged by th
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -22,20 +21,19 @@ from urllib.parse import urlparse
 
 import pytest
 
-from examples.volume_move.app import app, orch, volume_path
+from examples.volume_move.app import app, orch
 from orchestrator.broker import delete_queues
 from orchestrator.embedded import RedisServer, free_port
 from orchestrator.fleet import Fleet, WorkerProcess
-from orchestrator.views import wait_operation
 from tests import netbed, pgserver
 from tests.conftest import BROKER_URL
+from tests.volumes import make_volume, runs, volume_fleet, wait_step
 
 pytestmark = [
     pytest.mark.shutdown,
     pytest.mark.skipif(netbed.available() is not None, reason=str(netbed.available())),
     pytest.mark.skipif(pgserver.available() is not None, reason=str(pgserver.available())),
 ]
-APP = "examples.volume_move.app"
 #: How long a partition lasts before it heals (the scenario's length, not a wait).
 PARTITION_SECONDS = 20.0
 QUEUES = ["node1", "node1-alt", "node2", "node2-alt"]
@@ -53,8 +51,7 @@ class Bed:
         return self.fleet.start(host, prefix=tuple(machine.command([])), **kwargs)
 
     def runs(self) -> list[str]:
-        path = self.tmp / "runs.log"
-        return sorted(line.split()[0] for line in path.read_text().splitlines())
+        return sorted(runs(self.tmp))
 
 
 def _point(url: str) -> None:
@@ -94,26 +91,15 @@ def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
         _point(url)
         if not url.startswith("redis"):
             delete_queues(app, QUEUES)
-        env = {
-            "ORCHESTRATOR_BROKER_URL": url,
-            "ORCHESTRATOR_DB_URL": pg.url,
-            "ORCHESTRATOR_HEARTBEAT_INTERVAL": os.environ["ORCHESTRATOR_HEARTBEAT_INTERVAL"],
-            "VOLUMES_ROOT": str(tmp_path / "volumes"),
-            "VOLUMES_RUN_LOG": str(tmp_path / "runs.log"),
-            "VOLUMES_STEP_SECONDS": "copy_out=6",
-        }
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        orch.db.engine()
-        fleet = Fleet(env=env, log_dir=tmp_path / "logs", app=APP)
-        try:
-            yield Bed(net, fleet, url, tmp_path)
-        finally:
-            for machine in net.machines.values():
-                machine.heal()
-            fleet.stop_all()
-            if not url.startswith("redis"):
-                delete_queues(app, QUEUES)
+        with volume_fleet(tmp_path, monkeypatch, url, pg.url,
+                          VOLUMES_STEP_SECONDS="copy_out=6") as fleet:
+            try:
+                yield Bed(net, fleet, url, tmp_path)
+            finally:
+                for machine in net.machines.values():
+                    machine.heal()
+        if not url.startswith("redis"):
+            delete_queues(app, QUEUES)
     finally:
         _point(previous)
         for server in reversed(servers):
@@ -124,13 +110,10 @@ def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
 def start_move(bed: Bed) -> tuple[WorkerProcess, WorkerProcess, str]:
     source = bed.start("node1")
     dest = bed.start("node2", graceful_timeout=120)
-    volume = volume_path("node1", "vol1")
-    volume.parent.mkdir(parents=True, exist_ok=True)
-    volume.write_bytes(os.urandom(4096))
+    make_volume("vol1")
     op = orch.submit("move", hosts={"source": "node1", "dest": "node2"},
                      params={"volume": "vol1"}, subject="vol1")
-    wait_operation(orch, op, lambda d: (d["current_step"] or {}).get("step") == "copy_out"
-                   and d["current_step"]["state"] == "running", timeout=30, what="copy_out")
+    wait_step(op, "copy_out")
     return source, dest, op
 
 

@@ -8,10 +8,7 @@ republish does not; one stops the node the workers are connected to during a dra
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +17,24 @@ import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from examples.volume_move.app import orch, volume_path
+from examples.volume_move.app import orch
 from orchestrator.broker import republish
 from orchestrator.fleet import Fleet, wait_for
-from orchestrator.views import wait_operation
 from tests import rabbitcluster
+from tests.volumes import (
+    each_effect_once,
+    effects_applied,
+    runs,
+    submit_move,
+    volume_fleet,
+    wait_step,
+)
 
 pytestmark = [
     pytest.mark.shutdown,
     pytest.mark.skipif(rabbitcluster.available() is not None,
                        reason=str(rabbitcluster.available())),
 ]
-APP = "examples.volume_move.app"
 DELIVERY_LIMIT = 20
 
 
@@ -94,56 +97,27 @@ def test_a_requeue_counts_against_the_delivery_limit_a_republish_does_not(cluste
 @pytest.fixture
 def cluster_fleet(cluster, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    env = {
-        "ORCHESTRATOR_BROKER_URL": cluster.url,
-        "ORCHESTRATOR_QUEUE_TYPE": "quorum",
-        "ORCHESTRATOR_DB_URL": db,
-        "ORCHESTRATOR_HEARTBEAT_INTERVAL": os.environ["ORCHESTRATOR_HEARTBEAT_INTERVAL"],
-        "VOLUMES_ROOT": str(tmp_path / "volumes"),
-        "VOLUMES_RUN_LOG": str(tmp_path / "runs.log"),
-        "VOLUMES_STEP_SECONDS": "copy_out=5",
+    # Submits go through the command line (tests.volumes.submit_move): a process whose Celery
+    # app declares quorum queues, as the workers' does (this one's declares classic ones).
+    with volume_fleet(
+        tmp_path, monkeypatch, cluster.url, f"sqlite:///{tmp_path / 'ledger.db'}",
+        ORCHESTRATOR_QUEUE_TYPE="quorum", VOLUMES_STEP_SECONDS="copy_out=5",
         # A step whose message a fail-over held back is sent again after this.
-        "ORCHESTRATOR_RESEND_AFTER": "10",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    orch.db.engine()
-    fleet = Fleet(env=env, log_dir=tmp_path / "logs", app=APP)
-    try:
+        ORCHESTRATOR_RESEND_AFTER="10",
+    ) as fleet:
         yield fleet
-    finally:
-        fleet.stop_all()
-
-
-def submit(volume: str, source: str, dest: str) -> str:
-    """Through the command line: a process whose Celery app declares quorum queues, as the
-    workers' does (this one's declares classic ones)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "--app", APP, "submit", "move",
-         "--host", f"source={source}", "--host", f"dest={dest}", "--param",
-         f"volume={volume}", "--subject", volume, "--json"],
-        capture_output=True, text=True, timeout=60, check=True)
-    import json
-
-    return json.loads(done.stdout)["operation"]
 
 
 def test_a_node_stopped_during_a_drain_loses_nothing(cluster, cluster_fleet: Fleet,
                                                      tmp_path: Path) -> None:
     source = cluster_fleet.start("node1")
     dest = cluster_fleet.start("node2", graceful_timeout=90)
-    for volume in ("vol1", "vol2"):
-        path = volume_path("node1", volume)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(2048))
-    op = submit("vol1", "node1", "node2")
-    wait_operation(orch, op, lambda d: (d["current_step"] or {}).get("step") == "copy_out"
-                   and d["current_step"]["state"] == "running", timeout=30, what="copy_out")
+    op = submit_move("vol1")
+    wait_step(op, "copy_out")
     dest.signal(signal.SIGTERM)
     wait_for(lambda: any(v.state == "draining" for v in orch.registry.services("node2")), 10,
              "node2 to drain")
-    late = submit("vol2", "node1", "node2")  # its first step waits in node2 for the restart
+    late = submit_move("vol2")  # its first step waits in node2 for the restart
 
     cluster.stop_node(0)  # the node every worker is connected to, first in the URL
     assert orch.wait(op, timeout=90)["status"] == "completed"
@@ -157,20 +131,11 @@ def test_a_node_stopped_during_a_drain_loses_nothing(cluster, cluster_fleet: Fle
     # least once: a step running on a connection that closed is delivered again at once
     # (RabbitMQ requeues it), and a step whose message the fail-over held back is sent again
     # by the resend of its host.
-    from sqlalchemy import select
-
-    from orchestrator.models import StepRecord
-
-    with orch.read() as s:
-        records = s.execute(select(StepRecord).where(
-            StepRecord.operation_id.in_([op, late]))).scalars().all()
-    assert sorted((r.step, r.status, r.applied) for r in records) == sorted(
-        (step, "completed", 1) for step in ("reserve", "copy_out", "copy_in", "retire_source")
-        for _ in (op, late)), [(r.step, r.status, r.applied) for r in records]
-    runs = [line.split()[0] for line in (tmp_path / "runs.log").read_text().splitlines()]
-    assert sorted(set(runs)) == ["copy_in@node2", "copy_out@node1", "reserve@node2",
-                                 "retire_source@node1"], runs
+    assert effects_applied([op, late]) == each_effect_once([op, late])
+    done = runs(tmp_path)
+    assert sorted(set(done)) == ["copy_in@node2", "copy_out@node1", "reserve@node2",
+                                 "retire_source@node1"], done
     print(f"\nwork done per step over both moves: "
-          f"{ {step: runs.count(step) for step in sorted(set(runs))} }")
+          f"{ {step: done.count(step) for step in sorted(set(done))} }")
     for queue in ("node1", "node1-alt", "node2", "node2-alt"):
         cluster.wait_queue(queue, 0)

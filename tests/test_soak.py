@@ -14,9 +14,22 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fresh_broker, fresh_db
-from tests.soak import SoakConfig, run_soak
+from tests.soak import SoakConfig, SoakResult, run_soak
 
 pytestmark = pytest.mark.shutdown
+
+
+def passed(result: SoakResult) -> SoakResult:
+    """The soak's verdict: no problem, no known issue back, no effect applied twice."""
+    print(result.text)
+    where = f"\nworker logs, database and report.json in {result.workdir}"
+    assert not result.problems, result.text + where
+    # The soak still recognises the bugs it found (tests.soak.KNOWN_ISSUES: lost messages,
+    # steps never sent, drains waiting for dead steps); they are fixed, so any is a failure.
+    assert not result.known, "known issue back:\n" + "\n".join(result.known) + where
+    assert result.ok, result.text + where
+    assert result.report["steps"]["no_effect_twice"]
+    return result
 
 
 @pytest.mark.timeout(300)
@@ -26,37 +39,29 @@ def test_short_soak(tmp_path: Path) -> None:
         operations=100, signals=10, broker=fresh_broker(), db=fresh_db(tmp_path),
         workdir=tmp_path / "soak", seed=int(seed) if seed else None, progress=False,
     )
-    result = run_soak(config)
-    print(result.text)
-    where = f"\nworker logs, database and report.json in {result.workdir}"
-    assert not result.problems, result.text + where
-    # The soak still recognises the bugs it found (tests.soak.KNOWN_ISSUES: lost messages,
-    # steps never sent, drains waiting for dead steps); they are fixed, so any is a failure.
-    assert not result.known, "known issue back:\n" + "\n".join(result.known) + where
-    assert result.ok, result.text + where
+    result = passed(run_soak(config))
     assert result.report["signals_total"] >= config.signals
-    assert result.report["steps"]["no_effect_twice"]
 
 
 @pytest.mark.timeout(300)
-def test_short_soak_with_ledger_outages(tmp_path: Path) -> None:
-    """The same chaos with the ledger's PostgreSQL (the soak's own) stopped three times,
-    fast and immediate in turn, for 2 to 6 s each: every operation completed, failed by
-    injection or rolled back, none stuck, no effect twice, no message left."""
-    from tests import pgserver
+def test_short_soak_with_faults(tmp_path: Path) -> None:
+    """The same chaos, and production's faults on top: the ledger's PostgreSQL (the soak's
+    own) stopped three times, fast and immediate in turn, 2 to 6 s each; and, where network
+    namespaces can be made, each host a machine of its own and three partitions (a host cut
+    from the broker, the ledger or both for 3 to 8 s, then healed). Every operation
+    completed, failed by injection or rolled back, none stuck, no effect twice, no message
+    left."""
+    from tests import netbed, pgserver
 
     if pgserver.available() is not None:
         pytest.skip(pgserver.available())
+    partitions = 3 if netbed.available() is None else 0
     seed = os.environ.get("ORCHESTRATOR_SOAK_SEED")
     config = SoakConfig(
         operations=60, signals=6, broker=fresh_broker(), workdir=tmp_path / "soak",
         seed=int(seed) if seed else None, progress=False, ledger_restarts=3,
+        partitions=partitions,
     )
-    result = run_soak(config)
-    print(result.text)
-    where = f"\nworker logs, database and report.json in {result.workdir}"
-    assert not result.problems, result.text + where
-    assert not result.known, "known issue back:\n" + "\n".join(result.known) + where
-    assert result.ok, result.text + where
+    result = passed(run_soak(config))
     assert sum(result.report["ledger_outages"].values()) == 3, result.text
-    assert result.report["steps"]["no_effect_twice"]
+    assert sum(result.report["partitions"].values()) == partitions, result.text
