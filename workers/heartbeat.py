@@ -8,10 +8,18 @@ still runs its steps and records them. Other hosts would take it for dead. From 
 is silent only when the process is gone or the ledger cannot be reached, which is what the
 registry's readers judge it by (``Registry.services``; ``workers.status.Witness`` asks over
 the broker about a worker whose heartbeat is stale).
+
+The prefork pool forks a new pool process from the main thread whenever one dies (a step
+cancelled at a connection loss, a SIGKILL). A fork while this thread is inside a SQLite
+transaction gives the child SQLite's in-memory record of a lock it does not hold, and every
+transaction of that child then fails with "database is locked" (seen in the RabbitMQ
+fail-over test). So a fork waits for the heartbeat's transaction to end, and a heartbeat for
+a fork to be made (``os.register_at_fork``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +39,18 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="registry-heartbeat",
                                         daemon=True)
         self._last_error = ""
+        #: Held by a heartbeat's transaction, and by a fork of this process.
+        self._no_fork = threading.Lock()
 
     def start(self) -> None:
+        os.register_at_fork(before=self._no_fork.acquire,
+                            after_in_parent=self._no_fork.release,
+                            after_in_child=self._forked)
         self._thread.start()
+
+    def _forked(self) -> None:
+        """In the child: the lock was copied held, and no heartbeat runs here."""
+        self._no_fork = threading.Lock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -44,7 +61,8 @@ class Heartbeat:
         """One heartbeat, with the state (a state change that could not be written when it
         happened, the ledger being unreachable, is written here)."""
         try:
-            self.orch.registry.heartbeat(self.nodename, self.state())
+            with self._no_fork:
+                self.orch.registry.heartbeat(self.nodename, self.state())
         except LedgerUnavailable as exc:
             self.orch.ledger_health.report(exc, "heartbeat")
         except Exception as exc:  # a database hiccup must not end the heartbeats
