@@ -8,7 +8,6 @@ republish does not; one stops the node the workers are connected to during a dra
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +18,15 @@ from kombu import Connection, Exchange, Queue
 
 from examples.volume_move.app import orch
 from orchestrator.broker import republish
-from orchestrator.fleet import Fleet, wait_for
+from orchestrator.fleet import Fleet
 from tests import rabbitcluster
 from tests.volumes import (
     each_effect_once,
     effects_applied,
+    move_with_destination_draining,
     runs,
     submit_move,
     volume_fleet,
-    wait_step,
 )
 
 pytestmark = [
@@ -110,13 +109,7 @@ def cluster_fleet(cluster, tmp_path: Path,
 
 def test_a_node_stopped_during_a_drain_loses_nothing(cluster, cluster_fleet: Fleet,
                                                      tmp_path: Path) -> None:
-    source = cluster_fleet.start("node1")
-    dest = cluster_fleet.start("node2", graceful_timeout=90)
-    op = submit_move("vol1")
-    wait_step(op, "copy_out")
-    dest.signal(signal.SIGTERM)
-    wait_for(lambda: any(v.state == "draining" for v in orch.registry.services("node2")), 10,
-             "node2 to drain")
+    source, dest, op = move_with_destination_draining(cluster_fleet)
     late = submit_move("vol2")  # its first step waits in node2 for the restart
 
     cluster.stop_node(0)  # the node every worker is connected to, first in the URL

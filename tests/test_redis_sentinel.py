@@ -21,9 +21,9 @@ from tests import sentinel
 from tests.volumes import (
     each_effect_once,
     effects_applied,
+    move_with_destination_draining,
     submit_move,
     volume_fleet,
-    wait_step,
 )
 
 pytestmark = [
@@ -54,13 +54,7 @@ def fleet(sentinels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 def test_primary_lost_during_a_drain_the_ledger_resends_what_replication_lost(
         sentinels, fleet: Fleet) -> None:
-    source = fleet.start("node1")
-    dest = fleet.start("node2", graceful_timeout=90)
-    op = submit_move("vol1")
-    wait_step(op, "copy_out")
-    dest.signal(signal.SIGTERM)
-    wait_for(lambda: any(v.state == "draining" for v in orch.registry.services("node2")), 10,
-             "node2 to drain")
+    source, dest, op = move_with_destination_draining(fleet)
 
     # The replica lags (stopped, its link to the primary cut): a move submitted now has its
     # first step, for the draining node2's main queue, on the primary only. Then the primary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from examples.volume_move.app import orch, volume_path
-from orchestrator.fleet import Fleet
+from orchestrator.fleet import Fleet, WorkerProcess, wait_for
 from orchestrator.views import wait_operation
 
 APP = "examples.volume_move.app"
@@ -99,3 +100,16 @@ def effects_applied(operations: list[str]) -> list[tuple[str, int]]:
 
 def each_effect_once(operations: list[str]) -> list[tuple[str, int]]:
     return sorted((step, 1) for step in STEPS for _ in operations)
+
+
+def move_with_destination_draining(fleet: Fleet) -> tuple[WorkerProcess, WorkerProcess, str]:
+    """node1 (source) and node2 (destination) started, a move of ``vol1`` at ``copy_out``, and
+    node2 sent SIGTERM and draining: (source, destination, the move's id)."""
+    source = fleet.start("node1")
+    dest = fleet.start("node2", graceful_timeout=90)
+    op = submit_move("vol1")
+    wait_step(op, "copy_out")
+    dest.signal(signal.SIGTERM)
+    wait_for(lambda: any(v.state == "draining" for v in orch.registry.services("node2")), 10,
+             "node2 to drain")
+    return source, dest, op
