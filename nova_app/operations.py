@@ -160,8 +160,8 @@ def _abandoned(kind: str, instance_id: str, migration_id: int | None) -> None:
         migration = s.get(Migration, migration_id) if migration_id is not None else None
         if instance is None:
             return
-        if kind == "boot":
-            instance.vm_state = "error"
+        if kind == "boot":  # Nova: a build that never reached a host is ERROR, no task
+            instance.vm_state, instance.task_state = "error", None
         if migration is not None and kind in ("resize", "cross_cell_resize", "live_migration"):
             instance.task_state = None
             migration.status = "error"

@@ -57,6 +57,7 @@ from orchestrator.errors import (
     SubjectBusy,
     SubmitError,
     UnknownFlow,
+    first_line,
 )
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
@@ -221,6 +222,7 @@ class Orchestrator:
             task_acks_late=True,
             task_reject_on_worker_lost=True,
             worker_prefetch_multiplier=1,
+            task_publish_retry_policy=publish_retry_policy(broker_url),
             # On a lost broker connection a running step cannot be acknowledged any more.
             # RabbitMQ requeues it at once, so stop it rather than run it twice side by side.
             # Redis only gives it back after the visibility timeout: let it finish (its effect
@@ -632,7 +634,7 @@ class Orchestrator:
                     self.ledger.unpublish(operation_id, nxt.next_position)
             _logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
                             "sends it once the broker answers", operation_id, step, host,
-                            _one_line(exc), host)
+                            first_line(exc), host)
             return
         if decision is not None:
             self.router.record(decision)
@@ -671,9 +673,16 @@ class Orchestrator:
             self.ledger.record_event(s, key, name)
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+def publish_retry_policy(broker_url: Any) -> dict[str, Any]:
+    """Celery's ``task_publish_retry_policy`` for ``broker_url``.
+
+    A broker fail-over (Sentinel promotes the replica 2-3 s after the primary dies; a
+    RabbitMQ client moves to the next node) takes seconds, and Celery's default retry gives
+    up after 0.6 s. This rides it out: 8 rounds over about 6.5 s, each reconnect asking the
+    sentinels for the primary anew. kombu counts a try per address of a ``;``-separated URL
+    and sleeps only after a full round, hence the rounds times the addresses."""
+    return {"max_retries": 8 * len(str(broker_url or "").split(";")), "interval_start": 0,
+            "interval_step": 0.5, "interval_max": 1.0}
 
 
 def check_host_name(host: Any, what: str) -> None:

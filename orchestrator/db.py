@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import config, schema
-from orchestrator.errors import LedgerUnavailable
+from orchestrator.errors import LedgerUnavailable, first_line
 from orchestrator.health import LedgerHealth
 
 #: libpq connection settings (seconds): a connect, and a query on a connection whose peer went
@@ -123,10 +123,8 @@ def unreachable(exc: BaseException) -> bool:
 def unavailable_error(url: str, exc: BaseException) -> LedgerUnavailable:
     """One line: which database, and the driver's first line of why (no password)."""
     orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines() or [type(orig).__name__]
     return LedgerUnavailable(
-        f"cannot reach the ledger at {config.redact_url(url)}: {lines[0].strip()[:200]}"
-    )
+        f"cannot reach the ledger at {config.redact_url(url)}: {first_line(orig)}")
 
 
 def _maker(url: str, write: bool) -> sessionmaker:

@@ -57,3 +57,10 @@ class StepFailure(RuntimeError):
     """Raised by a step: the step failed for good. The operation fails, after running its
     flow's rollback steps when the failed step is one of the flow's ``rollback_on``. Any other
     exception is retried (``Orchestrator(max_retries=...)``) before it fails the operation."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of what ``exc`` says (a driver's or a broker's error can run to many
+    lines), or its class's name when it says nothing: for one-line messages and logs."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip()[:limit] if lines else type(exc).__name__

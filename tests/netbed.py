@@ -31,6 +31,9 @@ import shutil
 import subprocess
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 #: A /24 in a range no machine here routes: the bed's own, on its own bridge.
 SUBNET_BASE = "10.213"
@@ -196,3 +199,69 @@ class TcpForwarder:
             asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+
+
+@dataclass
+class Backends:
+    """The ledger and the broker of a bed, on its bridge: what a partition cuts a machine
+    from. ``broker_url`` is what the machines' workers (and this process) connect to."""
+
+    ledger: Any  # tests.pgserver.PrivatePostgres, started
+    broker_url: str
+    #: The Sentinel set, when the broker is one (tests/sentinel.py): what fails over.
+    sentinels: Any = None
+    servers: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for server in reversed(self.servers):
+            (server.destroy if hasattr(server, "destroy") else server.stop)()
+        self.servers.clear()
+
+
+def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
+             sentinel: bool = False, ledger: bool = True) -> Backends:
+    """The services a fault test cuts or fails: with ``ledger``, a private PostgreSQL; a
+    broker of the kind ``broker_url`` names, a Sentinel set of its own with ``sentinel``.
+
+    With a bed, both listen on its bridge (the ledger's and the broker's addresses): Redis a
+    private redis-server, RabbitMQ (which listens on loopback only here) a relay of the
+    broker address to ``broker_url``'s server. Without one they listen on loopback and a
+    plain broker is ``broker_url`` itself."""
+    from orchestrator.embedded import RedisServer, free_port
+    from tests import pgserver
+    from tests import sentinel as sentinels
+
+    made = Backends(ledger=None, broker_url=broker_url)
+    try:
+        if ledger:
+            made.ledger = pgserver.PrivatePostgres(
+                **({"address": net.ledger_address} if net else {})).init()
+            made.servers.append(made.ledger)
+            made.ledger.start()
+            made.ledger.wait_answering()
+        parsed = urlparse(broker_url)
+        if sentinel:
+            made.sentinels = sentinels.SentinelSet(
+                **({"address": net.broker_address} if net else {})).start()
+            made.servers.append(made.sentinels)
+            made.broker_url = made.sentinels.url
+        elif net is None:
+            pass
+        elif parsed.scheme.startswith("redis"):
+            workdir.mkdir(parents=True, exist_ok=True)
+            redis = RedisServer(workdir, address=net.broker_address)
+            made.servers.append(redis)
+            redis.start()
+            made.broker_url = redis.url
+        else:
+            port = free_port(net.broker_address)
+            relay = TcpForwarder((net.broker_address, port),
+                                 (parsed.hostname or "127.0.0.1", parsed.port or 5672))
+            made.servers.append(relay.start())
+            made.broker_url = parsed._replace(
+                netloc=f"{parsed.netloc.rsplit('@', 1)[0]}@{net.broker_address}:{port}"
+            ).geturl()
+        return made
+    except BaseException:
+        made.close()
+        raise

@@ -56,6 +56,11 @@ from orchestrator.errors import LedgerUnavailable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 FLAVORS = ("m1.small", "m1.medium", "m1.large")
+#: The faults injected on a schedule while the driver runs, each a SoakConfig count.
+FAULTS = ("ledger_restarts", "partitions", "broker_failovers")
+#: workers.resend's line for a step it sent again.
+RESENT_RE = re.compile(r"\bresent \S+ of \S+ to \S+: ")
+
 #: Steps made slower than the rest, so that signals often land in the middle of them.
 SLOW_STEPS = ("resize_instance", "live_migration", "prep_snapshot_based_resize_at_source",
               "finish_revert_resize")
@@ -113,6 +118,10 @@ class SoakConfig:
     #: The soak then runs its own broker and PostgreSQL on the bed's bridge.
     partitions: int = 0
     partition_seconds: tuple[float, float] = (3.0, 8.0)
+    #: Broker fail-overs to inject while the driver runs (Redis only): the soak runs its own
+    #: Sentinel set (tests/sentinel.py), kills its primary and lets the sentinels promote
+    #: the replica; what replication had not passed on is lost, for the resend to recover.
+    broker_failovers: int = 0
 
     def host_names(self) -> list[str]:
         return [f"compute{i}" for i in range(1, self.hosts + 1)]
@@ -173,6 +182,8 @@ class Stats:
     ledger_outage_seconds: list[float] = field(default_factory=list)
     #: Partitions injected, by what the host was cut from.
     partitions: Counter = field(default_factory=Counter)
+    #: Seconds without a primary, per broker fail-over.
+    broker_failover_seconds: list[float] = field(default_factory=list)
     exits: Counter = field(default_factory=Counter)
     #: (wall time, host, what, pid): kills and expired drains, to explain what they lost.
     incidents: list[tuple[float, str, str, int]] = field(default_factory=list)
@@ -216,9 +227,11 @@ class Soak:
         self.fleet: Any = None
         #: The soak's own PostgreSQL when it injects ledger outages or partitions.
         self.ledger: Any = None
-        #: The network bed (tests/netbed.py) and the broker on its bridge, with partitions.
+        #: Its own Sentinel set when it injects broker fail-overs.
+        self.sentinels: Any = None
+        #: The network bed (tests/netbed.py), with partitions.
         self.net: Any = None
-        self._servers: list[Any] = []
+        self.backends: Any = None
         self.workdir = Path(config.workdir or tempfile.mkdtemp(prefix="orch-soak-"))
         self.names = 0
         #: Average seconds between two chaos strikes while the driver runs.
@@ -259,66 +272,49 @@ class Soak:
             "ORCHESTRATOR_HEARTBEAT_INTERVAL": "1",
             "ORCHESTRATOR_GRACEFUL_SHUTDOWN_TIMEOUT": str(cfg.graceful_timeout),
             "ORCHESTRATOR_VIF_PLUGGING_TIMEOUT": str(cfg.vif_timeout),
+            **({"ORCHESTRATOR_SENTINEL_MASTER": self.sentinels.master} if self.sentinels else {}),
         }
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> SoakResult:
-        try:
-            if self.cfg.partitions:
-                self._make_network()
-            if (self.cfg.ledger_restarts or self.cfg.partitions) and self.ledger is None:
-                from tests.pgserver import PrivatePostgres
+        from tests import netbed
 
-                self.ledger = PrivatePostgres().init()
+        cfg = self.cfg
+        if cfg.broker_failovers and not self._redis_broker():
+            raise ValueError("--broker-failovers: the soak fails over a Redis broker (Sentinel) "
+                             "only; RabbitMQ's node loss is tests/test_rabbit_cluster.py")
+        try:
+            if cfg.partitions:  # each host a machine of its own, the services on the bridge
+                self.net = netbed.NetBed().create()
+                for name in self.hosts:
+                    self.net.machine(name)
+            self.backends = netbed.backends(
+                cfg.broker, self.workdir, self.net, sentinel=bool(cfg.broker_failovers),
+                ledger=bool(cfg.ledger_restarts or cfg.partitions))
+            self.ledger, self.sentinels = self.backends.ledger, self.backends.sentinels
+            cfg.broker = self.backends.broker_url
             if self.ledger is not None:
-                self.ledger.start()
-                self.ledger.wait_answering()
-                self.cfg.db = self.ledger.url
+                cfg.db = self.ledger.url
             return self._run_with_ledger()
         finally:
-            if self.ledger is not None:
-                self.ledger.destroy()
-            for server in reversed(self._servers):
-                server.stop()
+            if self.backends is not None:
+                self.backends.close()
             if self.net is not None:
                 self.net.destroy()
-
-    def _make_network(self) -> None:
-        """Each host a machine of its own; the broker and the ledger on the bridge."""
-        from tests import netbed
-        from tests.pgserver import PrivatePostgres
-
-        self.net = netbed.NetBed().create()
-        for name in self.hosts:
-            self.net.machine(name)
-        self.ledger = PrivatePostgres(address=self.net.ledger_address).init()
-        parsed = urlparse(self.cfg.broker)
-        if parsed.scheme.startswith("redis"):
-            from orchestrator.embedded import RedisServer
-
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            redis_server = RedisServer(self.workdir, address=self.net.broker_address)
-            redis_server.start()
-            self._servers.append(redis_server)
-            self.cfg.broker = redis_server.url
-        else:  # the machine's RabbitMQ listens on loopback: relay the bridge's address
-            from orchestrator.embedded import free_port
-
-            port = free_port(self.net.broker_address)
-            relay = netbed.TcpForwarder((self.net.broker_address, port),
-                                        (parsed.hostname or "127.0.0.1", parsed.port or 5672))
-            self._servers.append(relay.start())
-            self.cfg.broker = parsed._replace(
-                netloc=f"{parsed.netloc.rsplit('@', 1)[0]}@{self.net.broker_address}:{port}"
-            ).geturl()
 
     def _run_with_ledger(self) -> SoakResult:
         env = self.env()
         with _environ(env):
             from nova_app.app import app
+            from orchestrator.api import publish_retry_policy
             from orchestrator.fleet import Fleet
 
             app.conf.broker_url = self.cfg.broker
+            app.conf.task_publish_retry_policy = publish_retry_policy(self.cfg.broker)
+            if self.sentinels is not None:
+                app.conf.broker_transport_options = {
+                    **(app.conf.broker_transport_options or {}),
+                    "master_name": self.sentinels.master}
             app._pool = None  # made for another broker, if any (tests.conftest.use_broker)
             app.amqp._producer_pool = None
             self.app = app
@@ -342,13 +338,9 @@ class Soak:
 
         driver = threading.Thread(target=self._driver, name="soak-driver", daemon=True)
         chaos = threading.Thread(target=self._chaos, name="soak-chaos", daemon=True)
-        threads = [driver, chaos]
-        if self.cfg.ledger_restarts:
-            threads.append(threading.Thread(target=self._ledger_chaos, name="soak-ledger",
-                                            daemon=True))
-        if self.cfg.partitions:
-            threads.append(threading.Thread(target=self._partition_chaos,
-                                            name="soak-partitions", daemon=True))
+        threads = [driver, chaos] + [
+            threading.Thread(target=self._fault_schedule, args=(fault,), name=f"soak-{fault}",
+                             daemon=True) for fault in FAULTS if getattr(self.cfg, fault)]
         for thread in threads:
             thread.start()
         last = time.monotonic()
@@ -393,12 +385,21 @@ class Soak:
         self.problem(f"timed out after {timeout:.0f}s waiting for {what}")
         return False
 
+    def _redis_broker(self) -> bool:
+        return urlparse(self.cfg.broker).scheme.startswith(("redis", "sentinel"))
+
+    def _redis(self) -> Any:
+        """A client of the Redis broker (its primary now, under Sentinel)."""
+        import redis
+
+        if self.sentinels is not None:
+            return self.sentinels.primary()
+        return redis.Redis.from_url(self.cfg.broker)
+
     def _reset_broker(self) -> None:
         queues = [q for h in self.hosts for q in (h, f"{h}-alt")] + ["orchestrator"]
-        if urlparse(self.cfg.broker).scheme.startswith("redis"):
-            import redis
-
-            client = redis.Redis.from_url(self.cfg.broker)
+        if self._redis_broker():
+            client = self._redis()
             client.ping()
             client.delete(*self._queue_keys(client), "unacked", "unacked_index", "unacked_mutex")
         else:
@@ -586,67 +587,74 @@ class Soak:
         except Exception:
             self.problem(f"chaos thread crashed:\n{traceback.format_exc()}")
 
-    def _ledger_chaos(self) -> None:
-        """Stop the ledger's PostgreSQL ``ledger_restarts`` times while the driver runs
-        (``fast``: clients cut, clean; ``immediate``: a crash, WAL recovery at start), each
-        for a few seconds, and start it again; it is up when this returns."""
-        rng, cfg = random.Random(self.seed + 2), self.cfg
-        driving = cfg.operations / cfg.rate
+    def _fault_schedule(self, fault: str) -> None:
+        """Inject ``fault`` (a name in :data:`FAULTS`, also the config's count of it) that
+        many times while the driver runs, one in each equal slice of the driving time, at a
+        random moment of the slice; each injection lasts a few seconds and undoes itself."""
+        count, inject = getattr(self.cfg, fault), getattr(self, f"_inject_{fault}")
+        rng = random.Random(self.seed + 2 + FAULTS.index(fault))
+        driving = self.cfg.operations / self.cfg.rate
         try:
-            for i in range(cfg.ledger_restarts):
-                at = self.t0 + driving * (i + rng.uniform(0.3, 0.8)) / cfg.ledger_restarts
+            for i in range(count):
+                at = self.t0 + driving * (i + rng.uniform(0.2, 0.8)) / count
                 while time.monotonic() < at and not self.stop.is_set():
                     time.sleep(0.1)
                 if self.stop.is_set():
                     return
-                mode = ("fast", "immediate")[i % 2]
-                outage = rng.uniform(*cfg.ledger_outage)
-                began = time.monotonic()
-                self.ledger.stop(mode)
-                self.event("ledger", f"PostgreSQL stopped ({mode})", seconds=round(outage, 1))
-                time.sleep(outage)  # the outage's length: the fault, not a wait
-                self.ledger.start()
-                self.ledger.wait_answering()
-                self.stats.ledger_outages[mode] += 1
-                self.stats.ledger_outage_seconds.append(round(time.monotonic() - began, 1))
-                self.event("ledger", "PostgreSQL started")
+                inject(i, rng)
         except Exception:
-            self.problem(f"ledger chaos crashed:\n{traceback.format_exc()}")
-            if not self.ledger.running():
-                self.ledger.start()
-
-    def _partition_chaos(self) -> None:
-        """Cut a random host from the broker, the ledger or both ``partitions`` times while
-        the driver runs, for a few seconds each, then heal it; every link is up when this
-        returns."""
-        rng, cfg = random.Random(self.seed + 3), self.cfg
-        driving = cfg.operations / cfg.rate
-        try:
-            for i in range(cfg.partitions):
-                at = self.t0 + driving * (i + rng.uniform(0.2, 0.7)) / cfg.partitions
-                while time.monotonic() < at and not self.stop.is_set():
-                    time.sleep(0.1)
-                if self.stop.is_set():
-                    return
-                name = rng.choice(sorted(self.hosts))
-                machine = self.net.machines[name]
-                cut = rng.choice(["broker", "ledger", "both"])
-                seconds = rng.uniform(*cfg.partition_seconds)
-                if cut == "both":
-                    machine.cut()
-                else:
-                    machine.cut_from(self.net.broker_address if cut == "broker"
-                                     else self.net.ledger_address)
-                self.event(name, f"cut from {cut}", seconds=round(seconds, 1))
-                time.sleep(seconds)  # the partition's length: the fault, not a wait
-                machine.heal()
-                self.stats.partitions[cut] += 1
-                self.event(name, "healed")
-        except Exception:
-            self.problem(f"partition chaos crashed:\n{traceback.format_exc()}")
+            self.problem(f"{fault} injection crashed:\n{traceback.format_exc()}")
         finally:
-            for machine in self.net.machines.values():
-                machine.heal()
+            getattr(self, f"_undo_{fault}")()
+
+    def _inject_ledger_restarts(self, i: int, rng: random.Random) -> None:
+        """The ledger's PostgreSQL stopped (``fast``: clients cut, clean; ``immediate``: a
+        crash, WAL recovery at start, in turn) for a few seconds, and started again."""
+        mode, outage = ("fast", "immediate")[i % 2], rng.uniform(*self.cfg.ledger_outage)
+        began = time.monotonic()
+        self.ledger.stop(mode)
+        self.event("ledger", f"PostgreSQL stopped ({mode})", seconds=round(outage, 1))
+        time.sleep(outage)  # the outage's length: the fault, not a wait
+        self.ledger.start()
+        self.ledger.wait_answering()
+        self.stats.ledger_outages[mode] += 1
+        self.stats.ledger_outage_seconds.append(round(time.monotonic() - began, 1))
+        self.event("ledger", "PostgreSQL started")
+
+    def _undo_ledger_restarts(self) -> None:
+        if not self.ledger.running():
+            self.ledger.start()
+
+    def _inject_partitions(self, i: int, rng: random.Random) -> None:
+        """A random host cut from the broker, the ledger or both for a few seconds."""
+        name = rng.choice(sorted(self.hosts))
+        machine = self.net.machines[name]
+        cut = rng.choice(["broker", "ledger", "both"])
+        seconds = rng.uniform(*self.cfg.partition_seconds)
+        if cut == "both":
+            machine.cut()
+        else:
+            machine.cut_from(self.net.broker_address if cut == "broker"
+                             else self.net.ledger_address)
+        self.event(name, f"cut from {cut}", seconds=round(seconds, 1))
+        time.sleep(seconds)  # the partition's length: the fault, not a wait
+        machine.heal()
+        self.stats.partitions[cut] += 1
+        self.event(name, "healed")
+
+    def _undo_partitions(self) -> None:
+        for machine in self.net.machines.values():
+            machine.heal()
+
+    def _inject_broker_failovers(self, i: int, rng: random.Random) -> None:
+        """The broker's primary killed; the sentinels promote the replica."""
+        self.event("broker", "primary killed")
+        without = self.sentinels.fail_over()
+        self.stats.broker_failover_seconds.append(round(without, 1))
+        self.event("broker", "replica promoted", seconds=round(without, 1))
+
+    def _undo_broker_failovers(self) -> None:
+        pass  # each fail-over leaves a primary and a replica in sync
 
     def _restore_all(self) -> None:
         """Restart every host (a draining one first exits by itself) and wait for them."""
@@ -808,11 +816,9 @@ class Soak:
         return [q for h in self.hosts for q in (h, f"{h}-alt")] + ["orchestrator"]
 
     def _unacked(self) -> int:
-        if not urlparse(self.cfg.broker).scheme.startswith("redis"):
+        if not self._redis_broker():
             return 0
-        import redis
-
-        return int(redis.Redis.from_url(self.cfg.broker).hlen("unacked"))
+        return int(self._redis().hlen("unacked"))
 
     def _settle(self) -> bool:
         """Wait until every operation is terminal and the broker is empty (and stays so).
@@ -995,6 +1001,7 @@ class Soak:
             "restarts": self.stats.restarts,
             "ledger_outages": dict(self.stats.ledger_outages),
             "partitions": dict(self.stats.partitions),
+            "broker_failover_seconds": list(self.stats.broker_failover_seconds),
             "ledger_outage_seconds": list(self.stats.ledger_outage_seconds),
             "exits": dict(self.stats.exits),
             "steps": {
@@ -1143,14 +1150,12 @@ class Soak:
     def _leftovers(self, ops_by_id: dict) -> list[dict[str, Any]]:
         """Every message still queued or unacked, with what it was for."""
         out: list[dict[str, Any]] = []
-        if not urlparse(self.cfg.broker).scheme.startswith("redis"):
+        if not self._redis_broker():
             from orchestrator.broker import queue_depth
 
             return [{"queue": q, "messages": n} for q in self._queues()
                     if (n := queue_depth(self.app, q))]
-        import redis
-
-        client = redis.Redis.from_url(self.cfg.broker)
+        client = self._redis()
         raw: list[tuple[str, Any]] = []
         for key in self._queue_keys(client):
             raw += [(key.decode(), m) for m in client.lrange(key, 0, -1)]
@@ -1219,6 +1224,10 @@ class Soak:
                     counts["duplicates dropped"] += 1
                 if "next step was never sent; sending it" in line:
                     counts["next step republished"] += 1
+                if RESENT_RE.search(line):
+                    counts["steps resent"] += 1
+                if "recorded, not sent" in line:
+                    counts["steps recorded, not sent"] += 1
                 if "drain: handed back" in line:
                     counts["handed back (log lines)"] += 1
                 if "forcing the exit" in line:
@@ -1353,7 +1362,9 @@ def format_report(r: dict[str, Any], ok: bool, detail: bool = False) -> str:
             f"{k} x{v}" for k, v in sorted(r.get("ledger_outages", {}).items())) or "none")
         + f" ({', '.join(f'{x:g}s' for x in r.get('ledger_outage_seconds', []))}); partitions "
         + (", ".join(f"from {k} x{v}" for k, v in sorted(r.get("partitions", {}).items()))
-           or "none"),
+           or "none") + "; broker fail-overs " + (", ".join(
+               f"{x:g}s without a primary" for x in r.get("broker_failover_seconds", []))
+               or "none"),
         f"  exits: {', '.join(f'{k} x{v}' for k, v in sorted(r['exits'].items()))}",
         f"  drains: {d.get('summaries', 0)} summaries: ended done {d.get('ended_done', 0)}, "
         f"by deadline {d.get('ended_deadline', 0)} (exit 0 x{d.get('exit_0', 0)}, "
@@ -1422,6 +1433,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=0,
                    help="partitions to inject (each host in a network namespace; needs root; "
                         "the soak runs its own broker and PostgreSQL on the bed's bridge)")
+    p.add_argument("--broker-failovers", type=int, default=0,
+                   help="broker fail-overs to inject (Redis only: the soak runs its own "
+                        "Sentinel set and kills its primary)")
     p.add_argument("--ledger-restarts", type=int, default=0,
                    help="ledger outages to inject (a PostgreSQL of the soak's own, stopped "
                         "and started; --db is then ignored)")
@@ -1432,7 +1446,7 @@ def main(argv: list[str] | None = None) -> int:
         rate=a.rate, concurrency=a.concurrency, max_down=min(a.max_down, max(1, a.hosts - 1)),
         inject_failures=not a.no_inject, settle_timeout=a.settle_timeout, workdir=a.workdir,
         keep=a.keep, progress=not a.quiet, ledger_restarts=a.ledger_restarts,
-        partitions=a.partitions,
+        partitions=a.partitions, broker_failovers=a.broker_failovers,
     )
     if a.ledger_restarts or a.partitions:
         config.db = None

@@ -207,3 +207,4 @@ def test_nova_puts_the_instance_back_when_the_broker_refuses(db_url: str) -> Non
     from nova_app import views
 
     assert views.show_instance("vm-down")["vm_state"] == "error"
+    assert views.show_instance("vm-down")["task_state"] is None

@@ -17,13 +17,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from examples.volume_move.app import app, orch
 from orchestrator.broker import delete_queues
-from orchestrator.embedded import RedisServer, free_port
 from orchestrator.fleet import Fleet, WorkerProcess
 from tests import netbed, pgserver
 from tests.conftest import BROKER_URL
@@ -64,34 +62,19 @@ def _point(url: str) -> None:
 @pytest.fixture
 def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
     net = netbed.NetBed().create()
-    servers: list = []
+    made = None
     previous = app.conf.broker_url
     try:
         for name in ("node1", "node2"):
             net.machine(name)
         if net.delay_note:
             print(f"\n{net.delay_note}")
-        pg = pgserver.PrivatePostgres(address=net.ledger_address).init()
-        servers.append(pg)
-        pg.start()
-        pg.wait_answering()
-        parsed = urlparse(BROKER_URL)
-        if parsed.scheme.startswith("redis"):
-            redis = RedisServer(tmp_path, address=net.broker_address)
-            servers.append(redis)
-            redis.start()
-            url = redis.url
-        else:
-            port = free_port(net.broker_address)
-            relay = netbed.TcpForwarder((net.broker_address, port),
-                                        (parsed.hostname or "127.0.0.1", parsed.port or 5672))
-            servers.append(relay.start())
-            url = parsed._replace(netloc=f"{parsed.netloc.rsplit('@', 1)[0]}@"
-                                         f"{net.broker_address}:{port}").geturl()
+        made = netbed.backends(BROKER_URL, tmp_path, net)
+        url = made.broker_url
         _point(url)
         if not url.startswith("redis"):
             delete_queues(app, QUEUES)
-        with volume_fleet(tmp_path, monkeypatch, url, pg.url,
+        with volume_fleet(tmp_path, monkeypatch, url, made.ledger.url,
                           VOLUMES_STEP_SECONDS="copy_out=6") as fleet:
             try:
                 yield Bed(net, fleet, url, tmp_path)
@@ -102,8 +85,8 @@ def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
             delete_queues(app, QUEUES)
     finally:
         _point(previous)
-        for server in reversed(servers):
-            (server.destroy if hasattr(server, "destroy") else server.stop)()
+        if made is not None:
+            made.close()
         net.destroy()
 
 
