@@ -152,7 +152,7 @@ class Orchestrator:
         self, app: Celery, routing: str | Path | None = None, db_url: str | None = None, *,
         migrations: str | Path | None = None, task_prefix: str = "",
         max_retries: int = DEFAULT_MAX_RETRIES, commands: str | None = None,
-        default_routing: str | Path | None = None,
+        default_routing: str | Path | None = None, code_version: str | None = None,
     ) -> None:
         if getattr(app, "orchestrator", None) is not None:
             raise DefinitionError(f"Celery app {app.main!r} already has an Orchestrator")
@@ -162,6 +162,11 @@ class Orchestrator:
         self.db = Database(db_url, [Path(migrations)] if migrations is not None else [])
         self.flows: dict[str, Flow] = {}
         self.steps: dict[str, StepSpec] = {}
+        #: Older names a step still answers to (``@orch.step(aliases=...)``): alias -> step.
+        self.aliases: dict[str, str] = {}
+        #: This code's version (routing.yaml's ``versions``; the registry's record of what a
+        #: worker serves): ``code_version``, else ORCHESTRATOR_CODE_VERSION, else None.
+        self.code_version = code_version or self.settings.code_version
         self.ledger = Ledger(self.db, self.flows)
         #: This process's view of the ledger's reachability (orchestrator.health).
         self.ledger_health = self.db.health
@@ -317,34 +322,52 @@ class Orchestrator:
     # -- definitions -------------------------------------------------------------------------
     def step(
         self, fn: Callable[[StepContext], Any] | None = None, *, name: str | None = None,
-        effect: Effect | None = None, on_failure: Effect | None = None, **task_options: Any,
+        effect: Effect | None = None, on_failure: Effect | None = None,
+        aliases: Iterable[str] = (), **task_options: Any,
     ) -> Any:
         """Register ``fn(ctx)`` as a step: a Celery task named ``task_prefix + name``.
 
         ``effect(session, operation)`` and ``on_failure(session, operation)`` run inside the
         ledger transaction that completes or fails the step: applied exactly once however often
         the step's message is delivered (the place to change the application's own tables).
+
+        ``aliases``: older names the step still answers to, so that a rename ships in one
+        deploy. Operations in flight keep the plan they were submitted with, old names and
+        all; a message sent under an old name runs this step (a Celery task of that name).
         """
+        new_aliases = tuple(aliases)
 
         def register(fn: Callable[[StepContext], Any]) -> Any:
             step_name = name or fn.__name__
-            if not isinstance(step_name, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", step_name):
-                raise DefinitionError(f"step name {step_name!r} is not a usable task name")
-            if step_name in self.steps:
-                raise DefinitionError(f"step {step_name!r} is registered twice")
+            for one in (step_name, *new_aliases):
+                if not isinstance(one, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", one):
+                    raise DefinitionError(f"step name {one!r} is not a usable task name")
+                if one in self.steps or one in self.aliases:
+                    raise DefinitionError(f"step {one!r} is registered twice")
             from workers.steps import StepTask, run_step
 
             orch = self
 
-            def run(task: Any, *, operation_id: str, position: int, host: str) -> str:
-                return run_step(orch, orch.steps[step_name], task, operation_id, position, host)
+            def runner(as_name: str) -> Callable[..., str]:
+                """The task body for messages sent as ``as_name`` (the plan's name)."""
 
-            run.__name__, run.__qualname__ = fn.__name__, fn.__qualname__
-            run.__module__, run.__doc__ = fn.__module__, fn.__doc__
-            task = self.app.task(
-                name=self.task_prefix + step_name, bind=True, base=StepTask, shared=False,
-                **task_options,
-            )(run)
+                def run(task: Any, *, operation_id: str, position: int, host: str) -> str:
+                    return run_step(orch, orch.steps[step_name], task, operation_id, position,
+                                    host, as_name)
+
+                run.__name__, run.__qualname__ = fn.__name__, fn.__qualname__
+                run.__module__, run.__doc__ = fn.__module__, fn.__doc__
+                return run
+
+            task = None
+            for one in (step_name, *new_aliases):
+                made = self.app.task(
+                    name=self.task_prefix + one, bind=True, base=StepTask, shared=False,
+                    **task_options,
+                )(runner(one))
+                task = task or made
+                if one != step_name:
+                    self.aliases[one] = step_name
             self.steps[step_name] = StepSpec(
                 step_name, fn, task, effect or no_effect, on_failure or no_effect
             )
@@ -352,6 +375,26 @@ class Orchestrator:
             return task
 
         return register(fn) if fn is not None else register
+
+    def served_steps(self) -> dict[str, str]:
+        """Every step name this code runs, each with the step it stands for (an alias its
+        step, a step itself)."""
+        return {**{name: name for name in self.steps}, **self.aliases}
+
+    def spec(self, name: str) -> StepSpec | None:
+        """The step ``name`` runs (through an alias, too), None if this code has none."""
+        return self.steps.get(self.aliases.get(name, name))
+
+    @property
+    def code_fingerprint(self) -> str:
+        """This code's version if it has one, else a digest of the step names it serves:
+        two workers with the same fingerprint serve the same steps."""
+        if self.code_version:
+            return self.code_version
+        import hashlib
+
+        names = ",".join(sorted(f"{a}={b}" for a, b in self.served_steps().items()))
+        return "steps:" + hashlib.sha256(names.encode()).hexdigest()[:10]
 
     def flow(
         self, name: str, steps: Sequence[tuple[str, str]], *,
@@ -414,7 +457,8 @@ class Orchestrator:
         use), with its load time and the error of an edit that could not be used."""
         if self._source is None:
             self.load_steps()
-            source = RoutingSource(self.routing_file, lambda: self.steps)
+            source = RoutingSource(self.routing_file, self.served_steps,
+                                   code_version=self.code_version)
             source.on_change.append(self._routing_changed)
             self._source = source
         return self._source
@@ -455,7 +499,7 @@ class Orchestrator:
         if not name.startswith(self.task_prefix):
             return None
         self.load_steps()
-        if name[len(self.task_prefix):] not in self.steps:
+        if self.spec(name[len(self.task_prefix):]) is None:
             return None
         return self.router(name, args, kwargs, options, task, **kw)
 
@@ -467,7 +511,7 @@ class Orchestrator:
         if not name.startswith(self.task_prefix):
             return None
         step = name[len(self.task_prefix):]
-        return step if step in self.steps else None
+        return step if self.spec(step) is not None else None
 
     # -- operations ----------------------------------------------------------------------------
     def submit(
@@ -556,6 +600,7 @@ class Orchestrator:
             hosts=dict(hosts), params=dict(params or {}), status="queued", position=0,
             step_state="queued", step_since=time.time(), next_published=queue is not None,
             queue=queue, current_host=spec.plan(hosts)[0][1],
+            rollback=spec.recorded_rollback(hosts),
         )
         s.add(op)
         try:

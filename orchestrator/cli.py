@@ -339,7 +339,7 @@ def routing_check(path: str | None, as_json: bool) -> None:
     try:
         orch = current()
         orch.load_steps()
-        table = load_routing(path or orch.routing_file, orch.steps)
+        table = load_routing(path or orch.routing_file, orch.served_steps(), orch.code_version)
     except RoutingError as exc:
         emit(as_json, {"ok": False, "error": str(exc)}, f"error: {exc}")
         sys.exit(EXIT_NOT_COMPLETED)

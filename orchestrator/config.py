@@ -82,6 +82,9 @@ class Settings:
     app: str = DEFAULT_APP
     #: ``ORCHESTRATOR_SENTINEL_MASTER``: the primary's name for a ``sentinel://`` broker URL.
     sentinel_master: str = DEFAULT_SENTINEL_MASTER
+    #: ``ORCHESTRATOR_CODE_VERSION``: this code's version, as routing.yaml's ``versions``
+    #: name it (default: none; the registry then records a fingerprint of the steps).
+    code_version: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -108,6 +111,7 @@ class Settings:
             app=os.environ.get("ORCHESTRATOR_APP") or DEFAULT_APP,
             sentinel_master=os.environ.get("ORCHESTRATOR_SENTINEL_MASTER")
             or DEFAULT_SENTINEL_MASTER,
+            code_version=(os.environ.get("ORCHESTRATOR_CODE_VERSION") or "").strip() or None,
         )
 
 

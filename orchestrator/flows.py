@@ -39,6 +39,10 @@ class Flow:
         """Resolve roles to hosts: ``[[step, host], ...]``."""
         return self._resolve(self.steps, hosts)
 
+    def recorded_rollback(self, hosts: Mapping[str, str]) -> dict:
+        """The rollback as an operation records it at submit (``Operation.rollback``)."""
+        return {"on": sorted(self.rollback_on), "plan": self._resolve(self.rollback, hosts)}
+
     def rollback_plan(self, failed_step: str, hosts: Mapping[str, str]) -> Plan:
         """The steps to run after ``failed_step`` failed (empty: the operation just fails)."""
         if failed_step not in self.rollback_on:

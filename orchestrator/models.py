@@ -64,6 +64,9 @@ class Operation(Base):
     wait: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     #: What the operation returns to its caller, when an application sets it.
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    #: The flow's rollback as it was at submit: ``{"on": [steps], "plan": [[step, host]]}``
+    #: (None for an operation submitted before it was recorded: the flow's is used).
+    rollback: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     #: Why a step failed; with rollback steps still to run the operation is still running.
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
@@ -143,6 +146,9 @@ class Service(Base):
     started_at: Mapped[float] = mapped_column(Float, default=time.time)
     heartbeat_at: Mapped[float] = mapped_column(Float, default=time.time)
     drain_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The step names its code runs (aliases included), and the code's version or fingerprint.
+    steps: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    code_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RoutingFallback(Base):

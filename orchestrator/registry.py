@@ -11,6 +11,7 @@ from one whose next step waits on a queue nobody consumes.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -44,6 +45,12 @@ class ServiceView:
     unconfirmed: bool = False
     #: The state the worker last wrote (``state`` folds a stale heartbeat into down).
     recorded_state: str = ""
+    #: The step names its code runs (None: a worker older than this record), its version.
+    steps: frozenset[str] | None = None
+    code_version: str | None = None
+
+    def serves(self, step: str) -> bool:
+        return self.steps is None or step in self.steps
 
     @property
     def silent(self) -> bool:
@@ -116,7 +123,8 @@ class Registry:
 
     def register(
         self, nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
-        version: int = SERVICE_VERSION,
+        version: int = SERVICE_VERSION, steps: Iterable[str] | None = None,
+        code_version: str | None = None,
     ) -> None:
         now = time.time()
         with self.db.session() as s:
@@ -128,6 +136,8 @@ class Registry:
             row.consumes_main, row.consumes_alt = consumes_main, consumes_alt
             row.state, row.started_at, row.heartbeat_at = "up", now, now
             row.drain_started_at = None
+            row.steps = sorted(steps) if steps is not None else None
+            row.code_version = code_version
 
     def heartbeat(self, nodename: str, state: str | None = None) -> None:
         """Refresh the worker's heartbeat, and its state if given (a state change that could
@@ -164,6 +174,8 @@ class Registry:
                     heartbeat_age=now - r.heartbeat_at, started_at=r.started_at,
                     unconfirmed=excused and now - r.heartbeat_at > stale and r.state != "down",
                     recorded_state=r.state,
+                    steps=frozenset(r.steps) if r.steps is not None else None,
+                    code_version=r.code_version,
                 )
                 for r in rows
             ]

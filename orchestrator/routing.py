@@ -21,7 +21,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 ALT_SUFFIX = "-alt"
 QueueKind = Literal["main", "alt"]
 AltRoutingMode = Literal["auto", "always", "never"]
-_ENTRY_FIELDS = {"queue", "reason"}
+_ENTRY_FIELDS = {"queue", "reason", "versions"}
 
 
 class RoutingError(OrchestratorError, ValueError):
@@ -67,15 +67,30 @@ class Route:
     queue: QueueKind
     reason: str
     line: int
+    #: The code versions that serve the step (``versions: [...]``), empty when not said: an
+    #: entry for a step this code does not register is accepted only when it says so.
+    versions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class RoutingTable:
     path: Path
     routes: Mapping[str, Route]
+    #: The steps this code answers to under an older name: alias -> step.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def route(self, step: str) -> Route | None:
+        """The entry for ``step``, or for the step it is an alias of."""
+        found = self.routes.get(step)
+        if found is None and step in self.aliases:
+            found = self.routes.get(self.aliases[step])
+        return found
 
     def kind(self, step: str) -> QueueKind:
-        return self.routes[step].queue
+        found = self.route(step)
+        if found is None:
+            raise KeyError(step)
+        return found.queue
 
 
 def _suggest(word: str, choices: Collection[str]) -> str:
@@ -104,7 +119,7 @@ def _entry(key_node: yaml.Node, value: yaml.Node, path: Path) -> Route:
         if field not in _ENTRY_FIELDS:
             raise RoutingError(
                 path, fline, step,
-                f"unknown field {field!r} (expected: queue, reason)"
+                f"unknown field {field!r} (expected: queue, reason, versions)"
                 + _suggest(field, _ENTRY_FIELDS),
             )
         if field in fields:
@@ -120,11 +135,28 @@ def _entry(key_node: yaml.Node, value: yaml.Node, path: Path) -> Route:
             f"queue must be 'main' or 'alt', not {queue!r}",
         )
     reason = _scalar(fields["reason"], path, step, "reason")
-    return Route(step=step, queue=queue, reason=reason, line=line)  # type: ignore[arg-type]
+    versions: tuple[str, ...] = ()
+    if "versions" in fields:
+        node = fields["versions"]
+        if not isinstance(node, yaml.SequenceNode) or not node.value or not all(
+                isinstance(v, yaml.ScalarNode) and str(v.value).strip() for v in node.value):
+            raise RoutingError(path, node.start_mark.line + 1, step,
+                               "'versions' must be a list of code versions, like [\"2\"]")
+        versions = tuple(str(v.value) for v in node.value)
+    return Route(step=step, queue=queue, reason=reason, line=line,  # type: ignore[arg-type]
+                 versions=versions)
 
 
-def parse_routing(text: str, path: Path, known_steps: Collection[str]) -> RoutingTable:
-    """Validate the text of a routing file against the steps registered on the app."""
+def parse_routing(text: str, path: Path, known_steps: Collection[str],
+                  code_version: str | None = None) -> RoutingTable:
+    """Validate the text of a routing file against the steps registered on the app.
+
+    ``known_steps`` names every step this code serves; a mapping gives each name the step it
+    stands for (an alias: ``{"copy_in": "install"}``, besides ``{"install": "install"}``).
+    Every step needs an entry (an alias may share its step's). An entry for a name this code
+    does not serve is a mistake (with "did you mean"), unless it lists the ``versions`` of
+    the code that serves it, and ``code_version`` (this code's) is not among them: one file
+    for a fleet that runs two versions during a rollout."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -155,19 +187,31 @@ def parse_routing(text: str, path: Path, known_steps: Collection[str]) -> Routin
             raise RoutingError(
                 path, line, step, f"duplicate key (first at line {routes[step].line})"
             )
+        route = _entry(key_node, value, path)
         if step not in known_steps:
-            raise RoutingError(path, line, step, "unknown step" + _suggest(step, known_steps))
-        routes[step] = _entry(key_node, value, path)
-    missing = sorted(set(known_steps) - routes.keys())
+            if not route.versions:
+                raise RoutingError(path, line, step, "unknown step" + (
+                    _suggest(step, known_steps)
+                    or " (a step of another code version says so: versions: [...])"))
+            if code_version is not None and code_version in route.versions:
+                raise RoutingError(
+                    path, line, step, f"listed for version {code_version!r}, this code's, "
+                    "which does not register it" + _suggest(step, known_steps))
+        routes[step] = route
+    aliases = ({name: canonical for name, canonical in known_steps.items() if name != canonical}
+               if isinstance(known_steps, Mapping) else {})
+    missing = sorted(name for name in known_steps
+                     if name not in routes and not (name in aliases and aliases[name] in routes))
     if missing:
         raise RoutingError(
             path, steps_node.start_mark.line + 1, "steps",
             "no route for step(s) " + ", ".join(missing) + " (every step needs main or alt)",
         )
-    return RoutingTable(path=path, routes=routes)
+    return RoutingTable(path=path, routes=routes, aliases=aliases)
 
 
-def load_routing(path: Path | str, known_steps: Collection[str]) -> RoutingTable:
+def load_routing(path: Path | str, known_steps: Collection[str],
+                 code_version: str | None = None) -> RoutingTable:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -177,7 +221,7 @@ def load_routing(path: Path | str, known_steps: Collection[str]) -> RoutingTable
             f"cannot read routing file: {exc.strerror} (set ORCHESTRATOR_ROUTING_FILE, or run "
             "from the directory that holds routing.yaml)",
         ) from None
-    return parse_routing(text, path, known_steps)
+    return parse_routing(text, path, known_steps, code_version)
 
 
 #: How often a process looks at routing.yaml's modification (a stat, at most once a second, on
@@ -206,11 +250,12 @@ class RoutingSource:
 
     def __init__(
         self, path: Path | str, known_steps: Callable[[], Collection[str]],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, code_version: str | None = None,
     ) -> None:
         self.path, self.known_steps, self.clock = Path(path), known_steps, clock
+        self.code_version = code_version
         self._signature = _signature(self.path)
-        self.table = load_routing(self.path, known_steps())
+        self.table = load_routing(self.path, known_steps(), code_version)
         #: Wall-clock time the table in force was read.
         self.loaded_at = time.time()
         #: The error of the last edit that could not be used (None once one could).
@@ -232,7 +277,7 @@ class RoutingSource:
             if signature == self._signature:
                 return self.table
             try:
-                table = load_routing(self.path, self.known_steps())
+                table = load_routing(self.path, self.known_steps(), self.code_version)
             except RoutingError as exc:
                 if self.error is None or str(exc) != str(self.error):
                     logger.error("routing: %s; keeping the table read at %s", exc,
@@ -414,7 +459,7 @@ class StepRouter:
         ``record=False`` (``orchestrator routing explain``) counts no fallback."""
         if not isinstance(host, str) or not host:
             raise MissingHostError(f"step {step!r} sent without a target host (kwarg 'host')")
-        if step not in self.table.routes:
+        if self.table.route(step) is None:
             raise RoutingError(self.table.path, None, step, "step has no route")
         wanted = self.table.kind(step)
         if wanted == "main":
@@ -471,7 +516,7 @@ class StepRouter:
         if not name.startswith(self.task_prefix):
             return None
         step = name[len(self.task_prefix):]
-        return step if step in self.table.routes else None
+        return step if self.table.route(step) is not None else None
 
     def __call__(
         self, name: str, args: Any, kwargs: Mapping[str, Any] | None, options: Any,

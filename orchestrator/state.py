@@ -293,11 +293,7 @@ class Ledger:
         if rec is not None:
             rec.status, rec.finished_at = "failed", time.time()
         step = op.plan[position][0]
-        flow = self.flows.get(op.kind)
-        rollback = (
-            flow.rollback_plan(step, op.hosts or {})
-            if op.error is None and flow is not None else []
-        )
+        rollback = self._rollback(op, step) if op.error is None else []
         op.error = error if op.error is None else f"{op.error}; then {error}"
         op.wait = None
         if not rollback:
@@ -308,6 +304,15 @@ class Ledger:
         op.step_since = time.time()
         self.index_hosts(s, op)
         return StepStart("run", op.current, op.position, kind=op.kind, subject=op.subject)
+
+    def _rollback(self, op: Operation, failed_step: str) -> list:
+        """The rollback steps for ``failed_step``: as recorded when the operation was
+        submitted, whatever the flow says in the code running now."""
+        if op.rollback is not None:
+            return ([list(p) for p in op.rollback["plan"]]
+                    if failed_step in op.rollback["on"] else [])
+        flow = self.flows.get(op.kind)
+        return flow.rollback_plan(failed_step, op.hosts or {}) if flow is not None else []
 
     # -- event waits -----------------------------------------------------------------------
     def wait_for_event(

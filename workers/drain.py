@@ -234,6 +234,7 @@ class Drain(bootsteps.StartStopStep):
                 self.orch.registry.register(
                     worker.hostname, queues.host, pid=self.pid, version=self.version,
                     consumes_main=queues.main is not None, consumes_alt=queues.alt is not None,
+                    steps=self.orch.served_steps(), code_version=self.orch.code_fingerprint,
                 )
                 return
             except LedgerUnavailable as exc:

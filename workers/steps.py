@@ -152,10 +152,12 @@ def _output(step: str, value: Any) -> dict[str, Any] | None:
 
 
 def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
-             host: str) -> str:
+             host: str, as_name: str | None = None) -> str:
+    """Run one delivery of a step. ``as_name``: the name the message was sent as, the one
+    the operation's plan holds (an alias of ``spec``'s step after a rename)."""
     from orchestrator.api import StepContext
 
-    ledger, step = orch.ledger, spec.name
+    ledger, step = orch.ledger, as_name or spec.name
 
     def recorded(what: str, fn: Any) -> Any:
         return orch.ledger_health.call(fn, f"step {step} of {operation_id} on {host} {what}")

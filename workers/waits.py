@@ -48,8 +48,8 @@ class EventWaits(HostTimerStep):
             return
         orch = self.orch
         settled = orch.ledger.settle_waits(
-            self.host, lambda step: orch.steps[step].effect,
-            lambda step: orch.steps[step].on_failure,
+            self.host, lambda step: orch.spec(step).effect,
+            lambda step: orch.spec(step).on_failure,
         )
         self.busy = settled.still_waiting > 0
         self.next_idle_check = time.monotonic() + IDLE_CHECK_SECONDS
