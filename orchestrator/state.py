@@ -390,21 +390,24 @@ class Ledger:
         waited as ``queued`` for longer than ``queued_after`` seconds (on Redis a worker killed
         between BRPOP and recording the message as unacknowledged loses it), or (with
         ``running_after``) it has been recorded as ``running`` for longer than that: its worker
-        may be gone, or its delivery lost. The caller (workers.resend) tells which, checks the
-        queue and resends; a resent step that was not lost after all is a duplicate.
+        may be gone, or its delivery lost; or it is ``held`` (delivered to a worker whose code
+        does not register it). The caller (workers.resend) tells which, checks the queue and
+        resends; a resent step that was not lost after all is a duplicate.
         """
         now = time.time()
-        states = ["queued"] if running_after is None else ["queued", "running"]
+        states = ["queued", "held"] if running_after is None else ["queued", "held", "running"]
         shortest = min(queued_after, unpublished_after,
                        running_after if running_after is not None else queued_after)
         with self.db.read() as s:
             ops = s.execute(select(Operation).where(
                 Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
                 Operation.step_state.in_(states),
-                Operation.step_since < now - shortest,
+                (Operation.step_since < now - shortest) | (Operation.step_state == "held"),
             )).scalars().all()
 
         def due(op: Operation) -> float:
+            if op.step_state == "held":  # sent by the first worker that serves it
+                return 0.0
             if op.step_state == "running":
                 return running_after  # type: ignore[return-value]
             return queued_after if op.next_published else unpublished_after
@@ -422,6 +425,28 @@ class Ledger:
                 return False
             op.step_state, op.step_since = "queued", time.time()
             return True
+
+    def hold_step(self, operation_id: str, position: int, step: str, host: str) -> bool:
+        """A worker of ``host`` received ``step`` and its code does not register it: the step
+        is recorded as ``held`` (not sent), for a worker that serves it to send it again
+        (``workers.resend``). False when the operation has moved on (the message was a
+        duplicate): nothing to hold."""
+        with self.db.session() as s:
+            op = self.locked(s, operation_id)
+            if (op.status not in ACTIVE_STATUSES or op.position != position
+                    or op.current != (step, host) or op.step_state not in ("queued", "held")):
+                return False
+            if op.step_state != "held":
+                op.step_state, op.step_since = "held", time.time()
+            op.next_published = False
+            return True
+
+    def held_steps(self) -> list[Operation]:
+        """Operations whose current step waits for a worker that serves it."""
+        with self.db.read() as s:
+            return list(s.execute(select(Operation).where(
+                Operation.status.in_(ACTIVE_STATUSES), Operation.step_state == "held",
+            ).order_by(Operation.created_at)).scalars().all())
 
     def abandon(self, operation_id: str, error: str, effect: Effect = no_effect) -> bool:
         """End an operation whose first step could not even be queued; frees its subject."""

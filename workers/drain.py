@@ -538,6 +538,13 @@ class Drain(bootsteps.StartStopStep):
             if step is None:
                 continue
             live = registry.consumers(views, host)
+            unserved = self._unserved_here(op)
+            if unserved:
+                # This code cannot run what the operation needs here (a deploy renamed or
+                # removed it): waiting would only run out the deadline. workers.held.
+                waiting.blocked.append(f"{_describe(op)}: this code does not register "
+                                       + ", ".join(unserved))
+                continue
             if op.id in ran_here:
                 # Started by this worker but no longer held here: its pool process died and
                 # the message went back to its queue. It progresses only if that queue is
@@ -564,6 +571,14 @@ class Drain(bootsteps.StartStopStep):
                 progressing = live.consumes(op.queue)
             (waiting.operations if progressing else waiting.blocked).append(_describe(op))
         return waiting
+
+    def _unserved_here(self, op: Operation) -> list[str]:
+        """The steps the operation has left on this host, if this code registers none."""
+        assert self.queues is not None
+        mine = [step for step, host in op.plan[op.position:] if host == self.queues.host]
+        if not mine or any(self.orch.spec(step) is not None for step in mine):
+            return []
+        return sorted(set(mine))
 
     def _run_by_me_not_held(self, operations: list[Operation]) -> set[str]:
         """Operations whose current step this worker started but holds no request for."""

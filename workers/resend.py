@@ -16,7 +16,11 @@ How a step is left with no delivery:
   (on Redis its message waits out the visibility timeout, an hour by default; on RabbitMQ it
   is back in the queue at once, and then nothing is sent);
 - **running, its delivery lost**: the worker that started it is this one, and it no longer
-  holds the message (a delivery acknowledged or dropped without its outcome recorded).
+  holds the message (a delivery acknowledged or dropped without its outcome recorded);
+- **held**: a worker whose code does not register the step took its message and recorded it
+  so (``workers.held``): sent at once by a worker of the host whose code serves it.
+
+A step this worker's code does not register is never sent by it (it would only be held again).
 
 A running step is looked at after :func:`running_grace` seconds, a stale heartbeat only once
 it is confirmed (``ServiceView.unconfirmed``: not while the ledger was unreachable).
@@ -101,7 +105,11 @@ class StrandedSteps(HostTimerStep):
         for op in stranded:
             if step_task_id(op.id, op.position) in held:
                 continue  # this worker holds its message (fetched, not yet started)
-            if op.step_state == "running":
+            if orch.spec(op.current[0]) is None:
+                continue  # this code cannot run it: left to a worker that serves it
+            if op.step_state == "held":
+                why = "held for a worker that serves it, and this one does"
+            elif op.step_state == "running":
                 why = delivery_gone(op.id, op.position, *attempts.get(op.id, (None, None)),
                                     me=self.nodename, registered_at=registered_at, held=held,
                                     views=views)

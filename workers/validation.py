@@ -218,6 +218,17 @@ class GuardedConsumer(Consumer):
 
         return guarded
 
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """A step of a name this code does not register is held in the ledger, not dropped
+        (workers.held); anything else is Celery's to reject."""
+        from workers.held import hold, step_call
+
+        orch = getattr(self.app, "orchestrator", None)
+        call = step_call(message, orch) if orch is not None else None
+        if call is None:
+            return super().on_unknown_task(body, message, exc)
+        hold(self, orch, message, call)
+
     def on_malformed_message(self, message: Any, problem: str) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
         logger.error(
