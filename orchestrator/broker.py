@@ -31,6 +31,28 @@ def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
     return depths
 
 
+def peek_task_names(app: Celery, queues: Iterable[str]) -> dict[str, list[str]] | None:
+    """The task name of every message waiting in each queue, without taking any (Redis: the
+    list's entries); None on a broker that cannot look without taking (AMQP: a get would
+    redeliver the message, flagged and perhaps out of order)."""
+    if not str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel")):
+        return None
+    import json
+
+    names: dict[str, list[str]] = {}
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        for queue in queues:
+            found = []
+            for raw in client.lrange(queue, 0, -1):
+                try:
+                    found.append(str(json.loads(raw)["headers"]["task"]))
+                except (ValueError, KeyError, TypeError):
+                    found.append("?")
+            names[queue] = found
+    return names
+
+
 def queue_depth(app: Celery, queue: str) -> int:
     return queue_depths(app, [queue])[queue]
 

@@ -291,6 +291,27 @@ def wait(operation_id: str, timeout: float, as_json: bool) -> None:
         sys.exit(EXIT_NOT_COMPLETED)
 
 
+@main.group()
+def deploy() -> None:
+    """Before a rollout: what the new code (--app) would not serve."""
+
+
+@deploy.command(name="check")
+@json_option
+@handles_errors
+def deploy_check(as_json: bool) -> None:
+    """Load the new code (--app MODULE) and compare it with the ledger's operations in flight,
+    the step messages waiting in the host queues and routing.yaml: list every step it would
+    not serve; exit 1 when anything would be stranded, 0 otherwise (a deploy pipeline's
+    gate)."""
+    from orchestrator.deploy import check, describe
+
+    result = check(current())
+    emit(as_json, result, "\n".join(describe(result)))
+    if not result["ok"]:
+        sys.exit(EXIT_NOT_COMPLETED)
+
+
 def _table_dict(source: Any) -> dict[str, Any]:
     table = source.table
     return {
@@ -362,9 +383,9 @@ def routing_explain(step: str, host: str, as_json: bool) -> None:
 
     orch = current()
     table = orch.routing_source.check(force=True)
-    if step not in table.routes:
+    route = table.route(step)
+    if route is None:
         raise RoutingError(table.path, None, step, "no such step in the table in force")
-    route = table.routes[step]
     decision = orch.router.decide(step, host, record=False)
     views = orch.registry.services()
     live = [v for v in views if v.host == host and v.state != "down"]

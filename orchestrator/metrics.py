@@ -12,6 +12,8 @@ exporter, and any number of exporters can run. The names:
 ``orchestrator_drain_deadline_remaining_seconds{host}``    gauge   until a draining host's deadline
 ``orchestrator_drain_waiting_operations{host}``            gauge   operations its drain waits for
 ``orchestrator_operations_in_flight{host}``                gauge   operations that still need it
+``orchestrator_steps_unserved{host}``                      gauge   steps waiting for a worker
+                                                                   whose code serves them
 ``orchestrator_queue_messages{host,queue,kind}``           gauge   messages waiting in ``<host>``
                                                                    (main) and ``<host>-alt`` (alt)
 ``orchestrator_drain_handed_back_total{host}``             counter messages drains handed back
@@ -45,6 +47,7 @@ from typing import Any
 from orchestrator import registry
 from orchestrator.broker import queue_depths
 from orchestrator.routing import alt_queue
+from orchestrator.views import unserved_steps, worker_reports
 
 HOST_STATES = ("up", "draining", "down")
 DRAIN_OUTCOMES = ("done", "deadline", "second-sigterm", "forced")
@@ -63,7 +66,6 @@ class OrchestratorCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         from orchestrator.errors import LedgerUnavailable
-        from orchestrator.views import worker_reports
 
         yield from self._workers(worker_reports(self.orch))
         reachable = GaugeMetricFamily("orchestrator_ledger_reachable",
@@ -127,6 +129,13 @@ class OrchestratorCollector:
         for host in sorted(set(hosts) | set(in_flight)):
             gauge.add_metric([host], float(in_flight.get(host, 0)))
         yield gauge
+        unserved = unserved_steps(orch, views)
+        waiting = GaugeMetricFamily("orchestrator_steps_unserved",
+                                    "Steps waiting for a worker whose code serves them",
+                                    labels=["host"])
+        for host in sorted(set(hosts) | set(unserved)):
+            waiting.add_metric([host], float(len(unserved.get(host, []))))
+        yield waiting
 
         queues = GaugeMetricFamily("orchestrator_queue_messages",
                                    "Messages waiting in a host's queue (not counting "

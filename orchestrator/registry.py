@@ -79,6 +79,21 @@ def consumers(views: list[ServiceView], host: str) -> HostConsumers:
     )
 
 
+def unserved(views: list[ServiceView], host: str, step: str, held: bool = False) -> str | None:
+    """Why ``step`` waits for a worker of ``host`` whose code serves it, or None. ``held``:
+    a worker of the host took its message and its code did not register it
+    (workers.held)."""
+    live = _live(views, host)
+    if live and not any(v.serves(step) for v in live):
+        versions = ", ".join(sorted({v.code_version or "?" for v in live}))
+        return (f"for a worker that serves {step} ({host} runs code that does not register "
+                f"it: {versions})")
+    if held and not any(v.serves(step) for v in live):
+        return (f"for a worker that serves {step} (held: the last worker of {host} to take "
+                f"it ran code that does not register it)")
+    return None
+
+
 def _live(views: list[ServiceView], host: str) -> list[ServiceView]:
     return [v for v in views if v.host == host and v.state != "down"]
 

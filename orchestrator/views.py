@@ -13,6 +13,7 @@ from orchestrator.broker import queue_depths
 from orchestrator.errors import UnknownOperation
 from orchestrator.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
+from orchestrator.state import ACTIVE_STATUSES
 
 
 def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
@@ -57,7 +58,11 @@ def _current_step(
     host_state = registry.host_state(views, host)
     consumed = None if queue is None else registry.consumers(views, host).consumes(queue)
     waiting = None
-    if op.step_state == "queued" and queue is not None and not consumed:
+    if op.step_state in ("queued", "held"):
+        waiting = registry.unserved(views, host, step, held=op.step_state == "held")
+    if waiting is not None:
+        pass
+    elif op.step_state == "queued" and queue is not None and not consumed:
         if host_state == "draining":
             waiting = (f"in {queue}: host {host} is draining and takes no new work from it; "
                        f"the step runs when {host} restarts")
@@ -157,6 +162,28 @@ def describe_outage(outage: dict[str, Any]) -> list[str]:
     return lines
 
 
+def unserved_steps(orch: Any, views: list[Any]) -> dict[str, list[dict[str, Any]]]:
+    """By host: the operations whose current step waits for a worker whose code serves it
+    (held by a worker that does not register it, or queued for a host whose live workers'
+    code does not): what a deploy that renamed or removed a step left behind."""
+    with orch.db.read() as s:
+        ops = s.execute(select(Operation).where(
+            Operation.status.in_(ACTIVE_STATUSES),
+            Operation.step_state.in_(("held", "queued")),
+        )).scalars().all()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for op in ops:
+        step, host = op.current or (None, None)
+        if step is None:
+            continue
+        why = registry.unserved(views, host, step, held=op.step_state == "held")
+        if why is not None:
+            out.setdefault(host, []).append({"operation": op.id, "kind": op.kind,
+                                             "step": step, "state": op.step_state,
+                                             "waiting": why})
+    return out
+
+
 def hosts(orch: Any, with_queues: bool = True,
           with_reports: bool = False) -> list[dict[str, Any]]:
     """Each known host: its services, state, where alt steps go, queue depths and operations
@@ -169,6 +196,7 @@ def hosts(orch: Any, with_queues: bool = True,
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
     in_flight = orch.ledger.in_flight_by_host()
+    unserved = unserved_steps(orch, views)
     live_nodes = {v.nodename for v in views if v.state != "down"}
     now = time.time()
     draining: dict[str, list[dict[str, Any]]] = {}
@@ -212,12 +240,16 @@ def hosts(orch: Any, with_queues: bool = True,
             "alt_steps_to": _alt_steps_to(mode, status, host),
             "alt_fallbacks": fallbacks.get(host, {}),
             "operations_in_flight": in_flight.get(host, 0),
+            # Steps waiting for a worker whose code serves them (a deploy's leftovers).
+            "steps_unserved": unserved.get(host, []),
+            "code_versions": sorted({v.code_version or "?" for v in (live or mine)}),
             # Each drain in progress: its deadline and what it waits for (a gone worker's
             # drain is not shown: its host is down).
             "drains": draining.get(host, []),
             "last_drain": last_drain.get(host),
             "services": [
                 {"nodename": v.nodename, "state": v.state, "version": v.version,
+                 "code_version": v.code_version,
                  "consumes_main": v.consumes_main, "consumes_alt": v.consumes_alt,
                  "heartbeat_age": round(v.heartbeat_age, 1),
                  "heartbeat_unconfirmed": v.unconfirmed,
@@ -233,6 +265,15 @@ def hosts(orch: Any, with_queues: bool = True,
             entry["notes"] = _host_notes(
                 host, state, entry["queued"], registry.consumers(views, host).alt
             )
+        if entry["steps_unserved"]:
+            by_step: dict[str, int] = {}
+            for item in entry["steps_unserved"]:
+                by_step[item["step"]] = by_step.get(item["step"], 0) + 1
+            entry["notes"].append(
+                f"{len(entry['steps_unserved'])} step(s) wait for a worker that serves them ("
+                + ", ".join(f"{step} x{n}" for step, n in sorted(by_step.items()))
+                + f"): {host} runs code that does not register them; roll back, or deploy "
+                  "code that does (an alias keeps an old name)")
         out.append(entry)
     return out
 
