@@ -545,7 +545,12 @@ class Drain(bootsteps.StartStopStep):
                 waiting.blocked.append(f"{_describe(op)}: this code does not register "
                                        + ", ".join(unserved))
                 continue
-            if op.id in ran_here:
+            if op.step_state == "held":
+                # Taken by a worker whose code does not register it (workers.held): it runs
+                # once a worker of its host that serves it sends it again.
+                progressing = any(v.host == host and v.state != "down" and v.serves(step)
+                                  for v in views)
+            elif op.id in ran_here:
                 # Started by this worker but no longer held here: its pool process died and
                 # the message went back to its queue. It progresses only if that queue is
                 # consumed (our alt queue: it comes straight back here; our main queue: not

@@ -22,7 +22,13 @@ Run it (see the README, "Your own workflow")::
 Knobs for tests and demos: ``VOLUMES_STEP_SECONDS`` (``copy_out=3,copy_in=1``: how long a
 step takes), ``VOLUMES_FAIL`` (``copy_in`` or ``copy_in@node2``: a step that fails) and
 ``VOLUMES_RUN_LOG`` (a file each step's work appends a line to when it starts: how often each
-step's work was done).
+step's work was done) and ``VOLUMES_GATE`` (``copy_out=/tmp/go``: the step ends only once that
+file exists, at most 300 s later).
+
+A deploy that changes the code (README, "Deploying new code"): ``VOLUMES_RELEASE=2`` runs the
+app's next release, in which ``copy_in`` is renamed ``install`` (still answering to
+``copy_in`` with ``VOLUMES_ALIASES=1``) and ``retire_source`` is replaced by ``retire``; the
+flow is ``reserve -> copy_out -> install -> retire``. One routing.yaml serves both releases.
 """
 
 from __future__ import annotations
@@ -38,8 +44,11 @@ from orchestrator import Orchestrator, StepContext, StepFailure
 
 HERE = Path(__file__).resolve().parent
 
+#: Which release of the code runs: "1", or "2" (renames; see the module's docstring).
+RELEASE = os.environ.get("VOLUMES_RELEASE") or "1"
+
 app = Celery("volumes")
-orch = Orchestrator(app, routing=HERE / "routing.yaml")
+orch = Orchestrator(app, routing=HERE / "routing.yaml", code_version=RELEASE)
 
 
 def root() -> Path:
@@ -63,6 +72,12 @@ def _take_time_and_maybe_fail(ctx: StepContext) -> None:
     delays = dict(item.split("=", 1) for item in
                   filter(None, (os.environ.get("VOLUMES_STEP_SECONDS") or "").split(",")))
     time.sleep(float(delays.get(ctx.step, 0.05)))
+    gates = dict(item.split("=", 1) for item in
+                 filter(None, (os.environ.get("VOLUMES_GATE") or "").split(",")))
+    if ctx.step in gates:  # a test lets the step end when it is ready for what follows
+        deadline = time.monotonic() + 300
+        while not Path(gates[ctx.step]).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     failing = set(filter(None, (os.environ.get("VOLUMES_FAIL") or "").split(",")))
     if ctx.step in failing or f"{ctx.step}@{ctx.host}" in failing:
         raise StepFailure(f"injected failure of {ctx.step} on {ctx.host}")
@@ -99,7 +114,6 @@ def copy_out(ctx: StepContext) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-@orch.step
 def copy_in(ctx: StepContext) -> dict:
     """Write the staged data on the destination and check it against the source's digest."""
     volume = ctx.params["volume"]
@@ -118,7 +132,6 @@ def copy_in(ctx: StepContext) -> dict:
     return {"verified": True}
 
 
-@orch.step
 def retire_source(ctx: StepContext) -> dict:
     """The destination holds a verified copy: remove the source's."""
     _take_time_and_maybe_fail(ctx)
@@ -136,10 +149,19 @@ def release(ctx: StepContext) -> None:
     staging_path(volume, ctx.operation_id).unlink(missing_ok=True)
 
 
+if RELEASE == "1":
+    INSTALL, RETIRE = "copy_in", "retire_source"
+    orch.step(copy_in)
+    orch.step(retire_source)
+else:
+    INSTALL, RETIRE = "install", "retire"
+    orch.step(copy_in, name=INSTALL,
+              aliases=["copy_in"] if os.environ.get("VOLUMES_ALIASES") == "1" else [])
+    orch.step(retire_source, name=RETIRE)
+
 orch.flow(
     "move",
-    [("reserve", "dest"), ("copy_out", "source"), ("copy_in", "dest"),
-     ("retire_source", "source")],
+    [("reserve", "dest"), ("copy_out", "source"), (INSTALL, "dest"), (RETIRE, "source")],
     rollback=[("release", "dest")],
-    rollback_on=["copy_out", "copy_in"],
+    rollback_on=["copy_out", INSTALL],
 )
