@@ -90,6 +90,21 @@ def test_flow_naming_an_unregistered_step(orch: Orchestrator) -> None:
         orch.flow("sync", [("prepare", "dest")])
 
 
+def test_an_alias_is_a_task_of_its_own_name_for_the_same_step(orch: Orchestrator) -> None:
+    def install(ctx) -> None:
+        pass
+
+    orch.step(install, aliases=["copy_in"])
+    assert orch.app.tasks["copy_in"] is not orch.app.tasks["install"]
+    assert orch.spec("copy_in") is orch.spec("install") is orch.steps["install"]
+    assert orch.served_steps()["copy_in"] == "install"
+    assert orch.step_of_task("copy_in") == "copy_in"
+    with pytest.raises(DefinitionError, match="step 'copy_in' is registered twice"):
+        orch.step(install, name="copy_in")
+    with pytest.raises(DefinitionError, match="step 'prepare' is registered twice"):
+        orch.step(install, name="other", aliases=["prepare"])
+
+
 def test_a_second_orchestrator_on_the_same_app(orch: Orchestrator) -> None:
     with pytest.raises(DefinitionError, match="already has an Orchestrator"):
         Orchestrator(orch.app)

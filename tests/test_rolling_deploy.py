@@ -162,3 +162,22 @@ def test_a_drain_does_not_wait_for_a_step_its_code_cannot_run(fleet: Fleet,
     let_copy_out_end(tmp_path)
     wait_operation(orch, op, lambda d: d["current_step"]["step"] == "copy_in", timeout=30,
                    what="copy_in sent")
+
+
+def test_an_operation_keeps_the_rollback_it_was_submitted_with(fleet: Fleet,
+                                                              tmp_path: Path) -> None:
+    """A move submitted with release 1, whose flow rolls back (``release``) when copy_in
+    fails; its copy_in runs on release 2 (through the alias) and fails there. Release 2's
+    flow rolls back on ``install`` only, but the move keeps the rollback it was submitted
+    with: ``release`` runs, and the reservation is gone."""
+    fleet.start("node1")
+    fleet.start("node2", env={**RELEASE_2_ALIASED, "VOLUMES_FAIL": "copy_in@node2"})
+    op = submit_move("vol1")
+    let_copy_out_end(tmp_path)
+    data = orch.wait(op, timeout=60)
+    assert data["status"] == "failed", data
+    assert [(s["step"], s["host"]) for s in data["plan"]] == [
+        ("reserve", "node2"), ("copy_out", "node1"), ("copy_in", "node2"),
+        ("release", "node2")]
+    assert runs(tmp_path).count("release@node2") == 1
+    assert not (tmp_path / "volumes" / "node2" / "vol1.reserved").exists()

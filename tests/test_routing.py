@@ -175,3 +175,56 @@ def test_nova_finds_its_routing_file_from_any_directory(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "routing.yaml:" in proc.stdout
     assert "revert_resise: unknown step" in proc.stdout
+
+
+# -- one file for a fleet running two code versions ---------------------------------------------
+TWO_RELEASES = """\
+steps:
+  copy_in:
+    queue: alt
+    reason: release 1's name
+    versions: ["1"]
+  install:
+    queue: alt
+    reason: release 2's name
+    versions: ["2"]
+  reserve:
+    queue: main
+    reason: both releases
+"""
+
+
+def test_a_step_of_another_version_is_accepted_where_the_file_says_so() -> None:
+    one = parse_routing(TWO_RELEASES, Path("r.yaml"), {"copy_in", "reserve"}, "1")
+    two = parse_routing(TWO_RELEASES, Path("r.yaml"), {"install", "reserve"}, "2")
+    assert set(one.routes) == set(two.routes) == {"copy_in", "install", "reserve"}
+    assert one.routes["install"].versions == ("2",) and one.kind("copy_in") == "alt"
+
+
+def test_a_typo_is_still_an_error_with_line_and_suggestion() -> None:
+    text = TWO_RELEASES.replace("  install:\n    queue: alt\n    reason: release 2's name\n"
+                                "    versions: [\"2\"]\n", "  instal:\n    queue: alt\n"
+                                "    reason: typo\n")
+    with pytest.raises(RoutingError) as info:
+        parse_routing(text, Path("r.yaml"), {"install", "reserve"}, "2")
+    assert str(info.value).startswith("r.yaml:6: instal: unknown step; did you mean 'install'?")
+
+
+def test_an_entry_for_this_version_that_the_code_does_not_register_is_an_error() -> None:
+    with pytest.raises(RoutingError, match=r"r.yaml:6: install: listed for version '2', "
+                                           r"this code's, which does not register it"):
+        parse_routing(TWO_RELEASES, Path("r.yaml"), {"copy_in", "reserve"}, "2")
+    with pytest.raises(RoutingError, match=r"versions' must be a list"):
+        parse_routing(TWO_RELEASES.replace('["2"]', "2"), Path("r.yaml"),
+                      {"copy_in", "reserve"}, "1")
+
+
+def test_an_alias_routes_like_its_step() -> None:
+    text = TWO_RELEASES.replace('    versions: ["1"]\n', "", 1)  # copy_in: no versions
+    table = parse_routing(text.replace("  copy_in:\n    queue: alt\n    reason: release 1's "
+                                       "name\n", ""), Path("r.yaml"),
+                          {"install": "install", "reserve": "reserve", "copy_in": "install"},
+                          "2")
+    assert "copy_in" not in table.routes and table.route("copy_in").step == "install"
+    router = StepRouter(table, mode="always")
+    assert router.queue("copy_in", "node2") == "node2-alt"
