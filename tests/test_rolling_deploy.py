@@ -75,8 +75,28 @@ def held(op: str, step: str) -> None:
     wait_step(op, step, state="held")
 
 
-def test_rename_removal_and_addition_during_a_rolling_deploy(fleet: Fleet,
-                                                             tmp_path: Path) -> None:
+def flower_shows_held_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str,
+                            what: str) -> None:
+    """The Hosts tab (as headless Chromium renders it) and Flower's /metrics say why."""
+    from tests.test_flower import FlowerProcess, chromium, render
+
+    if chromium() is None:
+        return  # .ci/run installs it; the CLI and JSON checks above still ran
+    monkeypatch.setenv("ORCHESTRATOR_APP", APP)
+    flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
+    try:
+        flower.wait_up()
+        assert len(flower.hosts()[host]["steps_unserved"]) == 2
+        status, metrics = flower.get("/metrics")
+        assert f'orchestrator_steps_unserved{{host="{host}"}} 2.0' in metrics, metrics[-2000:]
+        dom = render(f"{flower.base}/hosts", "flower-hosts-held-steps")
+        assert f"{host}: 2 step(s) wait for a worker that serves them ({what})" in dom
+    finally:
+        flower.stop()
+
+
+def test_rename_removal_and_addition_during_a_rolling_deploy(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     node1 = fleet.start("node1", graceful_timeout=30)
     node2 = fleet.start("node2", graceful_timeout=2)
     first, second = submit_move("vol1"), submit_move("vol2")
@@ -113,6 +133,7 @@ def test_rename_removal_and_addition_during_a_rolling_deploy(fleet: Fleet,
     assert any("2 step(s) wait for a worker that serves them (copy_in x2)" in n
                for n in node2_row["notes"]), node2_row["notes"]
     assert "ignored and discarded" not in node2.log()
+    flower_shows_held_steps(tmp_path, monkeypatch, "node2", "copy_in x2")
 
     # node1 on release 2 too; a move of release 2's flow (its added steps) runs on it.
     node1 = redeploy(fleet, node1, "node1", RELEASE_2)
