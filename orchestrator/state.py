@@ -426,20 +426,25 @@ class Ledger:
             op.step_state, op.step_since = "queued", time.time()
             return True
 
-    def hold_step(self, operation_id: str, position: int, step: str, host: str) -> bool:
+    def hold_step(self, operation_id: str, position: int, step: str, host: str) -> str:
         """A worker of ``host`` received ``step`` and its code does not register it: the step
         is recorded as ``held`` (not sent), for a worker that serves it to send it again
-        (``workers.resend``). False when the operation has moved on (the message was a
-        duplicate): nothing to hold."""
+        (``workers.resend``). Returns ``held``; ``duplicate`` when the operation has moved on
+        past it (nothing to hold); ``mismatch`` when no operation has that step there (not a
+        step of an operation at all)."""
         with self.db.session() as s:
-            op = self.locked(s, operation_id)
+            op = s.execute(select(Operation).where(Operation.id == operation_id)
+                           .with_for_update()).scalar_one_or_none()
+            if op is None or not 0 <= position < len(op.plan) or tuple(
+                    op.plan[position]) != (step, host):
+                return "mismatch"
             if (op.status not in ACTIVE_STATUSES or op.position != position
-                    or op.current != (step, host) or op.step_state not in ("queued", "held")):
-                return False
+                    or op.step_state not in ("queued", "held")):
+                return "duplicate"
             if op.step_state != "held":
                 op.step_state, op.step_since = "held", time.time()
             op.next_published = False
-            return True
+            return "held"
 
     def held_steps(self) -> list[Operation]:
         """Operations whose current step waits for a worker that serves it."""

@@ -51,16 +51,22 @@ def step_call(message: Any, orch: Any) -> tuple[str, str, int, str] | None:
     return name[len(orch.task_prefix):], operation_id, position, host
 
 
-def hold(consumer: Any, orch: Any, message: Any, call: tuple[str, str, int, str]) -> None:
-    """Record the step as held, then acknowledge its message (or try again later)."""
+def hold(consumer: Any, orch: Any, message: Any, call: tuple[str, str, int, str],
+         refuse: Any) -> None:
+    """Record the step as held, then acknowledge its message (or try again later). A message
+    that is no operation's step at all is ``refuse``d (Celery's own rejection)."""
     step, operation_id, position, host = call
     try:
-        held = orch.ledger.hold_step(operation_id, position, step, host)
+        outcome = orch.ledger.hold_step(operation_id, position, step, host)
     except LedgerUnavailable as exc:
         orch.ledger_health.report(exc, f"step {step} of {operation_id}: cannot be held yet")
-        consumer.timer.call_after(RETRY_SECONDS, hold, (consumer, orch, message, call))
+        consumer.timer.call_after(RETRY_SECONDS, hold,
+                                  (consumer, orch, message, call, refuse))
         return
-    if held:
+    if outcome == "mismatch":
+        refuse()
+        return
+    if outcome == "held":
         logger.warning(
             "held %s of %s for %s: this code (%s) does not register %s; it waits for a worker "
             "that serves it (not discarded)", step, operation_id, host, orch.code_fingerprint,

@@ -227,7 +227,8 @@ class GuardedConsumer(Consumer):
         call = step_call(message, orch) if orch is not None else None
         if call is None:
             return super().on_unknown_task(body, message, exc)
-        hold(self, orch, message, call)
+        hold(self, orch, message, call,
+             lambda: super(GuardedConsumer, self).on_unknown_task(body, message, exc))
 
     def on_malformed_message(self, message: Any, problem: str) -> None:
         headers = message.headers if isinstance(message.headers, dict) else {}
