@@ -23,7 +23,7 @@ from typing import Any
 #: Public name -> the module that defines it.
 _EXPORTS = {
     "Orchestrator": "orchestrator.api",
-    "StepContext": "orchestrator.api",
+    "StepContext": "orchestrator.context",
     "load_app": "orchestrator.api",
     "StepFailure": "orchestrator.errors",
     "OrchestratorError": "orchestrator.errors",

@@ -33,7 +33,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from orchestrator import registry as registry_mod
 from orchestrator import signing
 from orchestrator.broker import guard_redis_restore_on_lost_connection
 from orchestrator.config import Settings, redact_url
+from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
 from orchestrator.errors import (
     BrokerUnavailable,
@@ -90,49 +90,6 @@ WORKER_STEPS = ("workers.drain:Drain", "workers.waits:EventWaits", "workers.rese
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
-
-
-@dataclass
-class StepContext:
-    """What a step function gets: where it runs and what its operation carries."""
-
-    orchestrator: Orchestrator
-    step: str
-    host: str
-    operation_id: str
-    position: int
-    #: Deliveries of this step so far, this one included (more than 1: redelivered).
-    attempt: int
-    #: The request's params, with what the earlier steps returned merged in.
-    params: dict[str, Any]
-    #: The flow's roles and their hosts.
-    hosts: dict[str, str]
-    flow: str = ""
-    subject: str | None = None
-    #: Set by :meth:`wait_for`.
-    waiting: tuple[str, str, float] | None = field(default=None, repr=False)
-
-    def wait_for(self, event_name: str, timeout: float, key: str | None = None) -> None:
-        """Once this step returns, park it until ``event_name`` is delivered for ``key``
-        (default: the operation's subject) with :meth:`Orchestrator.deliver_event` or
-        :meth:`Orchestrator.record_event`; fail it after ``timeout`` seconds. The step holds
-        no worker while it waits, and a draining host keeps waiting for it."""
-        key = key if key is not None else self.subject
-        if not key:
-            raise DefinitionError(
-                f"step {self.step!r}: wait_for({event_name!r}) needs a key (the operation "
-                "has no subject)"
-            )
-        self.waiting = (event_name, key, float(timeout))
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    name: str
-    fn: Callable[[StepContext], Any]
-    task: Any
-    effect: Effect = no_effect
-    on_failure: Effect = no_effect
 
 
 class Orchestrator:

@@ -32,6 +32,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject
 
+from orchestrator.context import StepContext
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
 from orchestrator.state import Attempt
 from workers.validation import check_step_call, reject
@@ -155,8 +156,6 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
              host: str, as_name: str | None = None) -> str:
     """Run one delivery of a step. ``as_name``: the name the message was sent as, the one
     the operation's plan holds (an alias of ``spec``'s step after a rename)."""
-    from orchestrator.api import StepContext
-
     ledger, step = orch.ledger, as_name or spec.name
 
     def recorded(what: str, fn: Any) -> Any:
