@@ -109,6 +109,8 @@ class Fleet:
     workers: list[WorkerProcess] = field(default_factory=list)
     #: The ``-A`` argument of every worker this fleet starts.
     app: str = "orchestrator"
+    #: Where the workers run (their ``-A`` module is found from there).
+    cwd: Path = REPO_ROOT
 
     def start(
         self, host: str, *, queues: QueueSet = "both", concurrency: int = 2,
@@ -133,7 +135,7 @@ class Fleet:
         log_path = self.log_dir / f"{name}-{kind}-{len(self.workers)}.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen(
-                command, cwd=REPO_ROOT, env={**os.environ, **self.env, **(env or {})},
+                command, cwd=self.cwd, env={**os.environ, **self.env, **(env or {})},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         worker = WorkerProcess(host=name, proc=proc, log_path=log_path)
