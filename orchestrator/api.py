@@ -25,10 +25,8 @@ not imported, so this module imports nothing that runs in a worker.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,7 +36,6 @@ from typing import Any
 
 import click
 from celery import Celery, signals
-from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -49,15 +46,13 @@ from orchestrator.broker import guard_redis_restore_on_lost_connection
 from orchestrator.config import Settings, redact_url
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
+from orchestrator.dispatch import Dispatcher, StepMessage
 from orchestrator.errors import (
-    BrokerUnavailable,
     ConfigError,
     DefinitionError,
-    LedgerUnavailable,
     SubjectBusy,
     SubmitError,
     UnknownFlow,
-    first_line,
 )
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
@@ -69,7 +64,7 @@ from orchestrator.routing import (
     RoutingTable,
     StepRouter,
 )
-from orchestrator.state import Effect, Ledger, no_effect, step_task_id
+from orchestrator.state import Effect, Ledger, no_effect
 
 #: How long a crashed worker can block kombu's Redis restore sweep (see _install).
 UNACKED_MUTEX_EXPIRE_SECONDS = 10
@@ -77,10 +72,6 @@ UNACKED_MUTEX_EXPIRE_SECONDS = 10
 DEFAULT_MAX_RETRIES = 3
 #: A host is a queue name on Redis and RabbitMQ, and ``<host>-alt`` is its second queue.
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
-#: What a publish raises when the broker cannot take a message (kombu wraps the transport's
-#: connection errors in its OperationalError; a socket error may come through as it is).
-BROKER_ERRORS = (KombuOperationalError, ConnectionError, OSError)
-_logger = logging.getLogger("orchestrator")
 #: Broker URL schemes of kombu's Redis transports (Sentinel's included).
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
@@ -125,6 +116,8 @@ class Orchestrator:
         #: worker serves): ``code_version``, else ORCHESTRATOR_CODE_VERSION, else None.
         self.code_version = code_version or self.settings.code_version
         self.ledger = Ledger(self.db, self.flows)
+        #: The one way a step is sent (orchestrator.dispatch).
+        self.dispatch = Dispatcher(self)
         #: This process's view of the ledger's reachability (orchestrator.health).
         self.ledger_health = self.db.health
         self.registry = Registry(self.db, self.settings.heartbeat_interval, self.db.health)
@@ -487,22 +480,18 @@ class Orchestrator:
             # Route first, then one transaction records the operation with its first step as
             # sent, and one publish sends it. A fallback to <host> is counted (a write of its
             # own, never inside the ledger's transaction) only once the step is sent.
-            decision = self.router.decide(*first, record=False)
+            decision = self.dispatch.route(*first)
             with self.db.session() as s:
                 op_id = self._record(s, spec, hosts, params, subject, queue=decision.queue)
-            try:
-                self.send_step(op_id, 0, first[0], first[1], decision.queue, spec.name, subject)
-            except Exception as exc:
-                self._abandon(op_id, first, exc)
-            self.router.record(decision)
+            self.dispatch.first(StepMessage(op_id, 0, *first, spec.name, subject), decision)
             return op_id
         # The same in the caller's transaction: the operation is recorded with its first step
         # as sent to the queue routed now, and that step is published once it commits.
-        decision = self.router.decide(*first, record=False)
+        decision = self.dispatch.route(*first)
         op_id = self._record(session, spec, hosts, params, subject, queue=decision.queue)
+        message = StepMessage(op_id, 0, *first, spec.name, subject)
         event.listen(session, "after_commit",
-                     lambda _s: self._send_first(op_id, first, decision, spec.name, subject),
-                     once=True)
+                     lambda _s: self.dispatch.first(message, decision), once=True)
         return op_id
 
     def _check_submit(
@@ -568,78 +557,21 @@ class Orchestrator:
         self.ledger.index_hosts(s, op, new=True)
         return op.id
 
-    def _send_first(self, op_id: str, first: Sequence[str], decision: Any, kind: str = "",
-                    subject: str | None = None) -> None:
-        """Queue the first step where it was recorded as sent; if the broker refuses, the
-        operation is failed, not stuck."""
-        step, host = first
-        try:
-            self.send_step(op_id, 0, step, host, decision.queue, kind, subject)
-        except Exception as exc:
-            self._abandon(op_id, first, exc)
-        self.router.record(decision)
-
-    def _abandon(self, op_id: str, first: Sequence[str], exc: Exception) -> None:
-        step, host = first
-        self.ledger.abandon(op_id, f"could not queue {step}@{host}: {exc}")
-        raise BrokerUnavailable(
-            f"could not queue {step} for {host} ({exc}); operation {op_id} abandoned"
-        ) from exc
-
     def publish_step(self, operation_id: str, position: int, step: str, host: str,
                      kind: str = "", subject: str | None = None) -> str:
-        """Send one step to the queue the router picks; returns that queue."""
-        queue = self.router.queue(step, host)
-        self.send_step(operation_id, position, step, host, queue, kind, subject)
-        return queue
-
-    def send_step(
-        self, operation_id: str, position: int, step: str, host: str, queue: str,
-        kind: str = "", subject: str | None = None,
-    ) -> None:
-        """Publish one step's message to ``queue`` (already chosen by the router).
-
-        What task events (Flower's task rows) show as the step's kwargs also names the
-        operation's flow, its subject and the queue it was sent to: a step that came through
-        ``<host>-alt`` says so."""
-        kwargs = {"operation_id": operation_id, "position": position, "host": host}
-        about = " ".join(filter(None, [kind, subject and f"subject={subject}"]))
-        self.app.send_task(
-            self.task_name(step), kwargs=kwargs, task_id=step_task_id(operation_id, position),
-            queue=queue, kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "),
-        )
+        """Send one step to the queue the router picks, recording nothing (a duplicate, on
+        purpose: tests deliver them so); returns that queue."""
+        return self.dispatch.send(StepMessage(operation_id, position, step, host, kind,
+                                              subject))
 
     def advance(self, operation_id: str, nxt: Any, decision: Any = None) -> None:
-        """Publish the step a ledger transition returned, if any, and record it (unless the
-        transition already recorded where it goes: ``nxt.queue``, the router's ``decision``,
-        whose fallback is counted once the step is sent).
-
-        The transition is recorded already, so a broker that cannot take the step is no reason
-        to undo or repeat it: the step is left recorded as "not sent" (when the ledger can
-        take that), and the resend of its host (``workers.resend``) sends it once the broker
-        answers. Any other error is raised."""
+        """Send the step a recorded ledger transition returned, if any
+        (:meth:`orchestrator.dispatch.Dispatcher.next`): to ``nxt.queue`` when the transition
+        recorded where it goes (the router's ``decision``), else where the router says now."""
         if nxt.next_step is None or nxt.next_position is None:
             return
-        step, host = nxt.next_step
-        try:
-            if nxt.queue is None:
-                queue = self.publish_step(operation_id, nxt.next_position, step, host,
-                                          nxt.kind, nxt.subject)
-                self.ledger.mark_published(operation_id, nxt.next_position, queue)
-                return
-            self.send_step(operation_id, nxt.next_position, step, host, nxt.queue, nxt.kind,
-                           nxt.subject)
-        except BROKER_ERRORS as exc:
-            if nxt.queue is not None:
-                # Ledger down too: still recorded as sent, resent after resend_after.
-                with contextlib.suppress(LedgerUnavailable):
-                    self.ledger.unpublish(operation_id, nxt.next_position)
-            _logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
-                            "sends it once the broker answers", operation_id, step, host,
-                            first_line(exc), host)
-            return
-        if decision is not None:
-            self.router.record(decision)
+        self.dispatch.next(StepMessage(operation_id, nxt.next_position, *nxt.next_step,
+                                       nxt.kind, nxt.subject), nxt.queue, decision)
 
     def operation(self, operation_id: str) -> dict[str, Any]:
         """The operation's status: its steps, where the current one waits, its params."""

@@ -32,6 +32,7 @@ from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
 from orchestrator.broker import queue_depth
+from orchestrator.dispatch import StepMessage
 from orchestrator.registry import STALE_AFTER, ServiceView
 from orchestrator.state import step_task_id
 from workers.drain import UNPUBLISHED_GRACE
@@ -128,8 +129,8 @@ class StrandedSteps(HostTimerStep):
             return  # a message for it waits its turn in the queue
         if not self.orch.ledger.claim_resend(op.id, op.position, op.step_since, op.step_state):
             return
-        queue = self.orch.publish_step(op.id, op.position, step, host, op.kind, op.subject)
-        self.orch.ledger.mark_published(op.id, op.position, queue)
+        queue = self.orch.dispatch.again(
+            StepMessage(op.id, op.position, step, host, op.kind, op.subject))
         self.recovered += 1
         logger.warning("resent %s of %s to %s: %s (the step was %s)", step, op.id, queue, why,
                        op.step_state)

@@ -1,0 +1,127 @@
+"""The one way a step is sent: decide its queue, publish it, record that it was sent.
+
+Every path that sends a step comes here: a submit (the first step, :meth:`Dispatcher.first`),
+a ledger transition in a worker (a step completed or failed, an event wait settled:
+:meth:`Dispatcher.next`), and the resend of a step with no message (:meth:`Dispatcher.again`).
+What differs between them is what the ledger already recorded, and what a broker that refuses
+the message means:
+
+- the first step of a submit is recorded as sent in the operation's own transaction; if the
+  broker refuses it, the operation is abandoned (failed before anything ran, its subject
+  freed) and the caller gets :class:`BrokerUnavailable` at once;
+- any later step follows a transition the ledger has recorded; a broker that refuses it is
+  no reason to undo or repeat that transition: the step is left "not sent" and the resend of
+  its host sends it once the broker answers.
+
+A fallback of an alt step to ``<host>`` is counted (a write of its own, never inside the
+ledger's transaction) only once the step was really sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from orchestrator.errors import BrokerUnavailable, LedgerUnavailable, first_line
+from orchestrator.routing import Decision
+from orchestrator.state import step_task_id
+
+logger = logging.getLogger("orchestrator")
+
+#: What a publish raises when the broker cannot take a message (kombu wraps the transport's
+#: connection errors in its OperationalError; a socket error may come through as it is).
+BROKER_ERRORS = (KombuOperationalError, ConnectionError, OSError)
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """One step of one operation, as a message names it."""
+
+    operation_id: str
+    position: int
+    step: str
+    host: str
+    kind: str = ""
+    subject: str | None = None
+
+
+class Dispatcher:
+    def __init__(self, orch: Any) -> None:
+        self.orch = orch
+
+    def route(self, step: str, host: str) -> Decision:
+        """Where ``step`` for ``host`` goes now (no fallback counted yet)."""
+        return self.orch.router.decide(step, host, record=False)
+
+    def publish(self, message: StepMessage, queue: str) -> None:
+        """Publish one step's message to ``queue`` (already decided).
+
+        What task events (Flower's task rows) show as the step's kwargs also names the
+        operation's flow, its subject and the queue it was sent to: a step that came through
+        ``<host>-alt`` says so."""
+        kwargs = {"operation_id": message.operation_id, "position": message.position,
+                  "host": message.host}
+        about = " ".join(filter(None, [message.kind,
+                                       message.subject and f"subject={message.subject}"]))
+        self.orch.app.send_task(
+            self.orch.task_name(message.step), kwargs=kwargs,
+            task_id=step_task_id(message.operation_id, message.position), queue=queue,
+            kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "),
+        )
+
+    def first(self, message: StepMessage, decision: Decision) -> None:
+        """The first step of a submit, recorded as sent to ``decision.queue``."""
+        try:
+            self.publish(message, decision.queue)
+        except Exception as exc:
+            self.orch.ledger.abandon(message.operation_id, f"could not queue {message.step}@"
+                                                           f"{message.host}: {exc}")
+            raise BrokerUnavailable(
+                f"could not queue {message.step} for {message.host} ({exc}); operation "
+                f"{message.operation_id} abandoned"
+            ) from exc
+        self.orch.router.record(decision)
+
+    def next(self, message: StepMessage, queue: str | None = None,
+             decision: Decision | None = None) -> None:
+        """A step a recorded transition returned. ``queue``: where the transition recorded
+        it as sent (``decision``: how that was decided); None: decide now, then record it."""
+        try:
+            if queue is None:
+                decision = self.route(message.step, message.host)
+                self.publish(message, decision.queue)
+                self.orch.ledger.mark_published(message.operation_id, message.position,
+                                                decision.queue)
+            else:
+                self.publish(message, queue)
+        except BROKER_ERRORS as exc:
+            if queue is not None:
+                # Ledger down too: still recorded as sent, resent after resend_after.
+                with contextlib.suppress(LedgerUnavailable):
+                    self.orch.ledger.unpublish(message.operation_id, message.position)
+            logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
+                           "sends it once the broker answers", message.operation_id,
+                           message.step, message.host, first_line(exc), message.host)
+            return
+        if decision is not None:
+            self.orch.router.record(decision)
+
+    def send(self, message: StepMessage) -> str:
+        """Decide, publish, count a fallback; returns the queue. Records nothing in the
+        ledger (a duplicate sent on purpose, by a test)."""
+        decision = self.route(message.step, message.host)
+        self.publish(message, decision.queue)
+        self.orch.router.record(decision)
+        return decision.queue
+
+    def again(self, message: StepMessage) -> str:
+        """A step sent again (its message is lost, or was never sent): decide, send, record
+        where it went; returns the queue. A refusing broker raises, for the caller to retry
+        at its next look."""
+        queue = self.send(message)
+        self.orch.ledger.mark_published(message.operation_id, message.position, queue)
+        return queue
