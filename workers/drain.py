@@ -26,7 +26,7 @@ import atexit
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from celery import bootsteps, platforms
@@ -46,14 +46,13 @@ from orchestrator.state import step_task_id
 from workers import status
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 from workers.heartbeat import Heartbeat
+from workers.leftover import Waiting, what_is_left
 from workers.poolstop import stop_idle_pool
 from workers.wakeup import unblock_consumer
 
 logger = get_logger(__name__)
 
 TICK_SECONDS = 0.1
-#: A step not published after this long lost its sender (see workers.resend).
-UNPUBLISHED_GRACE = 5.0
 #: How often the drain asks the database what is still in flight.
 CHECK_SECONDS = 0.1
 LOG_EVERY_SECONDS = 5.0
@@ -93,41 +92,6 @@ class HostQueues:
             )
         host, kinds = next(iter(hosts.items()))
         return cls(host=host, main=kinds.get("main"), alt=kinds.get("alt"))
-
-
-@dataclass
-class Waiting:
-    """What keeps a draining host from exiting."""
-
-    running: list[str] = field(default_factory=list)
-    operations: list[str] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.running or self.operations)
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {"running": self.running, "operations": self.operations, "blocked": self.blocked}
-
-    def describe(self) -> str:
-        parts = []
-        if self.running:
-            parts.append(f"{len(self.running)} step(s) running here: {', '.join(self.running)}")
-        if self.operations:
-            parts.append(
-                f"{len(self.operations)} operation(s) in flight: {'; '.join(self.operations)}"
-            )
-        if self.blocked:
-            parts.append(
-                f"{len(self.blocked)} not waited for (next step on a queue nobody consumes): "
-                + "; ".join(self.blocked)
-            )
-        return ", ".join(parts) or "nothing"
-
-
-def _describe(op: Operation) -> str:
-    step, host = op.current or ("-", "-")
-    return f"{op.kind} {op.id} at {step}@{host} ({op.step_state})"
 
 
 class Drain(bootsteps.StartStopStep):
@@ -532,58 +496,11 @@ class Drain(bootsteps.StartStopStep):
         # the broker before taking its steps for stranded.
         views = self.witness.revise(self.orch.registry.services(),
                                     {op.current[1] for op in needing if op.current})
-        ran_here = self._run_by_me_not_held(needing)
-        for op in needing:
-            step, host = op.current or (None, None)
-            if step is None:
-                continue
-            live = registry.consumers(views, host)
-            unserved = self._unserved_here(op)
-            if unserved:
-                # This code cannot run what the operation needs here (a deploy renamed or
-                # removed it): waiting would only run out the deadline. workers.held.
-                waiting.blocked.append(f"{_describe(op)}: this code does not register "
-                                       + ", ".join(unserved))
-                continue
-            if op.step_state == "held":
-                # Taken by a worker whose code does not register it (workers.held): it runs
-                # once a worker of its host that serves it sends it again.
-                progressing = any(v.host == host and v.state != "down" and v.serves(step)
-                                  for v in views)
-            elif op.id in ran_here:
-                # Started by this worker but no longer held here: its pool process died and
-                # the message went back to its queue. It progresses only if that queue is
-                # consumed (our alt queue: it comes straight back here; our main queue: not
-                # while we drain, so waiting for it would only run out the deadline).
-                progressing = live.consumes(op.queue) if op.queue else False
-            elif op.step_state in ("running", "waiting"):
-                # A live worker of that host will finish it, if one was alive when it began:
-                # a step left "running" by a killed worker waits for its message to return.
-                progressing = any(
-                    v.host == host and v.state != "down" and v.started_at <= op.step_since
-                    for v in views
-                )
-            elif op.queue is None or not op.next_published:
-                # Not yet published: it soon will be, by its sender or, if that one died or
-                # could not reach the broker, by the resend of its host (workers.resend), as
-                # long as that host has a live worker (this one too). op.queue still names the
-                # previous step's queue: it says nothing here.
-                progressing = live.alive or time.time() - op.step_since < UNPUBLISHED_GRACE
-            else:
-                # The queue the router actually chose: <host>-alt, or <host> when the target
-                # is a legacy host or alt routing fell back; a legacy host consumes only the
-                # latter, and only while it is up (not draining).
-                progressing = live.consumes(op.queue)
-            (waiting.operations if progressing else waiting.blocked).append(_describe(op))
+        left = what_is_left(
+            needing, views, host=self.queues.host, ran_here=self._run_by_me_not_held(needing),
+            serves=lambda step: self.orch.spec(step) is not None, now=time.time())
+        waiting.operations, waiting.blocked = left.operations, left.blocked
         return waiting
-
-    def _unserved_here(self, op: Operation) -> list[str]:
-        """The steps the operation has left on this host, if this code registers none."""
-        assert self.queues is not None
-        mine = [step for step, host in op.plan[op.position:] if host == self.queues.host]
-        if not mine or any(self.orch.spec(step) is not None for step in mine):
-            return []
-        return sorted(set(mine))
 
     def _run_by_me_not_held(self, operations: list[Operation]) -> set[str]:
         """Operations whose current step this worker started but holds no request for."""

@@ -35,8 +35,8 @@ from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
 from orchestrator.registry import STALE_AFTER, ServiceView
 from orchestrator.state import step_task_id
-from workers.drain import UNPUBLISHED_GRACE
 from workers.hoststep import HostTimerStep
+from workers.leftover import UNPUBLISHED_GRACE
 
 logger = get_logger(__name__)
 
