@@ -748,7 +748,7 @@ class Soak:
         return label, i.name, fn
 
     def _driver(self) -> None:
-        from nova_app.operations import InstanceBusy, InvalidState
+        from nova_app.operations import BrokerUnavailable, InstanceBusy, InvalidState
 
         rng, cfg, stats = self.rng_driver, self.cfg, self.stats
         idle = 0
@@ -777,6 +777,9 @@ class Soak:
                     continue
                 except LedgerUnavailable:  # nothing recorded, nothing sent
                     stats.refused[f"{label}: ledger unreachable"] += 1
+                    continue
+                except BrokerUnavailable:  # recorded, not sent: abandoned, the caller told
+                    stats.refused[f"{label}: broker unavailable"] += 1
                     continue
                 stats.submitted.append(Submitted(op.id, label, instance, self.now()))
         except Exception:
@@ -1033,6 +1036,11 @@ class Soak:
                  events: list) -> str | None:
         """Why ``op`` failed, if it is a failure we caused on purpose; None otherwise."""
         injected = {tuple(f.split("@")) for f in self.cfg.fail_steps()}
+        if (op.error or "").startswith("could not queue ") and not by_op.get(op.id) and (
+                self.cfg.broker_failovers or self.cfg.partitions):
+            # Its first step never reached the broker (a fail-over or a partition of the
+            # soak's): the submit raised BrokerUnavailable, nothing ran.
+            return "refused by the broker at submit (abandoned)"
         reasons = []
         for part in (op.error or "").split("; then "):
             m = re.match(r"(\w+)@(\S+): (.*)$", part)
@@ -1282,6 +1290,11 @@ def _expected(op: Any, mig: Any, recs: list[Any]) -> dict[str, Any]:
     """The instance (and migration) state the last operation on an instance implies."""
     failed_step = next((r.step for r in recs if r.status == "failed"), None)
     idle = {"task_state": None}
+    if op.status == "failed" and not recs:  # abandoned at submit: nothing ran, and
+        # nova_app.operations._abandoned put back what the submit had changed
+        moved = mig is not None and op.kind in ("resize", "cross_cell_resize", "live_migration")
+        return {**idle, **({"vm_state": "error"} if op.kind == "boot" else {}),
+                **({"migration": "error"} if moved else {})}
     if op.kind == "boot":
         state = "active" if op.status == "completed" else "error"
         return {**idle, "host": op.hosts["source"], "vm_state": state}
