@@ -84,11 +84,13 @@ def unserved(views: list[ServiceView], host: str, step: str, held: bool = False)
     a worker of the host took its message and its code did not register it
     (workers.held)."""
     live = _live(views, host)
-    if live and not any(v.serves(step) for v in live):
+    if any(v.serves(step) for v in live):
+        return None
+    if live:
         versions = ", ".join(sorted({v.code_version or "?" for v in live}))
         return (f"for a worker that serves {step} ({host} runs code that does not register "
                 f"it: {versions})")
-    if held and not any(v.serves(step) for v in live):
+    if held:
         return (f"for a worker that serves {step} (held: the last worker of {host} to take "
                 f"it ran code that does not register it)")
     return None

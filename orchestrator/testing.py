@@ -43,9 +43,7 @@ from orchestrator.fleet import Fleet, WorkerProcess
 from orchestrator.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
 from orchestrator.views import wait_for
-
-#: The worker-side hook's variable (``workers.steps.GATE_VARIABLE``).
-GATE_VARIABLE = "ORCHESTRATOR_TESTKIT_GATE"
+from workers.steps import GATE_VARIABLE
 
 
 @dataclass

@@ -15,10 +15,7 @@ broker (Redis, and RabbitMQ in CI's second stage).
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +27,7 @@ from orchestrator.broker import queue_depths
 from orchestrator.fleet import Fleet, WorkerProcess, wait_for
 from orchestrator.views import wait_operation
 from tests.conftest import BROKER_URL, fresh_db
-from tests.volumes import APP, make_volume, runs, submit_move, volume_fleet, wait_step
+from tests.volumes import APP, cli, make_volume, runs, submit_move, volume_fleet, wait_step
 
 pytestmark = pytest.mark.shutdown
 
@@ -51,15 +48,8 @@ def let_copy_out_end(tmp_path: Path) -> None:
     (tmp_path / "copy_out.go").touch()
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """``orchestrator --app`` the example, as the code of ``env``'s release."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--app", APP, *args],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env})
-
-
 def deploy_check(env: dict[str, str]) -> tuple[int, dict]:
-    done = cli(env, "deploy", "check", "--json")
+    done = cli("deploy", "check", "--json", env=env)
     assert done.returncode in (0, 1), done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -115,7 +105,7 @@ def test_rename_removal_and_addition_during_a_rolling_deploy(
     code, report = deploy_check(RELEASE_2_ALIASED)
     assert code == 1 and [(s["step"], s["host"]) for s in report["stranded"]] == [
         ("retire_source", "node1")]
-    text = cli(RELEASE_2, "deploy", "check").stdout
+    text = cli("deploy", "check", env=RELEASE_2).stdout
     assert "2 operation(s) need copy_in on node2; this code does not register it" in text
 
     # node2 on release 2, without the alias: copy_in is held, not discarded.
@@ -123,10 +113,10 @@ def test_rename_removal_and_addition_during_a_rolling_deploy(
     let_copy_out_end(tmp_path)
     for op in (first, second):
         held(op, "copy_in")
-    shown = cli({}, "operation", first).stdout
+    shown = cli("operation", first).stdout
     assert "waiting: for a worker that serves copy_in (node2 runs code that does not " \
            "register it: 2)" in shown, shown
-    hosts = json.loads(cli({}, "hosts", "--json").stdout)
+    hosts = json.loads(cli("hosts", "--json").stdout)
     node2_row = next(h for h in hosts if h["host"] == "node2")
     assert sorted(s["operation"] for s in node2_row["steps_unserved"]) == sorted(
         [first, second])
@@ -138,9 +128,9 @@ def test_rename_removal_and_addition_during_a_rolling_deploy(
     # node1 on release 2 too; a move of release 2's flow (its added steps) runs on it.
     node1 = redeploy(fleet, node1, "node1", RELEASE_2)
     make_volume("vol3")
-    added = json.loads(cli(RELEASE_2, "submit", "move", "--host", "source=node1", "--host",
-                           "dest=node2", "--param", "volume=vol3", "--subject", "vol3",
-                           "--json").stdout)["operation"]
+    added = json.loads(cli("submit", "move", "--host", "source=node1", "--host", "dest=node2",
+                           "--param", "volume=vol3", "--subject", "vol3", "--json",
+                           env=RELEASE_2).stdout)["operation"]
     assert orch.wait(added, timeout=60)["status"] == "completed"
 
     # node2 redeployed with the alias: the held copy_in runs; retire_source, which release 2

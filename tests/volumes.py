@@ -62,11 +62,13 @@ def runs(tmp_path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+def cli(*args: str, check: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``orchestrator --app`` the example, in a process of its own (its Celery app built from
-    this environment, as the workers' is)."""
+    this environment, as the workers' is; ``env`` on top: another release of its code)."""
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--app", APP, *args],
-                          capture_output=True, text=True, timeout=60, check=check)
+                          capture_output=True, text=True, timeout=60, check=check,
+                          env={**os.environ, **(env or {})})
 
 
 def submit_move(volume: str, source: str = "node1", dest: str = "node2") -> str:
