@@ -42,7 +42,6 @@ from sqlalchemy.orm import Session
 
 from orchestrator import registry as registry_mod
 from orchestrator import signing
-from orchestrator.broker import guard_redis_restore_on_lost_connection
 from orchestrator.config import Settings, redact_url
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
@@ -64,6 +63,7 @@ from orchestrator.routing import (
     RoutingTable,
     StepRouter,
 )
+from orchestrator.seams import kombu_internals
 from orchestrator.state import Effect, Ledger, no_effect
 
 #: How long a crashed worker can block kombu's Redis restore sweep (see _install).
@@ -75,7 +75,16 @@ HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
 #: Broker URL schemes of kombu's Redis transports (Sentinel's included).
 REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
-WORKER_STEPS = ("workers.drain:Drain", "workers.waits:EventWaits", "workers.resend:StrandedSteps")
+#: Each hangs itself on the worker, as Celery's own components do: ``worker.host_service``,
+#: ``worker.host_drain``, ``worker.event_waits``, ``worker.stranded_steps``.
+WORKER_STEPS = (
+    "workers.host:HostService",      # registration and heartbeat
+    "workers.drain:Drain",           # SIGTERM: quiet, drain, stop by the deadline
+    "workers.control:RemoteControl", # the drain and orchestrator_status commands
+    "workers.reload:RoutingReload",  # routing.yaml read again when it changes
+    "workers.waits:EventWaits",      # steps waiting for an external event
+    "workers.resend:StrandedSteps",  # steps with no message left in the broker
+)
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -125,12 +134,9 @@ class Orchestrator:
         self.max_retries = max_retries
         self.commands = commands
         self.signing = signing.Signing.from_env()
-        #: The drain of the worker this process runs (its MainProcess), once started.
-        self.drain: Any = None
-        #: Its event-wait checker (workers.waits.EventWaits), woken when a step parks.
-        self.event_waits: Any = None
-        #: Its resend of stranded steps (workers.resend.StrandedSteps), for its counts.
-        self.stranded_steps: Any = None
+        #: The worker this process runs (its MainProcess), once its host service started
+        #: (workers.host): a step's request reaches its worker's bootsteps through it.
+        self.worker: Any = None
         self._source: RoutingSource | None = None
         self._router: StepRouter | None = None
         self._modules_loaded = False
@@ -153,7 +159,7 @@ class Orchestrator:
     def _install(self) -> None:
         app = self.app
         app.orchestrator = self
-        guard_redis_restore_on_lost_connection()
+        kombu_internals.guard_redis_restore()
         from workers.validation import quiet_repeated_rejections
 
         quiet_repeated_rejections()

@@ -8,6 +8,8 @@ from contextlib import suppress
 from celery import Celery
 from kombu.exceptions import ChannelError
 
+from orchestrator.seams import kombu_internals
+
 
 def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting in each queue (not counting unacknowledged ones); 0 for a queue that
@@ -41,7 +43,7 @@ def peek_task_names(app: Celery, queues: Iterable[str]) -> dict[str, list[str]] 
 
     names: dict[str, list[str]] = {}
     with app.connection_for_read() as conn:
-        client = conn.default_channel.client
+        client = kombu_internals.redis_client(conn)
         for queue in queues:
             found = []
             for raw in client.lrange(queue, 0, -1):
@@ -61,8 +63,8 @@ def delete_queues(app: Celery, queues: list[str]) -> None:
     """Delete queues (tests and the soak start from empty brokers); missing ones are fine.
 
     Only while nothing else publishes to them: another process's connections still believe
-    the queues exist (see :func:`forget_declarations`) and on RabbitMQ what they publish there
-    is dropped until they reconnect.
+    the queues exist (see :func:`kombu_internals.forget_declarations`) and on RabbitMQ what
+    they publish there is dropped until they reconnect.
     """
     with app.connection_for_write() as conn:
         # On Redis the list is the queue, and kombu deletes only the bindings its own
@@ -77,55 +79,7 @@ def delete_queues(app: Celery, queues: list[str]) -> None:
             except ChannelError:
                 conn.close()
                 conn.connect()
-    forget_declarations(app)
-
-
-def forget_declarations(app: Celery) -> None:
-    """Make this process declare queues again before its next publish to them.
-
-    kombu declares a queue with the first publish on a connection, then remembers it
-    (``Connection.declared_entities``) and never declares it again on that connection. Once the
-    queue is deleted, a publish from such a connection goes to the default exchange with no
-    queue behind it, and RabbitMQ drops the message without an error (Redis does not: a list
-    is created by the push). Reads kombu 5.7's pool internals; a pool slot not yet connected
-    (a lazy callable) has nothing to forget.
-    """
-    pool = app.pool
-    for conn in [*list(pool._resource.queue), *list(pool._dirty)]:
-        declared = getattr(conn, "declared_entities", None)
-        if declared is not None:
-            declared.clear()
-
-
-def guard_redis_restore_on_lost_connection() -> None:
-    """Work around a kombu 5.7 Redis crash when the broker restarts under a busy worker.
-
-    On connection loss Celery closes the channel, and closing a Redis channel restores the
-    worker's unacknowledged messages, through a client built from the (already released)
-    kombu connection: ``AttributeError: 'NoneType' object has no attribute 'hostname'``.
-    Celery does not expect an AttributeError there and stops the worker ("Unrecoverable
-    error"). Raising a connection error instead lets Celery reconnect as it should; the
-    messages stay in Redis's unacked index, and the visibility-timeout sweep restores them.
-    Same family as kombu issues #582 and #970.
-    """
-    from kombu.transport import redis as redis_transport
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    qos = redis_transport.QoS
-    if getattr(qos.restore_unacked, "_orchestrator_guard", False):
-        return
-    original = qos.restore_unacked
-
-    def restore_unacked(self, client=None):  # type: ignore[no-untyped-def]
-        if client is None and self.channel.connection.client is None:
-            raise RedisConnectionError(
-                "broker connection already released; unacknowledged messages will be "
-                "restored after the visibility timeout"
-            )
-        return original(self, client)
-
-    restore_unacked._orchestrator_guard = True  # type: ignore[attr-defined]
-    qos.restore_unacked = restore_unacked
+    kombu_internals.forget_declarations(app)
 
 
 #: How a draining worker gives back a message it fetched and did not start, by transport and

@@ -22,11 +22,15 @@ Flower is imported when the command runs, not when this module is.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import views
+from orchestrator import seams, views
+from orchestrator.seams import flower_internals
+
+logger = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 HOSTS_PATH = r"/hosts"
@@ -69,94 +73,37 @@ def patch_flower_template(name: str, text: str) -> str:
     return text
 
 
-def template_loader(flower_templates: str) -> Any:
-    """Templates from this package first, then Flower's; Flower's navbar gains the Hosts tab."""
-    import tornado.template
-
-    class Loader(tornado.template.Loader):
-        def _create_template(self, name: str) -> tornado.template.Template:
-            for root in (TEMPLATES, Path(flower_templates)):
-                path = root / name
-                if path.is_file():
-                    text = path.read_text()
-                    if root != TEMPLATES:
-                        text = patch_flower_template(name, text)
-                    return tornado.template.Template(text, name=name, loader=self)
-            raise FileNotFoundError(f"template {name} not found in {TEMPLATES} or Flower's")
-
-    return Loader(flower_templates)
-
-
 def handlers(orch: Any) -> list[Any]:
     """The Hosts page and its API, as Flower handlers (Flower's authentication applies)."""
-    from flower.api import BaseApiHandler
-    from flower.views import BaseHandler
-    from tornado import web
-
-    async def read(handler: Any) -> dict[str, Any]:
-        return await handler.application.io_loop.run_in_executor(None, snapshot, orch)
-
-    class HostsView(BaseHandler):
-        @web.authenticated
-        async def get(self) -> None:
-            if self.get_argument("json", default=False, type=bool):
-                self.write(await read(self))
-                return
-            self.render("orchestrator_hosts.html", active_tab="hosts")
-
-    class HostsApi(BaseApiHandler):
-        @web.authenticated
-        async def get(self) -> None:
-            self.write(await read(self))
-
-    return [
-        web.url(HOSTS_PATH, HostsView, name="orchestrator-hosts"),
-        web.url(HOSTS_API_PATH, HostsApi, name="orchestrator-hosts-api"),
-    ]
+    return flower_internals.page_and_api(
+        HOSTS_PATH, HOSTS_API_PATH, "orchestrator-hosts", "orchestrator_hosts.html",
+        active_tab="hosts", read=lambda: snapshot(orch))
 
 
 def make_flower(orch: Any, options: Any, settings: dict[str, Any]) -> Any:
     """Flower on ``orch``'s Celery app, with the Hosts page, its API and the metrics."""
-    from flower.app import Flower, rewrite_handler
     from prometheus_client import REGISTRY
 
     from orchestrator.metrics import OrchestratorCollector
 
-    settings = dict(settings, template_loader=template_loader(settings["template_path"]))
-    app = Flower(capp=orch.app, options=options, **settings)
-    ours = handlers(orch)
-    if options.url_prefix:
-        ours = [rewrite_handler(h, options.url_prefix) for h in ours]
-    # Ahead of Flower's rules: its last one is a catch-all 404. (process_rule names them
-    # for reverse_url.)
-    router = app.wildcard_router
-    router.rules[:0] = [router.process_rule(handler) for handler in ours]
+    loader = flower_internals.template_loader(TEMPLATES, settings["template_path"],
+                                              patch_flower_template)
+    app = flower_internals.make_app(orch.app, options, settings, loader, handlers(orch))
     REGISTRY.register(OrchestratorCollector(orch))
     return app
 
 
 def run(orch: Any, argv: list[str], prog: str = "orchestrator flower") -> None:
     """What ``celery flower`` does, on ``orch``'s app, with the additions."""
-    import atexit
-    import contextlib
-    import signal
+    options, settings = flower_internals.command_line(prog, argv)
+    seams.check(logger, ("celery", "kombu", "flower"))  # once Flower's logging is set up
+    app = make_flower(orch, options, settings)
 
-    from flower import command
-    from tornado.options import options
+    def started(port: int) -> None:
+        print(f"orchestrator: hosts and drains at {_base_url(options, port)}"
+              f"{HOSTS_PATH.lstrip('/')}", flush=True)
 
-    command.apply_env_options()
-    command.apply_options(prog, argv)
-    command.extract_settings()
-    command.setup_logging()
-    app = make_flower(orch, options, command.settings)
-    atexit.register(app.stop)
-    signal.signal(signal.SIGTERM, command.sigterm_handler)
-    port = app.start_http_server()
-    command.print_banner(orch.app, "ssl_options" in command.settings, port)
-    print(f"orchestrator: hosts and drains at {_base_url(options, port)}{HOSTS_PATH.lstrip('/')}",
-          flush=True)
-    with contextlib.suppress(KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: a clean exit
-        app.start()
+    flower_internals.serve(app, orch.app, settings, started)
 
 
 def _base_url(options: Any, port: int) -> str:

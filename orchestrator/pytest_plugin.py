@@ -13,13 +13,6 @@ from typing import Any
 import pytest
 
 
-def _point(app: Any, url: str) -> None:
-    """This process's publishers of ``app`` at ``url`` (Celery pools connections per app)."""
-    app.conf.broker_url = url
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
 @pytest.fixture
 def orchestrator_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                        ) -> Iterator[Callable[..., Any]]:
@@ -27,6 +20,7 @@ def orchestrator_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     host, on ``ORCHESTRATOR_BROKER_URL`` (else an embedded Redis) and a throw-away SQLite
     ledger, this process's ``orch`` pointed at both; every worker and server is stopped
     after the test. Returns an :class:`orchestrator.testing.KitFleet`."""
+    from orchestrator.seams import celery_internals
     from orchestrator.testing import KitFleet, kit_broker
 
     fleets: list[KitFleet] = []
@@ -41,7 +35,7 @@ def orchestrator_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         if server is not None:
             servers.append(server)
         previous.append((orch.app, orch.app.conf.broker_url))
-        _point(orch.app, broker)
+        celery_internals.point_app_at(orch.app, broker)
         fleet = KitFleet(orch, hosts, workdir, broker, module=module,
                          graceful_timeout=graceful_timeout)
         monkeypatch.setenv("ORCHESTRATOR_DB_URL", fleet.env["ORCHESTRATOR_DB_URL"])
@@ -56,4 +50,4 @@ def orchestrator_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         for server in servers:
             server.stop()
         for app, url in reversed(previous):
-            _point(app, url)
+            celery_internals.point_app_at(app, url)

@@ -332,7 +332,7 @@ _fork_hook: list[bool] = []
 
 def _reset_caches_after_fork() -> None:
     for cache in list(_caches):
-        cache._after_fork()
+        cache.after_fork()
 
 
 def _watch_forks() -> None:
@@ -368,7 +368,7 @@ class AltCapability:
         _caches.add(self)
         _watch_forks()
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         self._lock = threading.Lock()
         self.invalidate()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, MetaData, text
 
 from orchestrator.errors import SchemaError
+from orchestrator.seams import alembic_internals
 
 #: Where the revision of each branch is kept.
 VERSION_TABLE = "orchestrator_schema"
@@ -96,7 +97,8 @@ def _upgrade(conn: Connection, locations: Sequence[Path]) -> list[str]:
     applied: list[str] = []
 
     def fn(rev, context):
-        steps = script._upgrade_revs("heads", tuple(r for r in rev if _known(script, r)))
+        steps = alembic_internals.upgrade_steps(
+            script, "heads", tuple(r for r in rev if _known(script, r)))
         applied.extend(str(s.revision.revision) for s in steps)
         return steps
 

@@ -57,6 +57,7 @@ os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.pa
 
 from nova_app.app import app, orch  # noqa: E402
 from orchestrator.fleet import Fleet  # noqa: E402
+from orchestrator.seams.celery_internals import point_app_at  # noqa: E402
 
 
 def _purge_broker() -> None:
@@ -75,12 +76,7 @@ def _purge_broker() -> None:
 def use_broker(url: str) -> None:
     """Point this process's publishers at ``url`` (Celery pools connections per app)."""
     if app.conf.broker_url != url:
-        app.conf.broker_url = url
-        # Celery keeps a connection pool and a producer pool made for the old URL; drop the
-        # app's references (not the pools: kombu's registry hands them out again, by URL,
-        # when the suite switches back).
-        app._pool = None
-        app.amqp._producer_pool = None
+        point_app_at(app, url)
 
 
 def fresh_broker() -> str:

@@ -308,15 +308,14 @@ class Soak:
             from nova_app.app import app
             from orchestrator.api import publish_retry_policy
             from orchestrator.fleet import Fleet
+            from orchestrator.seams.celery_internals import point_app_at
 
-            app.conf.broker_url = self.cfg.broker
             app.conf.task_publish_retry_policy = publish_retry_policy(self.cfg.broker)
             if self.sentinels is not None:
                 app.conf.broker_transport_options = {
                     **(app.conf.broker_transport_options or {}),
                     "master_name": self.sentinels.master}
-            app._pool = None  # made for another broker, if any (tests.conftest.use_broker)
-            app.amqp._producer_pool = None
+            point_app_at(app, self.cfg.broker)  # pools made for another broker, if any
             self.app = app
             self._reset_broker()
             self._reset_db(env["ORCHESTRATOR_DB_URL"])

@@ -135,3 +135,48 @@ def test_importing_the_engine_has_no_side_effect() -> None:
         "apps": 0, "kombu_patched": False, "log_filters": 0, "drain_command": False,
         "opened": [],
     }, f"importing {len(engine)} engine modules"
+
+
+#: Modules of other libraries that are their internals: imported only by orchestrator.seams.
+#: (Subclassing Celery's Request and Consumer is their documented extension point, through
+#: ``Task.Request`` and the ``worker_consumer`` setting: workers/request.py, validation.py.)
+FOREIGN_INTERNALS = ("celery.worker.state", "celery.worker.control", "celery.platforms",
+                     "kombu.transport", "billiard", "flower", "tornado")
+#: Private names of the standard library the engine may use.
+OWN_PRIVATE = {"os._exit"}
+
+
+def _foreign_reaches(path: Path) -> list[str]:
+    """Where a module imports another library's internals or reads a private attribute of an
+    object that is not its own (``x._name``, ``getattr(x, "_name")``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names])
+            found += [f"{path.name}:{node.lineno}: import {n}" for n in names
+                      if n.startswith(FOREIGN_INTERNALS)]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                and not node.attr.startswith("__"):
+            text = ast.unparse(node)
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+                    and text not in OWN_PRIVATE:
+                found.append(f"{path.name}:{node.lineno}: {text}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant) \
+                and str(node.args[1].value).startswith("_") \
+                and not str(node.args[1].value).startswith("__"):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_foreign_internals_are_reached_only_through_the_seams() -> None:
+    """Celery, kombu, billiard and Flower internals live in orchestrator/seams/ (one module
+    per library, with the version it was read in), so an upgrade has one place to re-read."""
+    offenders = {
+        name: _foreign_reaches(path) for name, path in _modules().items()
+        if name.split(".")[0] in ENGINE and not name.startswith("orchestrator.seams")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}

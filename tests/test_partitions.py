@@ -23,6 +23,7 @@ import pytest
 from examples.volume_move.app import app, orch
 from orchestrator.broker import delete_queues
 from orchestrator.fleet import Fleet, WorkerProcess
+from orchestrator.seams.celery_internals import point_app_at
 from tests import netbed, pgserver
 from tests.conftest import BROKER_URL
 from tests.volumes import make_volume, runs, volume_fleet, wait_step
@@ -52,13 +53,6 @@ class Bed:
         return sorted(runs(self.tmp))
 
 
-def _point(url: str) -> None:
-    """This process's publishers of the example app at ``url``."""
-    app.conf.broker_url = url
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
 @pytest.fixture
 def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
     net = netbed.NetBed().create()
@@ -71,7 +65,7 @@ def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
             print(f"\n{net.delay_note}")
         made = netbed.backends(BROKER_URL, tmp_path, net)
         url = made.broker_url
-        _point(url)
+        point_app_at(app, url)
         if not url.startswith("redis"):
             delete_queues(app, QUEUES)
         with volume_fleet(tmp_path, monkeypatch, url, made.ledger.url,
@@ -84,7 +78,7 @@ def bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bed]:
         if not url.startswith("redis"):
             delete_queues(app, QUEUES)
     finally:
-        _point(previous)
+        point_app_at(app, previous)
         if made is not None:
             made.close()
         net.destroy()

@@ -27,6 +27,8 @@ import time
 
 from celery.utils.log import get_logger
 
+from orchestrator.seams import billiard_internals
+
 logger = get_logger(__name__)
 
 #: Exit status when the deadline ended the drain: work is left in the broker (EX_TEMPFAIL).
@@ -45,16 +47,6 @@ def dump_stacks_on_signal() -> None:
     :data:`STACKS_SIGNAL`, from C, so even a process stuck in a lock or a system call answers.
     A pool process that keeps the worker from exiting says where it is stuck."""
     faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
-
-
-def pool_pids() -> list[int]:
-    """The pool processes this worker forked (billiard tracks its children per process)."""
-    try:
-        from billiard.process import active_children
-
-        return [p.pid for p in active_children() if p.pid]
-    except Exception:  # the pool may be half torn down: nothing to kill then
-        return []
 
 
 class ExitDeadline:
@@ -113,7 +105,7 @@ class ExitDeadline:
             sys.__stderr__.flush()
         except Exception:  # stderr may be closed; the exit matters more than the stacks
             pass
-        children = pool_pids()
+        children = billiard_internals.pool_pids()
         for pid in children:
             with contextlib.suppress(OSError):
                 os.kill(pid, STACKS_SIGNAL)

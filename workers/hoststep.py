@@ -8,7 +8,7 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 
 from orchestrator.errors import LedgerUnavailable
-from workers.drain import HostQueues
+from workers.host import host_service_of
 
 #: The same error again is logged at most this often.
 REPEAT_LOG_SECONDS = 10.0
@@ -23,7 +23,7 @@ class HostTimerStep(bootsteps.StartStopStep):
     process's ledger health (once, then every 10 s); any other error when it changes, or
     every REPEAT_LOG_SECONDS while it repeats."""
 
-    requires = ("celery.worker.components:Timer",)
+    requires = ("workers.host:HostService",)
     interval: float = 1.0
 
     def __init__(self, worker, **kwargs) -> None:
@@ -36,15 +36,10 @@ class HostTimerStep(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         self.app = worker.app
-        self.orch = getattr(worker.app, "orchestrator", None)
-        if self.orch is None:
+        service = host_service_of(worker)
+        if service is None:
             return
-        queues = HostQueues.from_queue_names(
-            list(self.app.amqp.queues.consume_from or {}), self.app.conf.task_default_queue
-        )
-        if queues is None:
-            return
-        self.host = queues.host
+        self.orch, self.host = service.orch, service.queues.host
         self._tref = worker.timer.call_repeatedly(self.interval, self._safe_tick)
 
     def stop(self, worker) -> None:

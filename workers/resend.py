@@ -29,11 +29,11 @@ it is confirmed (``ServiceView.unconfirmed``: not while the ledger was unreachab
 from __future__ import annotations
 
 from celery.utils.log import get_logger
-from celery.worker import state as worker_state
 
 from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
 from orchestrator.registry import STALE_AFTER, ServiceView
+from orchestrator.seams import celery_internals as celery_seam
 from orchestrator.state import step_task_id
 from workers.hoststep import HostTimerStep
 from workers.leftover import UNPUBLISHED_GRACE
@@ -85,11 +85,11 @@ class StrandedSteps(HostTimerStep):
     def start(self, worker) -> None:
         super().start(worker)
         self.nodename = worker.hostname
-        if self.host is not None:
-            self.orch.stranded_steps = self
+        self.service = worker.host_service
+        worker.stranded_steps = self  # its count, in orchestrator_status
 
     def tick(self) -> None:
-        held = {r.id for r in list(worker_state.reserved_requests)}  # before the ledger read
+        held = {r.id for r in celery_seam.reserved_requests()}  # before the ledger read
         orch = self.orch
         stranded = orch.ledger.stranded_steps(
             self.host, UNPUBLISHED_GRACE, orch.settings.resend_after,
@@ -98,11 +98,10 @@ class StrandedSteps(HostTimerStep):
         running = [op for op in stranded if op.step_state == "running"]
         attempts = orch.ledger.step_attempts(running)
         views = orch.registry.services() if running else []
-        if views and orch.drain is not None:  # silent workers asked over the broker
+        if views:  # silent workers asked over the broker
             ran = {worker for worker, _ in attempts.values()}
-            views = orch.drain.witness.revise([v for v in views if v.nodename in ran])
-        drain = orch.drain
-        registered_at = drain.started_at if drain is not None else 0.0
+            views = self.service.witness.revise([v for v in views if v.nodename in ran])
+        registered_at = self.service.started_at
         for op in stranded:
             if step_task_id(op.id, op.position) in held:
                 continue  # this worker holds its message (fetched, not yet started)

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterable
 
 from celery.utils.log import get_logger
-from celery.worker.control import control_command
 
 from orchestrator.registry import ServiceView
 
@@ -30,28 +29,15 @@ WITNESS_CACHE_SECONDS = 5.0
 WITNESS_CONFIRM_SECONDS = 6.0
 
 
-def status(state) -> dict:
-    orch = getattr(state.consumer.app, "orchestrator", None)
-    drain = orch.drain if orch is not None else None
-    if drain is None or drain.queues is None:
-        return {"error": "this worker serves no host queue"}
-    stranded = orch.stranded_steps
+def report(drain, stranded) -> dict:
+    """The answer of a worker whose host ``drain`` is (workers.control, ``orchestrator_status``)."""
     return {
         "host": drain.queues.host,
         "state": "draining" if drain.since is not None else "up",
         "deadline_in": None if drain.deadline is None else round(drain.deadline - time.time(), 1),
-        "ledger": orch.ledger_health.as_dict(),
+        "ledger": drain.orch.ledger_health.as_dict(),
         "steps_recovered": stranded.recovered if stranded is not None else 0,
     }
-
-
-def register() -> None:
-    """Register the command (at worker start, not at import)."""
-    from celery.worker.control import Panel
-
-    if COMMAND not in Panel.data:
-        status.__name__ = COMMAND
-        control_command(name=COMMAND)(status)
 
 
 class Witness:

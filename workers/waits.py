@@ -36,8 +36,7 @@ class EventWaits(HostTimerStep):
 
     def start(self, worker) -> None:
         super().start(worker)
-        if self.host is not None:
-            self.orch.event_waits = self  # woken by workers.request.StepRequest
+        worker.event_waits = self  # woken by workers.request.StepRequest
 
     def wake(self) -> None:
         """A step of this host parked to wait for an event: check at the next tick."""

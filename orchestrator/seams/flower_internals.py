@@ -1,0 +1,112 @@
+"""Flower (and tornado) internals this package relies on (verified against flower 2.2,
+tornado 6).
+
+- tornado's ``Loader._create_template``: overridden so a template is read from this package
+  first, else from Flower's, and Flower's own text can be rewritten before it is compiled
+  (the navigation bar gains a tab; the Workers page a script).
+- ``Flower.wildcard_router.rules``: Flower's last rule is a catch-all 404, so added handlers
+  go first (``process_rule`` names them for ``reverse_url``); ``flower.app.rewrite_handler``
+  applies ``--url_prefix``.
+- ``flower.views.BaseHandler``, ``flower.api.BaseApiHandler``: a page and an API of
+  Flower's kind (its templates, its authentication).
+- ``flower.command``: the steps ``celery flower`` takes (environment options, command line,
+  settings, logging, banner, SIGTERM handler), taken in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def template_loader(ours: Path, flower_templates: str,
+                    rewrite: Callable[[str, str], str]) -> Any:
+    """Templates from ``ours`` first, then Flower's, each of Flower's through
+    ``rewrite(name, text)``."""
+    import tornado.template
+
+    class Loader(tornado.template.Loader):
+        def _create_template(self, name: str) -> tornado.template.Template:
+            for root in (ours, Path(flower_templates)):
+                path = root / name
+                if path.is_file():
+                    text = path.read_text()
+                    if root != ours:
+                        text = rewrite(name, text)
+                    return tornado.template.Template(text, name=name, loader=self)
+            raise FileNotFoundError(f"template {name} not found in {ours} or Flower's")
+
+    return Loader(flower_templates)
+
+
+def page_and_api(page_path: str, api_path: str, name: str, template: str, *,
+                 active_tab: str, read: Callable[[], dict[str, Any]]) -> list[Any]:
+    """A page (``template``, or the JSON with ``?json=1``) and its API, as Flower's own are
+    built (``flower.views.BaseHandler``, ``flower.api.BaseApiHandler``: Flower's
+    authentication applies); ``read()`` runs in Flower's executor, never in its loop."""
+    from flower.api import BaseApiHandler
+    from flower.views import BaseHandler
+    from tornado import web
+
+    async def data(handler: Any) -> dict[str, Any]:
+        return await handler.application.io_loop.run_in_executor(None, read)
+
+    class Page(BaseHandler):
+        @web.authenticated
+        async def get(self) -> None:
+            if self.get_argument("json", default=False, type=bool):
+                self.write(await data(self))
+                return
+            self.render(template, active_tab=active_tab)
+
+    class Api(BaseApiHandler):
+        @web.authenticated
+        async def get(self) -> None:
+            self.write(await data(self))
+
+    return [web.url(page_path, Page, name=name), web.url(api_path, Api, name=f"{name}-api")]
+
+
+def make_app(capp: Any, options: Any, settings: dict[str, Any], template_loader: Any,
+             handlers: list[Any]) -> Any:
+    """A Flower application on ``capp`` with ``handlers`` ahead of Flower's own rules."""
+    from flower.app import Flower, rewrite_handler
+
+    app = Flower(capp=capp, options=options, **dict(settings, template_loader=template_loader))
+    if options.url_prefix:
+        handlers = [rewrite_handler(h, options.url_prefix) for h in handlers]
+    router = app.wildcard_router
+    router.rules[:0] = [router.process_rule(handler) for handler in handlers]
+    return app
+
+
+def command_line(prog: str, argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    """What ``celery flower`` reads before it builds its app: ``FLOWER_*`` variables, the
+    command line, the settings; logging set up. Returns (options, settings)."""
+    from flower import command
+    from tornado.options import options
+
+    command.apply_env_options()
+    command.apply_options(prog, argv)
+    command.extract_settings()
+    command.setup_logging()
+    return options, command.settings
+
+
+def serve(app: Any, capp: Any, settings: dict[str, Any], started: Callable[[int], None]) -> None:
+    """Run ``app`` as ``celery flower`` does (banner, SIGTERM exits cleanly); ``started(port)``
+    once it listens."""
+    import atexit
+    import contextlib
+    import signal
+
+    from flower import command
+
+    atexit.register(app.stop)
+    signal.signal(signal.SIGTERM, command.sigterm_handler)
+    port = app.start_http_server()
+    command.print_banner(capp, "ssl_options" in settings, port)
+    started(port)
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: a clean exit
+        app.start()

@@ -1,0 +1,54 @@
+"""The worker side's parts that need no process: the drain's states and the seams' version
+check. (The drain itself runs with real workers and signals in tests/test_drain.py.)"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+
+from orchestrator import seams
+from workers.drain import MOVES, Drain, DrainState
+
+
+def _drain_in(state: DrainState) -> Drain:
+    drain = Drain.__new__(Drain)  # the state machine alone: no worker, no app
+    drain.state = state
+    return drain
+
+
+def test_a_drain_moves_forward_only() -> None:
+    assert MOVES[DrainState.UP] == {DrainState.QUIET}
+    for end in (DrainState.DONE, DrainState.DEADLINE, DrainState.SECOND_SIGTERM):
+        assert end.over and MOVES[end] == set()
+        assert end in MOVES[DrainState.QUIET] and end in MOVES[DrainState.DRAINING]
+    drain = _drain_in(DrainState.UP)
+    with pytest.raises(RuntimeError, match="no move from up to draining"):
+        drain._move(DrainState.DRAINING)  # quiet first: the main consumer is cancelled there
+    for step in (DrainState.QUIET, DrainState.DRAINING, DrainState.DRAINING, DrainState.DONE):
+        drain._move(step)
+    assert drain.outcome() == "done"
+    with pytest.raises(RuntimeError, match="no move from done to deadline"):
+        drain._move(DrainState.DEADLINE)
+
+
+def test_outcome_names_how_a_drain_ended() -> None:
+    assert _drain_in(DrainState.DRAINING).outcome() == "done"  # stopped by Celery (SIGQUIT)
+    assert _drain_in(DrainState.DEADLINE).outcome() == "deadline"
+    assert _drain_in(DrainState.SECOND_SIGTERM).outcome() == "second-sigterm"
+
+
+def test_the_verified_versions_are_the_installed_ones() -> None:
+    assert seams.unverified() == []
+
+
+def test_an_unverified_version_names_its_seam(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "5.8.1" if name == "celery" else real(name))
+    assert seams.unverified() == [
+        "celery 5.8.1 is installed; orchestrator/seams/celery_internals.py was verified "
+        "against celery 5.7.x: read it again against celery 5.8.1"]
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "1.99.0" if name == "alembic" else real(name))
+    assert seams.unverified() == []  # any alembic 1.x

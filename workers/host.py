@@ -1,0 +1,178 @@
+"""Worker bootstep: the host this worker serves, in the registry, with its heartbeat.
+
+A worker of this package consumes ``<host>`` and/or ``<host>-alt``. :class:`HostService`
+finds the host from the queues Celery was told to consume (``-Q``), registers the worker in the
+ledger (what it consumes, the steps its code serves, its code version) before the consumer
+starts, and keeps its heartbeat from a thread (:mod:`workers.heartbeat`). It hangs on the
+worker as ``worker.host_service``, as Celery's own components hang theirs (``worker.pool``,
+``worker.timer``); every other bootstep of this package requires it.
+
+A worker with no host queue (a plain Celery worker of the same app) gets no host service, and
+the package's other bootsteps do nothing on it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import bootsteps
+from celery.exceptions import WorkerShutdown
+from celery.utils.log import get_logger
+
+from orchestrator import registry, seams
+from orchestrator.config import redact_url
+from orchestrator.errors import LedgerUnavailable, OrchestratorError
+from orchestrator.routing import split_queue
+from orchestrator.seams import celery_internals as celery_seam
+from workers import status
+from workers.heartbeat import Heartbeat
+
+logger = get_logger(__name__)
+
+
+def orchestrator_of(app: Any) -> Any:
+    """The Orchestrator installed on ``app`` (``Orchestrator(app, ...)`` hangs it there)."""
+    orch = getattr(app, "orchestrator", None)
+    if orch is None:
+        raise SystemExit(f"orchestrator: Celery app {app.main!r} has no Orchestrator")
+    return orch
+
+
+@dataclass(frozen=True)
+class HostQueues:
+    """The queues of one host that this worker consumes, told apart by the ``-alt`` suffix."""
+
+    host: str
+    main: str | None
+    alt: str | None
+
+    @classmethod
+    def from_queue_names(cls, names: list[str], default_queue: str) -> HostQueues | None:
+        hosts: dict[str, dict[str, str]] = {}
+        for name in names:
+            if name == default_queue:
+                continue
+            host, kind = split_queue(name)
+            hosts.setdefault(host, {})[kind] = name
+        if not hosts:
+            return None
+        if len(hosts) > 1:
+            raise ValueError(
+                "a worker serves one host; got queues of hosts " + ", ".join(sorted(hosts))
+            )
+        host, kinds = next(iter(hosts.items()))
+        return cls(host=host, main=kinds.get("main"), alt=kinds.get("alt"))
+
+
+def host_service_of(worker: Any) -> HostService | None:
+    """The worker's host service, if it serves a host (None on a plain worker)."""
+    service = getattr(worker, "host_service", None)
+    return service if service is not None and service.queues is not None else None
+
+
+class HostService(bootsteps.StartStopStep):
+    """Register the host, keep its heartbeat, mark it down at stop."""
+
+    label = "HostService"
+    requires = ("celery.worker.components:Timer", "celery.worker.components:Pool")
+
+    def __init__(self, worker, service_version: int | None = None, **kwargs) -> None:
+        self.orch = orch = orchestrator_of(worker.app)
+        try:
+            # A worker with a broken routing.yaml refuses to start, with file, line and key;
+            # one whose database has an older schema, with the command to run.
+            orch.routing  # noqa: B018
+            orch.db.engine()
+        except LedgerUnavailable:
+            # Not a configuration error: start() waits for the ledger before it registers,
+            # as Celery waits for its broker, and checks the schema then.
+            pass
+        except OrchestratorError as exc:
+            raise SystemExit(f"orchestrator: {exc}") from None
+        seams.check(logger, ("celery", "kombu", "billiard"))
+        #: What this worker registers: a legacy (version 1) worker consumes only ``<host>``.
+        self.version = registry.SERVICE_VERSION if service_version is None else service_version
+        self.queues: HostQueues | None = None
+        self.nodename = ""
+        self.pid = os.getpid()
+        #: When this worker registered (set in start): steps it started began after this.
+        self.started_at = 0.0
+        #: What the heartbeat writes: ``up``, or ``draining`` once the drain has begun.
+        self.state = "up"
+        self.heartbeat: Heartbeat | None = None
+        #: Asks a worker silent in the registry whether it is alive, over the broker.
+        self.witness = status.Witness(worker.app)
+        worker.host_service = self
+
+    def start(self, worker) -> None:
+        app = worker.app
+        names = list(app.amqp.queues.consume_from or {})
+        queues = HostQueues.from_queue_names(names, app.conf.task_default_queue)
+        if queues is None:
+            logger.info("orchestrator: no host queue among %s; plain Celery worker", names)
+            return
+        if queues.alt is not None and self.version < registry.ALT_SERVICE_VERSION:
+            raise RuntimeError(
+                f"service version {self.version} cannot consume {queues.alt}: a legacy "
+                f"worker consumes only {queues.host} (orchestrator worker HOST --legacy)"
+            )
+        self.nodename, self.pid = worker.hostname, os.getpid()
+        self._register(queues)
+        self.queues = queues
+        # Celery's Request knows its app, not its worker: the one link from a step's request
+        # to the bootsteps of the worker running it (workers.request.StepRequest).
+        self.orch.worker = worker
+        self.heartbeat = Heartbeat(self.orch, worker.hostname,
+                                   self.orch.settings.heartbeat_interval, lambda: self.state)
+        self.heartbeat.start()
+
+    def _register(self, queues: HostQueues) -> None:
+        """Register this worker's host, waiting for the ledger first, as Celery waits for its
+        broker at start (``broker_connection_retry_on_startup``): the consumer starts after
+        this step, so nothing is consumed until what runs can be recorded. A SIGTERM or
+        SIGQUIT meanwhile ends the worker, exit 0, having taken nothing."""
+        delay = 1.0
+        while True:
+            try:
+                self.orch.db.engine()  # the schema check that __init__ could not make
+                self.started_at = time.time()
+                self.orch.registry.register(
+                    self.nodename, queues.host, pid=self.pid, version=self.version,
+                    consumes_main=queues.main is not None, consumes_alt=queues.alt is not None,
+                    steps=self.orch.served_steps(), code_version=self.orch.code_fingerprint,
+                )
+                return
+            except LedgerUnavailable as exc:
+                logger.error("orchestrator: %s; trying again in %g s (consuming nothing until "
+                             "then)", exc, delay)
+            except OrchestratorError as exc:  # an older schema: the command to run
+                raise SystemExit(f"orchestrator: {exc}") from None
+            until = time.monotonic() + delay
+            while time.monotonic() < until:
+                if celery_seam.shutdown_requested():
+                    logger.warning("orchestrator: stopped while waiting for the ledger at %s",
+                                   redact_url(self.orch.db.url))
+                    raise WorkerShutdown(0)
+                time.sleep(0.1)
+            delay = min(10.0, delay * 2)
+
+    def stop(self, worker) -> None:
+        if self.queues is None:
+            return
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        try:
+            self.orch.registry.set_state(worker.hostname, "down")
+        except Exception as exc:  # the database may be what failed; exit anyway
+            logger.warning("orchestrator: could not mark %s down: %s", worker.hostname, exc)
+        self.orch.worker = None
+
+    terminate = stop
+
+    def info(self, worker) -> dict:
+        if self.queues is None:
+            return {}
+        return {"ledger": self.orch.ledger_health.as_dict()}
