@@ -18,17 +18,16 @@ import time
 
 from nova_app import operations, views
 from nova_app.app import app, orch
-from orchestrator.broker import queue_depth
-from orchestrator.fleet import wait_for
-from orchestrator.live import Watch
-from orchestrator.stack import FLOWER_PORT, local_stack
+from orchestrator import Watch, queue_depth, wait_for
+from orchestrator.testing import FLOWER_PORT, local_stack
 
 
 def run_demo(step_delay: float = 3.0, flower: bool = True, flower_port: int = FLOWER_PORT,
              live: bool | None = None) -> int:
     env = {"ORCHESTRATOR_STEP_DELAY": "0.3",
            "ORCHESTRATOR_STEP_DELAYS": f"resize_instance={step_delay}"}
-    with local_stack(orch, flower=flower, flower_port=flower_port, env=env) as stack:
+    with local_stack(orch, app="nova_app.app", flower=flower, flower_port=flower_port,
+                     env=env) as stack:
         watch = Watch(orch, title="orchestrator demo: compute2 drains in the middle of a resize",
                       subtitle=f"Flower: {stack.flower_url}" if stack.flower_url else None)
         if live is not None:

@@ -7,12 +7,12 @@ from typing import Any
 
 from sqlalchemy import select
 
+import orchestrator
 from nova_app.app import orch
 from nova_app.models import Instance, Migration
 from nova_app.operations import find_instance
-from orchestrator import views as engine_views
 
-ended = engine_views.ended
+ended = orchestrator.ended
 
 
 def instance_dict(instance: Instance) -> dict[str, Any]:
@@ -54,5 +54,5 @@ def wait_operation(
     what: str = "",
 ) -> dict[str, Any]:
     """Poll the operation until ``until`` holds; its view then. TimeoutError after ``timeout``."""
-    return engine_views.wait_operation(orch, operation_id, until, timeout, what,
+    return orchestrator.wait_operation(orch, operation_id, until, timeout, what,
                                        view=operation_dict)

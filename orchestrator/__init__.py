@@ -11,8 +11,9 @@
 Importing this package (or any module of the engine) builds no app, reads no file, opens no
 connection and patches nothing: the names below are resolved on first use.
 
-``celery -A orchestrator worker ...`` finds the reference application (Nova's compute steps,
-``ORCHESTRATOR_APP`` to name another) as ``orchestrator.app``.
+``celery -A orchestrator worker ...`` finds the application ``ORCHESTRATOR_APP`` names, else
+the one the project's pyproject.toml names (``[tool.orchestrator] app``), as
+``orchestrator.app``; the engine names none.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ _EXPORTS = {
     "LedgerUnavailable": "orchestrator.errors",
     "SchemaError": "orchestrator.errors",
     "RoutingError": "orchestrator.routing",
+    # For an application's own views and commands (nova_app uses these and nothing else).
+    "ended": "orchestrator.views",
+    "wait_for": "orchestrator.views",
+    "wait_operation": "orchestrator.views",
+    "queue_depth": "orchestrator.broker",
+    "Watch": "orchestrator.live",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -46,9 +53,14 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name == "app":
-        # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP (by name: the
-        # engine imports no application).
+        # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP or the project's
+        # pyproject.toml (by name: the engine imports no application). Celery would print a
+        # traceback for the error: one line instead.
         from orchestrator.api import load_app
+        from orchestrator.errors import OrchestratorError
 
-        return load_app(None).app
+        try:
+            return load_app(None).app
+        except OrchestratorError as exc:
+            raise SystemExit(f"orchestrator: {exc}") from None
     raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

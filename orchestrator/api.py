@@ -40,9 +40,9 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
-from orchestrator import signing
-from orchestrator.config import Settings, redact_url
+from orchestrator.config import Settings, project_app, redact_url
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
@@ -66,14 +66,10 @@ from orchestrator.routing import (
 from orchestrator.seams import kombu_internals
 from orchestrator.state import Effect, Ledger, no_effect
 
-#: How long a crashed worker can block kombu's Redis restore sweep (see _install).
-UNACKED_MUTEX_EXPIRE_SECONDS = 10
 #: Retries of a step after an unexpected error, before its operation fails.
 DEFAULT_MAX_RETRIES = 3
 #: A host is a queue name on Redis and RabbitMQ, and ``<host>-alt`` is its second queue.
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
-#: Broker URL schemes of kombu's Redis transports (Sentinel's included).
-REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
 #: Each hangs itself on the worker, as Celery's own components do: ``worker.host_service``,
 #: ``worker.host_drain``, ``worker.event_waits``, ``worker.stranded_steps``.
@@ -169,71 +165,9 @@ class Orchestrator:
             () if not existing
             else tuple(existing) if isinstance(existing, list | tuple) else (existing,)
         )
-        app.conf.update(
-            broker_url=broker_url,
-            # JSON only: a step message is data, never code.
-            task_serializer="json",
-            accept_content=["json"],
-            result_serializer="json",
-            # Operation state lives in the ledger; Celery results are not needed.
-            task_ignore_result=True,
-            # Nothing lost: a step's message is acknowledged only once the step has finished,
-            # a step whose process died goes back to the queue, and each process holds at most
-            # one unstarted message (fewer to hand back when the host drains).
-            task_acks_late=True,
-            task_reject_on_worker_lost=True,
-            worker_prefetch_multiplier=1,
-            task_publish_retry_policy=publish_retry_policy(broker_url),
-            # On a lost broker connection a running step cannot be acknowledged any more.
-            # RabbitMQ requeues it at once, so stop it rather than run it twice side by side.
-            # Redis only gives it back after the visibility timeout: let it finish (its effect
-            # is applied once and the operation moves on); the redelivery is a duplicate.
-            worker_cancel_long_running_tasks_on_connection_loss=not str(broker_url).startswith(
-                REDIS_SCHEMES
-            ),
-            broker_transport_options={
-                **(app.conf.broker_transport_options or {}),
-                # Redis Sentinel (sentinel://h1:26379;sentinel://h2:26379): the primary's
-                # name, from ORCHESTRATOR_SENTINEL_MASTER unless the app set its own.
-                **({"master_name": self.settings.sentinel_master}
-                   if str(broker_url).startswith("sentinel") and not
-                   (app.conf.broker_transport_options or {}).get("master_name") else {}),
-                # Redis: an unacknowledged message (its worker was killed) comes back after
-                # this...
-                "visibility_timeout": self.settings.visibility_timeout,
-                # ...once kombu's sweep notices. Its default period is interval x throttle =
-                # 100 s; sweep a few times per visibility timeout instead (a cheap scan).
-                "unacked_restore_interval": max(
-                    1.0, min(60.0, self.settings.visibility_timeout / 4)
-                ),
-                "unacked_restore_throttle": 1,
-                # Each sweep takes a mutex that expires after 300 s by default: a worker
-                # SIGKILLed inside a sweep would stop every restore for 5 minutes (the soak saw
-                # it). A sweep takes milliseconds; a concurrent one is harmless.
-                "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_SECONDS,
-                # RabbitMQ: a publish returns once the broker has the message.
-                "confirm_publish": True,
-            },
-            broker_connection_retry_on_startup=True,
-            # RabbitMQ: persistent messages in durable queues survive a broker restart.
-            # Classic queues by default; quorum with ORCHESTRATOR_QUEUE_TYPE=quorum.
-            task_default_delivery_mode="persistent",
-            task_create_missing_queue_type=self.settings.queue_type,
-            task_default_queue_type=self.settings.queue_type,
-            task_routes=(self._route, *routes),
-            # A host's queues are created on first use (<host>, <host>-alt): a step sent to a
-            # host whose worker never ran waits in the broker.
-            task_create_missing_queues=True,
-            # Refuses task messages that would stop or stall Celery's consumer.
-            worker_consumer="workers.validation:GuardedConsumer",
-            # RabbitMQ: the worker's remote-control queue is exclusive to its connection by
-            # default (Celery 5.5+). A worker cut off from the broker reconnects before
-            # RabbitMQ has noticed its old connection is gone (its heartbeat timeout), the
-            # redeclare fails with RESOURCE_LOCKED and Celery ends the worker ("Unrecoverable
-            # error"; seen in tests/test_partitions.py). Not exclusive, the queue is shared
-            # by the new connection meanwhile and still auto-deleted once unused.
-            control_queue_exclusive=False,
-        )
+        app.conf.update(policy.orchestrator_settings(
+            broker_url, self.settings, app.conf.broker_transport_options,
+            (self._route, *routes)))
         if self.signing is not None:
             signing.enable(app, self.signing)
         app.steps["worker"].update(WORKER_STEPS)
@@ -613,18 +547,6 @@ class Orchestrator:
             self.ledger.record_event(s, key, name)
 
 
-def publish_retry_policy(broker_url: Any) -> dict[str, Any]:
-    """Celery's ``task_publish_retry_policy`` for ``broker_url``.
-
-    A broker fail-over (Sentinel promotes the replica 2-3 s after the primary dies; a
-    RabbitMQ client moves to the next node) takes seconds, and Celery's default retry gives
-    up after 0.6 s. This rides it out: 8 rounds over about 6.5 s, each reconnect asking the
-    sentinels for the primary anew. kombu counts a try per address of a ``;``-separated URL
-    and sleeps only after a full round, hence the rounds times the addresses."""
-    return {"max_retries": 8 * len(str(broker_url or "").split(";")), "interval_start": 0,
-            "interval_step": 0.5, "interval_max": 1.0}
-
-
 def check_host_name(host: Any, what: str) -> None:
     """A host must make two usable queue names on both brokers: ``host`` and ``host-alt``."""
     if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
@@ -642,10 +564,26 @@ def _pool_process_stacks(**kwargs: Any) -> None:
     dump_stacks_on_signal()
 
 
-def load_app(module: str | None) -> Orchestrator:
-    """The Orchestrator of an application module (``ORCHESTRATOR_APP`` when ``module`` is
-    None): ``package.module`` or ``package.module:attribute``."""
+def app_name(module: str | None = None) -> str:
+    """``module``, else ``ORCHESTRATOR_APP``, else the project's ``[tool.orchestrator] app``
+    (its pyproject.toml, from the current directory up)."""
     name = module or Settings.from_env().app
+    if name is None:
+        found = project_app()
+        if found is None:
+            raise ConfigError(
+                "no application: pass --app MODULE, set ORCHESTRATOR_APP, or name it in the "
+                f"project's pyproject.toml ([tool.orchestrator] app = \"package.module\"); "
+                f"none found from {Path.cwd()} up")
+        name = found[0]
+    return name
+
+
+def load_app(module: str | None) -> Orchestrator:
+    """The Orchestrator of an application module: ``package.module`` or
+    ``package.module:attribute``; when ``module`` is None, ``ORCHESTRATOR_APP``, else the
+    project's ``[tool.orchestrator] app`` (pyproject.toml)."""
+    name = app_name(module)
     mod_name, _, attr = name.partition(":")
     from celery.utils.imports import import_from_cwd
 

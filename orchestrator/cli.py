@@ -1,9 +1,10 @@
 """The ``orchestrator`` command line, for any application.
 
-``orchestrator --app MODULE ...`` (or ``ORCHESTRATOR_APP``) points every command at the
-application whose Orchestrator ``MODULE`` defines; without it, the Nova reference application.
-The engine's commands (worker, submit, operation, wait, hosts, drain, routing, db) work for
-any application; an application adds its own verbs (``Orchestrator(commands=...)``).
+``orchestrator --app MODULE ...`` (or ``ORCHESTRATOR_APP``, or ``[tool.orchestrator] app`` in
+the project's pyproject.toml) points every command at the application whose Orchestrator
+``MODULE`` defines. The engine's commands (worker, submit, operation, wait, hosts, drain,
+routing, db) work for any application; an application adds its own verbs
+(``Orchestrator(commands=...)``) with the helpers in ``__all__``.
 
 Operation commands check the request, record it and return once its first step is queued,
 printing the operation id; ``wait`` follows it. Every command takes ``--json``. Errors go to
@@ -24,6 +25,10 @@ from typing import Any
 import click
 
 from orchestrator.errors import OrchestratorError, SubmitError
+
+#: What an application's own commands use (``Orchestrator(commands=...)``): its public API.
+__all__ = ["EXIT_ERROR", "EXIT_NOT_COMPLETED", "emit", "fail", "handles_errors", "json_option",
+           "main", "wait_until_ended"]
 
 EXIT_ERROR = 2
 EXIT_NOT_COMPLETED = 1
@@ -98,7 +103,8 @@ class AppGroup(click.Group):
 @click.group(cls=AppGroup)
 @click.option("--app", envvar="ORCHESTRATOR_APP", default=None, metavar="MODULE",
               help="The application: a module that defines an Orchestrator "
-                   "(default: ORCHESTRATOR_APP, else the Nova reference application).")
+                   "(default: ORCHESTRATOR_APP, else [tool.orchestrator] app in "
+                   "the project's pyproject.toml).")
 def main(app: str | None) -> None:
     """Celery task orchestration with shutdown-aware (alt queue) routing."""
 
@@ -116,7 +122,7 @@ def main(app: str | None) -> None:
 def worker(host: str, queues: str | None, legacy: bool, celery_args: tuple[str, ...]) -> None:
     """Run the worker of HOST: celery -A APP worker -n HOST@%h -Q HOST,HOST-alt [CELERY_ARGS]."""
     from orchestrator.api import check_host_name
-    from orchestrator.fleet import worker_command
+    from orchestrator.worker_command import worker_command
 
     if legacy and queues == "alt":
         raise click.UsageError("--legacy consumes only <host>; it cannot be --alt-only")
@@ -473,14 +479,14 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
     set), a ledger, one worker per host and Flower; use the CLI against it from another shell."""
     import signal
 
-    from orchestrator.api import check_host_name
+    from orchestrator.api import app_name, check_host_name
     from orchestrator.live import Watch
-    from orchestrator.stack import local_stack
+    from orchestrator.testing.stack import local_stack
 
     for host in hosts:
         check_host_name(host, "--host")
     orch = current()
-    app = click.get_current_context().find_root().params.get("app") or "orchestrator"
+    app = app_name(click.get_current_context().find_root().params.get("app"))
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -491,9 +497,8 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
                          db_url=os.environ.get("ORCHESTRATOR_DB_URL")) as stack:
             for host in hosts:
                 stack.fleet.start(host, graceful_timeout=orch.settings.graceful_shutdown_timeout)
-            exports = " ".join(f"{k}={v}" for k, v in sorted(stack.env.items()))
-            if app != "orchestrator":
-                exports += f" ORCHESTRATOR_APP={app}"
+            exports = " ".join(f"{k}={v}" for k, v in
+                               sorted({**stack.env, "ORCHESTRATOR_APP": app}.items()))
             click.echo(f"up: workers {', '.join(hosts)}"
                        + (f"; Flower {stack.flower_url}" if stack.flower_url else ""))
             click.echo(f"up: in another shell: export {exports}")

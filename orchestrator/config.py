@@ -37,8 +37,10 @@ QUEUE_TYPES = ("classic", "quorum")
 DEFAULT_RESEND_AFTER = 60.0
 #: The name Redis Sentinel knows the broker's primary by (``sentinel monitor NAME ...``).
 DEFAULT_SENTINEL_MASTER = "mymaster"
-#: The application ``orchestrator`` commands and ``celery -A orchestrator`` use without ``--app``.
-DEFAULT_APP = "nova_app.app"
+#: The test kit's gate variable (Settings.testkit_gate).
+TESTKIT_GATE = "ORCHESTRATOR_TESTKIT_GATE"
+#: Where a project names its application for ``orchestrator`` and ``celery -A orchestrator``.
+PROJECT_FILE = "pyproject.toml"
 
 
 def _float(name: str, default: float) -> float:
@@ -78,13 +80,17 @@ class Settings:
     resend_after: float = DEFAULT_RESEND_AFTER
     #: ORCHESTRATOR_ROUTING_FILE was set (else ``routing_file`` is the default).
     routing_file_set: bool = False
-    #: ``ORCHESTRATOR_APP``: the module (``module`` or ``module:attribute``) of the application.
-    app: str = DEFAULT_APP
+    #: ``ORCHESTRATOR_APP``: the module (``module`` or ``module:attribute``) of the application
+    #: (else :func:`project_app`).
+    app: str | None = None
     #: ``ORCHESTRATOR_SENTINEL_MASTER``: the primary's name for a ``sentinel://`` broker URL.
     sentinel_master: str = DEFAULT_SENTINEL_MASTER
     #: ``ORCHESTRATOR_CODE_VERSION``: this code's version, as routing.yaml's ``versions``
     #: name it (default: none; the registry then records a fingerprint of the steps).
     code_version: str | None = None
+    #: ``ORCHESTRATOR_TESTKIT_GATE``: set by the test kit (orchestrator.testing.kit) in the
+    #: workers it starts, never in production: where a step may be held at its start.
+    testkit_gate: Path | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -108,10 +114,11 @@ class Settings:
             queue_type=_queue_type(),
             resend_after=_float("ORCHESTRATOR_RESEND_AFTER", DEFAULT_RESEND_AFTER),
             routing_file_set=bool(os.environ.get("ORCHESTRATOR_ROUTING_FILE")),
-            app=os.environ.get("ORCHESTRATOR_APP") or DEFAULT_APP,
+            app=os.environ.get("ORCHESTRATOR_APP") or None,
             sentinel_master=os.environ.get("ORCHESTRATOR_SENTINEL_MASTER")
             or DEFAULT_SENTINEL_MASTER,
             code_version=(os.environ.get("ORCHESTRATOR_CODE_VERSION") or "").strip() or None,
+            testkit_gate=Path(os.environ[TESTKIT_GATE]) if os.environ.get(TESTKIT_GATE) else None,
         )
 
 
@@ -150,3 +157,23 @@ def redact_url(url: str) -> str:
         user = creds.split(":", 1)[0]
         head = f"{user}:***@{location}" if ":" in creds else f"{user}@{location}"
     return f"{scheme}://{head}{q}{_SECRET_PARAM.sub(lambda m: m.group(1) + '=***', query)}"
+
+
+def project_app(start: Path | None = None) -> tuple[str, Path] | None:
+    """``[tool.orchestrator] app`` of the project this directory belongs to (the nearest
+    pyproject.toml from ``start`` up), and that file; None if it names none. The engine knows
+    no application: a project names its own, as it names its pytest settings there."""
+    import tomllib
+
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        path = folder / PROJECT_FILE
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+                return None  # not ours to judge: pip and pytest say what is wrong with it
+            app = data.get("tool", {}).get("orchestrator", {}).get("app")
+            return (str(app), path) if app else None
+    return None
+

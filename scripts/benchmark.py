@@ -10,8 +10,9 @@ prefetch 1, JSON) measured in the same run:
    ``send_task`` calls with an explicit ``queue=``. Nothing consumes; the queues are purged
    (and their message counts checked) after every repetition.
 2. **end-to-end**: N single-step ``boot`` operations through one real worker started with
-   ``orchestrator.fleet.Fleet`` (prefork, concurrency 2, ``ORCHESTRATOR_STEP_DELAY=0``), from
-   the first submit until the database shows every operation completed, versus N trivial tasks
+   ``orchestrator.testing.fleet.Fleet`` (prefork, concurrency 2,
+   ``ORCHESTRATOR_STEP_DELAY=0``), from the first submit until the database shows every
+   operation completed, versus N trivial tasks
    (one Redis INCR each) through a plain ``celery worker`` with the same pool and options.
 3. **flow**: N three-step operations over two hosts (a resize's shape) against the same three
    tasks in plain Celery, each sending the next, over the same kinds of queues.
@@ -69,28 +70,23 @@ PLAIN_MODULE = "benchplain_app"
 OWNED_KEY_PREFIXES = (b"_kombu.", b"unacked", PREFIX.encode())
 
 PLAIN_APP_SOURCE = '''\
-"""Plain Celery: the settings of orchestrator.app without router, database or drain."""
+"""Plain Celery: the no-loss settings of an Orchestrator's app, without router, database or
+drain."""
 import os
 
 import redis
 from celery import Celery
 
+from orchestrator.config import Settings
+from orchestrator.policy import no_loss
+
 BROKER_URL = os.environ["BENCH_BROKER_URL"]
 COUNTER_KEY = os.environ["BENCH_COUNTER_KEY"]
 
 app = Celery("benchplain", broker=BROKER_URL)
+# The same "nothing lost" settings an Orchestrator puts on its app (orchestrator.policy).
 app.conf.update(
-    task_serializer="json",
-    accept_content=["json"],
-    result_serializer="json",
-    task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
-    broker_transport_options={"visibility_timeout": 3600.0},
-    broker_connection_retry_on_startup=True,
-    task_create_missing_queues=True,
+    no_loss(BROKER_URL, Settings.from_env()),
     task_default_queue="benchplain-default",
     worker_hijack_root_logger=True,
 )
@@ -152,17 +148,16 @@ import os
 import redis
 from celery import Celery
 
+from orchestrator.config import Settings
+from orchestrator.policy import no_loss
+
 BROKER_URL = os.environ["BENCH_BROKER_URL"]
 A, B = os.environ["BENCH_FLOW_PLAIN_HOSTS"].split(",")
 
 app = Celery("benchplainflow", broker=BROKER_URL)
-app.conf.update(
-    task_serializer="json", accept_content=["json"], result_serializer="json",
-    task_ignore_result=True, task_acks_late=True, task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1, broker_transport_options={"visibility_timeout": 3600.0},
-    broker_connection_retry_on_startup=True, task_create_missing_queues=True,
-    task_default_queue="benchplainflow-default", task_default_delivery_mode="persistent",
-)
+# The same "nothing lost" settings an Orchestrator puts on its app (orchestrator.policy).
+app.conf.update(no_loss(BROKER_URL, Settings.from_env()),
+                task_default_queue="benchplainflow-default")
 _client = None
 
 
@@ -364,7 +359,7 @@ class Bench:
         from nova_app import operations
         from nova_app.app import app, orch
         from nova_app.flows import STEP_NAMES
-        from orchestrator.fleet import Fleet
+        from orchestrator.testing.fleet import Fleet
 
         self.redis = redis.Redis.from_url(broker_url)
         self.ours_app, self.operations, self.orch = app, operations, orch

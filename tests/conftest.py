@@ -36,7 +36,7 @@ def _embedded_broker() -> str:
     import atexit
     import tempfile
 
-    from orchestrator.embedded import RedisServer
+    from orchestrator.testing.embedded import RedisServer
 
     workdir = tempfile.mkdtemp(prefix="orchestrator-test-redis-")
     server = RedisServer(Path(workdir))
@@ -56,8 +56,8 @@ os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.pa
                                               / "routing.yaml")
 
 from nova_app.app import app, orch  # noqa: E402
-from orchestrator.fleet import Fleet  # noqa: E402
 from orchestrator.seams.celery_internals import point_app_at  # noqa: E402
+from orchestrator.testing.fleet import Fleet  # noqa: E402
 
 
 def _purge_broker() -> None:
@@ -118,7 +118,7 @@ def running_fleet(tmp_dir: Path, **env: str) -> Iterator[Fleet]:
         try:
             yield fleet
         finally:
-            fleet.stop_all()
+            fleet.kill_all()
 
 
 @pytest.fixture

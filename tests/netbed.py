@@ -227,7 +227,7 @@ def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
     private redis-server, RabbitMQ (which listens on loopback only here) a relay of the
     broker address to ``broker_url``'s server. Without one they listen on loopback and a
     plain broker is ``broker_url`` itself."""
-    from orchestrator.embedded import RedisServer, free_port
+    from orchestrator.testing.embedded import RedisServer, free_port
     from tests import pgserver
     from tests import sentinel as sentinels
 

@@ -15,8 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from orchestrator.embedded import free_port
-from orchestrator.fleet import wait_for
+from orchestrator.testing.embedded import free_port
+from orchestrator.testing.fleet import wait_for
 
 
 def pg_bin(name: str) -> str | None:

@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.embedded import free_port
-from orchestrator.fleet import wait_for
+from orchestrator.testing.embedded import free_port
+from orchestrator.testing.fleet import wait_for
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"

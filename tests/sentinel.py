@@ -17,8 +17,8 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.embedded import free_port, redis_server_binary
-from orchestrator.fleet import wait_for
+from orchestrator.testing.embedded import free_port, redis_server_binary
+from orchestrator.testing.fleet import wait_for
 
 MASTER = "orchmaster"
 

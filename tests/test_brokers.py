@@ -13,7 +13,7 @@ from kombu.exceptions import ChannelError
 from nova_app import operations
 from nova_app.app import app, orch
 from orchestrator.broker import delete_queues, queue_depth
-from orchestrator.fleet import Fleet
+from orchestrator.testing.fleet import Fleet
 from tests.helpers import ended, wait_op
 from tests.raw import STEP
 
@@ -98,7 +98,7 @@ def test_redis_restore_mutex_of_a_killed_worker_expires_soon(fleet: Fleet) -> No
         pytest.skip("Redis transport only")
     import redis
 
-    from orchestrator.api import UNACKED_MUTEX_EXPIRE_SECONDS
+    from orchestrator.policy import UNACKED_MUTEX_EXPIRE_SECONDS
 
     client = redis.Redis.from_url(app.conf.broker_url)
     db = client.connection_pool.connection_kwargs.get("db", 0)

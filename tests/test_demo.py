@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.fleet import wait_for
+from orchestrator.testing.fleet import wait_for
 
 pytestmark = pytest.mark.shutdown
 
 CLI = [sys.executable, "-m", "orchestrator.cli"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _fresh_env(tmp_path: Path) -> dict[str, str]:
@@ -54,7 +55,8 @@ def _gone(pids: list[int]) -> bool:
 @pytest.mark.timeout(180)
 def test_demo_on_a_fresh_machine(tmp_path: Path) -> None:
     done = subprocess.run(
-        [*CLI, "demo", "--step-delay", "2"], cwd=tmp_path, env=_fresh_env(tmp_path),
+        # From the clone, as README says: its pyproject.toml names the application.
+        [*CLI, "demo", "--step-delay", "2"], cwd=REPO, env=_fresh_env(tmp_path),
         capture_output=True, text=True, timeout=170,
     )
     out = done.stdout
@@ -74,7 +76,8 @@ def test_demo_on_a_fresh_machine(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_up_serves_the_cli_until_ctrl_c(tmp_path: Path) -> None:
-    env = _fresh_env(tmp_path)
+    """From another directory, the application named (it exports it for the other shell)."""
+    env = dict(_fresh_env(tmp_path), ORCHESTRATOR_APP="nova_app.app")
     log = tmp_path / "up.log"
     with log.open("w") as out:
         up = subprocess.Popen([*CLI, "up", "--no-flower", "--plain"], cwd=tmp_path, env=env,
@@ -83,7 +86,8 @@ def test_up_serves_the_cli_until_ctrl_c(tmp_path: Path) -> None:
         exports = wait_for(
             lambda: re.search(r"in another shell: export (.*)", log.read_text()), 90,
             "up to print its settings")
-        shell = dict(env, **dict(pair.split("=", 1) for pair in exports.group(1).split()))
+        shell = dict(_fresh_env(tmp_path),
+                     **dict(pair.split("=", 1) for pair in exports.group(1).split()))
         boot = subprocess.run([*CLI, "boot", "vm1", "--host", "compute1", "--json"],
                               cwd=tmp_path, env=shell, capture_output=True, text=True,
                               timeout=60)

@@ -19,7 +19,7 @@ from nova_app import operations, views
 from nova_app.app import app
 from orchestrator.broker import queue_depth
 from orchestrator.cli import main as cli
-from orchestrator.fleet import Fleet, wait_for
+from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import (
     assert_conserved,
     at_step,

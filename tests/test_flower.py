@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nova_app import operations
-from orchestrator.fleet import Fleet, wait_for
+from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
 from tests.test_metrics import _free_port
 

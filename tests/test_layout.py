@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Collection
@@ -63,6 +64,32 @@ def test_the_engine_imports_nothing_of_an_application() -> None:
         for name, path in _modules().items() if name.split(".")[0] in ENGINE
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+#: Engine modules an application may import names from: those in their ``__all__``.
+PUBLIC_MODULES = ("orchestrator", "orchestrator.cli", "orchestrator.testing")
+
+
+def test_applications_use_only_what_the_package_exports() -> None:
+    """nova_app and the example are built on the public API: names the package, its command
+    line helpers and its testing package export, nothing else of the engine."""
+    import importlib
+
+    exported = {m: set(importlib.import_module(m).__all__) for m in PUBLIC_MODULES}
+    offenders = []
+    for name, path in _modules().items():
+        if name.split(".")[0] not in APPLICATIONS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] \
+                    in ENGINE:
+                bad = [a.name for a in node.names
+                       if a.name not in exported.get(node.module or "", set())]
+                offenders += [f"{path.name}:{node.lineno}: {node.module}.{b}" for b in bad]
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.name}:{node.lineno}: {a.name}" for a in node.names
+                              if a.name.split(".")[0] in ENGINE and a.name != "orchestrator"]
+    assert offenders == []
 
 
 def test_no_module_is_in_an_import_cycle() -> None:
@@ -180,3 +207,21 @@ def test_foreign_internals_are_reached_only_through_the_seams() -> None:
         if name.split(".")[0] in ENGINE and not name.startswith("orchestrator.seams")
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_engine_names_no_application(tmp_path: Path) -> None:
+    """Outside a project that names one (pyproject.toml, ``[tool.orchestrator] app``), with
+    no --app and no ORCHESTRATOR_APP, a command says how to name it, in one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    env["PYTHONPATH"] = str(REPO)
+    for command in (["-m", "orchestrator.cli", "hosts"],
+                    ["-m", "celery", "-A", "orchestrator", "inspect", "ping"]):
+        proc = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        said = (proc.stdout + proc.stderr).strip()
+        assert proc.returncode in (1, 2) and "Traceback" not in said, said
+        assert said.splitlines()[-1].endswith(f"none found from {tmp_path} up"), said
+        assert "--app MODULE, set ORCHESTRATOR_APP, or name it in the project's pyproject" \
+            in said
+    assert subprocess.run([sys.executable, "-m", "orchestrator.cli", "routing", "check"],
+                          cwd=REPO, env=env, capture_output=True, timeout=60).returncode == 0

@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from nova_app import operations
-from orchestrator.fleet import Fleet
+from orchestrator.testing.fleet import Fleet
 from tests.helpers import ended, wait_op
 from workers.steps import CLAIM_AFTER_SECONDS
 

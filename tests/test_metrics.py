@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nova_app import operations
 from nova_app.app import orch
 from orchestrator.cli import main as cli
-from orchestrator.fleet import Fleet, wait_for
 from orchestrator.metrics import serve
+from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
 
 pytestmark = pytest.mark.shutdown

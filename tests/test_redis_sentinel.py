@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from examples.volume_move.app import orch
-from orchestrator.fleet import Fleet, wait_for
+from orchestrator.testing.fleet import Fleet, wait_for
 from tests import sentinel
 from tests.volumes import (
     each_effect_once,

@@ -24,7 +24,7 @@ import pytest
 
 from examples.volume_move.app import app, orch
 from orchestrator.broker import queue_depths
-from orchestrator.fleet import Fleet, WorkerProcess, wait_for
+from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for
 from orchestrator.views import wait_operation
 from tests.conftest import BROKER_URL, fresh_db
 from tests.volumes import APP, cli, make_volume, runs, submit_move, volume_fleet, wait_step

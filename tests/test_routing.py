@@ -162,6 +162,7 @@ def test_other_tasks_are_not_routed(celery_app) -> None:
 
 def test_nova_finds_its_routing_file_from_any_directory(tmp_path: Path) -> None:
     env = {k: v for k, v in __import__("os").environ.items() if k != "ORCHESTRATOR_ROUTING_FILE"}
+    env["ORCHESTRATOR_APP"] = "nova_app.app"  # no pyproject.toml names it there
     proc = subprocess.run(
         [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,

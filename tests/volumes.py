@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from examples.volume_move.app import orch, volume_path
-from orchestrator.fleet import Fleet, WorkerProcess, wait_for
+from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for
 from orchestrator.views import wait_operation
 
 APP = "examples.volume_move.app"
@@ -47,7 +47,7 @@ def volume_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker: str, d
     try:
         yield fleet
     finally:
-        fleet.stop_all()
+        fleet.kill_all()
 
 
 def make_volume(name: str, node: str = "node1") -> None:

@@ -42,14 +42,13 @@ logger = logging.getLogger(__name__)
 
 #: A step that has run this long is recorded as running (one more write) while it runs.
 CLAIM_AFTER_SECONDS = 0.25
-#: The test kit's gate (orchestrator.testing): a directory where a step may be held at start.
-GATE_VARIABLE = "ORCHESTRATOR_TESTKIT_GATE"
 #: How long a step waits at the gate at most: a kit that died never leaves a worker stuck.
 GATE_TIMEOUT_SECONDS = 120.0
 
 
 def hold_at_gate(gate: Path, subject: str | None, position: int) -> None:
-    """The test kit's hook (only with ``ORCHESTRATOR_TESTKIT_GATE``): when the kit asked to
+    """The test kit's hook (only with ``ORCHESTRATOR_TESTKIT_GATE``, read with the other
+    settings: ``Settings.testkit_gate``): when the kit asked to
     hold the step at ``position`` of the operation on ``subject`` (a file
     ``<subject>.<position>.hold``), say it started (``.started``) and wait for ``.go``.
     However short the step, the kit can then signal its host while it runs."""
@@ -195,9 +194,8 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         subject=start.subject,
     )
     claim = Claim(ledger, operation_id, position, task.request.hostname)
-    gate = os.environ.get(GATE_VARIABLE)
-    if gate:
-        hold_at_gate(Path(gate), start.subject, position)
+    if orch.settings.testkit_gate is not None:  # read once, with the other settings
+        hold_at_gate(orch.settings.testkit_gate, start.subject, position)
     try:
         try:
             output = _output(step, spec.fn(ctx))

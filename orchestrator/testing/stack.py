@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.embedded import embedded_redis, free_port
-from orchestrator.fleet import Fleet
+from orchestrator.testing.embedded import embedded_redis, free_port
+from orchestrator.testing.fleet import Fleet
 
 FLOWER_PORT = 5555
 

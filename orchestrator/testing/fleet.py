@@ -6,6 +6,7 @@ supervisor with ``KillMode=mixed`` or ``docker stop`` would signal it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,42 +14,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from orchestrator.registry import LEGACY_SERVICE_VERSION
-from orchestrator.routing import alt_queue
 from orchestrator.views import wait_for
+from orchestrator.worker_command import QueueSet, worker_command
 
-__all__ = ["Fleet", "WorkerProcess", "wait_for", "worker_command"]
+__all__ = ["Fleet", "WorkerProcess", "wait_for"]
 
-QueueSet = Literal["both", "main", "alt"]
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def worker_command(
-    host: str, queues: QueueSet = "both", extra: tuple[str, ...] = (), legacy: bool = False,
-    app: str = "orchestrator",
-) -> list[str]:
-    """The ``celery worker`` command line for one host (``orchestrator worker HOST``).
-
-    ``app``: the ``-A`` argument (``orchestrator``: the application ``ORCHESTRATOR_APP`` names).
-    ``legacy``: the previous service version of a rolling upgrade (``LEGACY_SERVICE_VERSION``),
-    one process named like a current one (``HOST@%h``) that consumes only ``HOST``.
-    """
-    if legacy:
-        if queues == "alt":
-            raise ValueError("a legacy worker has no alt queue")
-        return [
-            sys.executable, "-m", "celery", "-A", app, "worker",
-            "-n", f"{host}@%h", "-Q", host,
-            "--service-version", str(LEGACY_SERVICE_VERSION), *extra,
-        ]
-    names = {"both": [host, alt_queue(host)], "main": [host], "alt": [alt_queue(host)]}[queues]
-    suffix = {"both": "", "main": "-main", "alt": "-alt"}[queues]
-    return [
-        sys.executable, "-m", "celery", "-A", app, "worker",
-        "-n", f"{host}{suffix}@%h", "-Q", ",".join(names), *extra,
-    ]
 
 
 @dataclass
@@ -109,8 +80,9 @@ class Fleet:
     workers: list[WorkerProcess] = field(default_factory=list)
     #: The ``-A`` argument of every worker this fleet starts.
     app: str = "orchestrator"
-    #: Where the workers run (their ``-A`` module is found from there).
-    cwd: Path = REPO_ROOT
+    #: Where the workers run (their ``-A`` module is found from there; ``-A orchestrator``
+    #: reads the application's name from ./pyproject.toml there).
+    cwd: Path = field(default_factory=Path.cwd)
 
     def start(
         self, host: str, *, queues: QueueSet = "both", concurrency: int = 2,
@@ -134,9 +106,13 @@ class Fleet:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}-{kind}-{len(self.workers)}.log"
         with log_path.open("w") as log:
+            # A process group of its own, as a supervisor gives each service: the worker and
+            # its pool end together at kill_all, and a Ctrl-C meant for the caller is not
+            # delivered to it behind the caller's back.
             proc = subprocess.Popen(
                 command, cwd=self.cwd, env={**os.environ, **self.env, **(env or {})},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         worker = WorkerProcess(host=name, proc=proc, log_path=log_path)
         self.workers.append(worker)
@@ -166,6 +142,20 @@ class Fleet:
 
         wait_for(answers, 30, f"flower on {address}:{port}")
         return flower
+
+    def kill_all(self) -> None:
+        """End every process of this fleet at once, pools included (SIGKILL to each process
+        group): a test's teardown, where nothing more is looked at. What they held goes back
+        to the broker as after any SIGKILL; the next test starts from an empty broker."""
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.pid, signal.SIGKILL)
+        for worker in self.workers:
+            worker.proc.wait(timeout=10)
+            # Pool processes of a worker that exited earlier may linger in its group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.pid, signal.SIGKILL)
 
     def stop_all(self, timeout: float = 30.0) -> None:
         for worker in self.workers:

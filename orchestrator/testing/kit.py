@@ -38,12 +38,12 @@ from typing import Any
 from sqlalchemy import select
 
 from orchestrator.broker import queue_depths
-from orchestrator.embedded import RedisServer
-from orchestrator.fleet import Fleet, WorkerProcess
+from orchestrator.config import TESTKIT_GATE
 from orchestrator.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
+from orchestrator.testing.embedded import RedisServer
+from orchestrator.testing.fleet import Fleet, WorkerProcess
 from orchestrator.views import wait_for
-from workers.steps import GATE_VARIABLE
 
 
 @dataclass
@@ -110,7 +110,10 @@ def app_module(orch: Any) -> str:
     for name, module in list(sys.modules.items()):
         if name == "__main__" or module is None:
             continue
-        if any(getattr(module, attr, None) is orch.app for attr in ("app", "celery")):
+        # vars(), not getattr(): a module's lazy __getattr__ (``orchestrator.app``) would load
+        # an application to answer.
+        names = getattr(module, "__dict__", {})
+        if any(names.get(attr) is orch.app for attr in ("app", "celery")):
             return name
     raise LookupError(f"no imported module has {orch.app!r} as 'app' or 'celery': import "
                       "your app's module, or pass module= to orchestrator_fleet")
@@ -135,7 +138,7 @@ class KitFleet:
             "ORCHESTRATOR_DB_URL": f"sqlite:///{workdir / 'ledger.db'}",
             "ORCHESTRATOR_ROUTING_FILE": str(Path(orch.routing_file).resolve()),
             "ORCHESTRATOR_HEARTBEAT_INTERVAL": "1",
-            GATE_VARIABLE: str(self.gate),
+            TESTKIT_GATE: str(self.gate),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
                                                         os.environ.get("PYTHONPATH")])),
         }
