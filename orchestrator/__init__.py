@@ -25,7 +25,7 @@ from typing import Any
 _EXPORTS = {
     "Orchestrator": "orchestrator.api",
     "StepContext": "orchestrator.context",
-    "load_app": "orchestrator.api",
+    "load_app": "orchestrator.discovery",
     "StepFailure": "orchestrator.errors",
     "OrchestratorError": "orchestrator.errors",
     "ConfigError": "orchestrator.errors",
@@ -56,7 +56,7 @@ def __getattr__(name: str) -> Any:
         # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP or the project's
         # pyproject.toml (by name: the engine imports no application). Celery would print a
         # traceback for the error: one line instead.
-        from orchestrator.api import load_app
+        from orchestrator.discovery import load_app
         from orchestrator.errors import OrchestratorError
 
         try:

@@ -62,7 +62,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def current() -> Any:
     """The Orchestrator of the application this command runs for (loaded once)."""
-    from orchestrator.api import load_app
+    from orchestrator.discovery import load_app
 
     root = click.get_current_context().find_root()
     if root.obj is None:
@@ -71,7 +71,7 @@ def current() -> Any:
 
 
 def _app_commands(app: str | None) -> dict[str, click.Command]:
-    from orchestrator.api import load_app
+    from orchestrator.discovery import load_app
 
     try:
         orch = load_app(app)
@@ -479,7 +479,8 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
     set), a ledger, one worker per host and Flower; use the CLI against it from another shell."""
     import signal
 
-    from orchestrator.api import app_name, check_host_name
+    from orchestrator.api import check_host_name
+    from orchestrator.discovery import app_name
     from orchestrator.live import Watch
     from orchestrator.testing.stack import local_stack
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Database
@@ -138,9 +138,11 @@ class Ledger:
         claim: bool = True,
     ) -> StepStart:
         """May this delivery of the step run? With ``claim``, also record it as running (a
-        write); without, only read: the completion records the attempt."""
-        with (self.db.session() if claim else self.db.read()) as s:
-            op = self.locked(s, operation_id) if claim else s.get(Operation, operation_id)
+        write); without, only read (one statement): the completion records the attempt."""
+        if not claim:
+            return self._may_run(operation_id, position, step, host)
+        with self.db.session() as s:
+            op = self.locked(s, operation_id)
             if op is None:
                 raise UnknownOperation(f"unknown operation {operation_id!r}")
             if not 0 <= position < len(op.plan) or tuple(op.plan[position]) != (step, host):
@@ -165,6 +167,64 @@ class Ledger:
             return StepStart("run", attempt=attempt, kind=op.kind, subject=op.subject,
                              params=dict(op.params or {}), hosts=dict(op.hosts or {}),
                              following=tuple(following) if following else None)
+
+    def _may_run(self, operation_id: str, position: int, step: str, host: str) -> StepStart:
+        """begin_step without a claim: the operation and its step's attempts, one read."""
+        with self.db.reading() as conn:
+            row = conn.execute(_steps(self.db.url).may_run,
+                               {"id": operation_id, "position": position}).first()
+        if row is None:
+            raise UnknownOperation(f"unknown operation {operation_id!r}")
+        plan = row.plan
+        if not 0 <= position < len(plan) or tuple(plan[position]) != (step, host):
+            raise StepMismatch(
+                f"operation {operation_id} has no step {step}@{host} at position {position}")
+        active = row.status in ACTIVE_STATUSES
+        if row.position == position + 1 and active and not row.next_published:
+            current = tuple(plan[row.position]) if row.position < len(plan) else None
+            return StepStart("republish", current, row.position, kind=row.kind,
+                             subject=row.subject)
+        if row.position != position or not active or row.step_state == "waiting":
+            return StepStart("duplicate")
+        following = plan[position + 1] if position + 1 < len(plan) else None
+        return StepStart("run", attempt=(row.attempts or 0) + 1, kind=row.kind,
+                         subject=row.subject, params=dict(row.params or {}),
+                         hosts=dict(row.hosts or {}),
+                         following=tuple(following) if following else None)
+
+    def complete_plain(self, operation_id: str, position: int, step: str, host: str,
+                       start: StepStart, next_queue: str | None = None,
+                       attempt: Attempt | None = None) -> StepStart:
+        """:meth:`complete_step` for a step with no effect and no output, in two statements
+        built once (no ORM): advance the operation, guarded by its position (no row: a
+        duplicate), then record the attempt in the step log. ``start``: what begin_step read
+        (the plan's next step; the plan changes only when this very step fails)."""
+        statements, now = _steps(self.db.url), time.time()
+        following = start.following
+        counted = attempt is not None and not attempt.claimed
+        where = {"op": operation_id, "at": position, "next_position": position + 1,
+                 "now": now}
+        if following is None:  # the plan is done; after a rollback the operation failed
+            advance = statements.end
+        else:
+            # (an execute's parameter named after a column is also SET: "queue" only when sent)
+            advance = statements.advance if next_queue is None else statements.advance_sent
+            where["next_host"] = following[1]
+            if next_queue is not None:
+                where["queue"] = next_queue
+        record = {"operation_id": operation_id, "position": position, "step": step,
+                  "host": host, "now": now,
+                  "worker": attempt.worker if counted else None,
+                  "started_at": attempt.started_at if counted else None}
+        with self.db.writing() as conn:
+            if not conn.execute(advance, where).rowcount:
+                return StepStart("duplicate")
+            conn.execute(statements.record_counted if counted else statements.record, record)
+            if following is None:
+                conn.execute(statements.forget_hosts, {"op": operation_id})
+                return StepStart("duplicate")
+        return StepStart("run", following, position + 1, queue=next_queue, kind=start.kind,
+                         subject=start.subject)
 
     def claim_step(self, operation_id: str, position: int, attempt: Attempt) -> bool:
         """Record a step that is taking a while as running (``attempt``: this delivery);
@@ -539,3 +599,64 @@ class Ledger:
             if op is None:
                 raise UnknownOperation(f"unknown operation {operation_id!r}")
             return op
+
+
+class _StepStatements:
+    """The step path's statements, built once per dialect with bound parameters, so that a
+    step costs their execution and not their construction (SQLAlchemy then reuses their
+    compiled form from its cache)."""
+
+    def __init__(self, dialect: str) -> None:
+        ops, log = Operation.__table__, StepRecord.__table__
+        hosts = OperationHost.__table__
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        self.may_run = select(
+            ops.c.position, ops.c.status, ops.c.step_state, ops.c.next_published, ops.c.plan,
+            ops.c.kind, ops.c.subject, ops.c.params, ops.c.hosts, log.c.attempts,
+        ).select_from(ops.outerjoin(log, (log.c.operation_id == ops.c.id)
+                                    & (log.c.position == bindparam("position")))
+                      ).where(ops.c.id == bindparam("id"))
+        # Bound parameters named after no column ("op", "at", ...): an UPDATE's SET takes
+        # the column names for its own.
+        guarded = update(ops).where(
+            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
+            & ops.c.status.in_(ACTIVE_STATUSES))
+        moved = dict(position=bindparam("next_position"), wait=None,
+                     updated_at=bindparam("now"))
+        self.end = guarded.values(
+            status=case((ops.c.error.is_(None), "completed"), else_="failed"),
+            finished_at=bindparam("now"), next_published=True, holds=None,
+            current_host=None, **moved)
+        queued = dict(status="running", step_state="queued", step_since=bindparam("now"),
+                      current_host=bindparam("next_host"), **moved)
+        self.advance = guarded.values(next_published=False, **queued)
+        self.advance_sent = guarded.values(next_published=True, queue=bindparam("queue"),
+                                           **queued)
+        row = dict(operation_id=bindparam("operation_id"), position=bindparam("position"),
+                   step=bindparam("step"), host=bindparam("host"), status="completed",
+                   applied=1, finished_at=bindparam("now"))
+        done = dict(status="completed", finished_at=bindparam("now"),
+                    applied=log.c.applied + 1)
+        keys = ["operation_id", "position"]
+        self.record = insert(log).values(attempts=0, **row).on_conflict_do_update(
+            index_elements=keys, set_=done)
+        self.record_counted = insert(log).values(
+            attempts=1, worker=bindparam("worker"), started_at=bindparam("started_at"), **row,
+        ).on_conflict_do_update(index_elements=keys, set_=dict(
+            attempts=log.c.attempts + 1, worker=bindparam("worker"),
+            started_at=bindparam("started_at"), **done))
+        self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
+
+
+_statements: dict[str, _StepStatements] = {}
+
+
+def _steps(url: str) -> _StepStatements:
+    dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+    found = _statements.get(dialect)
+    if found is None:
+        found = _statements[dialect] = _StepStatements(dialect)
+    return found

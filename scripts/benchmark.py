@@ -144,6 +144,7 @@ PLAIN_FLOW_SOURCE = '''\
 """Plain Celery doing the same work: three tasks over the same two queues, each sending the
 next (as a chain would), with the same no-loss settings; the last one counts."""
 import os
+import time
 
 import redis
 from celery import Celery
@@ -178,6 +179,7 @@ def finish(operation_id, position, host):
     global _client
     if _client is None:
         _client = redis.Redis.from_url(BROKER_URL)
+    _client.set("bench:flow:last", repr(time.time()))
     _client.incr("bench:flow:done")
 '''
 PLAIN_FLOW_MODULE = "benchplainflow_app"
@@ -195,6 +197,10 @@ class Config:
     concurrency: int = 2
     flow_n: int = 100
     flow_reps: int = 3
+    #: Flows run one at a time for the latency (submit to the end of the last step).
+    latency_n: int = 40
+    #: How long an idle worker's CPU is sampled.
+    idle_seconds: float = 20.0
     #: Operations in flight per host for the ledger lookups, and the fleet sizes compared.
     ledger_per_host: int = 100
     ledger_hosts: tuple[int, ...] = (2, 50)
@@ -206,7 +212,8 @@ class Config:
 
 
 QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, drain_reps=3,
-               flow_n=40, flow_reps=3, scale_hosts=12, scale_seconds=8.0)
+               flow_n=40, flow_reps=3, latency_n=20, idle_seconds=5.0, scale_hosts=12,
+               scale_seconds=8.0)
 FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3,
               flow_n=150, flow_reps=3)
 
@@ -257,80 +264,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited; it only waits for its parent
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class Processes:
-    """Every worker process this script starts, so that all of them are stopped at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        #: Pool processes seen under our workers: killed too if still around at the end.
-        self.descendants: set[int] = set()
-
-    def track(self, proc: subprocess.Popen) -> subprocess.Popen:
-        self.procs.append(proc)
-        return proc
-
-    def note_children(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            self.descendants.update(_children(proc.pid))
-
-    def stop_all(self) -> list[str]:
-        """Cold-stop whatever still runs (SIGQUIT, then SIGKILL); returns what needed force."""
-        forced: list[str] = []
-        running = [p for p in self.procs if p.poll() is None]
-        for proc in running:
-            self.note_children(proc)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGQUIT)
-        for proc in running:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                forced.append(f"worker pid {proc.pid} ignored SIGQUIT; killed")
-                proc.kill()
-                proc.wait(timeout=10)
-        time.sleep(0.2)
-        for pid in sorted(self.descendants):
-            if _alive(pid) and _is_our_celery(pid):
-                forced.append(f"pool process {pid} outlived its worker; killed")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        return forced
-
-
-def _is_our_celery(pid: int) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return False
-    return b"celery" in cmd
-
-
-def wait_log(proc: subprocess.Popen, log_path: Path, needle: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in log_path.read_text(errors="replace"):
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"worker pid {proc.pid} exited with {proc.returncode}:\n"
-                + log_path.read_text(errors="replace")[-3000:]
-            )
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker pid {proc.pid} not ready after {timeout:.0f}s")
-        time.sleep(0.05)
-
-
 def poll_until(done: Callable[[], bool], timeout: float, what: str, interval: float) -> float:
     """Poll until ``done()``; return the monotonic time at which it first answered True."""
     deadline = time.monotonic() + timeout
@@ -351,7 +284,6 @@ class Bench:
         self.db_path = tmp / "orchestrator.db"
         self.log_dir = tmp / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.processes = Processes()
 
         # Imported here: orchestrator.app reads ORCHESTRATOR_* at import, set by main().
         import redis
@@ -372,7 +304,7 @@ class Bench:
                 "ORCHESTRATOR_ROUTING_FILE": os.environ["ORCHESTRATOR_ROUTING_FILE"],
                 "ORCHESTRATOR_STEP_DELAY": "0",
             },
-            log_dir=self.log_dir,
+            log_dir=self.log_dir, app="nova_app.app",
         )
         # Create the schema once, before any worker: several processes creating the tables of
         # a fresh SQLite file at the same moment is not what we measure.
@@ -385,44 +317,32 @@ class Bench:
         import importlib
 
         self.plain_app = importlib.import_module(PLAIN_MODULE).app
-        self._plain_workers = 0
+        # The plain apps (and the flow app) are modules written to ``tmp``: their workers run
+        # there, with the repository importable.
+        self.plain = Fleet(env={"PYTHONPATH": os.pathsep.join(filter(None, [
+            str(tmp), str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
+            log_dir=self.log_dir, cwd=tmp)
 
     # -- workers ---------------------------------------------------------------------------
     def start_ours(self, host: str):
         worker = self.fleet.start(host, concurrency=self.config.concurrency, ready=False)
-        self.processes.track(worker.proc)
         worker.wait_ready(timeout=60)
-        self.processes.note_children(worker.proc)
         return worker
 
     def start_plain(self) -> tuple[subprocess.Popen, Path]:
-        self._plain_workers += 1
-        log_path = self.log_dir / f"plain-{self._plain_workers}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tmp),
-                                                        os.environ.get("PYTHONPATH")])),
-        }
-        cmd = [
+        worker = self.plain.spawn(PLAIN_QUEUE, "plain", [
             sys.executable, "-m", "celery", "-A", PLAIN_MODULE, "worker",
             "-n", f"{PLAIN_QUEUE}@%h", "-Q", f"{PLAIN_QUEUE},{PLAIN_QUEUE}-alt",
             "-c", str(self.config.concurrency), "-l", "info",
             "--without-mingle", "--without-gossip",
-        ]
-        with log_path.open("w") as out:
-            proc = self.processes.track(subprocess.Popen(
-                cmd, cwd=self.tmp, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            ))
-        wait_log(proc, log_path, " ready.", timeout=60)
-        self.processes.note_children(proc)
-        return proc, log_path
+        ], ready=False)
+        worker.wait_ready(timeout=60)
+        return worker.proc, worker.log_path
 
     def stop(self, proc: subprocess.Popen, what: str, timeout: float = 60.0) -> int | None:
         """SIGTERM and wait; SIGKILL (reported as a problem) if it does not exit in time."""
         if proc.poll() is not None:
             return proc.returncode
-        self.processes.note_children(proc)
         proc.send_signal(signal.SIGTERM)
         try:
             return proc.wait(timeout=timeout)
@@ -631,32 +551,20 @@ class Bench:
         }
 
     # -- 2b. three-step flows over two hosts -----------------------------------------------
-    def _flow_env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.tmp), str(REPO_ROOT),
-                                                        os.environ.get("PYTHONPATH")])),
-        }
-
     def _spawn(self, app_module: str, host: str, label: str, concurrency: int | None = None,
                ready: bool = True) -> subprocess.Popen:
-        log_path = self.log_dir / f"{label}-{host}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-n", f"{host}@%h",
-               "-Q", f"{host},{host}-alt", "-c", str(concurrency or self.config.concurrency),
-               "-l", "info", "--without-mingle", "--without-gossip"]
-        with log_path.open("w") as out:
-            proc = self.processes.track(subprocess.Popen(
-                cmd, cwd=self.tmp, env=self._flow_env(), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            ))
-        proc.log_path = log_path  # type: ignore[attr-defined]
+        worker = self.plain.spawn(host, label, [
+            sys.executable, "-m", "celery", "-A", app_module, "worker", "-n", f"{host}@%h",
+            "-Q", f"{host},{host}-alt", "-c", str(concurrency or self.config.concurrency),
+            "-l", "info", "--without-mingle", "--without-gossip"], ready=False)
         if ready:
-            self._ready(proc)
+            worker.wait_ready(timeout=60)
+        proc = worker.proc
+        proc.worker = worker  # type: ignore[attr-defined]
         return proc
 
     def _ready(self, proc: subprocess.Popen, timeout: float = 60) -> None:
-        wait_log(proc, proc.log_path, " ready.", timeout=timeout)  # type: ignore[attr-defined]
-        self.processes.note_children(proc)
+        proc.worker.wait_ready(timeout=timeout)  # type: ignore[attr-defined]
 
     def _flow_orch(self) -> Any:
         """The three-step flow app (and its plain twin) written to the temporary directory."""
@@ -716,10 +624,36 @@ class Bench:
             return {"seconds": end - start, "submit_seconds": submitted - start,
                     "ops_per_second": count / (end - start)}
 
+        def ours_one() -> tuple[float, float]:
+            """One flow alone: (submit seconds, submit to the end of its last step)."""
+            start = time.time()
+            op = orch.submit("three", hosts={"a": a, "b": b})
+            submitted = time.time()
+            def finished() -> float | None:
+                with orch.db.read() as s:
+                    return s.execute(select(Operation.finished_at).where(
+                        Operation.id == op, Operation.status == "completed")).scalar()
+
+            poll_until(lambda: finished() is not None, 30, "a flow", 0.002)
+            return submitted - start, finished() - start
+
+        def plain_one() -> tuple[float, float]:
+            done = int(self.redis.get(FLOW_COUNTER_KEY) or 0)
+            op = str(uuid.uuid4())
+            start = time.time()
+            plain_app.send_task("bench.prep", kwargs={"operation_id": op, "position": 0,
+                                "host": PLAIN_FLOW_HOSTS[1]}, task_id=f"{op}.0",
+                                queue=PLAIN_FLOW_HOSTS[1])
+            submitted = time.time()
+            poll_until(lambda: int(self.redis.get(FLOW_COUNTER_KEY) or 0) > done, 30,
+                       "a plain flow", 0.002)
+            return submitted - start, float(self.redis.get("bench:flow:last")) - start
+
         samples: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
-        for name, module, hosts, batch in (
-            ("ours", FLOW_MODULE, FLOW_HOSTS, ours_batch),
-            ("plain", PLAIN_FLOW_MODULE, PLAIN_FLOW_HOSTS, plain_batch),
+        alone: dict[str, list[tuple[float, float]]] = {"ours": [], "plain": []}
+        for name, module, hosts, batch, one in (
+            ("ours", FLOW_MODULE, FLOW_HOSTS, ours_batch, ours_one),
+            ("plain", PLAIN_FLOW_MODULE, PLAIN_FLOW_HOSTS, plain_batch, plain_one),
         ):
             procs = [self._spawn(module, host, name) for host in hosts]
             try:
@@ -729,6 +663,10 @@ class Bench:
                     samples[name].append(sample)
                     log(f"  {name} rep {rep + 1}: {sample['ops_per_second']:.1f} ops/s "
                         f"(submitting {sample['submit_seconds'] / n * 1e3:.2f} ms/op)")
+                alone[name] = [one() for _ in range(self.config.latency_n)]
+                log(f"  {name}, one at a time: "
+                    f"{median([x[1] for x in alone[name]]) * 1e3:.1f} ms per flow, submit "
+                    f"{median([x[0] for x in alone[name]]) * 1e3:.2f} ms")
             finally:
                 for proc in procs:
                     code = self.stop(proc, f"{name} flow worker")
@@ -746,6 +684,16 @@ class Bench:
             "plain_submit_ms_per_op": median(
                 [x["submit_seconds"] for x in samples["plain"]]) / n * 1e3,
             "ratio_ours_over_plain": ratio(ours_ops, plain_ops),
+        }
+        ours_ms = median([x[1] for x in alone["ours"]]) * 1e3
+        plain_ms = median([x[1] for x in alone["plain"]]) * 1e3
+        self.run.results["latency"] = {
+            "flows": self.config.latency_n, "steps_per_operation": 3,
+            "unit": "ms, submit to the end of the last step, one flow at a time",
+            "ours": ours_ms, "plain": plain_ms,
+            "overhead_ms_per_step": (ours_ms - plain_ms) / 3,
+            "ours_submit_ms": median([x[0] for x in alone["ours"]]) * 1e3,
+            "plain_submit_ms": median([x[0] for x in alone["plain"]]) * 1e3,
         }
 
     # -- 2c. a worker's ledger lookups, as the fleet grows -----------------------------------
@@ -948,10 +896,24 @@ class Bench:
                         total += int(line.split()[1])
         return total / 1024
 
+    @staticmethod
+    def _cpu_seconds(pid: int) -> float:
+        """CPU time (user + system) of a worker: its MainProcess and its pool processes."""
+        ticks = 0
+        for p in [pid, *_children(pid)]:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def _sigterm_to_exit(self, proc: subprocess.Popen, what: str) -> tuple[float | None, int]:
-        self.processes.note_children(proc)
         time.sleep(0.5)  # idle: let the consumer settle after " ready."
         self.memory.setdefault(what, []).append(self._rss_mb(proc.pid))
+        if what not in self.idle_cpu:  # once per kind: an idle window is long
+            before = self._cpu_seconds(proc.pid)
+            time.sleep(self.config.idle_seconds)
+            self.idle_cpu[what] = (self._cpu_seconds(proc.pid) - before) \
+                / self.config.idle_seconds * 1e3
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -966,6 +928,8 @@ class Bench:
     def drain(self) -> None:
         reps = self.config.drain_reps
         self.memory: dict[str, list[float]] = {}
+        #: CPU milliseconds per second of an idle worker (MainProcess + pool), by kind.
+        self.idle_cpu: dict[str, float] = {}
         log(f"[drain] idle worker, SIGTERM to exit, x {reps}")
         samples: dict[str, list[float]] = {"ours": [], "plain": []}
         codes: dict[str, list[int]] = {"ours": [], "plain": []}
@@ -1004,6 +968,12 @@ class Bench:
                     f"{self.config.concurrency}), idle", "ours": ours_mb, "plain": plain_mb,
             "ratio_ours_over_plain": ratio(ours_mb, plain_mb),
         }
+        ours_cpu, plain_cpu = self.idle_cpu["orchestrator worker"], self.idle_cpu["plain worker"]
+        self.run.results["idle_cpu"] = {
+            "unit": f"CPU ms per second, idle, over {self.config.idle_seconds:g}s",
+            "ours": ours_cpu, "plain": plain_cpu,
+            "ratio_ours_over_plain": ratio(ours_cpu, plain_cpu),
+        }
         self.busy_drain()
 
     def busy_drain(self) -> None:
@@ -1018,9 +988,7 @@ class Bench:
                 DRAIN_HOST, concurrency=self.config.concurrency, ready=False,
                 env={"ORCHESTRATOR_STEP_DELAYS": "build_and_run_instance=1"},
             )
-            self.processes.track(worker.proc)
             worker.wait_ready(timeout=60)
-            self.processes.note_children(worker.proc)
             accepted = self.operations.boot(f"{PREFIX}-busy-{rep}-{uuid.uuid4().hex[:6]}",
                                             DRAIN_HOST)
             op_id = accepted.id
@@ -1105,6 +1073,14 @@ def table(run: Run) -> str:
                      f"{f['plain_submit_ms_per_op']:.2f} ms",
                      f"{ratio(f['ours_submit_ms_per_op'], f['plain_submit_ms_per_op']):.2f}x"
                      " time"))
+    if "latency" in r:
+        t = r["latency"]
+        rows.append((f"one flow at a time, submit to last step's end (median of {t['flows']})",
+                     f"{t['ours']:.1f} ms", f"{t['plain']:.1f} ms",
+                     f"+{t['overhead_ms_per_step']:.2f} ms/step"))
+        rows.append(("  submit, idle workers", f"{t['ours_submit_ms']:.2f} ms",
+                     f"{t['plain_submit_ms']:.2f} ms",
+                     f"{ratio(t['ours_submit_ms'], t['plain_submit_ms']):.2f}x time"))
     if "ledger" in r:
         g = r["ledger"]
         for size, entry in g["fleets"].items():
@@ -1138,6 +1114,10 @@ def table(run: Run) -> str:
         m = r["memory"]
         rows.append(("idle worker memory, RSS incl. pool", f"{m['ours']:.0f} MiB",
                      f"{m['plain']:.0f} MiB", f"{m['ratio_ours_over_plain']:.2f}x"))
+    if "idle_cpu" in r:
+        c = r["idle_cpu"]
+        rows.append(("idle worker CPU, incl. pool", f"{c['ours']:.1f} ms/s",
+                     f"{c['plain']:.1f} ms/s", f"{c['ratio_ours_over_plain']:.2f}x"))
     if r.get("busy_drain", {}).get("median") is not None:
         b = r["busy_drain"]
         rows.append((f"busy drain: last step ended->exit (median of {b['repetitions']})",
@@ -1239,8 +1219,9 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         if bench is not None:
-            for text in bench.processes.stop_all():
-                run.problem(text)
+            for fleet in (bench.fleet, bench.plain):
+                for text in fleet.stop_all(timeout=15):
+                    run.problem(text)
         try:
             clear_owned_keys(args.redis_url, strict=False)
         except Exception as exc:

@@ -9,6 +9,7 @@ and log directories and an Erlang cookie of the cluster's own, started from the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -93,12 +94,20 @@ class RabbitCluster:
                               capture_output=True, text=True, timeout=timeout)
 
     def start_node(self, node: Node) -> None:
+        self._spawn(node)
+        self._wait_booted(node)
+
+    def _spawn(self, node: Node) -> None:
         log = (node.base / "console.log")
         node.base.mkdir(parents=True, exist_ok=True)
         with log.open("a") as out:
             node.proc = subprocess.Popen([SERVER], env=self._env(node), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
+
+    def _wait_booted(self, node: Node) -> None:
+        log = (node.base / "console.log")
+
         # The CLI answers "not running" until the node has registered with epmd.
         def booted() -> bool:
             if node.proc.poll() is not None:
@@ -110,10 +119,13 @@ class RabbitCluster:
         wait_for(booted, 120, f"RabbitMQ node {node.name}", interval=0.5)
 
     def start(self) -> RabbitCluster:
+        """The nodes boot side by side, then the others join the first."""
+        for node in self.nodes:
+            self._spawn(node)
+        for node in self.nodes:
+            self._wait_booted(node)
         first = self.nodes[0]
-        self.start_node(first)
         for node in self.nodes[1:]:
-            self.start_node(node)
             self.ctl(node, "stop_app")
             self.ctl(node, "join_cluster", first.name)
             self.ctl(node, "start_app")
@@ -135,14 +147,14 @@ class RabbitCluster:
         return node.proc is not None and node.proc.poll() is None
 
     def destroy(self) -> None:
+        """Every node gone at once (a test's teardown: nothing of them is kept)."""
         for node in self.nodes:
             if node.proc is not None and node.proc.poll() is None:
-                self.ctl(node, "stop", check=False, timeout=60)
-                try:
-                    node.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(node.proc.pid, signal.SIGKILL)
-                    node.proc.wait(timeout=10)
+        for node in self.nodes:
+            if node.proc is not None:
+                node.proc.wait(timeout=30)
         # epmd forgets a node once it is gone; nothing else of ours is left running.
         shutil.rmtree(self.dir, ignore_errors=True)
 

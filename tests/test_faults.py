@@ -113,3 +113,40 @@ def test_ledger_down_mid_step_the_move_completes_each_step_once(
     for worker in (source, dest):
         assert "raised unexpected" not in worker.log() and "Traceback" not in worker.log()
     assert "steps completed during drain: 1" in dest.log()
+
+
+def test_ledger_killed_under_load_loses_no_operation_and_applies_no_effect_twice(
+        ledger_fleet: Fleet, pg: pgserver.PrivatePostgres, tmp_path: Path) -> None:
+    """PostgreSQL killed (``pg_ctl stop -m immediate``: no shutdown, as a crash) while two
+    hosts run 24 moves, then started again: every move completes, every step's effect is
+    applied exactly once, nothing is left in the queues."""
+    from examples.volume_move.app import app
+    from tests.volumes import each_effect_once, effects_applied
+
+    env = {"VOLUMES_STEP_SECONDS": "copy_out=0.2,copy_in=0.2"}
+    workers = [ledger_fleet.start("node1", env=env), ledger_fleet.start("node2", env=env)]
+    names = [f"load{i}" for i in range(24)]
+    for i, name in enumerate(names):
+        make_volume(name, "node1" if i % 2 == 0 else "node2")
+    ops = [orch.submit("move", hosts={"source": "node1", "dest": "node2"} if i % 2 == 0
+                       else {"source": "node2", "dest": "node1"},
+                       params={"volume": name}, subject=name) for i, name in enumerate(names)]
+
+    def completed() -> int:
+        return sum(orch.operation(op)["status"] == "completed" for op in ops)
+
+    wait_for(lambda: completed() >= 4, 60, "the first moves to complete")
+    assert completed() < len(ops), "the kill must land under load"
+    pg.stop("immediate")
+    wait_for(lambda: all("cannot reach the ledger" in w.log() for w in workers), 30,
+             "both workers to find the ledger gone")
+    pg.start()
+    pg.wait_answering()
+    for op in ops:
+        assert orch.wait(op, timeout=120)["status"] == "completed", orch.operation(op)
+    assert effects_applied(ops) == each_effect_once(ops)
+    queues = [q for n in ("node1", "node2") for q in (n, f"{n}-alt")]
+    wait_for(lambda: not any(queue_depths(app, queues).values()), 30, "empty queues")
+    for worker in workers:
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        assert "Traceback" not in worker.log(), worker.log()[-3000:]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from nova_app import operations
+from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
-from tests.test_metrics import _free_port
 
 pytestmark = pytest.mark.shutdown
 
@@ -32,7 +32,7 @@ def chromium() -> str | None:
 
 class FlowerProcess:
     def __init__(self, log: Path, unauthenticated_api: bool) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}

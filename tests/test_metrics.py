@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import urllib.request
 
 import pytest
@@ -15,16 +14,11 @@ from nova_app import operations
 from nova_app.app import orch
 from orchestrator.cli import main as cli
 from orchestrator.metrics import serve
+from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
 
 pytestmark = pytest.mark.shutdown
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -44,7 +38,7 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
     env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
     fleet.start("compute1", env=env)
     dest = fleet.start("compute2", graceful_timeout=60, env=env)
-    port = _free_port()
+    port = free_port()
     server = serve(orch, port)
     try:
         booted, resize = resize_vm1_until("resize_instance")

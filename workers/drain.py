@@ -31,6 +31,7 @@ acts on from the event loop, because broker I/O inside a signal handler is unsaf
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import os
 import signal
@@ -55,8 +56,12 @@ from workers.leftover import Waiting, what_is_left
 
 logger = get_logger(__name__)
 
-#: How often the drain's tick runs in the event loop (a drain starts within this of SIGTERM).
+#: How often the drain's tick runs in the event loop while it drains.
 TICK_SECONDS = 0.1
+#: How often it runs while the host is up: a SIGTERM wakes the loop at once through a pipe
+#: (:meth:`Drain._on_sigterm`); this tick is the fallback where the loop has no hub, or lost
+#: the pipe's registration with a broker reconnect (kombu's ``Hub.reset``).
+IDLE_TICK_SECONDS = 1.0
 LOG_EVERY_SECONDS = 5.0
 
 
@@ -114,6 +119,10 @@ class Drain(bootsteps.StartStopStep):
         self.record: DrainRecord | None = None
         self.exit_deadline = ExitDeadline()
         self._tref = None
+        self._fast = False
+        #: The SIGTERM handler writes here; the event loop reads (worker.hub, if any).
+        self._wake: tuple[int, int] | None = None
+        self._hub = None
         self._last_log = 0.0
         self._last_error = ""
         worker.host_drain = self
@@ -126,7 +135,12 @@ class Drain(bootsteps.StartStopStep):
         self.worker, self.queues = worker, service.queues
         self.hand_back = HandBack(worker.app, self.orch.settings.queue_type, self.queues.main)
         self.record = DrainRecord(self.orch, worker.hostname, self.queues.host)
-        self._tref = worker.timer.call_repeatedly(TICK_SECONDS, self.tick)
+        self._wake = os.pipe()
+        for fd in self._wake:
+            os.set_blocking(fd, False)
+        self._hub = getattr(worker, "hub", None)
+        self._listen()
+        self._tref = worker.timer.call_repeatedly(IDLE_TICK_SECONDS, self._idle_tick)
         self.exit_deadline.start()
         billiard_internals.stop_at_once_when(
             worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved())
@@ -143,6 +157,8 @@ class Drain(bootsteps.StartStopStep):
             return
         if self._tref is not None:
             self._tref.cancel()
+        if self._hub is not None and self._wake is not None:
+            self._hub.remove_reader(self._wake[0])
         # Our SIGTERM handler stays until the interpreter exits (_ignore_sigterm_at_exit): set
         # SIG_IGN here and a pool process forked from now on (billiard replaces dead ones
         # until the pool is terminated) would ignore the pool's own SIGTERM, and the cold
@@ -190,6 +206,9 @@ class Drain(bootsteps.StartStopStep):
             self.exit_deadline.set(time.time() + self.timeout)
         else:
             self.hurry = True
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # full: the loop is waking anyway
+                os.write(self._wake[1], b"t")
 
     def request(self, reason: str) -> bool:
         """Start the drain from the event loop (remote control); False if already asked."""
@@ -197,7 +216,34 @@ class Drain(bootsteps.StartStopStep):
             return False
         self.requested = reason
         self.exit_deadline.set(time.time() + self.timeout)
+        self._tick_fast()
         return True
+
+    # -- waking the loop ---------------------------------------------------------------------
+    def _listen(self) -> None:
+        """Have the event loop read the wake pipe (again, after a hub reset)."""
+        if self._hub is not None and self._wake is not None \
+                and self._wake[0] not in self._hub.readers:
+            self._hub.add_reader(self._wake[0], self._woken)
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._wake[0], 64)
+        self._tick_fast()
+
+    def _idle_tick(self) -> None:
+        self._listen()
+        if self.requested is not None:
+            self._tick_fast()
+
+    def _tick_fast(self) -> None:
+        """Asked to drain: tick now, then every TICK_SECONDS until the drain is over."""
+        if not self._fast:
+            self._fast = True
+            if self._tref is not None:
+                self._tref.cancel()
+            self._tref = self.worker.timer.call_repeatedly(TICK_SECONDS, self.tick)
+        self.tick()
 
     # -- the state machine -------------------------------------------------------------------
     def _move(self, to: DrainState) -> None:

@@ -30,6 +30,7 @@ class HostTimerStep(bootsteps.StartStopStep):
         self.host: str | None = None
         self.app = None
         self.orch = None
+        self.timer = None
         self._tref = None
         self._last_error = ""
         self._last_log = 0.0
@@ -40,11 +41,29 @@ class HostTimerStep(bootsteps.StartStopStep):
         if service is None:
             return
         self.orch, self.host = service.orch, service.queues.host
-        self._tref = worker.timer.call_repeatedly(self.interval, self._safe_tick)
+        self.timer = worker.timer
+        self._schedule(self.delay())
 
     def stop(self, worker) -> None:
         if self._tref is not None:
             self._tref.cancel()
+        self.timer = None
+
+    def delay(self) -> float:
+        """Seconds until the next tick (``interval``; a subclass may wait longer when idle)."""
+        return self.interval
+
+    def _schedule(self, seconds: float) -> None:
+        if self._tref is not None:
+            self._tref.cancel()
+        if self.timer is not None:
+            self._tref = self.timer.call_after(seconds, self._run)
+
+    def _run(self) -> None:
+        try:
+            self._safe_tick()
+        finally:
+            self._schedule(self.delay())
 
     terminate = stop
 

@@ -35,7 +35,7 @@ from celery.exceptions import Reject
 
 from orchestrator.context import StepContext
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
-from orchestrator.state import Attempt
+from orchestrator.state import Attempt, no_effect
 from workers.validation import check_step_call, reject
 
 logger = logging.getLogger(__name__)
@@ -214,9 +214,13 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         def complete() -> tuple[Any, Any]:
             decision = (orch.router.decide(*following, record=False)
                         if following is not None else None)
+            queue = decision.queue if decision else None
+            if spec.effect is no_effect and not output:  # nothing to apply: no ORM needed
+                return decision, ledger.complete_plain(
+                    operation_id, position, step, host, start, queue, attempt)
             return decision, ledger.complete_step(
-                operation_id, position, spec.effect, output,
-                next_queue=decision.queue if decision else None, attempt=attempt)
+                operation_id, position, spec.effect, output, next_queue=queue,
+                attempt=attempt)
 
         decision, nxt = recorded("is done, waits to record it", complete)
         orch.advance(operation_id, nxt, decision)

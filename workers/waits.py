@@ -9,8 +9,6 @@ host whose event has arrived and fails those past their deadline (Nova's
 
 from __future__ import annotations
 
-import time
-
 from celery.utils.log import get_logger
 
 from workers.hoststep import HostTimerStep
@@ -32,26 +30,30 @@ class EventWaits(HostTimerStep):
     def __init__(self, worker, **kwargs) -> None:
         super().__init__(worker, **kwargs)
         self.busy = True  # until a check says otherwise
-        self.next_idle_check = 0.0
 
     def start(self, worker) -> None:
         super().start(worker)
         worker.event_waits = self  # woken by workers.request.StepRequest
 
     def wake(self) -> None:
-        """A step of this host parked to wait for an event: check at the next tick."""
-        self.busy = True
+        """A step of this host parked to wait for an event: check at once (from the event
+        loop: workers.request.StepRequest.on_success)."""
+        if not self.busy:
+            self.busy = True
+            self._schedule(0)
+
+    def delay(self) -> float:
+        """Every ``interval`` while steps wait here; else IDLE_CHECK_SECONDS, so an idle
+        worker's loop is not woken five times a second for nothing."""
+        return self.interval if self.busy else IDLE_CHECK_SECONDS
 
     def tick(self) -> None:
-        if not self.busy and time.monotonic() < self.next_idle_check:
-            return
         orch = self.orch
         settled = orch.ledger.settle_waits(
             self.host, lambda step: orch.spec(step).effect,
             lambda step: orch.spec(step).on_failure,
         )
         self.busy = settled.still_waiting > 0
-        self.next_idle_check = time.monotonic() + IDLE_CHECK_SECONDS
         for operation_id, nxt in settled:
             logger.info("event wait of %s settled on %s", operation_id, self.host)
             orch.advance(operation_id, nxt)

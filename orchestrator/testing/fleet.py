@@ -157,12 +157,17 @@ class Fleet:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.pid, signal.SIGKILL)
 
-    def stop_all(self, timeout: float = 30.0) -> None:
+    def stop_all(self, timeout: float = 30.0) -> list[str]:
+        """Cold shutdown of every process still running (SIGQUIT), then SIGKILL to the
+        process group of any that did not exit within ``timeout`` or left a pool process
+        behind; returns what needed force."""
+        forced: list[str] = []
         for worker in self.workers:
             worker.signal(signal.SIGQUIT)
         for worker in self.workers:
             try:
                 worker.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait(timeout=10)
+                forced.append(f"{worker.host} (pid {worker.pid}) ignored SIGQUIT; killed")
+        self.kill_all()
+        return forced

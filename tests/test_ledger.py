@@ -1,0 +1,101 @@
+"""The ledger's step path without processes: the completion of a step with no effect and no
+output (two statements, no ORM: ``Ledger.complete_plain``) leaves the ledger exactly as the
+general completion (``Ledger.complete_step``) does, case by case. On SQLite, and on
+PostgreSQL with ORCHESTRATOR_TEST_DB_URL."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from sqlalchemy import select
+
+from orchestrator import Orchestrator
+from orchestrator.db import reset
+from orchestrator.models import Operation, OperationHost, StepRecord
+from orchestrator.state import Attempt
+
+PLAN = [("prep", "hb"), ("move", "ha"), ("finish", "hb")]
+ROUTING = """steps:
+  prep: {queue: main, reason: nothing started}
+  move: {queue: alt, reason: started}
+  finish: {queue: alt, reason: started}
+"""
+
+
+@pytest.fixture
+def orch(tmp_path: Path) -> Iterator[Orchestrator]:
+    url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_path / 'l.db'}"
+    if not url.startswith("sqlite"):
+        reset(url)
+    (tmp_path / "routing.yaml").write_text(ROUTING)
+    orch = Orchestrator(Celery("ledger-test"), routing=tmp_path / "routing.yaml", db_url=url)
+    for name in ("prep", "move", "finish"):
+        orch.step(name=name)(lambda ctx: None)
+    orch.flow("three", [("prep", "b"), ("move", "a"), ("finish", "b")])
+    yield orch
+
+
+def _new(orch: Orchestrator) -> str:
+    with orch.db.session() as s:
+        op = Operation(kind="three", plan=[list(p) for p in PLAN], hosts={"a": "ha", "b": "hb"},
+                       params={}, status="queued", position=0, step_state="queued",
+                       step_since=0.0, next_published=True, queue="hb", current_host="hb")
+        s.add(op)
+        s.flush()
+        orch.ledger.index_hosts(s, op, new=True)
+        return op.id
+
+
+def _state(orch: Orchestrator, op_id: str) -> tuple:
+    """Everything a completion writes, without ids and clocks."""
+    with orch.db.read() as s:
+        op = s.get(Operation, op_id)
+        steps = s.execute(select(StepRecord).where(StepRecord.operation_id == op_id)
+                          .order_by(StepRecord.position)).scalars().all()
+        hosts = s.execute(select(OperationHost.host, OperationHost.last_position).where(
+            OperationHost.operation_id == op_id).order_by(OperationHost.host)).all()
+        return ((op.status, op.position, op.step_state, op.next_published, op.queue,
+                 op.current_host, op.holds, op.wait, op.finished_at is not None),
+                [(r.position, r.step, r.host, r.status, r.attempts, r.applied, r.worker,
+                  r.started_at is not None, r.finished_at is not None) for r in steps],
+                [tuple(h) for h in hosts])
+
+
+def _complete(orch: Orchestrator, op_id: str, position: int, plain: bool, *,
+              queue: str | None, attempt: Attempt | None):
+    step, host = PLAN[position]
+    if plain:
+        start = orch.ledger.begin_step(op_id, position, step, host, "w1", claim=False)
+        return orch.ledger.complete_plain(op_id, position, step, host, start, queue, attempt)
+    return orch.ledger.complete_step(op_id, position, next_queue=queue, attempt=attempt)
+
+
+@pytest.mark.parametrize("case", ["sent", "not sent", "claimed", "no attempt", "failed plan"])
+def test_the_plain_completion_writes_what_the_general_one_writes(orch: Orchestrator,
+                                                                 case: str) -> None:
+    results = {}
+    for plain in (False, True):
+        op_id = _new(orch)
+        if case == "failed plan":  # a rollback's last step ends the operation as failed
+            with orch.db.session() as s:
+                s.get(Operation, op_id).error = "prep@hb: broken"
+        outcomes = []
+        for position in range(len(PLAN)):
+            attempt = None if case == "no attempt" else Attempt("w1", 1.0)
+            if case == "claimed":
+                orch.ledger.claim_step(op_id, position, attempt)
+                attempt = Attempt("w1", 1.0, claimed=True)
+            queue = None if case == "not sent" or position == 2 else f"{PLAN[position + 1][1]}-q"
+            nxt = _complete(orch, op_id, position, plain, queue=queue, attempt=attempt)
+            outcomes.append((nxt.outcome, nxt.next_step, nxt.next_position, nxt.queue))
+            # Delivered again: a duplicate that changes nothing.
+            again = _complete(orch, op_id, position, plain, queue=queue, attempt=attempt)
+            assert again.outcome == "duplicate"
+        results[plain] = (outcomes, _state(orch, op_id))
+    assert results[True] == results[False]
+    status = results[True][1][0][0]
+    assert status == ("failed" if case == "failed plan" else "completed")
