@@ -420,8 +420,9 @@ class Orchestrator:
             # sent, and one publish sends it. A fallback to <host> is counted (a write of its
             # own, never inside the ledger's transaction) only once the step is sent.
             decision = self.dispatch.route(*first)
-            with self.db.session() as s:
-                op_id = self._record(s, spec, hosts, params, subject, queue=decision.queue)
+            op_id = self.ledger.record_new(
+                spec.name, spec.plan(hosts), hosts, params or {}, subject, decision.queue,
+                spec.recorded_rollback(hosts))
             self.dispatch.first(StepMessage(op_id, 0, *first, spec.name, subject), decision)
             return op_id
         # The same in the caller's transaction: the operation is recorded with its first step

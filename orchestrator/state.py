@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Database
-from orchestrator.errors import StepMismatch, UnknownOperation
+from orchestrator.errors import StepMismatch, SubjectBusy, UnknownOperation
 from orchestrator.flows import Flow
-from orchestrator.models import Event, Operation, OperationHost, StepRecord
+from orchestrator.models import Event, Operation, OperationHost, StepRecord, new_id
 
 __all__ = ["ACTIVE_STATUSES", "Attempt", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
@@ -225,6 +226,38 @@ class Ledger:
                 return StepStart("duplicate")
         return StepStart("run", following, position + 1, queue=next_queue, kind=start.kind,
                          subject=start.subject)
+
+    def record_new(self, kind: str, plan: list, hosts: Mapping[str, str],
+                   params: Mapping[str, Any], subject: str | None, queue: str,
+                   rollback: dict | None) -> str:
+        """Record a submitted operation with its first step as sent to ``queue``, in one
+        transaction of statements built once (no ORM); returns its id. A busy subject raises
+        SubjectBusy, naming the operation that holds it (or the race the unique index lost)."""
+        statements, now, op_id = _steps(self.db.url), time.time(), new_id()
+        last: dict[str, int] = {}
+        for index, (_, host) in enumerate(plan):
+            last[host] = index
+        with self.db.writing() as conn:
+            if subject is not None:
+                busy = conn.execute(statements.holder, {"subject": subject}).first()
+                if busy is not None:
+                    raise SubjectBusy(f"subject {subject!r} is busy: operation {busy.id} "
+                                      f"({busy.kind}) in progress")
+            try:
+                conn.execute(statements.insert_operation, {
+                    "id": op_id, "kind": kind, "subject": subject, "holds": subject,
+                    "plan": plan, "hosts": dict(hosts), "params": dict(params),
+                    "status": "queued", "position": 0, "step_state": "queued",
+                    "step_since": now, "next_published": True, "queue": queue,
+                    "current_host": plan[0][1], "rollback": rollback, "created_at": now,
+                    "updated_at": now})
+            except IntegrityError:
+                raise SubjectBusy(f"subject {subject!r} is busy: another operation was just "
+                                  "submitted for it") from None
+            conn.execute(statements.insert_hosts, [
+                {"operation_id": op_id, "host": host, "last_position": position}
+                for host, position in last.items()])
+        return op_id
 
     def claim_step(self, operation_id: str, position: int, attempt: Attempt) -> bool:
         """Record a step that is taking a while as running (``attempt``: this delivery);
@@ -649,6 +682,9 @@ class _StepStatements:
             attempts=log.c.attempts + 1, worker=bindparam("worker"),
             started_at=bindparam("started_at"), **done))
         self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
+        self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
+        self.insert_operation = insert(ops)
+        self.insert_hosts = insert(hosts)
 
 
 _statements: dict[str, _StepStatements] = {}
