@@ -76,6 +76,11 @@ class DrainState(enum.Enum):
     SECOND_SIGTERM = "second-sigterm"
 
     @property
+    def reported(self) -> str:
+        """What the registry, the heartbeat and ``orchestrator_status`` say: up or draining."""
+        return "up" if self is DrainState.UP else "draining"
+
+    @property
     def over(self) -> bool:
         return self in (DrainState.DONE, DrainState.DEADLINE, DrainState.SECOND_SIGTERM)
 
@@ -180,7 +185,7 @@ class Drain(bootsteps.StartStopStep):
                 "service_version": self.service.version,
                 "main_queue": self.queues.main,
                 "alt_queue": self.queues.alt,
-                "state": "draining" if self.since is not None else "up",
+                "state": self.state.reported,
                 "graceful_timeout": self.timeout,
                 "deadline_in": None if self.deadline is None
                 else round(self.deadline - time.time(), 1),
@@ -296,7 +301,7 @@ class Drain(bootsteps.StartStopStep):
         self.since = time.time()
         self.deadline = self.since + self.timeout
         self._move(DrainState.QUIET)
-        self.service.state = "draining"
+        self.service.state = self.state.reported
         try:
             if self.orch.ledger_health.up:  # no stall of the loop: the heartbeat retries
                 self.orch.registry.set_state(self.worker.hostname, "draining",

@@ -33,7 +33,7 @@ def report(drain, stranded) -> dict:
     """The answer of a worker whose host ``drain`` is (workers.control, ``orchestrator_status``)."""
     return {
         "host": drain.queues.host,
-        "state": "draining" if drain.since is not None else "up",
+        "state": drain.state.reported,
         "deadline_in": None if drain.deadline is None else round(drain.deadline - time.time(), 1),
         "ledger": drain.orch.ledger_health.as_dict(),
         "steps_recovered": stranded.recovered if stranded is not None else 0,

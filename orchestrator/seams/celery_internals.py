@@ -81,10 +81,6 @@ def register_control_command(name: str, fn: Callable[..., Any], *,
     control_command(name=name, args=args, signature=signature)(fn)
 
 
-def command_registered(name: str) -> bool:
-    return name in Panel.data
-
-
 def worker_of(state: Any) -> Any:
     """The worker (WorkController) behind a remote-control command's ``state``."""
     return getattr(state.consumer, "controller", None)
