@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -47,6 +48,7 @@ PG_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
 _SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
 
 _engines: dict[tuple[int, str, bool], Engine] = {}
+_autocommit: dict[tuple[int, str], Engine] = {}
 _makers: dict[tuple[int, str, bool], sessionmaker] = {}
 _ready: set[tuple[int, str, tuple[str, ...]]] = set()
 
@@ -93,10 +95,36 @@ def _engine(url: str, write: bool) -> Engine:
         if sqlite:
             eng = _sqlite_engine(url, immediate=write)
         else:
-            eng = create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4,
+            eng = create_engine(url, pool_size=2, max_overflow=4,
                                 connect_args=_connect_args(url))
+            event.listen(eng, "checkout", _closed_by_server)
         _engines[key] = eng
         _makers[key] = sessionmaker(eng, expire_on_commit=False)
+    return eng
+
+
+def _closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    """A pooled connection that the server has closed (restarted, or ended the backend) is
+    dropped at checkout, and the pool connects anew: SQLAlchemy retries a checkout whose
+    listener raises DisconnectionError. An idle connection has nothing to read, so a socket
+    that is readable holds the server's goodbye or end of file. This costs a poll() where
+    ``pool_pre_ping`` costs a round trip per checkout (two per step). A connection across a
+    partition is not readable: a statement on it fails after ``tcp_user_timeout`` (and a
+    ping would have hung as long)."""
+    if select.select([dbapi_conn.fileno()], [], [], 0)[0]:
+        raise DisconnectionError("the server closed this pooled connection")
+
+
+def _autocommit_engine(url: str) -> Engine:
+    """The writing engine's pool, each statement its own transaction: on PostgreSQL a single
+    statement is atomic by itself, and a transaction around it costs a BEGIN and a COMMIT
+    (or the pool's reset ROLLBACK), two round trips more than the statement. Setting it is
+    psycopg's ``autocommit`` flag, local to the connection (no round trip)."""
+    key = (os.getpid(), url)
+    eng = _autocommit.get(key)
+    if eng is None:
+        eng = _autocommit[key] = _engine(url, True).execution_options(
+            isolation_level="AUTOCOMMIT")
     return eng
 
 
@@ -254,11 +282,28 @@ class Database:
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
-        """A read-only Core connection (never takes SQLite's write lock)."""
+        """A Core connection for single-statement reads (never takes SQLite's write lock;
+        on PostgreSQL no transaction around the statement)."""
         url = self.url
         with self._reachable(url):
             self.engine()
-            with _engine(url, False).connect() as conn:
+            eng = _engine(url, False) if url.startswith("sqlite") else _autocommit_engine(url)
+            with eng.connect() as conn:
+                yield conn
+
+    @contextmanager
+    def statement(self) -> Iterator[Connection]:
+        """A Core connection on which each statement commits by itself (PostgreSQL), for
+        writes made atomic in one statement; SQLite, whose writers take turns, gets
+        :meth:`writing`."""
+        url = self.url
+        if url.startswith("sqlite"):
+            with self.writing() as conn:
+                yield conn
+            return
+        with self._reachable(url):
+            self.engine()
+            with _autocommit_engine(url).connect() as conn:
                 yield conn
 
     @contextmanager

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -206,10 +206,10 @@ class Ledger:
         where = {"op": operation_id, "at": position, "next_position": position + 1,
                  "now": now}
         if following is None:  # the plan is done; after a rollback the operation failed
-            advance = statements.end
+            advance_name = "end"
         else:
             # (an execute's parameter named after a column is also SET: "queue" only when sent)
-            advance = statements.advance if next_queue is None else statements.advance_sent
+            advance_name = "advance" if next_queue is None else "advance_sent"
             where["next_host"] = following[1]
             if next_queue is not None:
                 where["queue"] = next_queue
@@ -217,13 +217,21 @@ class Ledger:
                   "host": host, "now": now,
                   "worker": attempt.worker if counted else None,
                   "started_at": attempt.started_at if counted else None}
-        with self.db.writing() as conn:
-            if not conn.execute(advance, where).rowcount:
-                return StepStart("duplicate")
-            conn.execute(statements.record_counted if counted else statements.record, record)
-            if following is None:
-                conn.execute(statements.forget_hosts, {"op": operation_id})
-                return StepStart("duplicate")
+        advance = getattr(statements, advance_name)
+        one = statements.completions.get((advance_name, counted))
+        if one is not None:
+            with self.db.statement() as conn:
+                advanced = conn.execute(one, {**where, **record}).scalar()
+        else:
+            with self.db.writing() as conn:
+                advanced = conn.execute(advance, where).rowcount
+                if advanced:
+                    conn.execute(statements.record_counted if counted else statements.record,
+                                 record)
+                    if following is None:
+                        conn.execute(statements.forget_hosts, {"op": operation_id})
+        if not advanced or following is None:
+            return StepStart("duplicate")
         return StepStart("run", following, position + 1, queue=next_queue, kind=start.kind,
                          subject=start.subject)
 
@@ -237,27 +245,48 @@ class Ledger:
         last: dict[str, int] = {}
         for index, (_, host) in enumerate(plan):
             last[host] = index
-        with self.db.writing() as conn:
-            if subject is not None:
-                busy = conn.execute(statements.holder, {"subject": subject}).first()
-                if busy is not None:
-                    raise SubjectBusy(f"subject {subject!r} is busy: operation {busy.id} "
-                                      f"({busy.kind}) in progress")
+        row = {"id": op_id, "kind": kind, "subject": subject, "holds": subject, "plan": plan,
+               "hosts": dict(hosts), "params": dict(params), "status": "queued",
+               "position": 0, "step_state": "queued", "step_since": now,
+               "next_published": True, "queue": queue, "current_host": plan[0][1],
+               "rollback": rollback, "created_at": now, "updated_at": now}
+        if statements.submit is not None:  # one statement; a busy subject breaks the index
             try:
-                conn.execute(statements.insert_operation, {
-                    "id": op_id, "kind": kind, "subject": subject, "holds": subject,
-                    "plan": plan, "hosts": dict(hosts), "params": dict(params),
-                    "status": "queued", "position": 0, "step_state": "queued",
-                    "step_since": now, "next_published": True, "queue": queue,
-                    "current_host": plan[0][1], "rollback": rollback, "created_at": now,
-                    "updated_at": now})
+                with self.db.statement() as conn:
+                    conn.execute(statements.submit, {**row, "host_names": list(last),
+                                                     "host_positions": list(last.values())})
             except IntegrityError:
-                raise SubjectBusy(f"subject {subject!r} is busy: another operation was just "
-                                  "submitted for it") from None
+                raise self._busy(subject) from None
+            return op_id
+        with self.db.writing() as conn:
+            if subject is not None and conn.execute(
+                    statements.holder, {"subject": subject}).first() is not None:
+                raise self._busy(subject, conn)
+            try:
+                conn.execute(statements.insert_operation, row)
+            except IntegrityError:
+                raise self._busy(subject, conn) from None
             conn.execute(statements.insert_hosts, [
                 {"operation_id": op_id, "host": host, "last_position": position}
                 for host, position in last.items()])
         return op_id
+
+    def _busy(self, subject: str | None, conn: Any = None) -> SubjectBusy:
+        """Why ``subject`` could not be taken: the operation that holds it, or the race a
+        submit lost to another (gone again by the time it is read)."""
+        def holder(c: Any) -> Any:
+            return c.execute(_steps(self.db.url).holder, {"subject": subject}).first()
+
+        if conn is not None:
+            busy = holder(conn)
+        else:
+            with self.db.reading() as c:
+                busy = holder(c)
+        if busy is None:
+            return SubjectBusy(f"subject {subject!r} is busy: another operation was just "
+                               "submitted for it")
+        return SubjectBusy(f"subject {subject!r} is busy: operation {busy.id} ({busy.kind}) "
+                           "in progress")
 
     def claim_step(self, operation_id: str, position: int, attempt: Attempt) -> bool:
         """Record a step that is taking a while as running (``attempt``: this delivery);
@@ -685,6 +714,76 @@ class _StepStatements:
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
         self.insert_operation = insert(ops)
         self.insert_hosts = insert(hosts)
+        #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
+        #: run outside a transaction: one round trip where a transaction takes four or more.
+        #: SQLite has no data-modifying CTE, and its round trips are calls into a library.
+        self.completions: dict[tuple[str, bool], Any] = {}
+        self.submit: Any = None
+        if dialect == "postgresql":
+            for name in ("end", "advance", "advance_sent"):
+                for counted in (False, True):
+                    self.completions[name, counted] = self._completion(
+                        getattr(self, name), counted, ending=name == "end")
+            self.submit = self._submit()
+
+    @staticmethod
+    def _completion(advance: Any, counted: bool, ending: bool) -> Any:
+        """``advance`` (guarded by the operation's position), then the step's record, only if
+        it advanced (an insert from the advanced row: none for a duplicate); at the end of the
+        plan also the operation's host index. Returns how many operations advanced (0 or 1)."""
+        ops, log, hosts = Operation.__table__, StepRecord.__table__, OperationHost.__table__
+        from sqlalchemy.dialects.postgresql import insert
+
+        advanced = advance.returning(ops.c.id).cte("advanced")
+
+        def typed(name: str, column: Any) -> Any:
+            return bindparam(name, type_=column.type)
+
+        row = {"operation_id": advanced.c.id,
+               "position": typed("position", log.c.position),
+               "step": typed("step", log.c.step), "host": typed("host", log.c.host),
+               "status": literal("completed", log.c.status.type),
+               "attempts": literal(1 if counted else 0, log.c.attempts.type),
+               "applied": literal(1, log.c.applied.type),
+               "finished_at": typed("now", log.c.finished_at)}
+        done: dict[str, Any] = {"status": "completed", "applied": log.c.applied + 1,
+                                "finished_at": typed("now", log.c.finished_at)}
+        if counted:
+            row["worker"] = typed("worker", log.c.worker)
+            row["started_at"] = typed("started_at", log.c.started_at)
+            done.update(attempts=log.c.attempts + 1, worker=row["worker"],
+                        started_at=row["started_at"])
+        record = insert(log).from_select(list(row), select(*row.values())).on_conflict_do_update(
+            index_elements=["operation_id", "position"], set_=done)
+        statement = select(func.count()).select_from(advanced).add_cte(
+            record.returning(log.c.id).cte("recorded"))
+        if ending:
+            statement = statement.add_cte(delete(hosts).where(
+                hosts.c.operation_id.in_(select(advanced.c.id))
+            ).returning(hosts.c.host).cte("forgotten"))
+        return statement
+
+    @staticmethod
+    def _submit() -> Any:
+        """The operation and its host index in one statement (``host_names`` and
+        ``host_positions``: arrays, one element per host the plan names)."""
+        ops, hosts = Operation.__table__, OperationHost.__table__
+        from sqlalchemy import ARRAY
+        from sqlalchemy.dialects.postgresql import insert
+
+        columns = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status",
+                   "position", "step_state", "step_since", "next_published", "queue",
+                   "current_host", "rollback", "created_at", "updated_at")
+        recorded = insert(ops).values(
+            {name: bindparam(name, type_=ops.c[name].type) for name in columns}
+        ).returning(ops.c.id).cte("recorded")
+        each = func.unnest(bindparam("host_names", type_=ARRAY(hosts.c.host.type)),
+                           bindparam("host_positions", type_=ARRAY(hosts.c.last_position.type))
+                           ).table_valued("host", "last_position").render_derived()
+        return insert(hosts).from_select(
+            ["operation_id", "host", "last_position"],
+            select(recorded.c.id, each.c.host, each.c.last_position).select_from(
+                recorded.join(each, true())))
 
 
 _statements: dict[str, _StepStatements] = {}

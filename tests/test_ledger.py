@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from orchestrator import Orchestrator
 from orchestrator.db import reset
+from orchestrator.errors import SubjectBusy
 from orchestrator.models import Operation, OperationHost, StepRecord
 from orchestrator.state import Attempt
 
@@ -99,3 +100,32 @@ def test_the_plain_completion_writes_what_the_general_one_writes(orch: Orchestra
     assert results[True] == results[False]
     status = results[True][1][0][0]
     assert status == ("failed" if case == "failed plan" else "completed")
+
+
+def test_a_submit_records_what_the_general_path_records(orch: Orchestrator) -> None:
+    """Ledger.record_new (one statement on PostgreSQL, one transaction on SQLite) against the
+    ORM's record of the same operation; then both complete alike."""
+    ids = {"orm": _new(orch),
+           "new": orch.ledger.record_new("three", [list(p) for p in PLAN],
+                                         {"a": "ha", "b": "hb"}, {}, None, "hb", None)}
+    states = {name: _state(orch, op_id) for name, op_id in ids.items()}
+    assert states["new"] == states["orm"]
+    assert states["new"][2] == [("ha", 1), ("hb", 2)]  # every host, with its last position
+    for op_id in ids.values():
+        for position in range(len(PLAN)):
+            _complete(orch, op_id, position, True, queue="q", attempt=Attempt("w1", 1.0))
+    assert _state(orch, ids["new"]) == _state(orch, ids["orm"])
+
+
+def test_a_busy_subject_is_refused_naming_its_holder(orch: Orchestrator) -> None:
+    plan, hosts = [list(p) for p in PLAN], {"a": "ha", "b": "hb"}
+    first = orch.ledger.record_new("three", plan, hosts, {}, "vm1", "hb", None)
+    with pytest.raises(SubjectBusy, match=f"subject 'vm1' is busy: operation {first} "
+                                          r"\(three\) in progress"):
+        orch.ledger.record_new("three", plan, hosts, {}, "vm1", "hb", None)
+    with orch.db.read() as s:
+        assert s.execute(select(Operation.id)).scalars().all() == [first]  # nothing half-made
+        assert len(s.execute(select(OperationHost)).all()) == 2
+    for position in range(len(PLAN)):  # the subject is free again once it is done
+        _complete(orch, first, position, True, queue="q", attempt=None)
+    orch.ledger.record_new("three", plan, hosts, {}, "vm1", "hb", None)
