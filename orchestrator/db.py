@@ -116,15 +116,18 @@ def _closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-u
 
 
 def _autocommit_engine(url: str) -> Engine:
-    """The writing engine's pool, each statement its own transaction: on PostgreSQL a single
+    """An engine whose connections are in autocommit for good: on PostgreSQL a single
     statement is atomic by itself, and a transaction around it costs a BEGIN and a COMMIT
-    (or the pool's reset ROLLBACK), two round trips more than the statement. Setting it is
-    psycopg's ``autocommit`` flag, local to the connection (no round trip)."""
+    (or the pool's reset ROLLBACK), two round trips more than the statement. A pool of its
+    own: switching a pooled connection in and out of autocommit at every checkout cost as
+    much Python as the statement (psycopg's autocommit and isolation setters, the reset)."""
     key = (os.getpid(), url)
     eng = _autocommit.get(key)
     if eng is None:
-        eng = _autocommit[key] = _engine(url, True).execution_options(
-            isolation_level="AUTOCOMMIT")
+        eng = _autocommit[key] = create_engine(
+            url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None, pool_size=2,
+            max_overflow=4, connect_args=_connect_args(url))
+        event.listen(eng, "checkout", _closed_by_server)
     return eng
 
 

@@ -105,6 +105,7 @@ def noop(**kwargs):
 FLOW_MODULE = "benchflow_app"
 FLOW_HOSTS = ("benchflowa", "benchflowb")  # roles a and b; queues <host> and <host>-alt
 FLOW_COUNTER_KEY = "bench:flow:done"
+OURS_COUNTER_KEY = "bench:flow:ours"
 FLOW_ROUTING = """\
 steps:
   prep: {queue: main, reason: nothing started (as prep_resize)}
@@ -115,6 +116,7 @@ FLOW_APP_SOURCE = '''\
 """Three steps over two hosts, the shape of a resize: prep (b), move (a), finish (b)."""
 import os
 
+import redis
 from celery import Celery
 
 from orchestrator import Orchestrator
@@ -133,8 +135,17 @@ def move(ctx):
     return None
 
 
+_client = None
+
+
 @orch.step
 def finish(ctx):
+    # Counted as the plain twin counts (the benchmark then reads the ledger once): polling
+    # the ledger all along would load one side of the comparison only.
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
+    _client.incr("bench:flow:ours")
     return None
 
 
@@ -215,7 +226,7 @@ QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, dra
                flow_n=40, flow_reps=3, latency_n=20, idle_seconds=5.0, scale_hosts=12,
                scale_seconds=8.0)
 FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3,
-              flow_n=150, flow_reps=3)
+              flow_n=150, flow_reps=5)
 
 
 @dataclass
@@ -601,12 +612,16 @@ class Bench:
 
         def ours_batch(count: int) -> dict[str, float]:
             before = completed()
+            self.redis.set(OURS_COUNTER_KEY, 0)
             start = time.monotonic()
             for _ in range(count):
                 orch.submit("three", hosts={"a": a, "b": b})
             submitted = time.monotonic()
-            end = poll_until(lambda: completed() - before >= count, timeout=120 + count,
-                             what=f"{count} flows", interval=0.01)
+            # Their last steps ran (counted as plain's are), then recorded in the ledger.
+            poll_until(lambda: int(self.redis.get(OURS_COUNTER_KEY) or 0) >= count,
+                       timeout=120 + count, what=f"{count} flows", interval=0.01)
+            end = poll_until(lambda: completed() - before >= count, timeout=60,
+                             what=f"{count} flows recorded", interval=0.002)
             return {"seconds": end - start, "submit_seconds": submitted - start,
                     "ops_per_second": count / (end - start)}
 
@@ -626,9 +641,13 @@ class Bench:
 
         def ours_one() -> tuple[float, float]:
             """One flow alone: (submit seconds, submit to the end of its last step)."""
+            done = int(self.redis.get(OURS_COUNTER_KEY) or 0)
             start = time.time()
             op = orch.submit("three", hosts={"a": a, "b": b})
             submitted = time.time()
+            poll_until(lambda: int(self.redis.get(OURS_COUNTER_KEY) or 0) > done, 30,
+                       "a flow", 0.002)
+
             def finished() -> float | None:
                 with orch.db.read() as s:
                     return s.execute(select(Operation.finished_at).where(
@@ -649,26 +668,34 @@ class Bench:
                        "a plain flow", 0.002)
             return submitted - start, float(self.redis.get("bench:flow:last")) - start
 
+        # Both fleets run side by side and take turns, a batch (or a flow) of ours then one
+        # of plain: this machine's speed drifts by a third between minutes, and a ratio of
+        # runs minutes apart measured the drift as much as the code.
         samples: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
         alone: dict[str, list[tuple[float, float]]] = {"ours": [], "plain": []}
-        for name, module, hosts, batch, one in (
-            ("ours", FLOW_MODULE, FLOW_HOSTS, ours_batch, ours_one),
-            ("plain", PLAIN_FLOW_MODULE, PLAIN_FLOW_HOSTS, plain_batch, plain_one),
-        ):
-            procs = [self._spawn(module, host, name) for host in hosts]
-            try:
+        kinds = {"ours": (FLOW_MODULE, FLOW_HOSTS, ours_batch, ours_one),
+                 "plain": (PLAIN_FLOW_MODULE, PLAIN_FLOW_HOSTS, plain_batch, plain_one)}
+        procs = {name: [self._spawn(module, host, name) for host in hosts]
+                 for name, (module, hosts, _, _) in kinds.items()}
+        try:
+            for _, _, batch, _ in kinds.values():
                 batch(max(2, n // 10))  # warm-up
-                for rep in range(reps):
+            for rep in range(reps):
+                for name, (_, _, batch, _) in kinds.items():
                     sample = batch(n)
                     samples[name].append(sample)
                     log(f"  {name} rep {rep + 1}: {sample['ops_per_second']:.1f} ops/s "
                         f"(submitting {sample['submit_seconds'] / n * 1e3:.2f} ms/op)")
-                alone[name] = [one() for _ in range(self.config.latency_n)]
+            for _ in range(self.config.latency_n):
+                for name, (_, _, _, one) in kinds.items():
+                    alone[name].append(one())
+            for name in kinds:
                 log(f"  {name}, one at a time: "
                     f"{median([x[1] for x in alone[name]]) * 1e3:.1f} ms per flow, submit "
                     f"{median([x[0] for x in alone[name]]) * 1e3:.2f} ms")
-            finally:
-                for proc in procs:
+        finally:
+            for name, workers in procs.items():
+                for proc in workers:
                     code = self.stop(proc, f"{name} flow worker")
                     if code not in (0, None):
                         self.run.problem(f"{name} flow worker exited {code} after SIGTERM")
@@ -684,6 +711,9 @@ class Bench:
             "plain_submit_ms_per_op": median(
                 [x["submit_seconds"] for x in samples["plain"]]) / n * 1e3,
             "ratio_ours_over_plain": ratio(ours_ops, plain_ops),
+            # Each batch of ours against the plain batch that followed it.
+            "paired_ratios": [round(ratio(o["ops_per_second"], p["ops_per_second"]), 3)
+                              for o, p in zip(samples["ours"], samples["plain"], strict=True)],
         }
         ours_ms = median([x[1] for x in alone["ours"]]) * 1e3
         plain_ms = median([x[1] for x in alone["plain"]]) * 1e3

@@ -68,7 +68,7 @@ class Claim:
     def __init__(self, ledger: Any, operation_id: str, position: int, worker: str) -> None:
         self.ledger, self.operation_id, self.position = ledger, operation_id, position
         self.worker, self.started_at = worker, time.time()
-        self.due = self.started_at + CLAIM_AFTER_SECONDS
+        self.due = time.monotonic() + CLAIM_AFTER_SECONDS
         self.claimed = False
         self.finished = threading.Event()
         ClaimTimer.of(ledger).add(self)
@@ -97,12 +97,22 @@ class Claim:
 class ClaimTimer:
     """One thread per process, hung on the ledger, that makes the claims that come due: a
     thread started per step would cost more than the write it saves (Thread.start waits for
-    the new thread to be scheduled)."""
+    the new thread to be scheduled).
+
+    Every claim is due the same delay after it is added, so a new one is never due before
+    the time the thread already waits for: it is woken only when it waits for nothing. While
+    steps come, it ticks every CLAIM_AFTER_SECONDS instead (a claim is then made at most that
+    much late), and once a tick finds nothing new it waits for nothing again: woken at every
+    step, the thread cost a step more than the claim's own bookkeeping; ticking for ever, an
+    idle pool process would wake four times a second."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._cond = threading.Condition()
         self._pending: dict[int, Claim] = {}
+        #: When the thread wakes next (None: when notified); whether claims came since.
+        self._wake_at: float | None = None
+        self._added = False
         self._thread = threading.Thread(target=self._run, name="step-claims", daemon=True)
         self._thread.start()
 
@@ -116,7 +126,9 @@ class ClaimTimer:
     def add(self, claim: Claim) -> None:
         with self._cond:
             self._pending[id(claim)] = claim
-            self._cond.notify()
+            self._added = True
+            if self._wake_at is None or claim.due < self._wake_at:
+                self._cond.notify()
 
     def withdraw(self, claim: Claim) -> bool:
         """True if the claim had not been made (it will not be)."""
@@ -126,10 +138,13 @@ class ClaimTimer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                now = time.time()
+                now = time.monotonic()
                 due = [c for c in self._pending.values() if c.due <= now]
                 if not due:
                     nearest = min((c.due for c in self._pending.values()), default=None)
+                    if nearest is None and self._added:
+                        nearest = now + CLAIM_AFTER_SECONDS
+                    self._wake_at, self._added = nearest, False
                     self._cond.wait(None if nearest is None else nearest - now)
                     continue
                 for claim in due:
