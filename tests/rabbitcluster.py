@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import kombu
+
 from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import wait_for
 
@@ -159,9 +161,13 @@ class RabbitCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def wait_queue(self, queue: str, messages: int, timeout: float = 30) -> None:
+        """Until ``queue`` holds ``messages`` ready messages, asked over AMQP of a running
+        node (a passive declare's message count: no Erlang CLI to boot at each look)."""
+        node = next(n for i, n in enumerate(self.nodes) if self.running(i))
+
         def count() -> bool:
-            out = self.ctl(self.nodes[-1], "list_queues", "-q", "name", "messages",
-                           check=False).stdout
-            return any(line.split() == [queue, str(messages)] for line in out.splitlines())
+            with kombu.Connection(node.url, connect_timeout=5) as conn:
+                return conn.default_channel.queue_declare(
+                    queue, passive=True).message_count == messages
 
         wait_for(count, timeout, f"{messages} message(s) in {queue}")

@@ -40,6 +40,7 @@ from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.consumer import Consumer
 
 from orchestrator.routing import split_queue
+from orchestrator.seams import celery_internals as celery_seam
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,18 @@ def message_problem(
 
 class GuardedConsumer(Consumer):
     """The worker's consumer (``worker_consumer``): a task message that Celery itself cannot
-    take in is rejected with one logged line instead of stopping or stalling the worker."""
+    take in is rejected with one logged line instead of stopping or stalling the worker.
+
+    Without Celery's DelayedDelivery step: on quorum queues it declares RabbitMQ's delayed
+    delivery exchanges on every node of the fail-over URL at each consumer start, retrying
+    an unreachable node three times (1, 3, 5 s apart) before it consumes: with one node of
+    a cluster down, every worker (re)starting or reconnecting waited 17 s (seen in
+    tests/test_rabbit_cluster.py). Steps never carry an ETA or countdown (refused here,
+    ``message_problem``), so nothing here needs delayed delivery."""
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = celery_seam.consumer_steps_without(
+            celery_seam.DELAYED_DELIVERY)
 
     def create_task_handler(self, *args: Any, **kwargs: Any):
         on_task_received = super().create_task_handler(*args, **kwargs)

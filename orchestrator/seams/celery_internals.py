@@ -12,6 +12,8 @@
   acknowledges it.
 - ``Panel.data``: the registry of remote-control commands; a command is registered once per
   process, at worker start, not at import.
+- ``Consumer.Blueprint.default_steps``: the consumer's bootsteps by name; the worker's
+  consumer leaves out ``DelayedDelivery`` (:func:`consumer_steps_without`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ from typing import Any
 
 from celery import platforms
 from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
 from celery.worker.control import Panel, control_command
 from celery.worker.request import Request
+
+#: Celery's consumer step for RabbitMQ's native delayed delivery (celery 5.5+), included when
+#: any queue is a quorum queue.
+DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+
+
+def consumer_steps_without(*names: str) -> list[str]:
+    """Celery's consumer bootsteps, by name, but ``names``: for a consumer's Blueprint."""
+    return [step for step in Consumer.Blueprint.default_steps if step not in names]
 
 
 def shutdown_requested() -> bool:
