@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.db import Database
@@ -159,12 +159,11 @@ class Registry:
     def heartbeat(self, nodename: str, state: str | None = None) -> None:
         """Refresh the worker's heartbeat, and its state if given (a state change that could
         not be written when it happened, the ledger being unreachable, is written here)."""
-        with self.db.session() as s:
-            row = s.get(Service, nodename)
-            if row is not None:
-                row.heartbeat_at = time.time()
-                if state is not None and row.state != state:
-                    row.state = state
+        values = {"node": nodename, "at": time.time()}
+        if state is not None:
+            values["new_state"] = state
+        with self.db.statement() as conn:  # one statement, every few seconds per worker
+            conn.execute(_BEAT if state is None else _BEAT_AND_STATE, values)
 
     def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
         with self.db.session() as s:
@@ -258,3 +257,10 @@ class Registry:
             if since is not None:
                 query = query.where(Drain.started_at >= since)
             return list(s.execute(query).scalars().all())
+
+
+_services = Service.__table__
+#: A heartbeat, built once (parameters named after no column: an UPDATE's SET takes those).
+_BEAT = update(_services).where(_services.c.nodename == bindparam("node")).values(
+    heartbeat_at=bindparam("at"))
+_BEAT_AND_STATE = _BEAT.values(state=bindparam("new_state"))

@@ -469,11 +469,9 @@ class Ledger:
         deadline. Returns ``(operation_id, next)`` for each, for the caller to publish, and
         how many still wait."""
         settled = Settled()
-        with self.db.read() as s:
-            candidates = s.execute(select(Operation.id).where(
-                Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
-                Operation.step_state == "waiting",
-            )).scalars().all()
+        with self.db.reading() as conn:  # nearly always none: no ORM session for that
+            candidates = conn.execute(_steps(self.db.url).waiting,
+                                      {"host": host}).scalars().all()
         for operation_id in candidates:
             with self.db.session() as s:
                 op = self.locked(s, operation_id)
@@ -520,12 +518,17 @@ class Ledger:
         states = ["queued", "held"] if running_after is None else ["queued", "held", "running"]
         shortest = min(queued_after, unpublished_after,
                        running_after if running_after is not None else queued_after)
+        # Asked every few seconds by every host's worker, and nearly always for nothing: a
+        # look with a statement built once first (an ORM session costs more than the query).
+        with self.db.reading() as conn:
+            if conn.execute(_steps(self.db.url).stranded_probe, {
+                    "host": host, "states": states, "before": now - shortest}).first() is None:
+                return []
+        where = (Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
+                 Operation.step_state.in_(states),
+                 (Operation.step_since < now - shortest) | (Operation.step_state == "held"))
         with self.db.read() as s:
-            ops = s.execute(select(Operation).where(
-                Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
-                Operation.step_state.in_(states),
-                (Operation.step_since < now - shortest) | (Operation.step_state == "held"),
-            )).scalars().all()
+            ops = s.execute(select(Operation).where(*where)).scalars().all()
 
         def due(op: Operation) -> float:
             if op.step_state == "held":  # sent by the first worker that serves it
@@ -714,6 +717,12 @@ class _StepStatements:
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
         self.insert_operation = insert(ops)
         self.insert_hosts = insert(hosts)
+        # What a host's worker looks for every few seconds, idle or not.
+        on_host = (ops.c.current_host == bindparam("host")) & ops.c.status.in_(ACTIVE_STATUSES)
+        self.stranded_probe = select(ops.c.id).where(
+            on_host, ops.c.step_state.in_(bindparam("states", expanding=True)),
+            (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held")).limit(1)
+        self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
         #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
         #: run outside a transaction: one round trip where a transaction takes four or more.
         #: SQLite has no data-modifying CTE, and its round trips are calls into a library.

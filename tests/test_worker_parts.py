@@ -52,3 +52,19 @@ def test_an_unverified_version_names_its_seam(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(metadata, "version",
                         lambda name: "1.99.0" if name == "alembic" else real(name))
     assert seams.unverified() == []  # any alembic 1.x
+
+
+def test_periodic_jobs_of_a_period_come_due_together() -> None:
+    """An idle worker's drain tick, routing check, stranded-step and event-wait checks share
+    the 2 s grid of the monotonic clock: one wake-up of the event loop for all of them."""
+    import time
+
+    from workers.hoststep import IDLE_PERIOD_SECONDS, on_grid
+
+    now = time.monotonic()
+    first, second = on_grid(IDLE_PERIOD_SECONDS), on_grid(IDLE_PERIOD_SECONDS)
+    # The same float (kombu's timer fires both in one pass), or the next point of the grid
+    # if the clock crossed one between the two calls.
+    assert second - first in (0.0, IDLE_PERIOD_SECONDS)
+    assert now < first <= time.monotonic() + IDLE_PERIOD_SECONDS
+    assert (first / IDLE_PERIOD_SECONDS).is_integer()

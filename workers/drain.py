@@ -52,6 +52,7 @@ from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 from workers.drainrecord import DrainRecord
 from workers.handback import HandBack
 from workers.host import host_service_of
+from workers.hoststep import IDLE_PERIOD_SECONDS, on_grid
 from workers.leftover import Waiting, what_is_left
 
 logger = get_logger(__name__)
@@ -60,8 +61,9 @@ logger = get_logger(__name__)
 TICK_SECONDS = 0.1
 #: How often it runs while the host is up: a SIGTERM wakes the loop at once through a pipe
 #: (:meth:`Drain._on_sigterm`); this tick is the fallback where the loop has no hub, or lost
-#: the pipe's registration with a broker reconnect (kombu's ``Hub.reset``).
-IDLE_TICK_SECONDS = 1.0
+#: the pipe's registration with a broker reconnect (kombu's ``Hub.reset``). With the
+#: worker's other periodic jobs, in the same wake-up.
+IDLE_TICK_SECONDS = IDLE_PERIOD_SECONDS
 LOG_EVERY_SECONDS = 5.0
 
 
@@ -145,7 +147,7 @@ class Drain(bootsteps.StartStopStep):
             os.set_blocking(fd, False)
         self._hub = getattr(worker, "hub", None)
         self._listen()
-        self._tref = worker.timer.call_repeatedly(IDLE_TICK_SECONDS, self._idle_tick)
+        self._schedule_idle_tick()
         self.exit_deadline.start()
         billiard_internals.stop_at_once_when(
             worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved())
@@ -236,10 +238,16 @@ class Drain(bootsteps.StartStopStep):
             os.read(self._wake[0], 64)
         self._tick_fast()
 
+    def _schedule_idle_tick(self) -> None:
+        self._tref = self.worker.timer.call_at(on_grid(IDLE_TICK_SECONDS), self._idle_tick)
+
     def _idle_tick(self) -> None:
+        """The safety net under the wake pipe, with the worker's other periodic jobs."""
         self._listen()
         if self.requested is not None:
             self._tick_fast()
+        elif not self._fast:
+            self._schedule_idle_tick()
 
     def _tick_fast(self) -> None:
         """Asked to drain: tick now, then every TICK_SECONDS until the drain is over."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from celery import bootsteps
@@ -12,6 +13,15 @@ from workers.host import host_service_of
 
 #: The same error again is logged at most this often.
 REPEAT_LOG_SECONDS = 10.0
+#: How often an idle worker's periodic jobs run, all in the same turn of its event loop.
+IDLE_PERIOD_SECONDS = 2.0
+
+
+def on_grid(period: float) -> float:
+    """The next multiple of ``period`` on the monotonic clock, kombu's timer clock: jobs of
+    the same period scheduled with it (``timer.call_at``) come due at the very same time and
+    run in one wake-up of the event loop, where each on its own phase woke it once more."""
+    return (math.floor(time.monotonic() / period) + 1) * period
 
 logger = get_logger(__name__)
 
@@ -24,7 +34,7 @@ class HostTimerStep(bootsteps.StartStopStep):
     every REPEAT_LOG_SECONDS while it repeats."""
 
     requires = ("workers.host:HostService",)
-    interval: float = 1.0
+    interval: float = IDLE_PERIOD_SECONDS
 
     def __init__(self, worker, **kwargs) -> None:
         self.host: str | None = None
@@ -42,28 +52,29 @@ class HostTimerStep(bootsteps.StartStopStep):
             return
         self.orch, self.host = service.orch, service.queues.host
         self.timer = worker.timer
-        self._schedule(self.delay())
+        self._schedule(self.due())
 
     def stop(self, worker) -> None:
         if self._tref is not None:
             self._tref.cancel()
         self.timer = None
 
-    def delay(self) -> float:
-        """Seconds until the next tick (``interval``; a subclass may wait longer when idle)."""
-        return self.interval
+    def due(self) -> float:
+        """When the next tick runs, on the monotonic clock: every ``interval``, on the grid
+        the worker's other periodic jobs share (a subclass may tick sooner while busy)."""
+        return on_grid(self.interval)
 
-    def _schedule(self, seconds: float) -> None:
+    def _schedule(self, eta: float) -> None:
         if self._tref is not None:
             self._tref.cancel()
         if self.timer is not None:
-            self._tref = self.timer.call_after(seconds, self._run)
+            self._tref = self.timer.call_at(eta, self._run)
 
     def _run(self) -> None:
         try:
             self._safe_tick()
         finally:
-            self._schedule(self.delay())
+            self._schedule(self.due())
 
     terminate = stop
 

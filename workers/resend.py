@@ -74,7 +74,6 @@ def delivery_gone(
 
 class StrandedSteps(HostTimerStep):
     label = "StrandedSteps"
-    interval = 2.0
 
     def __init__(self, worker, **kwargs) -> None:
         super().__init__(worker, **kwargs)

@@ -9,9 +9,11 @@ host whose event has arrived and fails those past their deadline (Nova's
 
 from __future__ import annotations
 
+import time
+
 from celery.utils.log import get_logger
 
-from workers.hoststep import HostTimerStep
+from workers.hoststep import IDLE_PERIOD_SECONDS, HostTimerStep, on_grid
 
 logger = get_logger(__name__)
 
@@ -19,7 +21,7 @@ logger = get_logger(__name__)
 #: hosts would otherwise run 250 queries a second for nothing. A step this worker parks wakes
 #: the check at once (``wake``); a wait parked by another process of the host (a split
 #: ``--main-only`` / ``--alt-only`` pair) is found within this delay.
-IDLE_CHECK_SECONDS = 2.0
+IDLE_CHECK_SECONDS = IDLE_PERIOD_SECONDS
 
 
 class EventWaits(HostTimerStep):
@@ -40,12 +42,14 @@ class EventWaits(HostTimerStep):
         loop: workers.request.StepRequest.on_success)."""
         if not self.busy:
             self.busy = True
-            self._schedule(0)
+            self._schedule(time.monotonic())
 
-    def delay(self) -> float:
-        """Every ``interval`` while steps wait here; else IDLE_CHECK_SECONDS, so an idle
-        worker's loop is not woken five times a second for nothing."""
-        return self.interval if self.busy else IDLE_CHECK_SECONDS
+    def due(self) -> float:
+        """Every ``interval`` while steps wait here; else every IDLE_CHECK_SECONDS with the
+        worker's other periodic jobs, so an idle worker's loop is not woken for nothing."""
+        if self.busy:
+            return time.monotonic() + self.interval
+        return on_grid(IDLE_CHECK_SECONDS)
 
     def tick(self) -> None:
         orch = self.orch
