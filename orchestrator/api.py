@@ -26,6 +26,7 @@ not imported, so this module imports nothing that runs in a worker.
 from __future__ import annotations
 
 import difflib
+import gc
 import json
 import re
 import time
@@ -38,7 +39,7 @@ import click
 from celery import Celery, signals
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, configure_mappers
 
 from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
@@ -177,6 +178,9 @@ class Orchestrator:
         signals.celeryd_after_setup.connect(
             self._log_settings, weak=False, dispatch_uid=f"orchestrator.settings.{id(self)}"
         )
+        signals.celeryd_after_setup.connect(
+            self._before_fork, weak=False, dispatch_uid=f"orchestrator.before-fork.{id(self)}"
+        )
 
     def _worker_options(self) -> None:
         self.app.user_options["worker"].add(click.Option(
@@ -193,6 +197,18 @@ class Orchestrator:
                  f"{registry_mod.SERVICE_VERSION}); {registry_mod.LEGACY_SERVICE_VERSION} is the "
                  "legacy service of a rolling upgrade, which consumes only <host>.",
         ))
+
+    def _before_fork(self, sender: str, instance: Any, conf: Any, **kwargs: Any) -> None:
+        """Before the pool forks (``celeryd_after_setup``): what every pool process needs is
+        made once in the parent and shared, and the parent's garbage collector leaves it
+        alone. A pool process shares the parent's pages until one of them writes to a page;
+        the ORM's mappers configured in each process, and a full collection in the parent
+        (it writes a header of every object it visits), made those pages private in every
+        process (``gc.freeze``, as the gc module's documentation advises before a fork)."""
+        if getattr(instance, "app", None) is not self.app:
+            return
+        configure_mappers()
+        gc.freeze()
 
     def _log_settings(self, sender: str, instance: Any, conf: Any, **kwargs: Any) -> None:
         """One line at worker start: where it connects, passwords redacted."""

@@ -106,6 +106,8 @@ FLOW_MODULE = "benchflow_app"
 FLOW_HOSTS = ("benchflowa", "benchflowb")  # roles a and b; queues <host> and <host>-alt
 FLOW_COUNTER_KEY = "bench:flow:done"
 OURS_COUNTER_KEY = "bench:flow:ours"
+#: An idle worker is measured this long after it said " ready.".
+IDLE_SETTLE_SECONDS = 5.0
 FLOW_ROUTING = """\
 steps:
   prep: {queue: main, reason: nothing started (as prep_resize)}
@@ -927,23 +929,67 @@ class Bench:
         return total / 1024
 
     @staticmethod
-    def _cpu_seconds(pid: int) -> float:
-        """CPU time (user + system) of a worker: its MainProcess and its pool processes."""
-        ticks = 0
+    def _cpu_ns(pid: int) -> int:
+        """CPU time on the scheduler's clock (ns, every thread) of a worker and its pool: the
+        tick counts of /proc/PID/stat (10 ms each) are too coarse for 1-3 ms a second."""
+        total = 0
         for p in [pid, *_children(pid)]:
             with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        return ticks / os.sysconf("SC_CLK_TCK")
+                for task in os.listdir(f"/proc/{p}/task"):
+                    total += int(Path(f"/proc/{p}/task/{task}/schedstat").read_text().split()[0])
+        return total
+
+    @staticmethod
+    def _pss_mb(pid: int) -> float:
+        """Proportional memory of a worker and its pool: a page shared after the fork counts
+        once in all, where RSS counts it in every process."""
+        total = 0
+        for p in [pid, *_children(pid)]:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        return total / 1024
+
+    def idle(self) -> None:
+        """An orchestrator worker and a plain one, idle side by side: CPU over the same
+        window, once both have settled (a worker's first seconds register it, open its
+        database and run its first checks), and memory."""
+        ours = self.start_ours(DRAIN_HOST)
+        plain, _log = self.start_plain()
+        procs = {"ours": ours.proc, "plain": plain}
+        try:
+            time.sleep(IDLE_SETTLE_SECONDS)
+            before = {name: self._cpu_ns(proc.pid) for name, proc in procs.items()}
+            started = time.monotonic()
+            time.sleep(self.config.idle_seconds)
+            window = time.monotonic() - started
+            cpu = {name: (self._cpu_ns(proc.pid) - before[name]) / 1e6 / window
+                   for name, proc in procs.items()}
+            rss = {name: self._rss_mb(proc.pid) for name, proc in procs.items()}
+            pss = {name: self._pss_mb(proc.pid) for name, proc in procs.items()}
+        finally:
+            for name, proc in procs.items():
+                self.stop(proc, f"idle {name} worker")
+        log(f"[idle] CPU ours {cpu['ours']:.2f} ms/s, plain {cpu['plain']:.2f} ms/s; memory "
+            f"RSS {rss['ours']:.0f} / {rss['plain']:.0f} MiB, PSS {pss['ours']:.0f} / "
+            f"{pss['plain']:.0f} MiB")
+        self.run.results["memory"] = {
+            "unit": "MiB, resident, MainProcess + pool processes (-c "
+                    f"{self.config.concurrency}), idle", "ours": rss["ours"],
+            "plain": rss["plain"], "ratio_ours_over_plain": ratio(rss["ours"], rss["plain"]),
+            "pss_ours": pss["ours"], "pss_plain": pss["plain"],
+            "pss_ratio_ours_over_plain": ratio(pss["ours"], pss["plain"]),
+        }
+        self.run.results["idle_cpu"] = {
+            "unit": f"CPU ms per second, idle side by side, over {window:.0f}s after "
+                    f"{IDLE_SETTLE_SECONDS:g}s settling",
+            "ours": cpu["ours"], "plain": cpu["plain"],
+            "ratio_ours_over_plain": ratio(cpu["ours"], cpu["plain"]),
+        }
 
     def _sigterm_to_exit(self, proc: subprocess.Popen, what: str) -> tuple[float | None, int]:
         time.sleep(0.5)  # idle: let the consumer settle after " ready."
-        self.memory.setdefault(what, []).append(self._rss_mb(proc.pid))
-        if what not in self.idle_cpu:  # once per kind: an idle window is long
-            before = self._cpu_seconds(proc.pid)
-            time.sleep(self.config.idle_seconds)
-            self.idle_cpu[what] = (self._cpu_seconds(proc.pid) - before) \
-                / self.config.idle_seconds * 1e3
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -957,9 +1003,7 @@ class Bench:
 
     def drain(self) -> None:
         reps = self.config.drain_reps
-        self.memory: dict[str, list[float]] = {}
-        #: CPU milliseconds per second of an idle worker (MainProcess + pool), by kind.
-        self.idle_cpu: dict[str, float] = {}
+        self.idle()
         log(f"[drain] idle worker, SIGTERM to exit, x {reps}")
         samples: dict[str, list[float]] = {"ours": [], "plain": []}
         codes: dict[str, list[int]] = {"ours": [], "plain": []}
@@ -990,19 +1034,6 @@ class Bench:
             "repetitions": reps, "unit": "seconds", "ours_samples": samples["ours"],
             "plain_samples": samples["plain"], "ours": ours_s, "plain": plain_s,
             "exit_codes": codes, "ratio_ours_over_plain": ratio(ours_s, plain_s),
-        }
-        ours_mb = median(self.memory["orchestrator worker"])
-        plain_mb = median(self.memory["plain worker"])
-        self.run.results["memory"] = {
-            "unit": "MiB, resident, MainProcess + pool processes (-c "
-                    f"{self.config.concurrency}), idle", "ours": ours_mb, "plain": plain_mb,
-            "ratio_ours_over_plain": ratio(ours_mb, plain_mb),
-        }
-        ours_cpu, plain_cpu = self.idle_cpu["orchestrator worker"], self.idle_cpu["plain worker"]
-        self.run.results["idle_cpu"] = {
-            "unit": f"CPU ms per second, idle, over {self.config.idle_seconds:g}s",
-            "ours": ours_cpu, "plain": plain_cpu,
-            "ratio_ours_over_plain": ratio(ours_cpu, plain_cpu),
         }
         self.busy_drain()
 
@@ -1144,10 +1175,13 @@ def table(run: Run) -> str:
         m = r["memory"]
         rows.append(("idle worker memory, RSS incl. pool", f"{m['ours']:.0f} MiB",
                      f"{m['plain']:.0f} MiB", f"{m['ratio_ours_over_plain']:.2f}x"))
+        if "pss_ours" in m:
+            rows.append(("idle worker memory, PSS incl. pool", f"{m['pss_ours']:.0f} MiB",
+                         f"{m['pss_plain']:.0f} MiB", f"{m['pss_ratio_ours_over_plain']:.2f}x"))
     if "idle_cpu" in r:
         c = r["idle_cpu"]
-        rows.append(("idle worker CPU, incl. pool", f"{c['ours']:.1f} ms/s",
-                     f"{c['plain']:.1f} ms/s", f"{c['ratio_ours_over_plain']:.2f}x"))
+        rows.append(("idle worker CPU, incl. pool", f"{c['ours']:.2f} ms/s",
+                     f"{c['plain']:.2f} ms/s", f"{c['ratio_ours_over_plain']:.2f}x"))
     if r.get("busy_drain", {}).get("median") is not None:
         b = r["busy_drain"]
         rows.append((f"busy drain: last step ended->exit (median of {b['repetitions']})",
