@@ -129,3 +129,28 @@ def test_a_busy_subject_is_refused_naming_its_holder(orch: Orchestrator) -> None
     for position in range(len(PLAN)):  # the subject is free again once it is done
         _complete(orch, first, position, True, queue="q", attempt=None)
     orch.ledger.record_new("three", plan, hosts, {}, "vm1", "hb", None)
+
+
+def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orchestrator) -> None:
+    """PostgreSQL ends every backend of the ledger's pooled connections (as a restart does):
+    the next submit and step find them closed at checkout and connect anew, with no error and
+    no ping per checkout (db._closed_by_server)."""
+    if orch.db.url.startswith("sqlite"):
+        pytest.skip("PostgreSQL (ORCHESTRATOR_TEST_DB_URL): SQLite has no connections to lose")
+    import psycopg
+    from sqlalchemy import make_url
+
+    plan, hosts = [list(p) for p in PLAN], {"a": "ha", "b": "hb"}
+    first = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
+    _complete(orch, first, 0, True, queue="q", attempt=None)  # pools hold connections now
+    url = make_url(orch.db.url)
+    with psycopg.connect(host=url.host, port=url.port or 5432, user=url.username,
+                         dbname=url.database, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+    assert ended >= 1
+    second = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
+    for op_id, position in ((first, 1), (second, 0)):
+        assert _complete(orch, op_id, position, True, queue="q", attempt=None).outcome == "run"
+    assert orch.db.health.up
