@@ -13,6 +13,9 @@ import uuid
 from sqlalchemy import JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+#: An operation in flight: its first step not started yet, or some step started.
+ACTIVE_STATUSES = ("queued", "running")
+
 
 def new_id() -> str:
     return str(uuid.uuid4())

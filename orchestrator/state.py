@@ -21,19 +21,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true, update
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orchestrator.db import Database
 from orchestrator.errors import StepMismatch, SubjectBusy, UnknownOperation
 from orchestrator.flows import Flow
-from orchestrator.models import Event, Operation, OperationHost, StepRecord, new_id
+from orchestrator.models import ACTIVE_STATUSES, Event, Operation, OperationHost, StepRecord, new_id
+from orchestrator.statements import statements_for
 
 __all__ = ["ACTIVE_STATUSES", "Attempt", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
 
-ACTIVE_STATUSES = ("queued", "running")
 #: Applied in the transaction that completes (or fails) a step: exactly once.
 Effect = Callable[[Session, Operation], None]
 
@@ -172,7 +172,7 @@ class Ledger:
     def _may_run(self, operation_id: str, position: int, step: str, host: str) -> StepStart:
         """begin_step without a claim: the operation and its step's attempts, one read."""
         with self.db.reading() as conn:
-            row = conn.execute(_steps(self.db.url).may_run,
+            row = conn.execute(statements_for(self.db.url).may_run,
                                {"id": operation_id, "position": position}).first()
         if row is None:
             raise UnknownOperation(f"unknown operation {operation_id!r}")
@@ -200,7 +200,7 @@ class Ledger:
         built once (no ORM): advance the operation, guarded by its position (no row: a
         duplicate), then record the attempt in the step log. ``start``: what begin_step read
         (the plan's next step; the plan changes only when this very step fails)."""
-        statements, now = _steps(self.db.url), time.time()
+        statements, now = statements_for(self.db.url), time.time()
         following = start.following
         counted = attempt is not None and not attempt.claimed
         where = {"op": operation_id, "at": position, "next_position": position + 1,
@@ -241,7 +241,7 @@ class Ledger:
         """Record a submitted operation with its first step as sent to ``queue``, in one
         transaction of statements built once (no ORM); returns its id. A busy subject raises
         SubjectBusy, naming the operation that holds it (or the race the unique index lost)."""
-        statements, now, op_id = _steps(self.db.url), time.time(), new_id()
+        statements, now, op_id = statements_for(self.db.url), time.time(), new_id()
         last: dict[str, int] = {}
         for index, (_, host) in enumerate(plan):
             last[host] = index
@@ -275,7 +275,7 @@ class Ledger:
         """Why ``subject`` could not be taken: the operation that holds it, or the race a
         submit lost to another (gone again by the time it is read)."""
         def holder(c: Any) -> Any:
-            return c.execute(_steps(self.db.url).holder, {"subject": subject}).first()
+            return c.execute(statements_for(self.db.url).holder, {"subject": subject}).first()
 
         if conn is not None:
             busy = holder(conn)
@@ -470,7 +470,7 @@ class Ledger:
         how many still wait."""
         settled = Settled()
         with self.db.reading() as conn:  # nearly always none: no ORM session for that
-            candidates = conn.execute(_steps(self.db.url).waiting,
+            candidates = conn.execute(statements_for(self.db.url).waiting,
                                       {"host": host}).scalars().all()
         for operation_id in candidates:
             with self.db.session() as s:
@@ -521,7 +521,7 @@ class Ledger:
         # Asked every few seconds by every host's worker, and nearly always for nothing: a
         # look with a statement built once first (an ORM session costs more than the query).
         with self.db.reading() as conn:
-            if conn.execute(_steps(self.db.url).stranded_probe, {
+            if conn.execute(statements_for(self.db.url).stranded_probe, {
                     "host": host, "states": states, "before": now - shortest}).first() is None:
                 return []
         where = (Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
@@ -664,143 +664,3 @@ class Ledger:
             if op is None:
                 raise UnknownOperation(f"unknown operation {operation_id!r}")
             return op
-
-
-class _StepStatements:
-    """The step path's statements, built once per dialect with bound parameters, so that a
-    step costs their execution and not their construction (SQLAlchemy then reuses their
-    compiled form from its cache)."""
-
-    def __init__(self, dialect: str) -> None:
-        ops, log = Operation.__table__, StepRecord.__table__
-        hosts = OperationHost.__table__
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert
-        self.may_run = select(
-            ops.c.position, ops.c.status, ops.c.step_state, ops.c.next_published, ops.c.plan,
-            ops.c.kind, ops.c.subject, ops.c.params, ops.c.hosts, log.c.attempts,
-        ).select_from(ops.outerjoin(log, (log.c.operation_id == ops.c.id)
-                                    & (log.c.position == bindparam("position")))
-                      ).where(ops.c.id == bindparam("id"))
-        # Bound parameters named after no column ("op", "at", ...): an UPDATE's SET takes
-        # the column names for its own.
-        guarded = update(ops).where(
-            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
-            & ops.c.status.in_(ACTIVE_STATUSES))
-        moved = dict(position=bindparam("next_position"), wait=None,
-                     updated_at=bindparam("now"))
-        self.end = guarded.values(
-            status=case((ops.c.error.is_(None), "completed"), else_="failed"),
-            finished_at=bindparam("now"), next_published=True, holds=None,
-            current_host=None, **moved)
-        queued = dict(status="running", step_state="queued", step_since=bindparam("now"),
-                      current_host=bindparam("next_host"), **moved)
-        self.advance = guarded.values(next_published=False, **queued)
-        self.advance_sent = guarded.values(next_published=True, queue=bindparam("queue"),
-                                           **queued)
-        row = dict(operation_id=bindparam("operation_id"), position=bindparam("position"),
-                   step=bindparam("step"), host=bindparam("host"), status="completed",
-                   applied=1, finished_at=bindparam("now"))
-        done = dict(status="completed", finished_at=bindparam("now"),
-                    applied=log.c.applied + 1)
-        keys = ["operation_id", "position"]
-        self.record = insert(log).values(attempts=0, **row).on_conflict_do_update(
-            index_elements=keys, set_=done)
-        self.record_counted = insert(log).values(
-            attempts=1, worker=bindparam("worker"), started_at=bindparam("started_at"), **row,
-        ).on_conflict_do_update(index_elements=keys, set_=dict(
-            attempts=log.c.attempts + 1, worker=bindparam("worker"),
-            started_at=bindparam("started_at"), **done))
-        self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
-        self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
-        self.insert_operation = insert(ops)
-        self.insert_hosts = insert(hosts)
-        # What a host's worker looks for every few seconds, idle or not.
-        on_host = (ops.c.current_host == bindparam("host")) & ops.c.status.in_(ACTIVE_STATUSES)
-        self.stranded_probe = select(ops.c.id).where(
-            on_host, ops.c.step_state.in_(bindparam("states", expanding=True)),
-            (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held")).limit(1)
-        self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
-        #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
-        #: run outside a transaction: one round trip where a transaction takes four or more.
-        #: SQLite has no data-modifying CTE, and its round trips are calls into a library.
-        self.completions: dict[tuple[str, bool], Any] = {}
-        self.submit: Any = None
-        if dialect == "postgresql":
-            for name in ("end", "advance", "advance_sent"):
-                for counted in (False, True):
-                    self.completions[name, counted] = self._completion(
-                        getattr(self, name), counted, ending=name == "end")
-            self.submit = self._submit()
-
-    @staticmethod
-    def _completion(advance: Any, counted: bool, ending: bool) -> Any:
-        """``advance`` (guarded by the operation's position), then the step's record, only if
-        it advanced (an insert from the advanced row: none for a duplicate); at the end of the
-        plan also the operation's host index. Returns how many operations advanced (0 or 1)."""
-        ops, log, hosts = Operation.__table__, StepRecord.__table__, OperationHost.__table__
-        from sqlalchemy.dialects.postgresql import insert
-
-        advanced = advance.returning(ops.c.id).cte("advanced")
-
-        def typed(name: str, column: Any) -> Any:
-            return bindparam(name, type_=column.type)
-
-        row = {"operation_id": advanced.c.id,
-               "position": typed("position", log.c.position),
-               "step": typed("step", log.c.step), "host": typed("host", log.c.host),
-               "status": literal("completed", log.c.status.type),
-               "attempts": literal(1 if counted else 0, log.c.attempts.type),
-               "applied": literal(1, log.c.applied.type),
-               "finished_at": typed("now", log.c.finished_at)}
-        done: dict[str, Any] = {"status": "completed", "applied": log.c.applied + 1,
-                                "finished_at": typed("now", log.c.finished_at)}
-        if counted:
-            row["worker"] = typed("worker", log.c.worker)
-            row["started_at"] = typed("started_at", log.c.started_at)
-            done.update(attempts=log.c.attempts + 1, worker=row["worker"],
-                        started_at=row["started_at"])
-        record = insert(log).from_select(list(row), select(*row.values())).on_conflict_do_update(
-            index_elements=["operation_id", "position"], set_=done)
-        statement = select(func.count()).select_from(advanced).add_cte(
-            record.returning(log.c.id).cte("recorded"))
-        if ending:
-            statement = statement.add_cte(delete(hosts).where(
-                hosts.c.operation_id.in_(select(advanced.c.id))
-            ).returning(hosts.c.host).cte("forgotten"))
-        return statement
-
-    @staticmethod
-    def _submit() -> Any:
-        """The operation and its host index in one statement (``host_names`` and
-        ``host_positions``: arrays, one element per host the plan names)."""
-        ops, hosts = Operation.__table__, OperationHost.__table__
-        from sqlalchemy import ARRAY
-        from sqlalchemy.dialects.postgresql import insert
-
-        columns = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status",
-                   "position", "step_state", "step_since", "next_published", "queue",
-                   "current_host", "rollback", "created_at", "updated_at")
-        recorded = insert(ops).values(
-            {name: bindparam(name, type_=ops.c[name].type) for name in columns}
-        ).returning(ops.c.id).cte("recorded")
-        each = func.unnest(bindparam("host_names", type_=ARRAY(hosts.c.host.type)),
-                           bindparam("host_positions", type_=ARRAY(hosts.c.last_position.type))
-                           ).table_valued("host", "last_position").render_derived()
-        return insert(hosts).from_select(
-            ["operation_id", "host", "last_position"],
-            select(recorded.c.id, each.c.host, each.c.last_position).select_from(
-                recorded.join(each, true())))
-
-
-_statements: dict[str, _StepStatements] = {}
-
-
-def _steps(url: str) -> _StepStatements:
-    dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
-    found = _statements.get(dialect)
-    if found is None:
-        found = _statements[dialect] = _StepStatements(dialect)
-    return found

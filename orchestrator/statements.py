@@ -1,0 +1,154 @@
+"""The ledger's hot statements, built once per dialect with bound parameters (the step path,
+the submit, and what a host's worker looks for every few seconds): a step costs their
+execution and not their construction, and SQLAlchemy reuses their compiled form from its
+cache. On PostgreSQL a completion and a submit are each one statement of data-modifying CTEs,
+run outside a transaction (:meth:`orchestrator.db.Database.statement`); the ledger
+(:mod:`orchestrator.state`) says when each is used."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import bindparam, case, delete, func, literal, select, true, update
+
+from orchestrator.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
+
+
+class StepStatements:
+    """The step path's statements, built once per dialect with bound parameters, so that a
+    step costs their execution and not their construction (SQLAlchemy then reuses their
+    compiled form from its cache)."""
+
+    def __init__(self, dialect: str) -> None:
+        ops, log = Operation.__table__, StepRecord.__table__
+        hosts = OperationHost.__table__
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        self.may_run = select(
+            ops.c.position, ops.c.status, ops.c.step_state, ops.c.next_published, ops.c.plan,
+            ops.c.kind, ops.c.subject, ops.c.params, ops.c.hosts, log.c.attempts,
+        ).select_from(ops.outerjoin(log, (log.c.operation_id == ops.c.id)
+                                    & (log.c.position == bindparam("position")))
+                      ).where(ops.c.id == bindparam("id"))
+        # Bound parameters named after no column ("op", "at", ...): an UPDATE's SET takes
+        # the column names for its own.
+        guarded = update(ops).where(
+            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
+            & ops.c.status.in_(ACTIVE_STATUSES))
+        moved = dict(position=bindparam("next_position"), wait=None,
+                     updated_at=bindparam("now"))
+        self.end = guarded.values(
+            status=case((ops.c.error.is_(None), "completed"), else_="failed"),
+            finished_at=bindparam("now"), next_published=True, holds=None,
+            current_host=None, **moved)
+        queued = dict(status="running", step_state="queued", step_since=bindparam("now"),
+                      current_host=bindparam("next_host"), **moved)
+        self.advance = guarded.values(next_published=False, **queued)
+        self.advance_sent = guarded.values(next_published=True, queue=bindparam("queue"),
+                                           **queued)
+        row = dict(operation_id=bindparam("operation_id"), position=bindparam("position"),
+                   step=bindparam("step"), host=bindparam("host"), status="completed",
+                   applied=1, finished_at=bindparam("now"))
+        done = dict(status="completed", finished_at=bindparam("now"),
+                    applied=log.c.applied + 1)
+        keys = ["operation_id", "position"]
+        self.record = insert(log).values(attempts=0, **row).on_conflict_do_update(
+            index_elements=keys, set_=done)
+        self.record_counted = insert(log).values(
+            attempts=1, worker=bindparam("worker"), started_at=bindparam("started_at"), **row,
+        ).on_conflict_do_update(index_elements=keys, set_=dict(
+            attempts=log.c.attempts + 1, worker=bindparam("worker"),
+            started_at=bindparam("started_at"), **done))
+        self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
+        self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
+        self.insert_operation = insert(ops)
+        self.insert_hosts = insert(hosts)
+        # What a host's worker looks for every few seconds, idle or not.
+        on_host = (ops.c.current_host == bindparam("host")) & ops.c.status.in_(ACTIVE_STATUSES)
+        self.stranded_probe = select(ops.c.id).where(
+            on_host, ops.c.step_state.in_(bindparam("states", expanding=True)),
+            (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held")).limit(1)
+        self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
+        #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
+        #: run outside a transaction: one round trip where a transaction takes four or more.
+        #: SQLite has no data-modifying CTE, and its round trips are calls into a library.
+        self.completions: dict[tuple[str, bool], Any] = {}
+        self.submit: Any = None
+        if dialect == "postgresql":
+            for name in ("end", "advance", "advance_sent"):
+                for counted in (False, True):
+                    self.completions[name, counted] = self._completion(
+                        getattr(self, name), counted, ending=name == "end")
+            self.submit = self._submit()
+
+    @staticmethod
+    def _completion(advance: Any, counted: bool, ending: bool) -> Any:
+        """``advance`` (guarded by the operation's position), then the step's record, only if
+        it advanced (an insert from the advanced row: none for a duplicate); at the end of the
+        plan also the operation's host index. Returns how many operations advanced (0 or 1)."""
+        ops, log, hosts = Operation.__table__, StepRecord.__table__, OperationHost.__table__
+        from sqlalchemy.dialects.postgresql import insert
+
+        advanced = advance.returning(ops.c.id).cte("advanced")
+
+        def typed(name: str, column: Any) -> Any:
+            return bindparam(name, type_=column.type)
+
+        row = {"operation_id": advanced.c.id,
+               "position": typed("position", log.c.position),
+               "step": typed("step", log.c.step), "host": typed("host", log.c.host),
+               "status": literal("completed", log.c.status.type),
+               "attempts": literal(1 if counted else 0, log.c.attempts.type),
+               "applied": literal(1, log.c.applied.type),
+               "finished_at": typed("now", log.c.finished_at)}
+        done: dict[str, Any] = {"status": "completed", "applied": log.c.applied + 1,
+                                "finished_at": typed("now", log.c.finished_at)}
+        if counted:
+            row["worker"] = typed("worker", log.c.worker)
+            row["started_at"] = typed("started_at", log.c.started_at)
+            done.update(attempts=log.c.attempts + 1, worker=row["worker"],
+                        started_at=row["started_at"])
+        record = insert(log).from_select(list(row), select(*row.values())).on_conflict_do_update(
+            index_elements=["operation_id", "position"], set_=done)
+        statement = select(func.count()).select_from(advanced).add_cte(
+            record.returning(log.c.id).cte("recorded"))
+        if ending:
+            statement = statement.add_cte(delete(hosts).where(
+                hosts.c.operation_id.in_(select(advanced.c.id))
+            ).returning(hosts.c.host).cte("forgotten"))
+        return statement
+
+    @staticmethod
+    def _submit() -> Any:
+        """The operation and its host index in one statement (``host_names`` and
+        ``host_positions``: arrays, one element per host the plan names)."""
+        ops, hosts = Operation.__table__, OperationHost.__table__
+        from sqlalchemy import ARRAY
+        from sqlalchemy.dialects.postgresql import insert
+
+        columns = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status",
+                   "position", "step_state", "step_since", "next_published", "queue",
+                   "current_host", "rollback", "created_at", "updated_at")
+        recorded = insert(ops).values(
+            {name: bindparam(name, type_=ops.c[name].type) for name in columns}
+        ).returning(ops.c.id).cte("recorded")
+        each = func.unnest(bindparam("host_names", type_=ARRAY(hosts.c.host.type)),
+                           bindparam("host_positions", type_=ARRAY(hosts.c.last_position.type))
+                           ).table_valued("host", "last_position").render_derived()
+        return insert(hosts).from_select(
+            ["operation_id", "host", "last_position"],
+            select(recorded.c.id, each.c.host, each.c.last_position).select_from(
+                recorded.join(each, true())))
+
+
+_statements: dict[str, StepStatements] = {}
+
+
+def statements_for(url: str) -> StepStatements:
+    dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+    found = _statements.get(dialect)
+    if found is None:
+        found = _statements[dialect] = StepStatements(dialect)
+    return found
