@@ -111,7 +111,9 @@ def _closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-u
     ``pool_pre_ping`` costs a round trip per checkout (two per step). A connection across a
     partition is not readable: a statement on it fails after ``tcp_user_timeout`` (and a
     ping would have hung as long)."""
-    if select.select([dbapi_conn.fileno()], [], [], 0)[0]:
+    poller = select.poll()  # not select.select: it cannot take a descriptor above 1023
+    poller.register(dbapi_conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         raise DisconnectionError("the server closed this pooled connection")
 
 

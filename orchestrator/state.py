@@ -217,14 +217,13 @@ class Ledger:
                   "host": host, "now": now,
                   "worker": attempt.worker if counted else None,
                   "started_at": attempt.started_at if counted else None}
-        advance = getattr(statements, advance_name)
         one = statements.completions.get((advance_name, counted))
         if one is not None:
             with self.db.statement() as conn:
                 advanced = conn.execute(one, {**where, **record}).scalar()
         else:
             with self.db.writing() as conn:
-                advanced = conn.execute(advance, where).rowcount
+                advanced = conn.execute(getattr(statements, advance_name), where).rowcount
                 if advanced:
                     conn.execute(statements.record_counted if counted else statements.record,
                                  record)
