@@ -517,17 +517,15 @@ class Ledger:
         states = ["queued", "held"] if running_after is None else ["queued", "held", "running"]
         shortest = min(queued_after, unpublished_after,
                        running_after if running_after is not None else queued_after)
-        # Asked every few seconds by every host's worker, and nearly always for nothing: a
-        # look with a statement built once first (an ORM session costs more than the query).
+        # Asked every few seconds by every host's worker, and nearly always for nothing: the
+        # ids with a statement built once, and an ORM session only when there are some.
         with self.db.reading() as conn:
-            if conn.execute(statements_for(self.db.url).stranded_probe, {
-                    "host": host, "states": states, "before": now - shortest}).first() is None:
-                return []
-        where = (Operation.current_host == host, Operation.status.in_(ACTIVE_STATUSES),
-                 Operation.step_state.in_(states),
-                 (Operation.step_since < now - shortest) | (Operation.step_state == "held"))
+            ids = conn.execute(statements_for(self.db.url).stranded, {
+                "host": host, "states": states, "before": now - shortest}).scalars().all()
+        if not ids:
+            return []
         with self.db.read() as s:
-            ops = s.execute(select(Operation).where(*where)).scalars().all()
+            ops = s.execute(select(Operation).where(Operation.id.in_(ids))).scalars().all()
 
         def due(op: Operation) -> float:
             if op.step_state == "held":  # sent by the first worker that serves it

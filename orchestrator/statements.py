@@ -67,9 +67,9 @@ class StepStatements:
         self.insert_hosts = insert(hosts)
         # What a host's worker looks for every few seconds, idle or not.
         on_host = (ops.c.current_host == bindparam("host")) & ops.c.status.in_(ACTIVE_STATUSES)
-        self.stranded_probe = select(ops.c.id).where(
+        self.stranded = select(ops.c.id).where(
             on_host, ops.c.step_state.in_(bindparam("states", expanding=True)),
-            (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held")).limit(1)
+            (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held"))
         self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
         #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
         #: run outside a transaction: one round trip where a transaction takes four or more.

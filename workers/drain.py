@@ -246,7 +246,7 @@ class Drain(bootsteps.StartStopStep):
         self._listen()
         if self.requested is not None:
             self._tick_fast()
-        elif not self._fast:
+        else:
             self._schedule_idle_tick()
 
     def _tick_fast(self) -> None:

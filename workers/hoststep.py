@@ -23,6 +23,7 @@ def on_grid(period: float) -> float:
     run in one wake-up of the event loop, where each on its own phase woke it once more."""
     return (math.floor(time.monotonic() / period) + 1) * period
 
+
 logger = get_logger(__name__)
 
 
@@ -35,6 +36,8 @@ class HostTimerStep(bootsteps.StartStopStep):
 
     requires = ("workers.host:HostService",)
     interval: float = IDLE_PERIOD_SECONDS
+    #: Whether a tick asks the ledger (skipped while it does not answer).
+    needs_ledger: bool = True
 
     def __init__(self, worker, **kwargs) -> None:
         self.host: str | None = None
@@ -79,7 +82,7 @@ class HostTimerStep(bootsteps.StartStopStep):
     terminate = stop
 
     def _safe_tick(self) -> None:
-        if not self.orch.ledger_health.up:
+        if self.needs_ledger and not self.orch.ledger_health.up:
             # The ledger did not answer: leave it to the heartbeat thread to find it back.
             # Asking from here would hold the event loop (and the worker's answers over the
             # broker) for a connect or a query timeout at every tick.
