@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -131,6 +132,75 @@ def _autocommit_engine(url: str) -> Engine:
             max_overflow=4, connect_args=_connect_args(url))
         event.listen(eng, "checkout", _closed_by_server)
     return eng
+
+
+class _Periodic:
+    """Runs :meth:`Database.periodic`'s statements on one DBAPI connection this thread
+    keeps, each compiled once to the driver's own SQL. In a worker whose caches have gone cold
+    between two runs, SQLAlchemy's checkout, transaction, execution context and result (about
+    250 Python calls) cost four to five times the statement: on SQLite 0.65 against 0.15 ms
+    for a look that finds nothing, 0.75 against 0.18 ms for a heartbeat. The connection is the
+    reading engine's (SQLite without BEGIN, PostgreSQL in autocommit): each statement commits
+    by itself and no snapshot is held between runs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.fairy: Any = None  # a pooled connection checked out for good
+        self.forms: dict[object, tuple[Any, list[str] | None]] = {}
+        self.error = engine.dialect.loaded_dbapi.Error
+
+    def run(self, statement: Any, params: dict[str, object]) -> list[tuple]:
+        form = self.forms.get(statement)
+        if form is None:  # positiontup: the parameters' order, for a positional paramstyle
+            compiled = statement.compile(dialect=self.engine.dialect)
+            form = self.forms[statement] = compiled, compiled.positiontup
+        compiled, names = form
+        values = compiled.construct_params(params)
+        args = tuple(values[name] for name in names) if names is not None else values
+        cursor = None
+        try:  # the pool's raw_connection() raises the driver's own error, as execute() does
+            cursor = self._connection().cursor()
+            cursor.execute(compiled.string, args)
+            return cursor.fetchall() if cursor.description else []
+        except self.error as exc:
+            self.drop()
+            raise DBAPIError.instance(compiled.string, args, exc, self.error,
+                                      dialect=self.engine.dialect) from exc
+        finally:
+            if cursor is not None:
+                cursor.close()
+
+    def _connection(self) -> Any:
+        if self.fairy is not None and self.engine.dialect.name == "postgresql":
+            try:  # the pool's own check, for a connection that never goes back to it
+                _closed_by_server(self.fairy.dbapi_connection, None, None)
+            except DisconnectionError:
+                self.drop()
+        if self.fairy is None:
+            self.fairy = self.engine.raw_connection()
+        return self.fairy
+
+    def drop(self) -> None:
+        fairy, self.fairy = self.fairy, None
+        if fairy is not None:
+            try:
+                fairy.invalidate()
+                fairy.close()
+            except Exception:  # noqa: BLE001 - the connection is gone either way
+                pass
+
+
+_periodic: dict[tuple[int, int, str], _Periodic] = {}
+
+
+def _periodic_for(url: str) -> _Periodic:
+    """This thread's: a DBAPI connection is not shared between threads, nor across a fork."""
+    key = (os.getpid(), threading.get_ident(), url)
+    runner = _periodic.get(key)
+    if runner is None:
+        eng = _engine(url, False) if url.startswith("sqlite") else _autocommit_engine(url)
+        runner = _periodic[key] = _Periodic(eng)
+    return runner
 
 
 class _WriterLock:
@@ -310,6 +380,20 @@ class Database:
             self.engine()
             with _autocommit_engine(url).connect() as conn:
                 yield conn
+
+    def periodic(self, statement: Any, /, **params: object) -> list[tuple]:
+        """Run one statement that a worker runs every few seconds, idle or not, and return
+        its rows: the looks that nearly always find nothing (stranded steps, event waits) and
+        the heartbeat. It commits by itself; on SQLite a write takes its turn among the
+        machine's writers. A fifth of a Core connection's cost (:class:`_Periodic`); the
+        statement must not hold an expanding ``IN``. Unreachable as from every session."""
+        url = self.url
+        with self._reachable(url):
+            self.engine()
+            if getattr(statement, "is_dml", False):
+                with _writer_turn(url):
+                    return _periodic_for(url).run(statement, params)
+            return _periodic_for(url).run(statement, params)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

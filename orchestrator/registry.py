@@ -159,11 +159,10 @@ class Registry:
     def heartbeat(self, nodename: str, state: str | None = None) -> None:
         """Refresh the worker's heartbeat, and its state if given (a state change that could
         not be written when it happened, the ledger being unreachable, is written here)."""
-        values = {"node": nodename, "at": time.time()}
-        if state is not None:
-            values["new_state"] = state
-        with self.db.statement() as conn:  # one statement, every few seconds per worker
-            conn.execute(_BEAT if state is None else _BEAT_AND_STATE, values)
+        if state is None:
+            self.db.periodic(_BEAT, node=nodename, at=time.time())
+        else:
+            self.db.periodic(_BEAT_AND_STATE, node=nodename, at=time.time(), new_state=state)
 
     def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
         with self.db.session() as s:

@@ -468,10 +468,8 @@ class Ledger:
         deadline. Returns ``(operation_id, next)`` for each, for the caller to publish, and
         how many still wait."""
         settled = Settled()
-        with self.db.reading() as conn:  # nearly always none: no ORM session for that
-            candidates = conn.execute(statements_for(self.db.url).waiting,
-                                      {"host": host}).scalars().all()
-        for operation_id in candidates:
+        candidates = self.db.periodic(statements_for(self.db.url).waiting, host=host)
+        for (operation_id,) in candidates:  # nearly always none: no ORM session for that
             with self.db.session() as s:
                 op = self.locked(s, operation_id)
                 if op.step_state != "waiting" or op.current is None or not op.wait:
@@ -514,14 +512,13 @@ class Ledger:
         resends; a resent step that was not lost after all is a duplicate.
         """
         now = time.time()
-        states = ["queued", "held"] if running_after is None else ["queued", "held", "running"]
         shortest = min(queued_after, unpublished_after,
                        running_after if running_after is not None else queued_after)
         # Asked every few seconds by every host's worker, and nearly always for nothing: the
-        # ids with a statement built once, and an ORM session only when there are some.
-        with self.db.reading() as conn:
-            ids = conn.execute(statements_for(self.db.url).stranded, {
-                "host": host, "states": states, "before": now - shortest}).scalars().all()
+        # ids in one cheap look, and an ORM session only when there are some.
+        ids = [row[0] for row in self.db.periodic(
+            statements_for(self.db.url).stranded[running_after is not None], host=host,
+            before=now - shortest)]
         if not ids:
             return []
         with self.db.read() as s:

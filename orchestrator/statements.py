@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, literal, select, true, update
+from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true, update
 
 from orchestrator.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
+
+
+def one_of(column: Any, values: tuple[str, ...]) -> Any:
+    """``column IN (values)`` written as equalities: one bound parameter each, where ``IN``
+    takes an expanding one."""
+    return or_(*(column == value for value in values))
 
 
 class StepStatements:
@@ -65,11 +71,17 @@ class StepStatements:
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
         self.insert_operation = insert(ops)
         self.insert_hosts = insert(hosts)
-        # What a host's worker looks for every few seconds, idle or not.
-        on_host = (ops.c.current_host == bindparam("host")) & ops.c.status.in_(ACTIVE_STATUSES)
-        self.stranded = select(ops.c.id).where(
-            on_host, ops.c.step_state.in_(bindparam("states", expanding=True)),
-            (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held"))
+        # What a host's worker looks for every few seconds, idle or not, through
+        # Database.periodic: no IN list, which SQLAlchemy expands at each execution and a
+        # driver's own form of the statement cannot hold.
+        on_host = (ops.c.current_host == bindparam("host")) & one_of(ops.c.status,
+                                                                      ACTIVE_STATUSES)
+        #: Keyed by whether running steps are looked at too.
+        self.stranded = {
+            running: select(ops.c.id).where(
+                on_host, one_of(ops.c.step_state, ("queued", "held", "running")[:2 + running]),
+                (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held"))
+            for running in (False, True)}
         self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
         #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
         #: run outside a transaction: one round trip where a transaction takes four or more.
