@@ -27,8 +27,9 @@ import select
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +120,12 @@ def _closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-u
 
 
 def _autocommit_engine(url: str) -> Engine:
-    """An engine whose connections are in autocommit for good: on PostgreSQL a single
-    statement is atomic by itself, and a transaction around it costs a BEGIN and a COMMIT
-    (or the pool's reset ROLLBACK), two round trips more than the statement. A pool of its
-    own: switching a pooled connection in and out of autocommit at every checkout cost as
-    much Python as the statement (psycopg's autocommit and isolation setters, the reset)."""
+    """The connections of :meth:`Database.direct` on PostgreSQL, in autocommit for good: a
+    single statement is atomic by itself, and a transaction around it costs a BEGIN and a
+    COMMIT (or the pool's reset ROLLBACK), two round trips more than the statement. A pool
+    of its own: switching a pooled connection in and out of autocommit cost as much Python
+    as the statement (psycopg's autocommit and isolation setters, the reset). Each thread
+    that runs direct statements keeps one of its connections."""
     key = (os.getpid(), url)
     eng = _autocommit.get(key)
     if eng is None:
@@ -134,37 +136,75 @@ def _autocommit_engine(url: str) -> Engine:
     return eng
 
 
-class _Periodic:
-    """Runs :meth:`Database.periodic`'s statements on one DBAPI connection this thread
-    keeps, each compiled once to the driver's own SQL. In a worker whose caches have gone cold
-    between two runs, SQLAlchemy's checkout, transaction, execution context and result (about
-    250 Python calls) cost four to five times the statement: on SQLite 0.65 against 0.15 ms
-    for a look that finds nothing, 0.75 against 0.18 ms for a heartbeat. The connection is the
-    reading engine's (SQLite without BEGIN, PostgreSQL in autocommit): each statement commits
-    by itself and no snapshot is held between runs."""
+@dataclass(frozen=True)
+class _Form:
+    """A statement compiled once for a dialect, with its types' conversions: what
+    SQLAlchemy's execution context works out at every execution."""
+
+    sql: str
+    #: The bound parameters' order, for a positional paramstyle (SQLite's ``?``).
+    order: tuple[str, ...] | None
+    compiled: Any
+    binds: dict[str, Callable[[Any], Any]]
+    #: One conversion per result column (None: the driver's value as it is).
+    results: tuple[Callable[[Any], Any] | None, ...]
+
+    @classmethod
+    def of(cls, statement: Any, dialect: Any) -> _Form:
+        compiled = statement.compile(dialect=dialect)
+        binds = {name: proc for bind, name in compiled.bind_names.items()
+                 if (proc := bind.type.dialect_impl(dialect).bind_processor(dialect))}
+        columns = getattr(statement, "exported_columns", ())
+        results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None)
+                        for c in columns)
+        order = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        return cls(compiled.string, order, compiled, binds, results)
+
+    def arguments(self, params: dict[str, Any]) -> Any:
+        values = self.compiled.construct_params(params)
+        for name, proc in self.binds.items():
+            values[name] = proc(values[name])
+        return tuple(values[name] for name in self.order) if self.order is not None \
+            else values
+
+    def rows(self, fetched: list) -> list[tuple]:
+        if not any(self.results):
+            return fetched
+        return [tuple(value if proc is None else proc(value)
+                      for proc, value in zip(self.results, row, strict=True))
+                for row in fetched]
+
+
+class _Direct:
+    """Runs :meth:`Database.direct`'s statements on one DBAPI connection this thread keeps,
+    each compiled once (:class:`_Form`). In a worker whose caches have gone cold between
+    two runs, SQLAlchemy's checkout, transaction, execution context and result (about 250
+    Python calls) cost four to five times the statement: on SQLite 0.65 against 0.15 ms for
+    an idle worker's look that finds nothing, 0.75 against 0.18 ms for a heartbeat. The
+    connection is the reading engine's (SQLite without BEGIN, PostgreSQL in autocommit):
+    each statement commits by itself and no snapshot is held between statements."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.fairy: Any = None  # a pooled connection checked out for good
-        self.forms: dict[object, tuple[Any, list[str] | None]] = {}
-        self.error = engine.dialect.loaded_dbapi.Error
+        self.forms: dict[object, _Form] = {}
+        dbapi = engine.dialect.loaded_dbapi
+        self.error, self.lost = dbapi.Error, (dbapi.OperationalError, dbapi.InterfaceError)
 
-    def run(self, statement: Any, params: dict[str, object]) -> list[tuple]:
+    def run(self, statement: Any, params: dict[str, Any]) -> list[tuple]:
         form = self.forms.get(statement)
-        if form is None:  # positiontup: the parameters' order, for a positional paramstyle
-            compiled = statement.compile(dialect=self.engine.dialect)
-            form = self.forms[statement] = compiled, compiled.positiontup
-        compiled, names = form
-        values = compiled.construct_params(params)
-        args = tuple(values[name] for name in names) if names is not None else values
+        if form is None:
+            form = self.forms[statement] = _Form.of(statement, self.engine.dialect)
+        args = form.arguments(params)
         cursor = None
         try:  # the pool's raw_connection() raises the driver's own error, as execute() does
             cursor = self._connection().cursor()
-            cursor.execute(compiled.string, args)
-            return cursor.fetchall() if cursor.description else []
+            cursor.execute(form.sql, args)
+            return form.rows(cursor.fetchall()) if cursor.description else []
         except self.error as exc:
-            self.drop()
-            raise DBAPIError.instance(compiled.string, args, exc, self.error,
+            if isinstance(exc, self.lost):  # a constraint broken leaves the connection good
+                self.drop()
+            raise DBAPIError.instance(form.sql, args, exc, self.error,
                                       dialect=self.engine.dialect) from exc
         finally:
             if cursor is not None:
@@ -190,16 +230,16 @@ class _Periodic:
                 pass
 
 
-_periodic: dict[tuple[int, int, str], _Periodic] = {}
+_direct: dict[tuple[int, int, str], _Direct] = {}
 
 
-def _periodic_for(url: str) -> _Periodic:
+def _direct_for(url: str) -> _Direct:
     """This thread's: a DBAPI connection is not shared between threads, nor across a fork."""
     key = (os.getpid(), threading.get_ident(), url)
-    runner = _periodic.get(key)
+    runner = _direct.get(key)
     if runner is None:
         eng = _engine(url, False) if url.startswith("sqlite") else _autocommit_engine(url)
-        runner = _periodic[key] = _Periodic(eng)
+        runner = _direct[key] = _Direct(eng)
     return runner
 
 
@@ -355,45 +395,21 @@ class Database:
             with _writer_turn(url), _engine(url, True).begin() as conn:
                 yield conn
 
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        """A Core connection for single-statement reads (never takes SQLite's write lock;
-        on PostgreSQL no transaction around the statement)."""
-        url = self.url
-        with self._reachable(url):
-            self.engine()
-            eng = _engine(url, False) if url.startswith("sqlite") else _autocommit_engine(url)
-            with eng.connect() as conn:
-                yield conn
-
-    @contextmanager
-    def statement(self) -> Iterator[Connection]:
-        """A Core connection on which each statement commits by itself (PostgreSQL), for
-        writes made atomic in one statement; SQLite, whose writers take turns, gets
-        :meth:`writing`."""
-        url = self.url
-        if url.startswith("sqlite"):
-            with self.writing() as conn:
-                yield conn
-            return
-        with self._reachable(url):
-            self.engine()
-            with _autocommit_engine(url).connect() as conn:
-                yield conn
-
-    def periodic(self, statement: Any, /, **params: object) -> list[tuple]:
-        """Run one statement that a worker runs every few seconds, idle or not, and return
-        its rows: the looks that nearly always find nothing (stranded steps, event waits) and
-        the heartbeat. It commits by itself; on SQLite a write takes its turn among the
-        machine's writers. A fifth of a Core connection's cost (:class:`_Periodic`); the
-        statement must not hold an expanding ``IN``. Unreachable as from every session."""
+    def direct(self, statement: Any, /, **params: Any) -> list[tuple]:
+        """Run one statement that commits by itself, straight on the driver, and return its
+        rows (converted by their types): what the step path runs at every step (its read, and
+        on PostgreSQL its one-statement completion and submit) and what a worker runs every
+        few seconds, idle or not (the looks that nearly always find nothing, the heartbeat).
+        A fifth of a Core connection's cost (:class:`_Direct`). On SQLite a write takes its
+        turn among the machine's writers. The statement must not hold an expanding ``IN``.
+        Unreachable as from every session."""
         url = self.url
         with self._reachable(url):
             self.engine()
             if getattr(statement, "is_dml", False):
                 with _writer_turn(url):
-                    return _periodic_for(url).run(statement, params)
-            return _periodic_for(url).run(statement, params)
+                    return _direct_for(url).run(statement, params)
+            return _direct_for(url).run(statement, params)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

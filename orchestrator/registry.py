@@ -160,9 +160,9 @@ class Registry:
         """Refresh the worker's heartbeat, and its state if given (a state change that could
         not be written when it happened, the ledger being unreachable, is written here)."""
         if state is None:
-            self.db.periodic(_BEAT, node=nodename, at=time.time())
+            self.db.direct(_BEAT, node=nodename, at=time.time())
         else:
-            self.db.periodic(_BEAT_AND_STATE, node=nodename, at=time.time(), new_state=state)
+            self.db.direct(_BEAT_AND_STATE, node=nodename, at=time.time(), new_state=state)
 
     def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
         with self.db.session() as s:

@@ -171,26 +171,24 @@ class Ledger:
 
     def _may_run(self, operation_id: str, position: int, step: str, host: str) -> StepStart:
         """begin_step without a claim: the operation and its step's attempts, one read."""
-        with self.db.reading() as conn:
-            row = conn.execute(statements_for(self.db.url).may_run,
-                               {"id": operation_id, "position": position}).first()
-        if row is None:
+        rows = self.db.direct(statements_for(self.db.url).may_run, id=operation_id,
+                              position=position)
+        if not rows:
             raise UnknownOperation(f"unknown operation {operation_id!r}")
-        plan = row.plan
+        (at, status, step_state, next_published, plan, kind, subject, params, hosts,
+         attempts) = rows[0]
         if not 0 <= position < len(plan) or tuple(plan[position]) != (step, host):
             raise StepMismatch(
                 f"operation {operation_id} has no step {step}@{host} at position {position}")
-        active = row.status in ACTIVE_STATUSES
-        if row.position == position + 1 and active and not row.next_published:
-            current = tuple(plan[row.position]) if row.position < len(plan) else None
-            return StepStart("republish", current, row.position, kind=row.kind,
-                             subject=row.subject)
-        if row.position != position or not active or row.step_state == "waiting":
+        active = status in ACTIVE_STATUSES
+        if at == position + 1 and active and not next_published:
+            current = tuple(plan[at]) if at < len(plan) else None
+            return StepStart("republish", current, at, kind=kind, subject=subject)
+        if at != position or not active or step_state == "waiting":
             return StepStart("duplicate")
         following = plan[position + 1] if position + 1 < len(plan) else None
-        return StepStart("run", attempt=(row.attempts or 0) + 1, kind=row.kind,
-                         subject=row.subject, params=dict(row.params or {}),
-                         hosts=dict(row.hosts or {}),
+        return StepStart("run", attempt=(attempts or 0) + 1, kind=kind, subject=subject,
+                         params=dict(params or {}), hosts=dict(hosts or {}),
                          following=tuple(following) if following else None)
 
     def complete_plain(self, operation_id: str, position: int, step: str, host: str,
@@ -219,8 +217,8 @@ class Ledger:
                   "started_at": attempt.started_at if counted else None}
         one = statements.completions.get((advance_name, counted))
         if one is not None:
-            with self.db.statement() as conn:
-                advanced = conn.execute(one, {**where, **record}).scalar()
+            rows = self.db.direct(one, **{**where, **record})
+            advanced = rows[0][0] if rows else None
         else:
             with self.db.writing() as conn:
                 advanced = conn.execute(getattr(statements, advance_name), where).rowcount
@@ -251,9 +249,8 @@ class Ledger:
                "rollback": rollback, "created_at": now, "updated_at": now}
         if statements.submit is not None:  # one statement; a busy subject breaks the index
             try:
-                with self.db.statement() as conn:
-                    conn.execute(statements.submit, {**row, "host_names": list(last),
-                                                     "host_positions": list(last.values())})
+                self.db.direct(statements.submit, **row, host_names=list(last),
+                               host_positions=list(last.values()))
             except IntegrityError:
                 raise self._busy(subject) from None
             return op_id
@@ -273,18 +270,16 @@ class Ledger:
     def _busy(self, subject: str | None, conn: Any = None) -> SubjectBusy:
         """Why ``subject`` could not be taken: the operation that holds it, or the race a
         submit lost to another (gone again by the time it is read)."""
-        def holder(c: Any) -> Any:
-            return c.execute(statements_for(self.db.url).holder, {"subject": subject}).first()
-
-        if conn is not None:
-            busy = holder(conn)
+        holder = statements_for(self.db.url).holder
+        if conn is not None:  # inside the submit's own transaction (SQLite)
+            busy = conn.execute(holder, {"subject": subject}).first()
         else:
-            with self.db.reading() as c:
-                busy = holder(c)
+            busy = next(iter(self.db.direct(holder, subject=subject)), None)
         if busy is None:
             return SubjectBusy(f"subject {subject!r} is busy: another operation was just "
                                "submitted for it")
-        return SubjectBusy(f"subject {subject!r} is busy: operation {busy.id} ({busy.kind}) "
+        operation_id, kind = busy
+        return SubjectBusy(f"subject {subject!r} is busy: operation {operation_id} ({kind}) "
                            "in progress")
 
     def claim_step(self, operation_id: str, position: int, attempt: Attempt) -> bool:
@@ -468,7 +463,7 @@ class Ledger:
         deadline. Returns ``(operation_id, next)`` for each, for the caller to publish, and
         how many still wait."""
         settled = Settled()
-        candidates = self.db.periodic(statements_for(self.db.url).waiting, host=host)
+        candidates = self.db.direct(statements_for(self.db.url).waiting, host=host)
         for (operation_id,) in candidates:  # nearly always none: no ORM session for that
             with self.db.session() as s:
                 op = self.locked(s, operation_id)
@@ -516,7 +511,7 @@ class Ledger:
                        running_after if running_after is not None else queued_after)
         # Asked every few seconds by every host's worker, and nearly always for nothing: the
         # ids in one cheap look, and an ORM session only when there are some.
-        ids = [row[0] for row in self.db.periodic(
+        ids = [row[0] for row in self.db.direct(
             statements_for(self.db.url).stranded[running_after is not None], host=host,
             before=now - shortest)]
         if not ids:

@@ -2,7 +2,7 @@
 the submit, and what a host's worker looks for every few seconds): a step costs their
 execution and not their construction, and SQLAlchemy reuses their compiled form from its
 cache. On PostgreSQL a completion and a submit are each one statement of data-modifying CTEs,
-run outside a transaction (:meth:`orchestrator.db.Database.statement`); the ledger
+run outside a transaction (:meth:`orchestrator.db.Database.direct`); the ledger
 (:mod:`orchestrator.state`) says when each is used."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class StepStatements:
         # the column names for its own.
         guarded = update(ops).where(
             (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
-            & ops.c.status.in_(ACTIVE_STATUSES))
+            & one_of(ops.c.status, ACTIVE_STATUSES))
         moved = dict(position=bindparam("next_position"), wait=None,
                      updated_at=bindparam("now"))
         self.end = guarded.values(
@@ -72,7 +72,7 @@ class StepStatements:
         self.insert_operation = insert(ops)
         self.insert_hosts = insert(hosts)
         # What a host's worker looks for every few seconds, idle or not, through
-        # Database.periodic: no IN list, which SQLAlchemy expands at each execution and a
+        # Database.direct: no IN list, which SQLAlchemy expands at each execution and a
         # driver's own form of the statement cannot hold.
         on_host = (ops.c.current_host == bindparam("host")) & one_of(ops.c.status,
                                                                       ACTIVE_STATUSES)

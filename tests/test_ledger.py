@@ -135,7 +135,8 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     """PostgreSQL ends every backend of the ledger's pooled connections (as a restart does):
     the next submit and step find them closed at checkout and connect anew, with no error and
     no ping per checkout (db._closed_by_server); so does the connection a thread keeps for
-    its periodic looks (db._Periodic), which never goes back to the pool."""
+    its direct statements (db._Direct: the step's read and completion, the periodic looks),
+    which never goes back to the pool."""
     if orch.db.url.startswith("sqlite"):
         pytest.skip("PostgreSQL (ORCHESTRATOR_TEST_DB_URL): SQLite has no connections to lose")
     import psycopg
@@ -144,7 +145,7 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     plan, hosts = [list(p) for p in PLAN], {"a": "ha", "b": "hb"}
     first = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
     _complete(orch, first, 0, True, queue="q", attempt=None)  # pools hold connections now
-    assert orch.ledger.stranded_steps("hb", 60, 60) == []  # and the periodic looks' own one
+    assert orch.ledger.stranded_steps("hb", 60, 60) == []  # and the direct statements' own one
     url = make_url(orch.db.url)
     with psycopg.connect(host=url.host, port=url.port or 5432, user=url.username,
                          dbname=url.database, autocommit=True) as admin:
