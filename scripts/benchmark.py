@@ -22,7 +22,8 @@ prefetch 1, JSON) measured in the same run:
    (both prefork ``-c 2``), their memory, and a busy drain: from the end of the last step it
    waited for to its exit.
 6. **scale** (only with ``--only scale``: it starts 50 workers): real workers for 50 hosts, the
-   same steady load at 2 hosts and at 50, then one host drained while the others stay busy.
+   same steady load at 2 hosts and at 50, then one host drained while the others stay busy;
+   then plain Celery's own 2- and 50-host figures, its chain over the same ring of hosts.
 
 Absolute times depend on the machine; only the ratios are meant to be compared between runs.
 Everything runs against a dedicated Redis database (default ``redis://127.0.0.1:6379/12``) and
@@ -176,19 +177,19 @@ _client = None
 
 
 @app.task(name="bench.prep")
-def prep(operation_id, position, host):
+def prep(operation_id, position, host, a=A, b=B):
     app.send_task("bench.move", kwargs={"operation_id": operation_id, "position": 1,
-                  "host": A}, task_id=f"{operation_id}.1", queue=A + "-alt")
+                  "host": a, "a": a, "b": b}, task_id=f"{operation_id}.1", queue=a + "-alt")
 
 
 @app.task(name="bench.move")
-def move(operation_id, position, host):
+def move(operation_id, position, host, a=A, b=B):
     app.send_task("bench.finish", kwargs={"operation_id": operation_id, "position": 2,
-                  "host": B}, task_id=f"{operation_id}.2", queue=B + "-alt")
+                  "host": b, "a": a, "b": b}, task_id=f"{operation_id}.2", queue=b + "-alt")
 
 
 @app.task(name="bench.finish")
-def finish(operation_id, position, host):
+def finish(operation_id, position, host, a=A, b=B):
     global _client
     if _client is None:
         _client = redis.Redis.from_url(BROKER_URL)
@@ -844,6 +845,56 @@ class Bench:
         return {"ops_per_second": (completed() - start_done) / elapsed, "seconds": elapsed,
                 "submitted": submitted}
 
+    def _steady_plain(self, app: Any, pairs: list[tuple[str, str]], seconds: float) -> dict:
+        """:meth:`_steady` for the plain chain: the same flows kept in flight over the same
+        ring of pairs, counted by its last task in Redis."""
+        self.redis.set(FLOW_COUNTER_KEY, 0)
+
+        def completed() -> int:
+            return int(self.redis.get(FLOW_COUNTER_KEY) or 0)
+
+        submitted, i = 0, 0
+        start = time.monotonic()
+        end = start + seconds
+        while time.monotonic() < end:
+            done = completed()
+            while submitted - done < self.config.scale_inflight:
+                a, b = pairs[i % len(pairs)]
+                op = str(uuid.uuid4())
+                app.send_task("bench.prep", kwargs={"operation_id": op, "position": 0,
+                              "host": b, "a": a, "b": b}, task_id=f"{op}.0", queue=b)
+                submitted, i = submitted + 1, i + 1
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        return {"ops_per_second": completed() / elapsed, "seconds": elapsed,
+                "submitted": submitted}
+
+    def _scale_plain(self, n: int, seconds: float) -> tuple[float, float]:
+        """Plain Celery's own figures at 2 hosts and at ``n``: the same workers (prefork
+        ``-c 1``, one per host, ``<host>`` and ``<host>-alt``), the same load, one fleet
+        after the other (both at once would be 100 workers on the same cores)."""
+        import importlib
+
+        plain_app = importlib.import_module(PLAIN_FLOW_MODULE).app
+        hosts = [f"{PREFIX}plainscale{i}" for i in range(n)]
+        procs = {h: self._spawn(PLAIN_FLOW_MODULE, h, "plainscale", concurrency=1)
+                 for h in hosts[:2]}
+        try:
+            two = self._steady_plain(plain_app, [(hosts[0], hosts[1]), (hosts[1], hosts[0])],
+                                     seconds)
+            log(f"  plain, 2 hosts: {two['ops_per_second']:.1f} ops/s")
+            procs.update({h: self._spawn(PLAIN_FLOW_MODULE, h, "plainscale", concurrency=1,
+                                         ready=False) for h in hosts[2:]})
+            for h in hosts[2:]:
+                self._ready(procs[h], timeout=300)
+            ring = [(hosts[k], hosts[(k + 1) % n]) for k in range(n)]
+            everyone = self._steady_plain(plain_app, ring, seconds)
+            log(f"  plain, {n} hosts: {everyone['ops_per_second']:.1f} ops/s")
+        finally:
+            for h, p in procs.items():
+                self.stop(p, f"plain scale worker {h}")
+        return two["ops_per_second"], everyone["ops_per_second"]
+
     def scale(self) -> None:
         """Real workers for scale_hosts hosts: the same steady load at 2 hosts and at all of
         them (the per-step cost, flat or not), then one host drained under load (its exit
@@ -916,6 +967,13 @@ class Bench:
             except subprocess.TimeoutExpired:
                 self.run.problem(f"scale: {h} still running 60s after SIGTERM; killed")
                 p.kill()
+        plain_two, plain_all = self._scale_plain(n, seconds)
+        self.run.results["scale"].update({
+            "plain_two_hosts_ops_per_second": plain_two,
+            "plain_all_hosts_ops_per_second": plain_all,
+            "plain_per_step_cost_ratio_all_over_two": ratio(plain_two, plain_all),
+            "all_hosts_ratio_ours_over_plain": ratio(everyone["ops_per_second"], plain_all),
+        })
 
     # -- 3. drain --------------------------------------------------------------------------
     def _rss_mb(self, pid: int) -> float:
@@ -1165,6 +1223,15 @@ def table(run: Run) -> str:
                      f"{c['all_hosts_ops_per_second']:.1f} ops/s",
                      f"{c['two_hosts_ops_per_second']:.1f} ops/s",
                      f"{c['per_step_cost_ratio_all_over_two']:.2f}x cost"))
+        if "plain_all_hosts_ops_per_second" in c:
+            rows.append((f"  plain Celery's own: 2 hosts -> {c['hosts']} hosts",
+                         f"{c['plain_all_hosts_ops_per_second']:.1f} ops/s",
+                         f"{c['plain_two_hosts_ops_per_second']:.1f} ops/s",
+                         f"{c['plain_per_step_cost_ratio_all_over_two']:.2f}x cost"))
+            rows.append((f"  {c['hosts']} hosts: ours / plain's",
+                         f"{c['all_hosts_ops_per_second']:.1f} ops/s",
+                         f"{c['plain_all_hosts_ops_per_second']:.1f} ops/s",
+                         f"{c['all_hosts_ratio_ours_over_plain']:.2f}x throughput"))
         rows.append(("  one host drained under load: exit after its last step",
                      fmt(c["drain_exit_after_last_step_s"], "s"), "", ""))
         rows.append(("  the other hosts meanwhile",
