@@ -6,8 +6,10 @@ PostgreSQL with ORCHESTRATOR_TEST_DB_URL."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -131,12 +133,17 @@ def test_a_busy_subject_is_refused_naming_its_holder(orch: Orchestrator) -> None
     orch.ledger.record_new("three", plan, hosts, {}, "vm1", "hb", None)
 
 
+def in_a_thread(call: Callable[[], Any]) -> Any:
+    """What ``call`` returns, called from a thread of its own (not the main thread)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result(timeout=30)
+
+
 def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orchestrator) -> None:
     """PostgreSQL ends every backend of the ledger's pooled connections (as a restart does):
     the next submit and step find them closed at checkout and connect anew, with no error and
-    no ping per checkout (db._closed_by_server); so does the connection a thread keeps for
-    its direct statements (db._Direct: the step's read and completion, the periodic looks),
-    which never goes back to the pool."""
+    no ping per checkout (db._closed_by_server), also for the statements run straight on the
+    driver (db._Direct: the step's read and completion, the periodic looks)."""
     if orch.db.url.startswith("sqlite"):
         pytest.skip("PostgreSQL (ORCHESTRATOR_TEST_DB_URL): SQLite has no connections to lose")
     import psycopg
@@ -146,6 +153,7 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     first = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
     _complete(orch, first, 0, True, queue="q", attempt=None)  # pools hold connections now
     assert orch.ledger.stranded_steps("hb", 60, 60) == []  # and the direct statements' own one
+    assert in_a_thread(lambda: orch.ledger.stranded_steps("hb", 60, 60)) == []  # pooled
     url = make_url(orch.db.url)
     with psycopg.connect(host=url.host, port=url.port or 5432, user=url.username,
                          dbname=url.database, autocommit=True) as admin:
@@ -157,4 +165,5 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     for op_id, position in ((first, 1), (second, 0)):
         assert _complete(orch, op_id, position, True, queue="q", attempt=None).outcome == "run"
     assert orch.ledger.stranded_steps("hb", 60, 60) == []
+    assert in_a_thread(lambda: orch.ledger.stranded_steps("hb", 60, 60)) == []
     assert orch.db.health.up
