@@ -1,9 +1,11 @@
 """The ledger's hot statements, built once per dialect with bound parameters (the step path,
 the submit, and what a host's worker looks for every few seconds): a step costs their
-execution and not their construction, and SQLAlchemy reuses their compiled form from its
-cache. On PostgreSQL a completion and a submit are each one statement of data-modifying CTEs,
-run outside a transaction (:meth:`orchestrator.db.Database.direct`); the ledger
-(:mod:`orchestrator.state`) says when each is used."""
+execution and not their construction. Those that stand alone run straight on the driver,
+compiled once (:meth:`orchestrator.db.Database.direct`): the step's read, the idle looks, and
+on PostgreSQL the completion and the submit, each one statement of data-modifying CTEs that
+commits by itself. SQLite has no data-modifying CTE: its completion and submit are a few of
+these statements in one transaction. The ledger (:mod:`orchestrator.state`) says when each is
+used."""
 
 from __future__ import annotations
 
