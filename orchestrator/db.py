@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -195,29 +195,80 @@ class _Direct:
         self.error, self.lost = dbapi.Error, (dbapi.OperationalError, dbapi.InterfaceError)
 
     def run(self, statement: Any, params: dict[str, Any]) -> list[tuple]:
+        """One statement that commits by itself; its rows."""
+        with self._checkout() as connection:
+            return self.execute(connection, statement, [params])
+
+    @contextmanager
+    def transaction(self) -> Iterator[_Transaction]:
+        """Statements in one transaction (SQLite: ``BEGIN IMMEDIATE``, the machine's writers
+        taking turns being the caller's): committed when the block ends, rolled back if it
+        raises."""
+        begin = "BEGIN IMMEDIATE" if self.engine.dialect.name == "sqlite" else "BEGIN"
+        with self._checkout() as connection:
+            self._plain(connection, begin)
+            try:
+                yield _Transaction(self, connection)
+            except BaseException:
+                with contextlib.suppress(self.error, DBAPIError):
+                    self._plain(connection, "ROLLBACK")
+                raise
+            self._plain(connection, "COMMIT")
+
+    def execute(self, connection: Any, statement: Any, many: list[dict[str, Any]]) -> list[tuple]:
+        """``statement`` once per parameter set in ``many`` (the driver's executemany for
+        more than one); the rows of a single execution."""
         form = self.forms.get(statement)
         if form is None:
             form = self.forms[statement] = _Form.of(statement, self.engine.dialect)
-        args = form.arguments(params)
-        main = threading.current_thread() is threading.main_thread()
-        connection = cursor = None
-        try:  # the pool's raw_connection() raises the driver's own error, as execute() does
-            connection = self._kept() if main else self.engine.raw_connection()
-            cursor = connection.cursor()
-            cursor.execute(form.sql, args)
-            return form.rows(cursor.fetchall()) if cursor.description else []
+        args = [form.arguments(params) for params in many]
+        cursor = connection.cursor()
+        try:
+            if len(args) == 1:
+                cursor.execute(form.sql, args[0])
+                return form.rows(cursor.fetchall()) if cursor.description else []
+            cursor.executemany(form.sql, args)
+            return []
         except self.error as exc:
-            if connection is not None and isinstance(exc, self.lost):
+            raise DBAPIError.instance(form.sql, args[0] if len(args) == 1 else args, exc,
+                                      self.error, dialect=self.engine.dialect) from exc
+        finally:
+            with contextlib.suppress(self.error):  # an invalidated one is closed already
+                cursor.close()
+
+    def _plain(self, connection: Any, sql: str) -> None:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql)
+        except self.error as exc:
+            raise DBAPIError.instance(sql, None, exc, self.error,
+                                      dialect=self.engine.dialect) from exc
+        finally:
+            with contextlib.suppress(self.error):
+                cursor.close()
+
+    @contextmanager
+    def _checkout(self) -> Iterator[Any]:
+        """The main thread's kept connection, or one from the pool (given back after); one
+        that was lost (its server gone, the link cut) is dropped."""
+        main = threading.current_thread() is threading.main_thread()
+        connection = None
+        try:  # the pool's raw_connection() raises the driver's own error
+            connection = self._kept() if main else self.engine.raw_connection()
+            yield connection
+        except (self.error, DBAPIError) as exc:
+            orig = exc.orig if isinstance(exc, DBAPIError) else exc
+            if connection is not None and isinstance(orig, self.lost):
                 connection.invalidate()  # a constraint broken leaves the connection good
                 if main:
                     self.kept = None
                     connection.close()
-            raise DBAPIError.instance(form.sql, args, exc, self.error,
+                    connection = None
+            if isinstance(exc, DBAPIError):
+                raise
+            raise DBAPIError.instance(None, None, exc, self.error,
                                       dialect=self.engine.dialect) from exc
         finally:
-            with contextlib.suppress(self.error):  # an invalidated one is closed already
-                if cursor is not None:
-                    cursor.close()
             if connection is not None and not main:
                 connection.close()  # back to the pool
 
@@ -233,6 +284,20 @@ class _Direct:
         if kept is None:
             kept = self.kept = self.engine.raw_connection()
         return kept
+
+
+class _Transaction:
+    """What :meth:`Database.direct_transaction` yields: ``run(statement, **params)`` gives
+    the rows, ``run.many(statement, [params, ...])`` executes once per set."""
+
+    def __init__(self, direct: _Direct, connection: Any) -> None:
+        self.direct, self.connection = direct, connection
+
+    def __call__(self, statement: Any, /, **params: Any) -> list[tuple]:
+        return self.direct.execute(self.connection, statement, [params])
+
+    def many(self, statement: Any, many: list[dict[str, Any]]) -> None:
+        self.direct.execute(self.connection, statement, many)
 
 
 _direct: dict[tuple[int, str], _Direct] = {}
@@ -389,16 +454,6 @@ class Database:
             with _writer_turn(url), _maker(url, True).begin() as s:
                 yield s
 
-    @contextmanager
-    def writing(self) -> Iterator[Connection]:
-        """A writing transaction on a Core connection, for the step path's few statements
-        (no ORM unit of work to build and flush): committed on success."""
-        url = self.url
-        with self._reachable(url):
-            self.engine()
-            with _writer_turn(url), _engine(url, True).begin() as conn:
-                yield conn
-
     def direct(self, statement: Any, /, **params: Any) -> list[tuple]:
         """Run one statement that commits by itself, straight on the driver, and return its
         rows (converted by their types): what the step path runs at every step (its read, and
@@ -414,6 +469,16 @@ class Database:
                 with _writer_turn(url):
                     return _direct_for(url).run(statement, params)
             return _direct_for(url).run(statement, params)
+
+    @contextmanager
+    def direct_transaction(self) -> Iterator[_Transaction]:
+        """:meth:`direct`'s statements in one writing transaction, committed when the block
+        ends (SQLite, which has no data-modifying CTE: a completion, a submit)."""
+        url = self.url
+        with self._reachable(url):
+            self.engine()
+            with _writer_turn(url), _direct_for(url).transaction() as run:
+                yield run
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -220,13 +220,12 @@ class Ledger:
             rows = self.db.direct(one, **{**where, **record})
             advanced = rows[0][0] if rows else None
         else:
-            with self.db.writing() as conn:
-                advanced = conn.execute(getattr(statements, advance_name), where).rowcount
+            with self.db.direct_transaction() as run:
+                advanced = run(statements.advanced[advance_name], **where)
                 if advanced:
-                    conn.execute(statements.record_counted if counted else statements.record,
-                                 record)
+                    run(statements.record_counted if counted else statements.record, **record)
                     if following is None:
-                        conn.execute(statements.forget_hosts, {"op": operation_id})
+                        run(statements.forget_hosts, op=operation_id)
         if not advanced or following is None:
             return StepStart("duplicate")
         return StepStart("run", following, position + 1, queue=next_queue, kind=start.kind,
@@ -254,31 +253,27 @@ class Ledger:
             except IntegrityError:
                 raise self._busy(subject) from None
             return op_id
-        with self.db.writing() as conn:
-            if subject is not None and conn.execute(
-                    statements.holder, {"subject": subject}).first() is not None:
-                raise self._busy(subject, conn)
+        with self.db.direct_transaction() as run:
+            if subject is not None and run(statements.holder, subject=subject):
+                raise self._busy(subject, run)
             try:
-                conn.execute(statements.insert_operation, row)
+                run(statements.insert_operation, **row)
             except IntegrityError:
-                raise self._busy(subject, conn) from None
-            conn.execute(statements.insert_hosts, [
+                raise self._busy(subject, run) from None
+            run.many(statements.insert_hosts, [
                 {"operation_id": op_id, "host": host, "last_position": position}
                 for host, position in last.items()])
         return op_id
 
-    def _busy(self, subject: str | None, conn: Any = None) -> SubjectBusy:
+    def _busy(self, subject: str | None, run: Any = None) -> SubjectBusy:
         """Why ``subject`` could not be taken: the operation that holds it, or the race a
-        submit lost to another (gone again by the time it is read)."""
-        holder = statements_for(self.db.url).holder
-        if conn is not None:  # inside the submit's own transaction (SQLite)
-            busy = conn.execute(holder, {"subject": subject}).first()
-        else:
-            busy = next(iter(self.db.direct(holder, subject=subject)), None)
-        if busy is None:
+        submit lost to another (gone again by the time it is read). ``run``: the submit's
+        own transaction (SQLite)."""
+        rows = (run or self.db.direct)(statements_for(self.db.url).holder, subject=subject)
+        if not rows:
             return SubjectBusy(f"subject {subject!r} is busy: another operation was just "
                                "submitted for it")
-        operation_id, kind = busy
+        operation_id, kind = rows[0]
         return SubjectBusy(f"subject {subject!r} is busy: operation {operation_id} ({kind}) "
                            "in progress")
 

@@ -15,6 +15,11 @@ from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true
 
 from orchestrator.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
 
+#: The columns a submit writes (``Ledger.record_new``).
+SUBMITTED = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status", "position",
+             "step_state", "step_since", "next_published", "queue", "current_host", "rollback",
+             "created_at", "updated_at")
+
 
 def one_of(column: Any, values: tuple[str, ...]) -> Any:
     """``column IN (values)`` written as equalities: one bound parameter each, where ``IN``
@@ -71,8 +76,11 @@ class StepStatements:
             started_at=bindparam("started_at"), **done))
         self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
-        self.insert_operation = insert(ops)
-        self.insert_hosts = insert(hosts)
+        self.insert_operation = insert(ops).values(
+            {name: bindparam(name, type_=ops.c[name].type) for name in SUBMITTED})
+        self.insert_hosts = insert(hosts).values(
+            operation_id=bindparam("operation_id"), host=bindparam("host"),
+            last_position=bindparam("last_position"))
         # What a host's worker looks for every few seconds, idle or not, through
         # Database.direct: no IN list, which SQLAlchemy expands at each execution and a
         # driver's own form of the statement cannot hold.
@@ -90,6 +98,12 @@ class StepStatements:
         #: SQLite has no data-modifying CTE, and its round trips are calls into a library.
         self.completions: dict[tuple[str, bool], Any] = {}
         self.submit: Any = None
+        #: SQLite: the advance that says whether it advanced (the id of the operation, or
+        #: no row for a duplicate), in the completion's transaction.
+        self.advanced: dict[str, Any] = {}
+        if dialect == "sqlite":
+            self.advanced = {name: getattr(self, name).returning(ops.c.id)
+                             for name in ("end", "advance", "advance_sent")}
         if dialect == "postgresql":
             for name in ("end", "advance", "advance_sent"):
                 for counted in (False, True):
@@ -142,11 +156,8 @@ class StepStatements:
         from sqlalchemy import ARRAY
         from sqlalchemy.dialects.postgresql import insert
 
-        columns = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status",
-                   "position", "step_state", "step_since", "next_published", "queue",
-                   "current_host", "rollback", "created_at", "updated_at")
         recorded = insert(ops).values(
-            {name: bindparam(name, type_=ops.c[name].type) for name in columns}
+            {name: bindparam(name, type_=ops.c[name].type) for name in SUBMITTED}
         ).returning(ops.c.id).cte("recorded")
         each = func.unnest(bindparam("host_names", type_=ARRAY(hosts.c.host.type)),
                            bindparam("host_positions", type_=ARRAY(hosts.c.last_position.type))

@@ -157,8 +157,11 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     url = make_url(orch.db.url)
     with psycopg.connect(host=url.host, port=url.port or 5432, user=url.username,
                          dbname=url.database, autocommit=True) as admin:
+        # Each backend waited for until it has exited (a timeout of 5 s), as a restart's
+        # are by the time the server answers again: a signalled backend may still read one
+        # more statement before it closes its socket.
         ended = admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
     assert ended >= 1
     second = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
