@@ -21,16 +21,13 @@ retransmissions).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import select
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import config, schema
+from orchestrator.driver import Direct, Transaction, closed_by_server
 from orchestrator.errors import LedgerUnavailable, first_line
 from orchestrator.health import LedgerHealth
 
@@ -100,24 +98,10 @@ def _engine(url: str, write: bool) -> Engine:
         else:
             eng = create_engine(url, pool_size=2, max_overflow=4,
                                 connect_args=_connect_args(url))
-            event.listen(eng, "checkout", _closed_by_server)
+            event.listen(eng, "checkout", closed_by_server)
         _engines[key] = eng
         _makers[key] = sessionmaker(eng, expire_on_commit=False)
     return eng
-
-
-def _closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
-    """A pooled connection that the server has closed (restarted, or ended the backend) is
-    dropped at checkout, and the pool connects anew: SQLAlchemy retries a checkout whose
-    listener raises DisconnectionError. An idle connection has nothing to read, so a socket
-    that is readable holds the server's goodbye or end of file. This costs a poll() where
-    ``pool_pre_ping`` costs a round trip per checkout (two per step). A connection across a
-    partition is not readable: a statement on it fails after ``tcp_user_timeout`` (and a
-    ping would have hung as long)."""
-    poller = select.poll()  # not select.select: it cannot take a descriptor above 1023
-    poller.register(dbapi_conn.fileno(), select.POLLIN)
-    if poller.poll(0):
-        raise DisconnectionError("the server closed this pooled connection")
 
 
 def _autocommit_engine(url: str) -> Engine:
@@ -132,183 +116,19 @@ def _autocommit_engine(url: str) -> Engine:
         eng = _autocommit[key] = create_engine(
             url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None, pool_size=2,
             max_overflow=4, connect_args=_connect_args(url))
-        event.listen(eng, "checkout", _closed_by_server)
+        event.listen(eng, "checkout", closed_by_server)
     return eng
 
 
-@dataclass(frozen=True)
-class _Form:
-    """A statement compiled once for a dialect, with its types' conversions: what
-    SQLAlchemy's execution context works out at every execution."""
-
-    sql: str
-    #: The bound parameters' order, for a positional paramstyle (SQLite's ``?``).
-    order: tuple[str, ...] | None
-    compiled: Any
-    binds: dict[str, Callable[[Any], Any]]
-    #: One conversion per result column (None: the driver's value as it is).
-    results: tuple[Callable[[Any], Any] | None, ...]
-
-    @classmethod
-    def of(cls, statement: Any, dialect: Any) -> _Form:
-        compiled = statement.compile(dialect=dialect)
-        binds = {name: proc for bind, name in compiled.bind_names.items()
-                 if (proc := bind.type.dialect_impl(dialect).bind_processor(dialect))}
-        columns = getattr(statement, "exported_columns", ())
-        results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None)
-                        for c in columns)
-        order = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-        return cls(compiled.string, order, compiled, binds, results)
-
-    def arguments(self, params: dict[str, Any]) -> Any:
-        values = self.compiled.construct_params(params)
-        for name, proc in self.binds.items():
-            values[name] = proc(values[name])
-        return tuple(values[name] for name in self.order) if self.order is not None \
-            else values
-
-    def rows(self, fetched: list) -> list[tuple]:
-        if not any(self.results):
-            return fetched
-        return [tuple(value if proc is None else proc(value)
-                      for proc, value in zip(self.results, row, strict=True))
-                for row in fetched]
+_direct: dict[tuple[int, str], Direct] = {}
 
 
-class _Direct:
-    """Runs :meth:`Database.direct`'s statements straight on a pooled DBAPI connection, each
-    compiled once (:class:`_Form`). In a worker whose caches have gone cold between two
-    runs, SQLAlchemy's Connection, transaction, execution context and result (about 250
-    Python calls) cost four to five times the statement: on SQLite 0.65 against 0.15 ms for
-    an idle worker's look that finds nothing, 0.75 against 0.18 ms for a heartbeat. The pool
-    is the reading engine's (SQLite without BEGIN, PostgreSQL in autocommit): each statement
-    commits by itself. The process's main thread, which runs the step path in a pool process
-    and the periodic looks in a worker, keeps its connection (a checkout and its return cost
-    0.04 ms a statement on PostgreSQL, 0.1 ms a step); other threads (a web server's come
-    and go) take one from the pool for each statement."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.forms: dict[object, _Form] = {}
-        self.kept: Any = None  # the main thread's connection, checked out for good
-        dbapi = engine.dialect.loaded_dbapi
-        self.error, self.lost = dbapi.Error, (dbapi.OperationalError, dbapi.InterfaceError)
-
-    def run(self, statement: Any, params: dict[str, Any]) -> list[tuple]:
-        """One statement that commits by itself; its rows."""
-        with self._checkout() as connection:
-            return self.execute(connection, statement, [params])
-
-    @contextmanager
-    def transaction(self) -> Iterator[_Transaction]:
-        """Statements in one transaction (SQLite: ``BEGIN IMMEDIATE``, the machine's writers
-        taking turns being the caller's): committed when the block ends, rolled back if it
-        raises."""
-        begin = "BEGIN IMMEDIATE" if self.engine.dialect.name == "sqlite" else "BEGIN"
-        with self._checkout() as connection:
-            self._plain(connection, begin)
-            try:
-                yield _Transaction(self, connection)
-            except BaseException:
-                with contextlib.suppress(self.error, DBAPIError):
-                    self._plain(connection, "ROLLBACK")
-                raise
-            self._plain(connection, "COMMIT")
-
-    def execute(self, connection: Any, statement: Any, many: list[dict[str, Any]]) -> list[tuple]:
-        """``statement`` once per parameter set in ``many`` (the driver's executemany for
-        more than one); the rows of a single execution."""
-        form = self.forms.get(statement)
-        if form is None:
-            form = self.forms[statement] = _Form.of(statement, self.engine.dialect)
-        args = [form.arguments(params) for params in many]
-        cursor = connection.cursor()
-        try:
-            if len(args) == 1:
-                cursor.execute(form.sql, args[0])
-                return form.rows(cursor.fetchall()) if cursor.description else []
-            cursor.executemany(form.sql, args)
-            return []
-        except self.error as exc:
-            raise DBAPIError.instance(form.sql, args[0] if len(args) == 1 else args, exc,
-                                      self.error, dialect=self.engine.dialect) from exc
-        finally:
-            with contextlib.suppress(self.error):  # an invalidated one is closed already
-                cursor.close()
-
-    def _plain(self, connection: Any, sql: str) -> None:
-        cursor = connection.cursor()
-        try:
-            cursor.execute(sql)
-        except self.error as exc:
-            raise DBAPIError.instance(sql, None, exc, self.error,
-                                      dialect=self.engine.dialect) from exc
-        finally:
-            with contextlib.suppress(self.error):
-                cursor.close()
-
-    @contextmanager
-    def _checkout(self) -> Iterator[Any]:
-        """The main thread's kept connection, or one from the pool (given back after); one
-        that was lost (its server gone, the link cut) is dropped."""
-        main = threading.current_thread() is threading.main_thread()
-        connection = None
-        try:  # the pool's raw_connection() raises the driver's own error
-            connection = self._kept() if main else self.engine.raw_connection()
-            yield connection
-        except (self.error, DBAPIError) as exc:
-            orig = exc.orig if isinstance(exc, DBAPIError) else exc
-            if connection is not None and isinstance(orig, self.lost):
-                connection.invalidate()  # a constraint broken leaves the connection good
-                if main:
-                    self.kept = None
-                    connection.close()
-                    connection = None
-            if isinstance(exc, DBAPIError):
-                raise
-            raise DBAPIError.instance(None, None, exc, self.error,
-                                      dialect=self.engine.dialect) from exc
-        finally:
-            if connection is not None and not main:
-                connection.close()  # back to the pool
-
-    def _kept(self) -> Any:
-        kept = self.kept
-        if kept is not None and self.engine.dialect.name == "postgresql":
-            try:  # the pool's own check at checkout, for a connection that stays out
-                _closed_by_server(kept.dbapi_connection, None, None)
-            except DisconnectionError:
-                kept.invalidate()
-                kept.close()
-                kept = self.kept = None
-        if kept is None:
-            kept = self.kept = self.engine.raw_connection()
-        return kept
-
-
-class _Transaction:
-    """What :meth:`Database.direct_transaction` yields: ``run(statement, **params)`` gives
-    the rows, ``run.many(statement, [params, ...])`` executes once per set."""
-
-    def __init__(self, direct: _Direct, connection: Any) -> None:
-        self.direct, self.connection = direct, connection
-
-    def __call__(self, statement: Any, /, **params: Any) -> list[tuple]:
-        return self.direct.execute(self.connection, statement, [params])
-
-    def many(self, statement: Any, many: list[dict[str, Any]]) -> None:
-        self.direct.execute(self.connection, statement, many)
-
-
-_direct: dict[tuple[int, str], _Direct] = {}
-
-
-def _direct_for(url: str) -> _Direct:
+def _direct_for(url: str) -> Direct:
     key = (os.getpid(), url)
     runner = _direct.get(key)
     if runner is None:
         eng = _engine(url, False) if url.startswith("sqlite") else _autocommit_engine(url)
-        runner = _direct[key] = _Direct(eng)
+        runner = _direct[key] = Direct(eng)
     return runner
 
 
@@ -459,9 +279,9 @@ class Database:
         rows (converted by their types): what the step path runs at every step (its read, and
         on PostgreSQL its one-statement completion and submit) and what a worker runs every
         few seconds, idle or not (the looks that nearly always find nothing, the heartbeat).
-        A fifth of a Core connection's cost (:class:`_Direct`). On SQLite a write takes its
-        turn among the machine's writers. The statement must not hold an expanding ``IN``.
-        Unreachable as from every session."""
+        A fifth of a Core connection's cost (:class:`~orchestrator.driver.Direct`). On
+        SQLite a write takes its turn among the machine's writers. The statement must not
+        hold an expanding ``IN``. Unreachable as from every session."""
         url = self.url
         with self._reachable(url):
             self.engine()
@@ -471,7 +291,7 @@ class Database:
             return _direct_for(url).run(statement, params)
 
     @contextmanager
-    def direct_transaction(self) -> Iterator[_Transaction]:
+    def direct_transaction(self) -> Iterator[Transaction]:
         """:meth:`direct`'s statements in one writing transaction, committed when the block
         ends (SQLite, which has no data-modifying CTE: a completion, a submit)."""
         url = self.url

@@ -142,8 +142,8 @@ def in_a_thread(call: Callable[[], Any]) -> Any:
 def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orchestrator) -> None:
     """PostgreSQL ends every backend of the ledger's pooled connections (as a restart does):
     the next submit and step find them closed at checkout and connect anew, with no error and
-    no ping per checkout (db._closed_by_server), also for the statements run straight on the
-    driver (db._Direct: the step's read and completion, the periodic looks)."""
+    no ping per checkout (driver.closed_by_server), also for the statements run straight on
+    the driver (driver.Direct: the step's read and completion, the periodic looks)."""
     if orch.db.url.startswith("sqlite"):
         pytest.skip("PostgreSQL (ORCHESTRATOR_TEST_DB_URL): SQLite has no connections to lose")
     import psycopg
