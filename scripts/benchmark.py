@@ -820,9 +820,27 @@ class Bench:
         }
 
     # -- 2d. a fleet of real workers ---------------------------------------------------------
-    def _steady(self, orch: Any, pairs: list[tuple[str, str]], seconds: float) -> dict:
+    def _keep_in_flight(self, submit: Callable[[str, str], object],
+                        completed: Callable[[], int], pairs: list[tuple[str, str]],
+                        seconds: float) -> dict:
         """Keep scale_inflight three-step flows in flight over ``pairs`` (roles a, b) for
-        ``seconds``; operations completed per second over the window."""
+        ``seconds``, each sent by ``submit(a, b)``; operations completed per second over the
+        window, by ``completed()``."""
+        start_done, submitted, i = completed(), 0, 0
+        start = time.monotonic()
+        end = start + seconds
+        while time.monotonic() < end:
+            in_flight = submitted - (completed() - start_done)  # one count per round
+            for _ in range(self.config.scale_inflight - in_flight):
+                submit(*pairs[i % len(pairs)])
+                submitted, i = submitted + 1, i + 1
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+        return {"ops_per_second": (completed() - start_done) / elapsed, "seconds": elapsed,
+                "submitted": submitted}
+
+    def _steady(self, orch: Any, pairs: list[tuple[str, str]], seconds: float) -> dict:
+        """Ours: submitted through the orchestrator, counted as completed in the ledger."""
         from sqlalchemy import func, select
 
         from orchestrator.models import Operation
@@ -832,44 +850,18 @@ class Bench:
                 return s.execute(select(func.count()).select_from(Operation).where(
                     Operation.status == "completed")).scalar_one()
 
-        start_done, submitted, i = completed(), 0, 0
-        start = time.monotonic()
-        end = start + seconds
-        done = start_done
-        while time.monotonic() < end:
-            done = completed()
-            while submitted - (done - start_done) < self.config.scale_inflight:
-                a, b = pairs[i % len(pairs)]
-                orch.submit("three", hosts={"a": a, "b": b})
-                submitted, i = submitted + 1, i + 1
-            time.sleep(0.05)
-        elapsed = time.monotonic() - start
-        return {"ops_per_second": (completed() - start_done) / elapsed, "seconds": elapsed,
-                "submitted": submitted}
+        return self._keep_in_flight(lambda a, b: orch.submit("three", hosts={"a": a, "b": b}),
+                                    completed, pairs, seconds)
 
     def _steady_plain(self, app: Any, pairs: list[tuple[str, str]], seconds: float) -> dict:
-        """:meth:`_steady` for the plain chain: the same flows kept in flight over the same
-        ring of pairs, counted by its last task in Redis."""
-        self.redis.set(FLOW_COUNTER_KEY, 0)
+        """The plain chain over the same ring of pairs, counted by its last task in Redis."""
+        def submit(a: str, b: str) -> None:
+            op = str(uuid.uuid4())
+            app.send_task("bench.prep", kwargs={"operation_id": op, "position": 0, "host": b,
+                          "a": a, "b": b}, task_id=f"{op}.0", queue=b)
 
-        def completed() -> int:
-            return int(self.redis.get(FLOW_COUNTER_KEY) or 0)
-
-        submitted, i = 0, 0
-        start = time.monotonic()
-        end = start + seconds
-        while time.monotonic() < end:
-            done = completed()
-            while submitted - done < self.config.scale_inflight:
-                a, b = pairs[i % len(pairs)]
-                op = str(uuid.uuid4())
-                app.send_task("bench.prep", kwargs={"operation_id": op, "position": 0,
-                              "host": b, "a": a, "b": b}, task_id=f"{op}.0", queue=b)
-                submitted, i = submitted + 1, i + 1
-            time.sleep(0.05)
-        elapsed = time.monotonic() - start
-        return {"ops_per_second": completed() / elapsed, "seconds": elapsed,
-                "submitted": submitted}
+        return self._keep_in_flight(
+            submit, lambda: int(self.redis.get(FLOW_COUNTER_KEY) or 0), pairs, seconds)
 
     def _scale_plain(self, n: int, seconds: float) -> tuple[float, float]:
         """Plain Celery's own figures at 2 hosts and at ``n``: the same workers (prefork
@@ -978,15 +970,25 @@ class Bench:
         })
 
     # -- 3. drain --------------------------------------------------------------------------
-    def _rss_mb(self, pid: int) -> float:
-        """Resident memory of a worker: its MainProcess and its pool processes."""
+    @staticmethod
+    def _summed_mb(pid: int, file: str, field: str) -> float:
+        """``field`` (kB) of ``/proc/PID/file``, summed over a worker and its pool."""
         total = 0
         for p in [pid, *_children(pid)]:
             with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                for line in Path(f"/proc/{p}/{file}").read_text().splitlines():
+                    if line.startswith(field):
                         total += int(line.split()[1])
         return total / 1024
+
+    def _rss_mb(self, pid: int) -> float:
+        """Resident memory of a worker: its MainProcess and its pool processes."""
+        return self._summed_mb(pid, "status", "VmRSS:")
+
+    def _pss_mb(self, pid: int) -> float:
+        """Proportional memory of a worker and its pool: a page shared after the fork counts
+        once in all, where RSS counts it in every process."""
+        return self._summed_mb(pid, "smaps_rollup", "Pss:")
 
     @staticmethod
     def _cpu_ns(pid: int) -> int:
@@ -998,18 +1000,6 @@ class Bench:
                 for task in os.listdir(f"/proc/{p}/task"):
                     total += int(Path(f"/proc/{p}/task/{task}/schedstat").read_text().split()[0])
         return total
-
-    @staticmethod
-    def _pss_mb(pid: int) -> float:
-        """Proportional memory of a worker and its pool: a page shared after the fork counts
-        once in all, where RSS counts it in every process."""
-        total = 0
-        for p in [pid, *_children(pid)]:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-        return total / 1024
 
     def idle(self) -> None:
         """An orchestrator worker and a plain one, idle side by side: CPU over the same
