@@ -55,9 +55,9 @@ from orchestrator.errors import (
 )
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
+from orchestrator.names import check_host_name
 from orchestrator.registry import Registry
 from orchestrator.routing import (
-    ALT_SUFFIX,
     AltCapability,
     RoutingSource,
     RoutingTable,
@@ -68,8 +68,6 @@ from orchestrator.state import Effect, Ledger, no_effect
 
 #: Retries of a step after an unexpected error, before its operation fails.
 DEFAULT_MAX_RETRIES = 3
-#: A host is a queue name on Redis and RabbitMQ, and ``<host>-alt`` is its second queue.
-HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
 #: Each hangs itself on the worker, as Celery's own components do: ``worker.host_service``,
 #: ``worker.host_drain``, ``worker.event_waits``, ``worker.stranded_steps``.
@@ -475,7 +473,8 @@ class Orchestrator:
                     f"flow {flow!r} has no role {role!r} (roles: {', '.join(spec.roles)})"
                     + _suggest(str(role), spec.roles)
                 )
-            check_host_name(host, f"flow {flow!r}: role {role!r}")
+            check_host_name(host, f"flow {flow!r}: role {role!r}",
+                            self.app.conf.task_default_queue)
         if params is not None and not isinstance(params, Mapping):
             raise SubmitError(f"flow {flow!r}: params must be a mapping, not "
                               f"{type(params).__name__}")
@@ -561,17 +560,6 @@ class Orchestrator:
         """Deliver event ``name`` for ``key`` now, in a transaction of its own."""
         with self.db.session() as s:
             self.ledger.record_event(s, key, name)
-
-
-def check_host_name(host: Any, what: str) -> None:
-    """A host must make two usable queue names on both brokers: ``host`` and ``host-alt``."""
-    if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
-        raise SubmitError(
-            f"{what}: host {host!r} cannot be a queue name (letters, digits and . _ : @ + -, "
-            "starting with a letter or digit, at most 200)"
-        )
-    if host.endswith(ALT_SUFFIX):
-        raise SubmitError(f"{what}: host {host!r} ends with {ALT_SUFFIX!r}, the alt queue suffix")
 
 
 def _pool_process_stacks(**kwargs: Any) -> None:

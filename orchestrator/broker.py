@@ -102,16 +102,19 @@ def hand_back_mode(app: Celery, queue_type: str) -> str:
     return HAND_BACK.get((driver, queue_type), "requeue")
 
 
-def republish(app: Celery, message) -> None:  # type: ignore[no-untyped-def]
-    """Publish ``message`` (a kombu Message as delivered) again where it came from, as it
-    is (body, serializer, headers, properties), and return once the broker confirmed it."""
+def republish(app: Celery, message, to: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Publish ``message`` (a kombu Message as delivered) again where it came from (or to
+    queue ``to``, declared first), as it is (body, serializer, headers, properties), and
+    return once the broker confirmed it."""
     info = message.delivery_info or {}
     props = message.properties or {}
     headers = {k: v for k, v in (message.headers or {}).items() if k not in _BROKER_HEADERS}
+    where = ({"exchange": info.get("exchange") or "", "routing_key": info.get("routing_key")}
+             if to is None else
+             {"exchange": "", "routing_key": to, "declare": [app.amqp.queues[to]]})
     with app.producer_or_acquire() as producer:
         producer.publish(
-            message.body, exchange=info.get("exchange") or "",
-            routing_key=info.get("routing_key"), headers=headers,
+            message.body, **where, headers=headers,
             content_type=message.content_type, content_encoding=message.content_encoding,
             delivery_mode=props.get("delivery_mode", 2), priority=props.get("priority"),
             correlation_id=props.get("correlation_id"), reply_to=props.get("reply_to"),

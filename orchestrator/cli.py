@@ -121,7 +121,7 @@ def main(app: str | None) -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(host: str, queues: str | None, legacy: bool, celery_args: tuple[str, ...]) -> None:
     """Run the worker of HOST: celery -A APP worker -n HOST@%h -Q HOST,HOST-alt [CELERY_ARGS]."""
-    from orchestrator.api import check_host_name
+    from orchestrator.names import check_host_name
     from orchestrator.worker_command import worker_command
 
     if legacy and queues == "alt":
@@ -479,9 +479,9 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
     set), a ledger, one worker per host and Flower; use the CLI against it from another shell."""
     import signal
 
-    from orchestrator.api import check_host_name
     from orchestrator.discovery import app_name
     from orchestrator.live import Watch
+    from orchestrator.names import check_host_name
     from orchestrator.testing.stack import local_stack
 
     for host in hosts:

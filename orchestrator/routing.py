@@ -28,10 +28,10 @@ from typing import Any, Literal
 import yaml
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.names import ALT_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-ALT_SUFFIX = "-alt"
 QueueKind = Literal["main", "alt"]
 AltRoutingMode = Literal["auto", "always", "never"]
 _ENTRY_FIELDS = {"queue", "reason", "versions"}

@@ -24,7 +24,8 @@ from celery.utils.log import get_logger
 
 from orchestrator import registry, seams
 from orchestrator.config import redact_url
-from orchestrator.errors import LedgerUnavailable, OrchestratorError
+from orchestrator.errors import ConfigError, LedgerUnavailable, OrchestratorError
+from orchestrator.names import host_problem
 from orchestrator.routing import split_queue
 from orchestrator.seams import celery_internals as celery_seam
 from workers import status
@@ -51,6 +52,9 @@ class HostQueues:
 
     @classmethod
     def from_queue_names(cls, names: list[str], default_queue: str) -> HostQueues | None:
+        """The host of ``names`` (``-Q``), or None when none is a host queue; a
+        :class:`ConfigError` (one line) when they name two hosts or a name that cannot be
+        one (``orchestrator.names``: the broker's and Celery's own)."""
         hosts: dict[str, dict[str, str]] = {}
         for name in names:
             if name == default_queue:
@@ -60,11 +64,19 @@ class HostQueues:
         if not hosts:
             return None
         if len(hosts) > 1:
-            raise ValueError(
-                "a worker serves one host; got queues of hosts " + ", ".join(sorted(hosts))
+            raise ConfigError(
+                "a worker serves one host; -Q names queues of hosts "
+                + ", ".join(sorted(hosts)) + " (start one worker per host)"
             )
         host, kinds = next(iter(hosts.items()))
+        problem = host_problem(host, default_queue)
+        if problem is not None:
+            raise ConfigError(f"-Q {','.join(names)}: host {host!r} {problem}")
         return cls(host=host, main=kinds.get("main"), alt=kinds.get("alt"))
+
+    def owns(self, queue: str) -> bool:
+        """``queue`` is one of this host's two queues."""
+        return split_queue(queue)[0] == self.host
 
 
 def host_service_of(worker: Any) -> HostService | None:
@@ -93,8 +105,23 @@ class HostService(bootsteps.StartStopStep):
         except OrchestratorError as exc:
             raise SystemExit(f"orchestrator: {exc}") from None
         seams.check(logger, ("celery", "kombu", "billiard"))
+        # Celery set the queues of -Q (WorkController.setup_queues) before it made the
+        # bootsteps: a -Q this worker cannot serve stops it here, in one line, before it
+        # connects to anything.
+        names = list(worker.app.amqp.queues.consume_from or {})
+        try:
+            self.expected = HostQueues.from_queue_names(
+                names, worker.app.conf.task_default_queue)
+        except ConfigError as exc:
+            raise SystemExit(f"orchestrator: {exc}") from None
         #: What this worker registers: a legacy (version 1) worker consumes only ``<host>``.
         self.version = registry.SERVICE_VERSION if service_version is None else service_version
+        if (self.expected is not None and self.expected.alt is not None
+                and self.version < registry.ALT_SERVICE_VERSION):
+            raise SystemExit(
+                f"orchestrator: service version {self.version} cannot consume "
+                f"{self.expected.alt}: a legacy worker consumes only {self.expected.host} "
+                "(orchestrator worker HOST --legacy)")
         self.queues: HostQueues | None = None
         self.nodename = ""
         self.pid = os.getpid()
@@ -108,17 +135,11 @@ class HostService(bootsteps.StartStopStep):
         worker.host_service = self
 
     def start(self, worker) -> None:
-        app = worker.app
-        names = list(app.amqp.queues.consume_from or {})
-        queues = HostQueues.from_queue_names(names, app.conf.task_default_queue)
+        queues = self.expected
         if queues is None:
-            logger.info("orchestrator: no host queue among %s; plain Celery worker", names)
+            logger.info("orchestrator: no host queue among %s; plain Celery worker",
+                        list(worker.app.amqp.queues.consume_from or {}))
             return
-        if queues.alt is not None and self.version < registry.ALT_SERVICE_VERSION:
-            raise RuntimeError(
-                f"service version {self.version} cannot consume {queues.alt}: a legacy "
-                f"worker consumes only {queues.host} (orchestrator worker HOST --legacy)"
-            )
         self.nodename, self.pid = worker.hostname, os.getpid()
         self._register(queues)
         self.queues = queues

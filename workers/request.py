@@ -19,6 +19,8 @@ from typing import Any
 from celery.utils.log import get_logger
 from celery.worker.request import Request
 
+from orchestrator.broker import republish
+from orchestrator.errors import first_line
 from orchestrator.seams import celery_internals as celery_seam
 from orchestrator.seams.kombu_internals import DEAD_CHANNEL_ERRORS, channel_gone
 
@@ -33,10 +35,37 @@ class StepRequest(Request):
     def revoked(self) -> bool:
         if celery_seam.already_revoked(self):
             return True
+        service = self._worker_part("host_service")
+        if service is not None and service.queues is not None and self._send_home(service):
+            return True
         drain = self._worker_part("host_drain")
         if drain is not None and drain.take_back(self):
             return True
         return super().revoked()
+
+    def _send_home(self, service: Any) -> bool:
+        """A step that came for another host's queue (a binding, a queue consumed by
+        mistake) is published back to that queue unrun, and this worker stops consuming it:
+        a worker serves one host, and a step runs on the host its plan names. True if it was."""
+        queue = (self.delivery_info or {}).get("routing_key")
+        if not queue or queue == self.app.conf.task_default_queue or service.queues.owns(queue):
+            return False
+        host = service.queues.host
+        try:
+            republish(self.app, self.message, to=queue)
+        except Exception as exc:  # nothing lost: back where it was, for a worker of its host
+            self.reject(requeue=True)
+            shown = f"requeued ({first_line(exc)})"
+        else:
+            self.acknowledge()
+            shown = f"given back to {queue}"
+        celery_seam.forget_request(self)
+        logger.error("%s[%s] is for queue %r, another host's: %s unrun (%s serves only %s "
+                     "and %s-alt)", self.name, self.id, queue, shown, host, host, host)
+        consumer = self._worker_part("consumer")
+        if consumer is not None:
+            consumer.call_soon(consumer.cancel_task_queue, queue)
+        return True
 
     def on_success(self, failed__retval__runtime, **kwargs) -> None:
         failed, retval, _runtime = failed__retval__runtime

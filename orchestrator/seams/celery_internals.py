@@ -11,7 +11,9 @@
   announced revoked; a request handed back is marked so, so Celery neither runs nor
   acknowledges it.
 - ``Panel.data``: the registry of remote-control commands; a command is registered once per
-  process, at worker start, not at import.
+  process, at worker start, not at import. The pidbox dispatches through that very dict
+  (``Panel.data[name](state, **arguments)``), so replacing an entry replaces one of Celery's
+  own commands (``add_consumer``, ``shutdown``) for this process.
 - ``Consumer.Blueprint.default_steps``: the consumer's bootsteps by name; the worker's
   consumer leaves out ``DelayedDelivery`` (:func:`consumer_steps_without`).
 """
@@ -91,6 +93,18 @@ def register_control_command(name: str, fn: Callable[..., Any], *,
         return
     fn.__name__ = name
     control_command(name=name, args=args, signature=signature)(fn)
+
+
+def override_control_command(name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+                             ) -> None:
+    """Replace Celery's remote-control command ``name`` by ``make(celery's own)``, once per
+    process; the replacement keeps the original's arguments and reply conventions."""
+    original = Panel.data[name]
+    if getattr(original, "_orchestrator_original", None) is not None:
+        return
+    replacement = make(original)
+    replacement._orchestrator_original = original  # type: ignore[attr-defined]
+    Panel.data[name] = replacement
 
 
 def worker_of(state: Any) -> Any:
