@@ -7,7 +7,8 @@ Tests and the demo use it to catch an operation inside a given step: a long
 - ``ORCHESTRATOR_STEP_DELAYS``: per-step overrides, ``resize_instance=5,finish_resize=1``;
 - ``ORCHESTRATOR_FAIL_STEPS``: steps that fail, ``finish_resize`` or ``finish_resize@compute2``;
 - ``ORCHESTRATOR_CRASH_STEPS``: steps whose first delivery raises an unexpected error (as a
-  lost database connection would), same syntax.
+  lost database connection would), same syntax; ``ORCHESTRATOR_CRASH_DELIVERIES``: how many
+  deliveries crash (default 1), by the attempt the ledger counts.
 """
 
 from __future__ import annotations
@@ -51,12 +52,20 @@ def _parse_failures(raw: str) -> set[tuple[str, str | None]]:
     return failures
 
 
+def _crash_deliveries() -> int:
+    raw = os.environ.get("ORCHESTRATOR_CRASH_DELIVERIES") or "1"
+    if not raw.isdigit():
+        raise ConfigError(f"ORCHESTRATOR_CRASH_DELIVERIES={raw!r}: not a whole number")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class Hypervisor:
     default_delay: float
     delays: dict[str, float]
     failures: frozenset[tuple[str, str | None]]
     crashes: frozenset[tuple[str, str | None]] = frozenset()
+    crash_deliveries: int = 1
 
     @classmethod
     def from_env(cls) -> Hypervisor:
@@ -69,6 +78,7 @@ class Hypervisor:
             delays=_parse_delays(os.environ.get("ORCHESTRATOR_STEP_DELAYS", "")),
             failures=frozenset(_parse_failures(os.environ.get("ORCHESTRATOR_FAIL_STEPS", ""))),
             crashes=frozenset(_parse_failures(os.environ.get("ORCHESTRATOR_CRASH_STEPS", ""))),
+            crash_deliveries=_crash_deliveries(),
         )
 
     def delay(self, step: str) -> float:
@@ -82,7 +92,7 @@ class Hypervisor:
         ``poll`` is asked every ``POLL_SECONDS`` while the work lasts: True finishes it at
         once (a forced completion); it raises StepFailure to abort it.
         """
-        if attempt == 1 and ((step, None) in self.crashes or (step, host) in self.crashes):
+        if attempt <= self.crash_deliveries and ((step, None) in self.crashes or (step, host) in self.crashes):
             raise RuntimeError(f"injected crash: {step} on {host}")
         end = time.monotonic() + self.delay(step)
         while (left := end - time.monotonic()) > 0:

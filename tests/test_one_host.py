@@ -135,3 +135,27 @@ def test_a_step_for_another_host_is_given_back_unrun(fleet: Fleet) -> None:
 
     fleet.start("compute2", concurrency=1)
     assert wait_op(op.id, ended)["status"] == "completed"
+
+
+def test_attempts_are_counted_by_the_ledger_not_by_the_message(fleet: Fleet) -> None:
+    """A step that had its three retries already (the ledger says so) fails its operation at
+    the next error, whatever the message's own ``retries`` header says (0 here, as a copy of
+    the first message would): the count cannot be reset by whoever can publish."""
+    import time
+
+    from orchestrator.state import Attempt
+
+    env = {"ORCHESTRATOR_CRASH_STEPS": "get_console_output@compute1",
+           "ORCHESTRATOR_CRASH_DELIVERIES": "99"}
+    first = fleet.start("compute1", concurrency=1, env=env)
+    boot_active("vm1", "compute1")
+    first.signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    op = operations.console("vm1")
+    for _ in range(orch.max_retries):
+        orch.ledger.record_attempt(op.id, 0, Attempt("earlier@compute1", time.time()))
+    worker = fleet.start("compute1", concurrency=1, env=env)
+    data = wait_op(op.id, ended)
+    assert data["status"] == "failed", data
+    assert f"gave up after {orch.max_retries} retries" in data["error"], data
+    assert "; retry " not in worker.log(), worker.log()

@@ -247,17 +247,22 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
             operation_id, position, error, spec.on_failure, attempt=attempt)))
         return "failed"
     except Exception as exc:
-        _retry_or_fail(orch, spec, task, operation_id, position, host, exc, claim.done())
+        _retry_or_fail(orch, spec, task, operation_id, position, host, exc, claim.done(),
+                       retries=start.attempt - 1)
         raise
 
 
 def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
-                   host: str, exc: Exception, attempt: Attempt) -> None:
+                   host: str, exc: Exception, attempt: Attempt, retries: int) -> None:
     """An unexpected error (a bug, a dependency of the step): Celery would acknowledge the
     message and strand the operation. Send the step again, to the same queue, a few times with
     backoff; then fail the operation. The ledger unreachable from the step's own code is no
-    reason to give up: such a step is sent again for as long as it lasts."""
-    retries, step = task.request.retries, spec.name
+    reason to give up: such a step is sent again for as long as it lasts.
+
+    ``retries``: the attempts before this one, as the ledger counts them. Celery's own count
+    travels in the message (its ``retries`` header), which anyone who can publish can set: a
+    copy of a pending step sent with ``retries: 0`` would start the count again."""
+    step = spec.name
     waiting_for_ledger = isinstance(exc, LedgerUnavailable)
     if retries < orch.max_retries or waiting_for_ledger:
         try:
