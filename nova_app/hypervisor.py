@@ -92,7 +92,8 @@ class Hypervisor:
         ``poll`` is asked every ``POLL_SECONDS`` while the work lasts: True finishes it at
         once (a forced completion); it raises StepFailure to abort it.
         """
-        if attempt <= self.crash_deliveries and ((step, None) in self.crashes or (step, host) in self.crashes):
+        crashes = (step, None) in self.crashes or (step, host) in self.crashes
+        if crashes and attempt <= self.crash_deliveries:
             raise RuntimeError(f"injected crash: {step} on {host}")
         end = time.monotonic() + self.delay(step)
         while (left := end - time.monotonic()) > 0:
