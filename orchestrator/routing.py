@@ -159,6 +159,8 @@ def parse_routing(text: str, path: Path, known_steps: Collection[str],
     for a fleet that runs two versions during a rollout."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise RoutingError(path, None, None, "YAML nested too deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -210,18 +212,38 @@ def parse_routing(text: str, path: Path, known_steps: Collection[str],
     return RoutingTable(path=path, routes=routes, aliases=aliases)
 
 
-def load_routing(path: Path | str, known_steps: Collection[str],
-                 code_version: str | None = None) -> RoutingTable:
-    path = Path(path)
+#: A routing file larger than this is refused unread: a few hundred steps take a few tens of
+#: KiB, and every process reads the file again at each edit.
+MAX_ROUTING_FILE_BYTES = 1024 * 1024
+
+
+def read_routing_text(path: Path) -> str:
+    """The file's text, or a :class:`RoutingError` naming the file (and the line of a byte
+    that is not UTF-8): a file that cannot be read is one more invalid edit, never a crash."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_ROUTING_FILE_BYTES + 1)
     except OSError as exc:
         raise RoutingError(
             path, None, None,
             f"cannot read routing file: {exc.strerror} (set ORCHESTRATOR_ROUTING_FILE, or run "
             "from the directory that holds routing.yaml)",
         ) from None
-    return parse_routing(text, path, known_steps, code_version)
+    if len(data) > MAX_ROUTING_FILE_BYTES:
+        raise RoutingError(path, None, None, f"larger than {MAX_ROUTING_FILE_BYTES} bytes; "
+                           "not a routing file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RoutingError(path, line, None, f"not UTF-8 (byte {data[exc.start]:#04x} at "
+                           f"offset {exc.start}); save the file as UTF-8") from None
+
+
+def load_routing(path: Path | str, known_steps: Collection[str],
+                 code_version: str | None = None) -> RoutingTable:
+    path = Path(path)
+    return parse_routing(read_routing_text(path), path, known_steps, code_version)
 
 
 #: How often a process looks at routing.yaml's modification (a stat, at most once a second, on

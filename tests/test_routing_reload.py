@@ -69,6 +69,17 @@ def test_source_swaps_only_a_valid_table_and_keeps_the_old_one_on_an_error(
     write(path, half)
     clock[0] += RELOAD_CHECK_SECONDS
     assert source.check() is good and source.error is not None
+    latin1 = text.replace("# ", "# caf\u00e9 ", 1).encode("latin-1")  # saved as Latin-1
+    path.write_bytes(latin1)
+    clock[0] += RELOAD_CHECK_SECONDS
+    assert source.check() is good, "a file that is not UTF-8 keeps the table too"
+    offset = latin1.index(b"\xe9")
+    line = latin1[:offset].count(b"\n") + 1
+    assert str(source.error) == (f"{path}:{line}: not UTF-8 (byte 0xe9 at offset {offset}); "
+                                 "save the file as UTF-8")
+    path.write_bytes(b"steps:\n" + b"#" * (1024 * 1024))
+    clock[0] += RELOAD_CHECK_SECONDS
+    assert source.check() is good and "larger than 1048576 bytes" in str(source.error)
     path.unlink()
     clock[0] += RELOAD_CHECK_SECONDS
     assert source.check() is good, "a file that vanished keeps the table too"
