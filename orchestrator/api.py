@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, configure_mappers
 
 from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
-from orchestrator.config import Settings, redact_url
+from orchestrator.config import Settings
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
@@ -55,6 +55,7 @@ from orchestrator.errors import (
 )
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
+from orchestrator.redact import redact_url
 from orchestrator.registry import Registry
 from orchestrator.routing import (
     ALT_SUFFIX,

@@ -8,13 +8,13 @@ here and nowhere else.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
+from orchestrator.redact import redact_url
 
-__all__ = ["ConfigError", "Settings", "db_url", "redact_url"]
+__all__ = ["ConfigError", "Settings", "configured_urls", "db_url", "redact_url"]
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DB_URL = "sqlite:///orchestrator.db"
@@ -122,6 +122,13 @@ class Settings:
         )
 
 
+def configured_urls() -> tuple[str, ...]:
+    """The broker and database URLs this process's environment names (an error message
+    may quote either, or a part of it: :func:`orchestrator.redact.redact_text`)."""
+    return tuple(url for url in (os.environ.get("ORCHESTRATOR_BROKER_URL"),
+                                 os.environ.get("ORCHESTRATOR_DB_URL")) if url)
+
+
 def db_url() -> str:
     """``ORCHESTRATOR_DB_URL``, read at each call: a process may be pointed at another
     database between two transactions (tests do), and reading one variable costs nothing."""
@@ -135,28 +142,6 @@ def _queue_type() -> str:
             f"ORCHESTRATOR_QUEUE_TYPE={raw!r}: expected one of {', '.join(QUEUE_TYPES)}"
         )
     return raw
-
-
-_SECRET_PARAM = re.compile(r"(?i)\b(password|passwd|pwd|sslpassword)=[^&;]*")
-
-
-def redact_url(url: str) -> str:
-    """Hide the passwords of a broker or database URL before it is logged or shown.
-
-    Handles ``user:password@`` (also an unencoded ``@`` or ``/`` in the password),
-    ``?password=...`` query parameters, and kombu's ``;``-separated fail-over URLs.
-    """
-    if ";" in url and "://" in url.split(";", 1)[1]:
-        return ";".join(redact_url(part) for part in url.split(";"))
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    head, q, query = rest.partition("?")
-    if "@" in head:
-        creds, _, location = head.rpartition("@")
-        user = creds.split(":", 1)[0]
-        head = f"{user}:***@{location}" if ":" in creds else f"{user}@{location}"
-    return f"{scheme}://{head}{q}{_SECRET_PARAM.sub(lambda m: m.group(1) + '=***', query)}"
 
 
 def project_app(start: Path | None = None) -> tuple[str, Path] | None:

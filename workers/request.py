@@ -19,6 +19,7 @@ from typing import Any
 from celery.utils.log import get_logger
 from celery.worker.request import Request
 
+from orchestrator.redact import printable
 from orchestrator.seams import celery_internals as celery_seam
 from orchestrator.seams.kombu_internals import DEAD_CHANNEL_ERRORS, channel_gone
 
@@ -66,6 +67,7 @@ class StepRequest(Request):
         self.acknowledged = True
         logger.warning(
             "%s[%s] not %s: the broker connection it came on was lost; the broker delivers "
-            "it again and the ledger drops it as already done", self.name, self.id, what,
+            "it again and the ledger drops it as already done", printable(self.name),
+            printable(self.id), what,
         )
         return True
