@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
-from orchestrator.redact import redact_url
 
-__all__ = ["ConfigError", "Settings", "configured_urls", "db_url", "redact_url"]
+__all__ = ["ConfigError", "Settings", "configured_urls", "db_url"]
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DB_URL = "sqlite:///orchestrator.db"
