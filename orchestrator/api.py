@@ -55,7 +55,7 @@ from orchestrator.errors import (
 )
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
-from orchestrator.redact import redact_url
+from orchestrator.redact import printable, redact_url
 from orchestrator.registry import Registry
 from orchestrator.routing import (
     ALT_SUFFIX,
@@ -222,7 +222,7 @@ class Orchestrator:
             redact_url(conf.broker_url or ""), redact_url(self.db.url),
             self.settings.queue_type,
             self.signing.describe() if self.signing is not None else "off",
-            self.routing_file,
+            printable(self.routing_file),
         )
 
     # -- definitions -------------------------------------------------------------------------

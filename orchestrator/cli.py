@@ -370,6 +370,7 @@ def routing_show(as_json: bool) -> None:
 def routing_check(path: str | None, as_json: bool) -> None:
     """Validate routing.yaml (PATH, or the application's) against the registered steps: exit
     0 if every process would accept it, 1 with file, line and key if not (CI, pre-commit)."""
+    from orchestrator.redact import printable
     from orchestrator.routing import RoutingError, load_routing
 
     try:
@@ -377,7 +378,7 @@ def routing_check(path: str | None, as_json: bool) -> None:
         orch.load_steps()
         table = load_routing(path or orch.routing_file, orch.served_steps(), orch.code_version)
     except RoutingError as exc:
-        emit(as_json, {"ok": False, "error": str(exc)}, f"error: {exc}")
+        emit(as_json, {"ok": False, "error": str(exc)}, f"error: {printable(str(exc))}")
         sys.exit(EXIT_NOT_COMPLETED)
     except OrchestratorError as exc:
         fail(as_json, str(exc))
