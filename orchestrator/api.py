@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, configure_mappers
 
 from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
-from orchestrator.config import Settings
+from orchestrator.config import Settings, check_passwords
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
@@ -161,6 +161,7 @@ class Orchestrator:
 
         quiet_repeated_rejections()
         broker_url = app.conf.broker_url or self.settings.broker_url
+        check_passwords(broker_url, self.db.url)
         existing = app.conf.task_routes
         routes = (
             () if not existing

@@ -34,7 +34,8 @@ import re
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
-__all__ = ["MASK", "error_text", "printable", "redact_text", "redact_url", "secret_param"]
+__all__ = ["MASK", "error_text", "failover_urls", "password_of", "printable", "redact_text",
+           "redact_url", "secret_param"]
 
 MASK = "***"
 
@@ -87,23 +88,39 @@ def _params(query: str, found: list[str]) -> str:
     return "".join(pieces)
 
 
+def _credentials_end(rest: str) -> tuple[int | None, list[int]]:
+    """Where the credentials of ``rest`` (a URL after ``scheme://``) end: the index of their
+    '@' (None: no credentials), and every '@' of ``rest`` that could be it.
+
+    An '@' ends credentials if a host part follows it and what precedes it can be
+    credentials: a password after a ':', or a plain user name ('/db?app=x@y' is neither).
+    A URL starting '///' (a file, a socket) has no host part, hence no credentials."""
+    ats = [] if rest.startswith("/") else [i for i, c in enumerate(rest) if c == "@"]
+    for at in reversed(ats):
+        if _HOSTS.match(rest, at + 1) and (":" in rest[:at] or _PLAIN_USER.fullmatch(rest[:at])):
+            return at, ats
+    return None, ats
+
+
+def password_of(url: str) -> str | None:
+    """The password of one URL as written (not decoded), by the rule above; None if it has
+    none, or if no '@' tells where it would end."""
+    scheme, sep, rest = url.partition("://")
+    at = _credentials_end(rest)[0] if sep else None
+    if at is None or ":" not in rest[:at]:
+        return None
+    return rest[:at].partition(":")[2]
+
+
 def _one(url: str, found: list[str]) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
         return _key_values(url, found)
-    creds, tail = None, rest
-    # An '@' ends credentials if a host part follows it and what precedes it can be
-    # credentials: a password after a ':', or a plain user name ('/db?app=x@y' is neither).
-    # A URL starting '///' (a file, a socket) has no host part, hence no credentials.
-    ats = [] if rest.startswith("/") else [i for i, c in enumerate(rest) if c == "@"]
-    for at in reversed(ats):
-        if _HOSTS.match(rest, at + 1) and (":" in rest[:at] or _PLAIN_USER.fullmatch(rest[:at])):
-            creds, tail = rest[:at], rest[at + 1:]
-            break
-    else:
-        if ats and ":" in rest[:ats[-1]]:  # no telling where a password would end
-            _found(found, rest[:ats[-1]])
-            return f"{scheme}://{MASK}"
+    at, ats = _credentials_end(rest)
+    creds, tail = (rest[:at], rest[at + 1:]) if at is not None else (None, rest)
+    if at is None and ats and ":" in rest[:ats[-1]]:  # no telling where a password would end
+        _found(found, rest[:ats[-1]])
+        return f"{scheme}://{MASK}"
     shown = ""
     if creds is not None:
         user, colon, password = creds.partition(":")
@@ -139,12 +156,17 @@ def _key_values(text: str, found: list[str]) -> str:
     return _KEY_VALUE.sub(mask, text)
 
 
-def _redact(url: Any, found: list[str]) -> str:
+def failover_urls(url: Any) -> list[str]:
+    """The URLs of a broker URL: kombu's ``;``-separated fail-over list, or Celery's list."""
     if url is None:
-        return ""
-    if isinstance(url, list | tuple):  # Celery takes a list of fail-over URLs too
-        return ";".join(_redact(u, found) for u in url)
-    return ";".join(_one(part, found) for part in _FAILOVER.split(str(url)))
+        return []
+    if isinstance(url, list | tuple):
+        return [part for u in url for part in failover_urls(u)]
+    return _FAILOVER.split(str(url))
+
+
+def _redact(url: Any, found: list[str]) -> str:
+    return ";".join(_one(part, found) for part in failover_urls(url))
 
 
 def redact_url(url: Any) -> str:

@@ -329,3 +329,27 @@ def test_up_prints_no_password_of_the_users_settings(tmp_path: Path) -> None:
     assert f"as set in this shell (it holds {redact_url(broker_url)}" in printed, printed
     assert re.search(r"in another shell: export ORCHESTRATOR_APP=nova_app.app "
                      r"ORCHESTRATOR_DB_URL=sqlite:///\S+\n", printed), printed
+
+
+@pytest.mark.parametrize(("broker_url", "ledger_url", "refused"), [
+    ("redis://:Sup3r?Secret@127.0.0.1:6379/0", "sqlite:///l.db", "broker URL redis://:***@"),
+    ("amqp://u:ok@a//;amqp://u:pa/ss#1@b:5672//", "sqlite:///l.db", "broker URL amqp://u:***@b"),
+    ("redis://127.0.0.1:6379/0", "postgresql://bob:p@ss@db/ledger", "ledger URL postgresql://"),
+    ("redis://:Sup3r%3FSecret%40x@h/0", "postgresql://bob:p%40ss?/#:é@db/ledger", None),
+])
+def test_a_password_its_parser_would_end_early_is_refused(
+    broker_url: str, ledger_url: str, refused: str | None,
+) -> None:
+    """kombu would connect elsewhere (and its ValueError quotes the start of the password),
+    SQLAlchemy would take the rest of it for the host: one line saying what to encode."""
+    from orchestrator.config import check_passwords
+    from orchestrator.errors import ConfigError
+
+    if refused is None:
+        check_passwords(broker_url, ledger_url)
+        return
+    with pytest.raises(ConfigError) as caught:
+        check_passwords(broker_url, ledger_url)
+    said = str(caught.value)
+    assert said.startswith(refused) and "write %" in said, said
+    assert "Secret" not in said and "ss#1" not in said and "p@ss" not in said, said
