@@ -284,6 +284,17 @@ def test_redaction_of_errors_that_quote_part_of_a_password() -> None:
     assert redact_text("role \"orch\" does not exist", url) == "role \"orch\" does not exist"
 
 
+def test_error_text_is_one_line_without_the_configured_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator.redact import error_text
+
+    monkeypatch.setenv("ORCHESTRATOR_DB_URL", "postgresql://orch:pw?x@y7host/#:%é@db/orch")
+    exc = RuntimeError("failed to resolve host 'y7host'\nat redis://:brk9@r:6379/0")
+    said = error_text(exc, kind=True)
+    assert said == "RuntimeError: failed to resolve host '***'\\nat redis://:***@r:6379/0"
+
+
 def test_printable_escapes_control_characters() -> None:
     assert printable("x\nFAKE\r\x1b[31m\u2028\u202e\t") == "x\\nFAKE\\r\\x1b[31m\\u2028\\u202e\\t"
     assert printable("compute1 ünïcode") == "compute1 ünïcode"
