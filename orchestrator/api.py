@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, configure_mappers
 
 from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
-from orchestrator.config import Settings, redact_url
+from orchestrator.config import Settings, check_passwords
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
@@ -56,6 +56,7 @@ from orchestrator.errors import (
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
 from orchestrator.names import check_host_name
+from orchestrator.redact import printable, redact_url
 from orchestrator.registry import Registry
 from orchestrator.routing import (
     AltCapability,
@@ -158,6 +159,7 @@ class Orchestrator:
 
         quiet_repeated_rejections()
         broker_url = app.conf.broker_url or self.settings.broker_url
+        check_passwords(broker_url, self.db.url)
         existing = app.conf.task_routes
         routes = (
             () if not existing
@@ -219,7 +221,7 @@ class Orchestrator:
             redact_url(conf.broker_url or ""), redact_url(self.db.url),
             self.settings.queue_type,
             self.signing.describe() if self.signing is not None else "off",
-            self.routing_file,
+            printable(self.routing_file),
         )
 
     # -- definitions -------------------------------------------------------------------------

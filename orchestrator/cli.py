@@ -40,6 +40,12 @@ def emit(as_json: bool, data: Any, text: str) -> None:
 
 
 def fail(as_json: bool, message: str) -> None:
+    """Print ``message`` as the error (one line: a driver's or broker's error may quote the
+    configured URLs, a subject or a host name may hold a newline) and exit 2."""
+    from orchestrator.config import configured_urls
+    from orchestrator.redact import printable, redact_text
+
+    message = printable(redact_text(message, *configured_urls()))
     if as_json:
         click.echo(json.dumps({"error": message}))
     else:
@@ -175,9 +181,11 @@ def submit(flow: str, hosts: tuple[str, ...], params: tuple[str, ...], subject: 
 
 @main.command()
 @click.argument("host")
+@click.option("--reason", default=None,
+              help="Why (in the worker's log and the drain's record; default: remote control).")
 @json_option
 @handles_errors
-def drain(host: str, as_json: bool) -> None:
+def drain(host: str, reason: str | None, as_json: bool) -> None:
     """Start HOST's drain remotely, as SIGTERM would."""
     orch = current()
     known = orch.registry.known_hosts()
@@ -188,7 +196,8 @@ def drain(host: str, as_json: bool) -> None:
     nodes = [v.nodename for v in orch.registry.services(host) if v.state != "down"]
     if not nodes:
         raise SubmitError(f"host {host!r} has no running worker")
-    replies = orch.app.control.broadcast("drain", destination=nodes, reply=True, timeout=5)
+    replies = orch.app.control.broadcast("drain", destination=nodes, reply=True, timeout=5,
+                                         arguments={} if reason is None else {"reason": reason})
     answered = {name: reply for r in replies for name, reply in r.items()}
     emit(
         as_json, {"host": host, "replies": answered},
@@ -361,6 +370,7 @@ def routing_show(as_json: bool) -> None:
 def routing_check(path: str | None, as_json: bool) -> None:
     """Validate routing.yaml (PATH, or the application's) against the registered steps: exit
     0 if every process would accept it, 1 with file, line and key if not (CI, pre-commit)."""
+    from orchestrator.redact import printable
     from orchestrator.routing import RoutingError, load_routing
 
     try:
@@ -368,7 +378,7 @@ def routing_check(path: str | None, as_json: bool) -> None:
         orch.load_steps()
         table = load_routing(path or orch.routing_file, orch.served_steps(), orch.code_version)
     except RoutingError as exc:
-        emit(as_json, {"ok": False, "error": str(exc)}, f"error: {exc}")
+        emit(as_json, {"ok": False, "error": str(exc)}, f"error: {printable(str(exc))}")
         sys.exit(EXIT_NOT_COMPLETED)
     except OrchestratorError as exc:
         fail(as_json, str(exc))
@@ -498,11 +508,10 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
                          db_url=os.environ.get("ORCHESTRATOR_DB_URL")) as stack:
             for host in hosts:
                 stack.fleet.start(host, graceful_timeout=orch.settings.graceful_shutdown_timeout)
-            exports = " ".join(f"{k}={v}" for k, v in
-                               sorted({**stack.env, "ORCHESTRATOR_APP": app}.items()))
             click.echo(f"up: workers {', '.join(hosts)}"
                        + (f"; Flower {stack.flower_url}" if stack.flower_url else ""))
-            click.echo(f"up: in another shell: export {exports}")
+            for line in stack.shell_lines(app):
+                click.echo(f"up: {line}")
             click.echo("up: Ctrl-C stops everything")
             watch = Watch(orch, title=f"orchestrator up: {', '.join(hosts)}",
                           subtitle=f"Flower: {stack.flower_url}" if stack.flower_url else None)

@@ -8,13 +8,13 @@ here and nowhere else.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import ConfigError
 
-__all__ = ["ConfigError", "Settings", "db_url", "redact_url"]
+__all__ = ["ConfigError", "Settings", "configured_urls", "db_url"]
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DB_URL = "sqlite:///orchestrator.db"
@@ -122,6 +122,37 @@ class Settings:
         )
 
 
+def configured_urls() -> tuple[str, ...]:
+    """The broker and database URLs this process's environment names (an error message
+    may quote either, or a part of it: :func:`orchestrator.redact.redact_text`)."""
+    return tuple(url for url in (os.environ.get("ORCHESTRATOR_BROKER_URL"),
+                                 os.environ.get("ORCHESTRATOR_DB_URL")) if url)
+
+
+#: What a parser ends a password at, were it written as it is: kombu reads a broker URL with
+#: ``urllib.parse``, whose host part ends at the first '/', '?' or '#' (it would connect
+#: elsewhere, and its ValueError quotes the start of the password); SQLAlchemy's URL pattern
+#: ends the password at the first '@' and takes the rest for the host.
+_ENDS_PASSWORD = {"broker": "/?#", "ledger": "@"}
+_PERCENT = {"/": "%2F", "?": "%3F", "#": "%23", "@": "%40"}
+
+
+def check_passwords(broker_url: Any, ledger_url: str) -> None:
+    """Refuse, in one line naming the URL (redacted), a password that the library reading
+    the URL would end early; the user is told which characters to percent-encode."""
+    from orchestrator.redact import failover_urls, password_of, redact_url
+
+    for what, urls in (("broker", failover_urls(broker_url)), ("ledger", [ledger_url])):
+        for url in urls:
+            bad = sorted(set(password_of(url) or "") & set(_ENDS_PASSWORD[what]))
+            if bad:
+                raise ConfigError(
+                    f"{what} URL {redact_url(url)}: its password holds "
+                    f"{' and '.join(repr(c) for c in bad)} as it is, where "
+                    f"{'kombu' if what == 'broker' else 'SQLAlchemy'} would end it: write "
+                    f"{' and '.join(_PERCENT[c] for c in bad)} instead")
+
+
 def db_url() -> str:
     """``ORCHESTRATOR_DB_URL``, read at each call: a process may be pointed at another
     database between two transactions (tests do), and reading one variable costs nothing."""
@@ -135,28 +166,6 @@ def _queue_type() -> str:
             f"ORCHESTRATOR_QUEUE_TYPE={raw!r}: expected one of {', '.join(QUEUE_TYPES)}"
         )
     return raw
-
-
-_SECRET_PARAM = re.compile(r"(?i)\b(password|passwd|pwd|sslpassword)=[^&;]*")
-
-
-def redact_url(url: str) -> str:
-    """Hide the passwords of a broker or database URL before it is logged or shown.
-
-    Handles ``user:password@`` (also an unencoded ``@`` or ``/`` in the password),
-    ``?password=...`` query parameters, and kombu's ``;``-separated fail-over URLs.
-    """
-    if ";" in url and "://" in url.split(";", 1)[1]:
-        return ";".join(redact_url(part) for part in url.split(";"))
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    head, q, query = rest.partition("?")
-    if "@" in head:
-        creds, _, location = head.rpartition("@")
-        user = creds.split(":", 1)[0]
-        head = f"{user}:***@{location}" if ":" in creds else f"{user}@{location}"
-    return f"{scheme}://{head}{q}{_SECRET_PARAM.sub(lambda m: m.group(1) + '=***', query)}"
 
 
 def project_app(start: Path | None = None) -> tuple[str, Path] | None:

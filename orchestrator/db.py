@@ -39,6 +39,7 @@ from orchestrator import config, schema
 from orchestrator.driver import Direct, Transaction, closed_by_server
 from orchestrator.errors import LedgerUnavailable, first_line
 from orchestrator.health import LedgerHealth
+from orchestrator.redact import printable, redact_text, redact_url
 
 #: libpq connection settings (seconds): a connect, and a query on a connection whose peer went
 #: silent, fail within about this long.
@@ -218,8 +219,8 @@ def unreachable(exc: BaseException) -> bool:
 def unavailable_error(url: str, exc: BaseException) -> LedgerUnavailable:
     """One line: which database, and the driver's first line of why (no password)."""
     orig = getattr(exc, "orig", None) or exc
-    return LedgerUnavailable(
-        f"cannot reach the ledger at {config.redact_url(url)}: {first_line(orig)}")
+    return LedgerUnavailable(f"cannot reach the ledger at {redact_url(url)}: "
+                             f"{printable(redact_text(first_line(orig), url))}")
 
 
 def _maker(url: str, write: bool) -> sessionmaker:

@@ -27,6 +27,7 @@ from typing import Any
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator.errors import BrokerUnavailable, LedgerUnavailable, first_line
+from orchestrator.redact import error_text
 from orchestrator.routing import Decision
 from orchestrator.state import step_task_id
 
@@ -105,7 +106,8 @@ class Dispatcher:
                     self.orch.ledger.unpublish(message.operation_id, message.position)
             logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
                            "sends it once the broker answers", message.operation_id,
-                           message.step, message.host, first_line(exc), message.host)
+                           message.step, message.host, error_text(first_line(exc)),
+                           message.host)
             return
         if decision is not None:
             self.orch.router.record(decision)

@@ -29,6 +29,7 @@ import yaml
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.names import ALT_SUFFIX
+from orchestrator.redact import error_text, printable
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ class RoutingSource:
                 table = load_routing(self.path, self.known_steps(), self.code_version)
             except RoutingError as exc:
                 if self.error is None or str(exc) != str(self.error):
-                    logger.error("routing: %s; keeping the table read at %s", exc,
+                    logger.error("routing: %s; keeping the table read at %s", printable(exc),
                                  time.strftime("%H:%M:%S", time.localtime(self.loaded_at)))
                 self.error = exc
                 self._signature = signature
@@ -316,7 +317,7 @@ class RoutingSource:
             )
             self.table, self.loaded_at, self.error = table, time.time(), None
             self._signature = signature
-            logger.warning("routing: %s reloaded (%s)", self.path,
+            logger.warning("routing: %s reloaded (%s)", printable(self.path),
                            ", ".join(changed) if changed else "no queue changed")
             for callback in self.on_change:
                 callback(table)
@@ -415,7 +416,7 @@ class AltCapability:
                     raise
                 logger.warning(
                     "routing: cannot read the service registry (%s); keeping the snapshot "
-                    "from %.1fs ago", exc, now - self._loaded_at,
+                    "from %.1fs ago", error_text(exc), now - self._loaded_at,
                 )
             self._loaded_at = now
             return self._snapshot
@@ -514,7 +515,7 @@ class StepRouter:
             try:
                 self.on_fallback(decision)
             except Exception as exc:  # counting must never stop a step from being sent
-                logger.warning("routing: could not record a fallback: %s", exc)
+                logger.warning("routing: could not record a fallback: %s", error_text(exc))
         return decision
 
     def queue(self, step: str, host: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, MetaData, inspect, text
 
 from orchestrator.errors import SchemaError
+from orchestrator.redact import redact_url
 from orchestrator.seams import alembic_internals
 
 #: Where the revision of each branch is kept.
@@ -150,8 +151,9 @@ def ensure(engine: Engine, locations: Sequence[Path]) -> None:
         # A revision this code does not know is another application's branch (several apps
         # may share a ledger): not ours to judge.
         if state["behind"]:
+            where = redact_url(engine.url.render_as_string(hide_password=False))
             raise SchemaError(
-                f"database {engine.url.render_as_string(hide_password=True)} has an older "
+                f"database {where} has an older "
                 f"schema (revision {', '.join(state['behind'])}; this code needs "
                 f"{', '.join(state['heads'])}): run `{UPGRADE_COMMAND}`"
             )

@@ -68,6 +68,8 @@ def test_bad_messages_are_rejected_and_the_host_keeps_working(fleet: Fleet) -> N
                   headers={"eta": "2099-01-01T00:00:00+00:00"}),
         malformed("celery builtin", "'celery.chord_unlock' is not a step",
                   kwargs={}, headers={"task": "celery.chord_unlock"}),
+        celery("id with a newline", f"[id\\nFAKE LOG LINE] from queue {QUEUE}: task name or id "
+               "holds control characters", kwargs=good, headers={"id": "id\nFAKE LOG LINE"}),
         # Well-formed Celery messages, bad steps: refused before the step runs.
         step("missing host", "missing host",
              kwargs={"operation_id": first.id, "position": 0}),
@@ -81,6 +83,9 @@ def test_bad_messages_are_rejected_and_the_host_keeps_working(fleet: Fleet) -> N
              kwargs={**good, "script": "rm -rf /", "flavor": "m1.huge"}),
         step("positional args", "positional arguments ('compute1',)", args=("compute1",),
              kwargs=good),
+        step("operation id with a newline",
+             "operation_id holds control characters: 'op\\nFAKE LOG LINE'",
+             kwargs={**good, "operation_id": "op\nFAKE LOG LINE"}),
         step("another host's step", "host 'compute2' is not this queue's host",
              kwargs={**good, "host": "compute2"}),
         step("unknown operation", "unknown operation 'no-such-operation'",
@@ -121,6 +126,8 @@ def test_bad_messages_are_rejected_and_the_host_keeps_working(fleet: Fleet) -> N
     # One line per refused step: Celery's own repeat of each Reject (a WARNING with a
     # traceback) is filtered out.
     assert "reject requeue=False" not in log
+    # A value from a message never starts a line of its own.
+    assert [line for line in log.splitlines() if line.startswith("FAKE")] == []
 
 
 def test_step_call_problems() -> None:

@@ -221,12 +221,19 @@ def test_second_sigterm_ends_the_drain_at_once(fleet: Fleet) -> None:
 
 
 def test_remote_drain_command(fleet: Fleet) -> None:
+    """A reason from outside cannot write a line of its own into the worker's log."""
     worker = fleet.start("compute1", graceful_timeout=60)
-    result = CliRunner().invoke(cli, ["drain", "compute1", "--json"])
+    reason = "x\nFAKE LOG LINE\r\x1b[2Kspoofed\u2028too"
+    result = CliRunner().invoke(cli, ["drain", "compute1", "--json", "--reason", reason])
     assert result.exit_code == 0, result.output
     assert "compute1 draining" in result.output
     assert worker.wait(timeout=15) == 0
-    assert "drain: remote control" in worker.log()
+    log = worker.log()
+    assert "drain: x\\nFAKE LOG LINE\\r\\x1b[2Kspoofed\\u2028too: stopped consuming" in log, \
+        log[-3000:]
+    assert [line for line in log.splitlines() if "FAKE" in line or "spoofed" in line] == [
+        line for line in log.splitlines() if "drain: x\\nFAKE LOG LINE" in line], log[-3000:]
+    assert "\x1b" not in log and "\u2028" not in log
 
     unknown = CliRunner().invoke(cli, ["drain", "nosuchhost"])
     assert unknown.exit_code == 2

@@ -44,6 +44,7 @@ from celery.utils.log import get_logger
 from orchestrator.broker import queue_depth
 from orchestrator.errors import LedgerUnavailable
 from orchestrator.models import Operation
+from orchestrator.redact import error_text, printable
 from orchestrator.routing import ALT_SUFFIX
 from orchestrator.seams import billiard_internals, kombu_internals
 from orchestrator.seams import celery_internals as celery_seam
@@ -221,7 +222,7 @@ class Drain(bootsteps.StartStopStep):
         """Start the drain from the event loop (remote control); False if already asked."""
         if self.requested is not None:
             return False
-        self.requested = reason
+        self.requested = printable(reason)  # logged, recorded, shown: one line
         self.exit_deadline.set(time.time() + self.timeout)
         self._tick_fast()
         return True
@@ -318,7 +319,8 @@ class Drain(bootsteps.StartStopStep):
             self.orch.ledger_health.report(exc, "drain: cannot tell what is in flight")
         logger.warning(
             "drain: %s: stopped consuming %s, still consuming %s until done or %gs",
-            reason, self.queues.main, self.queues.alt or "no alt queue (running steps only)",
+            printable(reason), self.queues.main,
+            self.queues.alt or "no alt queue (running steps only)",
             self.timeout)
 
     def stop_now(self, why: DrainState, reason: str) -> None:
@@ -412,7 +414,7 @@ class Drain(bootsteps.StartStopStep):
     def _cannot_tell(self, exc: Exception) -> None:
         """An unexpected error asking what is left: logged when it changes, or every
         LOG_EVERY_SECONDS, not at every check."""
-        text = f"{type(exc).__name__}: {exc}"
+        text = error_text(exc, kind=True)
         if text != self._last_error or time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
             self._last_error, self._last_log = text, time.monotonic()
             logger.error("drain: cannot tell what is in flight (%s); retrying", text)

@@ -14,6 +14,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from orchestrator.errors import LedgerUnavailable
+from orchestrator.redact import error_text
 from workers.leftover import Waiting
 
 logger = get_logger(__name__)
@@ -50,7 +51,7 @@ class DrainRecord:
         except LedgerUnavailable as exc:
             self.orch.ledger_health.report(exc, "drain: its progress is not recorded")
         except Exception as exc:
-            logger.warning("drain: could not record its progress: %s", exc)
+            logger.warning("drain: could not record its progress: %s", error_text(exc))
 
     def end(self, handed_back: int, outcome: str) -> None:
         if self.id is None:
@@ -60,4 +61,4 @@ class DrainRecord:
                 self.id, handed_back, {"running": [], "operations": [], "blocked": []},
                 outcome=outcome)
         except Exception as exc:
-            logger.warning("drain: could not record its end: %s", exc)
+            logger.warning("drain: could not record its end: %s", error_text(exc))

@@ -15,6 +15,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from orchestrator.broker import hand_back_mode, republish
+from orchestrator.redact import error_text, printable
 from orchestrator.seams import celery_internals as celery_seam
 
 logger = get_logger(__name__)
@@ -48,7 +49,7 @@ class HandBack:
                 republish(self.app, request.message)
             except Exception as exc:
                 logger.warning("drain: could not republish %s (%s); requeued instead",
-                               request.id, exc)
+                               printable(request.id), error_text(exc))
             else:
                 request.acknowledge()
                 given = True
@@ -56,4 +57,5 @@ class HandBack:
             request.reject(requeue=True)
         celery_seam.forget_request(request)
         self.count += 1
-        logger.warning("drain: handed back %s %s (not started)", request.name, request.id)
+        logger.warning("drain: handed back %s %s (not started)", printable(request.name),
+                       printable(request.id))

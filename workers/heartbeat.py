@@ -27,6 +27,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from orchestrator.errors import LedgerUnavailable
+from orchestrator.redact import error_text
 
 logger = get_logger(__name__)
 
@@ -68,7 +69,7 @@ class Heartbeat:
         except Exception as exc:  # a database hiccup must not end the heartbeats
             if str(exc) != self._last_error:
                 self._last_error = str(exc)
-                logger.warning("heartbeat failed: %s", exc)
+                logger.warning("heartbeat failed: %s", error_text(exc))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

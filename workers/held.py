@@ -25,6 +25,7 @@ from typing import Any
 from celery.utils.log import get_logger
 
 from orchestrator.errors import LedgerUnavailable
+from orchestrator.redact import printable
 
 logger = get_logger(__name__)
 
@@ -69,9 +70,9 @@ def hold(consumer: Any, orch: Any, message: Any, call: tuple[str, str, int, str]
     if outcome == "held":
         logger.warning(
             "held %s of %s for %s: this code (%s) does not register %s; it waits for a worker "
-            "that serves it (not discarded)", step, operation_id, host, orch.code_fingerprint,
-            step)
+            "that serves it (not discarded)", printable(step), printable(operation_id),
+            printable(host), orch.code_fingerprint, printable(step))
     else:
-        logger.info("step %s of %s delivered again: already done, dropped", step,
-                    operation_id)
+        logger.info("step %s of %s delivered again: already done, dropped", printable(step),
+                    printable(operation_id))
     message.ack()

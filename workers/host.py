@@ -23,9 +23,9 @@ from celery.exceptions import WorkerShutdown
 from celery.utils.log import get_logger
 
 from orchestrator import registry, seams
-from orchestrator.config import redact_url
 from orchestrator.errors import ConfigError, LedgerUnavailable, OrchestratorError
 from orchestrator.names import host_problem
+from orchestrator.redact import error_text, redact_url
 from orchestrator.routing import split_queue
 from orchestrator.seams import celery_internals as celery_seam
 from workers import status
@@ -188,7 +188,8 @@ class HostService(bootsteps.StartStopStep):
         try:
             self.orch.registry.set_state(worker.hostname, "down")
         except Exception as exc:  # the database may be what failed; exit anyway
-            logger.warning("orchestrator: could not mark %s down: %s", worker.hostname, exc)
+            logger.warning("orchestrator: could not mark %s down: %s", worker.hostname,
+                           error_text(exc))
         self.orch.worker = None
 
     terminate = stop

@@ -9,6 +9,7 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 
 from orchestrator.errors import LedgerUnavailable
+from orchestrator.redact import error_text
 from workers.host import host_service_of
 
 #: The same error again is logged at most this often.
@@ -92,7 +93,7 @@ class HostTimerStep(bootsteps.StartStopStep):
         except LedgerUnavailable as exc:
             self.orch.ledger_health.report(exc, f"{self.label} on {self.host}")
         except Exception as exc:
-            text = f"{self.label} on {self.host}: {exc}"
+            text = f"{self.label} on {self.host}: {error_text(exc)}"
             if text != self._last_error or time.monotonic() - self._last_log >= \
                     REPEAT_LOG_SECONDS:
                 self._last_error, self._last_log = text, time.monotonic()

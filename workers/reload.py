@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from celery.utils.log import get_logger
 
+from orchestrator.redact import error_text
 from workers.hoststep import HostTimerStep
 
 logger = get_logger(__name__)
@@ -29,6 +30,6 @@ class RoutingReload(HostTimerStep):
         except Exception as exc:  # the file vanished: keep the table, say so
             if str(exc) != self._last_error:
                 self._last_error = str(exc)
-                logger.warning("routing check failed: %s", exc)
+                logger.warning("routing check failed: %s", error_text(exc))
         else:
             self._last_error = ""

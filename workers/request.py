@@ -21,6 +21,7 @@ from celery.worker.request import Request
 
 from orchestrator.broker import republish
 from orchestrator.errors import first_line
+from orchestrator.redact import printable
 from orchestrator.seams import celery_internals as celery_seam
 from orchestrator.seams.kombu_internals import DEAD_CHANNEL_ERRORS, channel_gone
 
@@ -95,6 +96,7 @@ class StepRequest(Request):
         self.acknowledged = True
         logger.warning(
             "%s[%s] not %s: the broker connection it came on was lost; the broker delivers "
-            "it again and the ledger drops it as already done", self.name, self.id, what,
+            "it again and the ledger drops it as already done", printable(self.name),
+            printable(self.id), what,
         )
         return True

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from celery.utils.log import get_logger
 
+from orchestrator.redact import error_text, printable
 from orchestrator.registry import ServiceView
 
 logger = get_logger(__name__)
@@ -65,7 +66,8 @@ class Witness:
             replies = self.app.control.broadcast(COMMAND, destination=[nodename], reply=True,
                                                  timeout=self.timeout, limit=1) or []
         except Exception as exc:  # the broker does not answer either
-            logger.info("witness: cannot ask %s over the broker: %r", nodename, exc)
+            logger.info("witness: cannot ask %s over the broker: %s", printable(nodename),
+                        error_text(exc, kind=True))
             replies = []
         said = next((r[nodename] for r in replies if isinstance(r.get(nodename), dict)
                      and "error" not in r[nodename]), None)
@@ -79,7 +81,7 @@ class Witness:
         previous = self._heard.get(nodename)
         if previous is None or (previous[1] is not None
                                 and not previous[1].get("unconfirmed")) != answers:
-            logger.info("witness: %s %s over the broker", nodename,
+            logger.info("witness: %s %s over the broker", printable(nodename),
                         "answers" if answers else "does not answer")
         self._heard[nodename] = (time.monotonic(), said)
         return said

@@ -35,6 +35,7 @@ from celery.exceptions import Reject
 
 from orchestrator.context import StepContext
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
+from orchestrator.redact import error_text
 from orchestrator.state import Attempt, no_effect
 from workers.validation import check_step_call, reject
 
@@ -81,8 +82,8 @@ class Claim:
             self.ledger.db.health.report(
                 exc, f"step {self.operation_id}.{self.position}: not recorded as running")
         except Exception as exc:  # the completion records the attempt anyway
-            logger.warning("step %s.%s: could not record it as running: %r",
-                           self.operation_id, self.position, exc)
+            logger.warning("step %s.%s: could not record it as running: %s",
+                           self.operation_id, self.position, error_text(exc, kind=True))
         finally:
             self.finished.set()
 
@@ -241,7 +242,8 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         orch.advance(operation_id, nxt, decision)
         return "completed"
     except StepFailure as exc:
-        logger.error("step %s of %s failed on %s: %s", step, operation_id, host, exc)
+        logger.error("step %s of %s failed on %s: %s", step, operation_id, host,
+                     error_text(exc))
         attempt, error = claim.done(), f"{step}@{host}: {exc}"
         orch.advance(operation_id, recorded("failed, waits to record it", lambda: ledger.fail_step(
             operation_id, position, error, spec.on_failure, attempt=attempt)))
@@ -271,10 +273,10 @@ def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position
             orch.ledger_health.report(record_exc, f"step {step} of {operation_id}: attempt "
                                                   "not counted")
         except Exception as record_exc:
-            logger.warning("step %s of %s: could not count the attempt: %r", step,
-                           operation_id, record_exc)
+            logger.warning("step %s of %s: could not count the attempt: %s", step,
+                           operation_id, error_text(record_exc, kind=True))
         logger.warning("step %s of %s on %s: %s; retry %d%s", step, operation_id, host,
-                       exc if waiting_for_ledger else repr(exc), retries + 1,
+                       error_text(exc, kind=not waiting_for_ledger), retries + 1,
                        "" if waiting_for_ledger else f" of {orch.max_retries}")
         queue = (task.request.delivery_info or {}).get("routing_key")
         # Back off here rather than with a countdown: a step message never carries an ETA

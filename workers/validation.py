@@ -39,6 +39,7 @@ from celery import Task, signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.consumer import Consumer
 
+from orchestrator.redact import printable
 from orchestrator.routing import split_queue
 from orchestrator.seams import celery_internals as celery_seam
 
@@ -64,8 +65,8 @@ def _show(value: Any) -> str:
 
 def _name(value: Any) -> str:
     """A task name or id from an untrusted message: as is when it is a short plain string."""
-    if isinstance(value, str) and value.isprintable() and 0 < len(value) <= _MAX_SHOWN:
-        return value
+    if isinstance(value, str) and 0 < len(value) <= _MAX_SHOWN:
+        return printable(value)
     return _show(value)
 
 
@@ -89,6 +90,8 @@ def problems(args: tuple, kwargs: Mapping[str, Any], queue: str | None) -> list[
                          f"{_show(value)}")
         elif kind is str and not value.strip():
             found.append(f"{name} is empty")
+        elif kind is str and not value.isprintable():
+            found.append(f"{name} holds control characters: {_show(value)}")
         elif kind is int and value < 0:
             found.append(f"{name} is negative ({value})")
     host = kwargs.get("host")
@@ -103,7 +106,7 @@ def reject(task: Task, reason: str) -> RejectedStep:
     request = task.request
     queue = (request.delivery_info or {}).get("routing_key")
     logger.error("rejected step message %s[%s] from queue %s: %s (not run, not requeued)",
-                 task.name, request.id, queue, reason)
+                 task.name, printable(request.id), printable(queue), reason)
     return RejectedStep(reason, requeue=False)
 
 
@@ -179,6 +182,9 @@ def message_problem(
         return f"task name is not a string: {_show(task)}"
     if not isinstance(task_id, str) or not task_id:
         return f"no task id (got {_show(task_id)})"
+    if not (task.isprintable() and task_id.isprintable()):
+        # Celery logs both as they are ("Task NAME[ID] received"): one line each.
+        return f"task name or id holds control characters: {_show(task)}[{_show(task_id)}]"
     limits = meta.get("timelimit")
     if limits is not None and not (
         isinstance(limits, list | tuple) and len(limits) == 2
@@ -247,7 +253,7 @@ class GuardedConsumer(Consumer):
         logger.error(
             "rejected malformed task message %s[%s] from queue %s: %s (not run, not requeued)",
             _name(headers.get("task")), _name(headers.get("id")),
-            (message.delivery_info or {}).get("routing_key"), problem,
+            printable((message.delivery_info or {}).get("routing_key")), problem,
         )
         message.reject_log_error(logger, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=InvalidTaskError(problem))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.redact import redact_url
 from orchestrator.testing.embedded import embedded_redis, free_port
 from orchestrator.testing.fleet import Fleet
 
@@ -33,6 +34,24 @@ class Stack:
     #: What a shell needs to use the CLI against this stack.
     env: dict[str, str]
     embedded_broker: bool
+    #: The variables of ``env`` whose value this stack made (an embedded broker, a ledger in
+    #: ``workdir``); the others are this shell's own.
+    made: frozenset[str] = frozenset()
+
+    def shell_lines(self, app: str) -> list[str]:
+        """What another shell needs to run ``orchestrator`` against this stack, without a
+        password: the values this stack made (and that hold no secret) as one ``export``
+        line; a value of the user's own is shown redacted, as this shell's to set there too
+        (the user has it, and a terminal's scrollback or a screen share is no place for it).
+        """
+        own = {"ORCHESTRATOR_APP": app, **{k: v for k, v in self.env.items()
+                                           if k in self.made and redact_url(v) == v}}
+        lines = ["in another shell: export "
+                 + " ".join(f"{k}={v}" for k, v in sorted(own.items()))]
+        lines += [f"and {k} as set in this shell (it holds {redact_url(v)}"
+                  + ("; secrets not printed)" if redact_url(v) != v else ")")
+                  for k, v in sorted(self.env.items()) if k not in own]
+        return lines
 
 
 def _port_free(port: int, address: str) -> bool:
@@ -63,7 +82,10 @@ def local_stack(
             broker = stack.enter_context(embedded_redis()).url
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="orch-")))
-        db_url = db_url or f"sqlite:///{workdir / 'ledger.db'}"
+        made = {"ORCHESTRATOR_BROKER_URL"} if embedded else set()
+        if not db_url:
+            db_url = f"sqlite:///{workdir / 'ledger.db'}"
+            made.add("ORCHESTRATOR_DB_URL")
         shared = {"ORCHESTRATOR_BROKER_URL": broker, "ORCHESTRATOR_DB_URL": db_url}
         # This process publishes and reads the ledger too: the same settings as the workers.
         os.environ.update(shared)
@@ -77,4 +99,5 @@ def local_stack(
             fleet.start_flower(port, address)
             flower_url = f"http://{address}:{port}/"
         yield Stack(broker_url=broker, db_url=db_url, workdir=workdir, fleet=fleet,
-                    flower_url=flower_url, env=shared, embedded_broker=embedded)
+                    flower_url=flower_url, env=shared, embedded_broker=embedded,
+                    made=frozenset(made))
