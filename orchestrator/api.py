@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, configure_mappers
 
 from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
-from orchestrator.config import Settings, check_passwords
+from orchestrator.config import Settings
 from orchestrator.context import StepContext, StepSpec
 from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
@@ -56,7 +56,7 @@ from orchestrator.errors import (
 from orchestrator.flows import Flow
 from orchestrator.models import Operation
 from orchestrator.names import check_host_name
-from orchestrator.redact import printable, redact_url
+from orchestrator.redact import check_passwords, printable, redact_url
 from orchestrator.registry import Registry
 from orchestrator.routing import (
     AltCapability,

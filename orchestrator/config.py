@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from orchestrator.errors import ConfigError
 
@@ -127,30 +126,6 @@ def configured_urls() -> tuple[str, ...]:
     may quote either, or a part of it: :func:`orchestrator.redact.redact_text`)."""
     return tuple(url for url in (os.environ.get("ORCHESTRATOR_BROKER_URL"),
                                  os.environ.get("ORCHESTRATOR_DB_URL")) if url)
-
-
-#: What a parser ends a password at, were it written as it is: kombu reads a broker URL with
-#: ``urllib.parse``, whose host part ends at the first '/', '?' or '#' (it would connect
-#: elsewhere, and its ValueError quotes the start of the password); SQLAlchemy's URL pattern
-#: ends the password at the first '@' and takes the rest for the host.
-_ENDS_PASSWORD = {"broker": "/?#", "ledger": "@"}
-_PERCENT = {"/": "%2F", "?": "%3F", "#": "%23", "@": "%40"}
-
-
-def check_passwords(broker_url: Any, ledger_url: str) -> None:
-    """Refuse, in one line naming the URL (redacted), a password that the library reading
-    the URL would end early; the user is told which characters to percent-encode."""
-    from orchestrator.redact import failover_urls, password_of, redact_url
-
-    for what, urls in (("broker", failover_urls(broker_url)), ("ledger", [ledger_url])):
-        for url in urls:
-            bad = sorted(set(password_of(url) or "") & set(_ENDS_PASSWORD[what]))
-            if bad:
-                raise ConfigError(
-                    f"{what} URL {redact_url(url)}: its password holds "
-                    f"{' and '.join(repr(c) for c in bad)} as it is, where "
-                    f"{'kombu' if what == 'broker' else 'SQLAlchemy'} would end it: write "
-                    f"{' and '.join(_PERCENT[c] for c in bad)} instead")
 
 
 def db_url() -> str:

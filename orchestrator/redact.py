@@ -34,6 +34,8 @@ import re
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
+from orchestrator.errors import ConfigError
+
 __all__ = ["MASK", "error_text", "failover_urls", "password_of", "printable", "redact_text",
            "redact_url", "secret_param"]
 
@@ -222,3 +224,25 @@ def error_text(exc: Any, kind: bool = False) -> str:
 
     text = f"{type(exc).__name__}: {exc}" if kind and isinstance(exc, BaseException) else exc
     return printable(redact_text(text, *configured_urls()))
+
+
+#: What a parser ends a password at, were it written as it is: kombu reads a broker URL with
+#: ``urllib.parse``, whose host part ends at the first '/', '?' or '#' (it would connect
+#: elsewhere, and its ValueError quotes the start of the password); SQLAlchemy's URL pattern
+#: ends the password at the first '@' and takes the rest for the host.
+_ENDS_PASSWORD = {"broker": "/?#", "ledger": "@"}
+_PERCENT = {"/": "%2F", "?": "%3F", "#": "%23", "@": "%40"}
+
+
+def check_passwords(broker_url: Any, ledger_url: str) -> None:
+    """Refuse, in one line naming the URL (redacted), a password that the library reading
+    the URL would end early; the user is told which characters to percent-encode."""
+    for what, urls in (("broker", failover_urls(broker_url)), ("ledger", [ledger_url])):
+        for url in urls:
+            bad = sorted(set(password_of(url) or "") & set(_ENDS_PASSWORD[what]))
+            if bad:
+                raise ConfigError(
+                    f"{what} URL {redact_url(url)}: its password holds "
+                    f"{' and '.join(repr(c) for c in bad)} as it is, where "
+                    f"{'kombu' if what == 'broker' else 'SQLAlchemy'} would end it: write "
+                    f"{' and '.join(_PERCENT[c] for c in bad)} instead")

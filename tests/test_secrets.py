@@ -353,8 +353,8 @@ def test_a_password_its_parser_would_end_early_is_refused(
 ) -> None:
     """kombu would connect elsewhere (and its ValueError quotes the start of the password),
     SQLAlchemy would take the rest of it for the host: one line saying what to encode."""
-    from orchestrator.config import check_passwords
     from orchestrator.errors import ConfigError
+    from orchestrator.redact import check_passwords
 
     if refused is None:
         check_passwords(broker_url, ledger_url)
