@@ -41,18 +41,20 @@ class Refreshed(Generic[T]):
         self._closed = False
 
     def get(self) -> T:
-        """The latest outcome; waits for a read only when there is none."""
+        """The latest outcome; waits for a read only when there is none. Once closed, each
+        ask reads for itself (a request still under way when its server stops)."""
         with self._cond:
-            if self._closed:
-                raise RuntimeError(f"{self.name} is closed")
-            self._asked = time.monotonic()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-            self._cond.wait_for(lambda: self._outcome is not None or self._closed)
-            if self._outcome is None:
-                raise RuntimeError(f"{self.name} is closed")
-            value, error = self._outcome
+            if not self._closed:
+                self._asked = time.monotonic()
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=self.name,
+                                                    daemon=True)
+                    self._thread.start()
+                self._cond.wait_for(lambda: self._outcome is not None or self._closed)
+            outcome = self._outcome
+        if outcome is None:
+            return self._read()
+        value, error = outcome
         if error is not None:
             raise error
         return value  # type: ignore[return-value]
@@ -67,7 +69,7 @@ class Refreshed(Generic[T]):
         """Stop reading (a read under way finishes; its outcome is dropped)."""
         with self._cond:
             self._closed = True
-            thread, self._thread = self._thread, None
+            thread, self._thread, self._outcome = self._thread, None, None
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
