@@ -14,8 +14,8 @@ It is Flower (same options, same pages, same API, same ``FLOWER_*`` variables) p
   ``FLOWER_UNAUTHENTICATED_API=true``) and on ``/hosts?json=1`` (the page's, under the page's
   rule, as Flower's ``/workers?json=1``: behind auth when it is on, open when it is off);
 * the orchestrator's Prometheus metrics (:mod:`orchestrator.metrics`) on Flower's ``/metrics``,
-  beside Flower's own, behind Flower's authentication when it is on (Flower's own
-  ``/metrics`` is not).
+  beside Flower's own, both behind Flower's authentication when it is on (which Flower's
+  stock ``/metrics`` is not).
 
 What the Hosts page and the metrics show is read from the registry, the ledger and the
 broker in the background (:class:`orchestrator.refreshed.Refreshed`), never on Flower's

@@ -293,10 +293,10 @@ def test_flower_basic_auth_covers_metrics_and_the_hosts_json(fleet: Fleet,
 
 
 def test_scrapes_never_hold_flower_up(fleet: Fleet, tmp_path: Path) -> None:
-    """50 hosts known (one running, 49 gone) and three scrapes at once: no callback of
-    Flower's loop runs for as long as a read takes (asyncio's debug mode names every one of
-    0.1 s or more: none reaches 0.5 s), /healthcheck answers meanwhile, and once a read is
-    kept a scrape answers in under 100 ms."""
+    """50 hosts known (one running, 49 gone), three scrapes and the Hosts JSON at once: no
+    callback of Flower's loop runs for as long as a read takes (asyncio's debug mode names
+    every one of 0.1 s or more: none reaches 0.5 s), /healthcheck answers meanwhile, and
+    once a read is kept a scrape answers in under 100 ms."""
     fleet.start("compute1")
     register_gone_hosts(49)
     flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=False,
@@ -305,10 +305,12 @@ def test_scrapes_never_hold_flower_up(fleet: Fleet, tmp_path: Path) -> None:
     try:
         flower.wait_up()
         started_at = flower.log_path.stat().st_size
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(4) as pool:
             scrapes = [pool.submit(flower.timed_get, "/metrics", AUTH) for _ in range(3)]
+            page = pool.submit(flower.timed_get, "/hosts?json=1", AUTH)
             health = flower.timed_get("/healthcheck")
             cold = [scrape.result() for scrape in scrapes]
+        assert page.result()[0] == 200 and len(json.loads(page.result()[1])["hosts"]) == 50
         assert [status for status, _, _ in cold] == [200] * 3
         states = re.findall(r'^orchestrator_host_state\{host="([^"]+)",state="up"\}',
                             cold[0][1], re.M)
