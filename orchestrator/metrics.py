@@ -27,7 +27,7 @@ number of exporters can run. The names:
 ``orchestrator_drain_duration_seconds{host}``              summary duration of ended drains
 ``orchestrator_alt_fallbacks_total{host,reason}``          counter alt steps sent to ``<host>``
 ``orchestrator_ledger_reachable``                          gauge   1 if this exporter reached
-                                                                   the ledger at this scrape
+                                                                   the ledger at its last read
 ``orchestrator_ledger_up{worker,host}``                    gauge   1 if the worker reaches the
                                                                    ledger (it says so over the
                                                                    broker)
