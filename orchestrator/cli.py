@@ -447,7 +447,7 @@ def metrics(port: int, address: str, once: bool) -> None:
         from prometheus_client import CollectorRegistry, generate_latest
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(OrchestratorCollector(orch))
+        registry.register(OrchestratorCollector(orch, kept=False))
         click.echo(generate_latest(registry).decode(), nl=False)
         return
     try:

@@ -11,12 +11,17 @@ It is Flower (same options, same pages, same API, same ``FLOWER_*`` variables) p
   known host, draining and down ones included (Flower's Broker page lists only the queues live
   workers consume), and how each host's last drain ended;
 * the same as JSON on ``/api/orchestrator/hosts`` (Flower's API rules: basic/OAuth auth, or
-  ``FLOWER_UNAUTHENTICATED_API=true``);
+  ``FLOWER_UNAUTHENTICATED_API=true``) and on ``/hosts?json=1`` (the page's, under the page's
+  rule, as Flower's ``/workers?json=1``: behind auth when it is on, open when it is off);
 * the orchestrator's Prometheus metrics (:mod:`orchestrator.metrics`) on Flower's ``/metrics``,
-  beside Flower's own.
+  beside Flower's own, both behind Flower's authentication when it is on (which Flower's
+  stock ``/metrics`` is not).
 
-Everything is read from the registry, the ledger and the broker when asked, in Flower's
-executor, never cached, so a gone worker shows as down, not as the draining it last reported.
+What the Hosts page and the metrics show is read from the registry, the ledger and the
+broker in the background (:class:`orchestrator.refreshed.Refreshed`), never on Flower's
+loop: each request answers at once from the latest read, which is at most ``HOSTS_TTL``
+(``metrics.TTL``) seconds plus one read old, so a gone worker shows as down within seconds,
+not as the draining it last reported; concurrent requests share one read.
 Flower is imported when the command runs, not when this module is.
 """
 
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import seams, views
+from orchestrator.refreshed import Refreshed
 from orchestrator.seams import flower_internals
 
 logger = logging.getLogger(__name__)
@@ -35,6 +41,10 @@ logger = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
 HOSTS_PATH = r"/hosts"
 HOSTS_API_PATH = r"/api/orchestrator/hosts"
+METRICS_PATH = r"/metrics"
+#: The Hosts page asks every 2 s: a read kept 2 s, dropped 30 s after the page closed.
+HOSTS_TTL = 2.0
+HOSTS_IDLE_AFTER = 30.0
 #: Added to Flower's navigation bar, after its Broker tab.
 NAV_ITEM = """
         <li class="nav-item">
@@ -74,23 +84,29 @@ def patch_flower_template(name: str, text: str) -> str:
 
 
 def handlers(orch: Any) -> list[Any]:
-    """The Hosts page and its API, as Flower handlers (Flower's authentication applies)."""
-    return flower_internals.page_and_api(
-        HOSTS_PATH, HOSTS_API_PATH, "orchestrator-hosts", "orchestrator_hosts.html",
-        active_tab="hosts", read=lambda: snapshot(orch))
+    """The Hosts page, its API and ``/metrics``, as Flower handlers (Flower's authentication
+    applies), each answered from a read kept in the background."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from orchestrator.metrics import OrchestratorCollector
+
+    hosts = Refreshed(lambda: snapshot(orch), HOSTS_TTL, HOSTS_IDLE_AFTER, "orchestrator-hosts")
+    ours = CollectorRegistry(auto_describe=False)
+    ours.register(OrchestratorCollector(orch))
+    return [
+        *flower_internals.page_and_api(
+            HOSTS_PATH, HOSTS_API_PATH, "orchestrator-hosts", "orchestrator_hosts.html",
+            active_tab="hosts", read=hosts.get),
+        flower_internals.metrics(METRICS_PATH, "orchestrator-metrics",
+                                 lambda: generate_latest(ours)),
+    ]
 
 
 def make_flower(orch: Any, options: Any, settings: dict[str, Any]) -> Any:
     """Flower on ``orch``'s Celery app, with the Hosts page, its API and the metrics."""
-    from prometheus_client import REGISTRY
-
-    from orchestrator.metrics import OrchestratorCollector
-
     loader = flower_internals.template_loader(TEMPLATES, settings["template_path"],
                                               patch_flower_template)
-    app = flower_internals.make_app(orch.app, options, settings, loader, handlers(orch))
-    REGISTRY.register(OrchestratorCollector(orch))
-    return app
+    return flower_internals.make_app(orch.app, options, settings, loader, handlers(orch))
 
 
 def run(orch: Any, argv: list[str], prog: str = "orchestrator flower") -> None:

@@ -1,9 +1,14 @@
 """Prometheus metrics of hosts and drains, in the conventions of celery-exporter and Flower.
 
-``orchestrator metrics --port 9808`` serves them on ``/metrics``. Each scrape reads the
-service registry, the ledger and the broker once (a few indexed queries and one passive queue
-declare per queue), so what is shown is never older than the scrape; nothing is kept in the
-exporter, and any number of exporters can run. The names:
+``orchestrator metrics --port 9808`` serves them on ``/metrics`` (and ``orchestrator flower``
+beside Flower's own). One read of the service registry, the ledger and the broker (a few
+indexed queries, one passive queue declare per queue, one ``workers.status`` broadcast that
+ends once every live worker answered, after a second at most) is kept and renewed in the
+background every ``TTL`` seconds while scrapes come (:class:`orchestrator.refreshed.Refreshed`):
+a scrape answers from it at once, concurrent scrapes share it, and what it shows is at most
+``TTL`` seconds plus one read old. After ``IDLE_AFTER`` seconds without a scrape the reading
+stops, and the next scrape waits for one read. Nothing else is kept in the exporter, and any
+number of exporters can run. The names:
 
 =========================================================  ======  ===============================
 ``orchestrator_host_state{host,state}``                    gauge   1 for the host's state (up,
@@ -22,7 +27,7 @@ exporter, and any number of exporters can run. The names:
 ``orchestrator_drain_duration_seconds{host}``              summary duration of ended drains
 ``orchestrator_alt_fallbacks_total{host,reason}``          counter alt steps sent to ``<host>``
 ``orchestrator_ledger_reachable``                          gauge   1 if this exporter reached
-                                                                   the ledger at this scrape
+                                                                   the ledger at its last read
 ``orchestrator_ledger_up{worker,host}``                    gauge   1 if the worker reaches the
                                                                    ledger (it says so over the
                                                                    broker)
@@ -46,6 +51,7 @@ from typing import Any
 
 from orchestrator import registry
 from orchestrator.broker import queue_depths
+from orchestrator.refreshed import Refreshed
 from orchestrator.routing import alt_queue
 from orchestrator.views import unserved_steps, worker_reports
 
@@ -53,32 +59,59 @@ HOST_STATES = ("up", "draining", "down")
 DRAIN_OUTCOMES = ("done", "deadline", "second-sigterm", "forced")
 
 
-class OrchestratorCollector:
-    """A prometheus_client collector: everything is read at scrape time."""
+#: Seconds between two reads while scrapes come; what a scrape shows is at most this plus
+#: one read old.
+TTL = 2.0
+#: Seconds without a scrape after which the reading stops (Prometheus scrapes every minute
+#: by default: past that, a scrape would find nothing kept).
+IDLE_AFTER = 90.0
 
-    def __init__(self, orch: Any) -> None:
+
+class OrchestratorCollector:
+    """A prometheus_client collector: :meth:`read` gives every family, read now; a scrape
+    (:meth:`collect`) answers from the read kept in the background (``kept=True``) or reads
+    (``kept=False``: ``orchestrator metrics --once``)."""
+
+    def __init__(self, orch: Any, kept: bool = True) -> None:
         self.orch = orch
+        self.kept = Refreshed(self.read, TTL, IDLE_AFTER, "orchestrator-metrics") \
+            if kept else None
 
     def describe(self) -> list:  # no metrics at registration: collect() reads the ledger
         return []
 
     def collect(self) -> Iterator[Any]:
+        yield from (self.kept.get() if self.kept is not None else self.read())
+
+    def close(self) -> None:
+        if self.kept is not None:
+            self.kept.close()
+
+    def read(self) -> list[Any]:
+        """Every family, from one read of the registry, the ledger and the broker. The
+        ``workers.status`` broadcast ends once every worker the registry calls live answered
+        (Celery's ``broadcast(limit=)``), after a second at most (as the Hosts page's); with
+        none live, or the ledger not answering, it hears whoever answers within the second."""
         from prometheus_client.core import GaugeMetricFamily
 
         from orchestrator.errors import LedgerUnavailable
 
-        yield from self._workers(worker_reports(self.orch))
-        reachable = GaugeMetricFamily("orchestrator_ledger_reachable",
-                                      "1 if this exporter reached the ledger at this scrape")
         try:
-            families = list(self._from_ledger())
+            services: list[registry.ServiceView] | None = self.orch.registry.services()
         except LedgerUnavailable:
-            reachable.add_metric([], 0.0)
-            yield reachable
-            return
-        reachable.add_metric([], 1.0)
-        yield reachable
-        yield from families
+            services = None
+        live = sum(v.state != "down" for v in services or ())
+        families = list(self._workers(worker_reports(self.orch, limit=live or None)))
+        from_ledger = []
+        if services is not None:
+            try:
+                from_ledger = list(self._from_ledger(services))
+            except LedgerUnavailable:
+                services = None
+        reachable = GaugeMetricFamily("orchestrator_ledger_reachable",
+                                      "1 if this exporter reached the ledger at its last read")
+        reachable.add_metric([], 0.0 if services is None else 1.0)
+        return [*families, reachable, *from_ledger]
 
     @staticmethod
     def _workers(reports: dict[str, dict[str, Any]]) -> Iterator[Any]:
@@ -101,11 +134,10 @@ class OrchestratorCollector:
         yield errors
         yield recovered
 
-    def _from_ledger(self) -> Iterator[Any]:
+    def _from_ledger(self, views: list[registry.ServiceView]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         orch, now = self.orch, time.time()
-        views = orch.registry.services()
         hosts = sorted({v.host for v in views})
         state = GaugeMetricFamily("orchestrator_host_state", "1 for the host's state",
                                   labels=["host", "state"])
@@ -203,11 +235,22 @@ class OrchestratorCollector:
         yield durations
 
 
-def serve(orch: Any, port: int, address: str = "127.0.0.1") -> Any:
-    """Serve /metrics on ``address:port`` from a thread; returns the server."""
-    from prometheus_client import CollectorRegistry, start_http_server
+class Server:
+    """``/metrics`` served from a thread; :meth:`shutdown` stops it and its reading."""
 
-    registry_ = CollectorRegistry(auto_describe=False)
-    registry_.register(OrchestratorCollector(orch))
-    server, thread = start_http_server(port, addr=address, registry=registry_)
-    return server
+    def __init__(self, orch: Any, port: int, address: str) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.collector = OrchestratorCollector(orch)
+        registry_ = CollectorRegistry(auto_describe=False)
+        registry_.register(self.collector)
+        self.http, _ = start_http_server(port, addr=address, registry=registry_)
+
+    def shutdown(self) -> None:
+        self.http.shutdown()
+        self.collector.close()
+
+
+def serve(orch: Any, port: int, address: str = "127.0.0.1") -> Server:
+    """Serve /metrics on ``address:port`` from a thread; returns the server."""
+    return Server(orch, port, address)

@@ -3,19 +3,24 @@ the Hosts page as headless Chromium renders it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from nova_app import operations
+from nova_app.app import orch
 from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
@@ -31,26 +36,37 @@ def chromium() -> str | None:
 
 
 class FlowerProcess:
-    def __init__(self, log: Path, unauthenticated_api: bool) -> None:
+    def __init__(self, log: Path, unauthenticated_api: bool, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        env = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+        environ = {k: v for k, v in os.environ.items() if k != "FLOWER_UNAUTHENTICATED_API"}
         if unauthenticated_api:
-            env["FLOWER_UNAUTHENTICATED_API"] = "true"
+            environ["FLOWER_UNAUTHENTICATED_API"] = "true"
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.cli", "flower", f"--port={self.port}",
-                 "--address=127.0.0.1"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
+                 "--address=127.0.0.1", *args],
+                env={**environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
             )
 
-    def get(self, path: str) -> tuple[int, str]:
+    def get(self, path: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(self.base + path)
+        if auth is not None:
+            token = base64.b64encode(":".join(auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(self.base + path, timeout=10) as resp:
+            with urllib.request.urlopen(request, timeout=10) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def timed_get(self, path: str, auth: tuple[str, str] | None = None
+                  ) -> tuple[int, str, float]:
+        started = time.monotonic()
+        status, body = self.get(path, auth)
+        return status, body, time.monotonic() - started
 
     def hosts(self) -> dict[str, dict]:
         status, body = self.get("/api/orchestrator/hosts")
@@ -144,8 +160,10 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
         assert 'data-orchestrator-state="draining"' in row and " s left" in row, row
 
         assert dest.wait(timeout=30) == 0, dest.log()
-        gone = flower.hosts()["compute2"]
-        assert gone["state"] == "down" and gone["drains"] == []
+        # The page's read is renewed every couple of seconds: the exit shows within them.
+        gone = wait_for(lambda: (h := flower.hosts()["compute2"])["state"] == "down" and h,
+                        10, "compute2 shown down")
+        assert gone["drains"] == []
         assert gone["last_drain"]["outcome"] == "done"
         assert gone["queued"]["compute2"] == 1, "a down host's waiting work stays visible"
         dom = render(f"{flower.base}/hosts", "flower-hosts-gone")
@@ -234,3 +252,78 @@ def test_flower_shows_a_ledger_outage(tmp_path: Path, monkeypatch: pytest.Monkey
                 flower.stop()
     finally:
         pg.destroy()
+
+
+AUTH = ("prometheus", "s3cret")
+#: asyncio's debug mode logs every callback of the loop that ran 0.1 s or more.
+SLOW_CALLBACK = re.compile(r"Executing .* took (\d+\.\d+) seconds")
+
+
+def register_gone_hosts(count: int) -> None:
+    """``count`` hosts whose worker exited (its row says down), as a fleet leaves them."""
+    for i in range(count):
+        node = f"gone{i:02d}@elsewhere"
+        orch.registry.register(node, f"gone{i:02d}", consumes_main=True, consumes_alt=True,
+                               pid=1)
+        orch.registry.set_state(node, "down")
+
+
+def test_flower_basic_auth_covers_metrics_and_the_hosts_json(fleet: Fleet,
+                                                             tmp_path: Path) -> None:
+    """With --basic-auth, /metrics (Flower's and ours) and the Hosts JSON need credentials,
+    as Flower's pages do, even with FLOWER_UNAUTHENTICATED_API=true (which, for Flower's
+    API too, opens nothing once auth is on); Prometheus scrapes with them."""
+    fleet.start("compute1")
+    flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True,
+                           args=(f"--basic-auth={':'.join(AUTH)}",))
+    try:
+        flower.wait_up()  # /healthcheck stays open, as in Flower
+        for path in ("/metrics", "/hosts?json=1", "/api/orchestrator/hosts", "/hosts"):
+            assert flower.get(path)[0] == 401, path
+            assert flower.get(path, (AUTH[0], "wrong"))[0] == 401, path
+        status, metrics = flower.get("/metrics", AUTH)
+        assert status == 200
+        assert 'orchestrator_host_state{host="compute1",state="up"} 1.0' in metrics
+        assert "# TYPE flower_" in metrics, "Flower's own metrics are still there"
+        status, body = flower.get("/hosts?json=1", AUTH)
+        assert status == 200 and json.loads(body)["hosts"][0]["host"] == "compute1"
+        assert flower.get("/api/orchestrator/hosts", AUTH)[0] == 200
+    finally:
+        flower.stop()
+
+
+def test_scrapes_never_hold_flower_up(fleet: Fleet, tmp_path: Path) -> None:
+    """50 hosts known (one running, 49 gone), three scrapes and the Hosts JSON at once: no
+    callback of Flower's loop runs for as long as a read takes (asyncio's debug mode names
+    every one of 0.1 s or more: none reaches 0.5 s), /healthcheck answers meanwhile, and
+    once a read is kept a scrape answers in under 100 ms."""
+    fleet.start("compute1")
+    register_gone_hosts(49)
+    flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=False,
+                           args=(f"--basic-auth={':'.join(AUTH)}",),
+                           env={"PYTHONASYNCIODEBUG": "1"})
+    try:
+        flower.wait_up()
+        started_at = flower.log_path.stat().st_size
+        with ThreadPoolExecutor(4) as pool:
+            scrapes = [pool.submit(flower.timed_get, "/metrics", AUTH) for _ in range(3)]
+            page = pool.submit(flower.timed_get, "/hosts?json=1", AUTH)
+            health = flower.timed_get("/healthcheck")
+            cold = [scrape.result() for scrape in scrapes]
+        assert page.result()[0] == 200 and len(json.loads(page.result()[1])["hosts"]) == 50
+        assert [status for status, _, _ in cold] == [200] * 3
+        states = re.findall(r'^orchestrator_host_state\{host="([^"]+)",state="up"\}',
+                            cold[0][1], re.M)
+        assert len(states) == 50
+        log = flower.log_path.read_bytes()[started_at:].decode(errors="replace")
+        held = [float(t) for t in SLOW_CALLBACK.findall(log)]
+        assert all(t < 0.5 for t in held), f"Flower's loop held {held} s:\n{log[-3000:]}"
+        assert health[0] == 200 and health[2] < 0.5, \
+            f"/healthcheck took {health[2]:.3f} s during scrapes of " \
+            f"{', '.join(f'{t:.3f}' for _, _, t in cold)} s"
+        warm = sorted(flower.timed_get("/metrics", AUTH)[2] for _ in range(5))
+        print(f"\n50 hosts: cold scrapes {[round(t, 3) for _, _, t in cold]} s, /healthcheck "
+              f"meanwhile {health[2]:.3f} s, warm scrapes {[round(t, 3) for t in warm]} s")
+        assert warm[len(warm) // 2] < 0.1, f"warm scrapes took {warm} s"
+    finally:
+        flower.stop()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from click.testing import CliRunner
@@ -14,6 +17,7 @@ from nova_app import operations
 from nova_app.app import orch
 from orchestrator.cli import main as cli
 from orchestrator.metrics import serve
+from orchestrator.refreshed import Refreshed
 from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
@@ -34,6 +38,17 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def scrape_until(port: int, name: str, expected: float, what: str,
+                 **labels: str) -> dict[tuple[str, tuple], float]:
+    """A scrape showing ``name{labels} == expected``: the read a scrape answers from is
+    renewed every couple of seconds, so a change shows within them."""
+    def shown() -> dict | None:
+        samples = scrape(port)
+        return samples if value(samples, name, **labels) == expected else None
+
+    return wait_for(shown, 15, what)
+
+
 def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
     env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
     fleet.start("compute1", env=env)
@@ -49,7 +64,8 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         dest.signal(signal.SIGTERM)
         wait_draining("compute2")
         late = operations.boot("vm2", "compute2")  # waits in compute2 while it drains
-        during = scrape(port)
+        during = scrape_until(port, "orchestrator_queue_messages", 1, "the boot to wait",
+                              host="compute2", queue="compute2", kind="main")
         assert value(during, "orchestrator_host_state", host="compute2", state="draining") == 1
         assert value(during, "orchestrator_host_state", host="compute2", state="up") == 0
         remaining = value(during, "orchestrator_drain_deadline_remaining_seconds",
@@ -67,7 +83,8 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         assert "compute2: compute2@" in text and f"waiting for resize {resize.id}" in text
 
         assert dest.wait(timeout=30) == 0, dest.log()
-        after = scrape(port)
+        after = scrape_until(port, "orchestrator_drains_total", 1, "the drain's end",
+                             host="compute2", outcome="done")
         assert value(after, "orchestrator_host_state", host="compute2", state="down") == 1
         assert value(after, "orchestrator_drains_total", host="compute2", outcome="done") == 1
         assert value(after, "orchestrator_drains_total", host="compute2", outcome="forced") == 0
@@ -97,3 +114,63 @@ def hosts_now() -> dict:
 
 def operations_done(operation_id: str) -> bool:
     return orch.operation(operation_id)["status"] == "completed"
+
+
+def test_a_scrape_of_50_hosts_answers_from_the_kept_read(fleet: Fleet) -> None:
+    """50 hosts known (one running, 49 whose worker exited): the first scrapes wait for one
+    read, the next ones answer from it in under 100 ms."""
+    fleet.start("compute1")
+    for i in range(49):
+        node = f"gone{i:02d}@elsewhere"
+        orch.registry.register(node, f"gone{i:02d}", consumes_main=True, consumes_alt=True,
+                               pid=1)
+        orch.registry.set_state(node, "down")
+    port = free_port()
+    server = serve(orch, port)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            cold = list(pool.map(lambda _: timed_scrape(port), range(3)))
+        samples = cold[0][0]
+        assert sum(value(samples, "orchestrator_host_state", host=f"gone{i:02d}",
+                         state="down") == 1 for i in range(49)) == 49
+        assert value(samples, "orchestrator_host_state", host="compute1", state="up") == 1
+        warm = sorted(timed_scrape(port)[1] for _ in range(5))
+        print(f"\n50 hosts, orchestrator metrics: cold scrapes "
+              f"{[round(t, 3) for _, t in cold]} s, warm {[round(t, 3) for t in warm]} s")
+        assert warm[len(warm) // 2] < 0.1, f"warm scrapes took {warm} s"
+    finally:
+        server.shutdown()
+
+
+def timed_scrape(port: int) -> tuple[dict[tuple[str, tuple], float], float]:
+    started = time.monotonic()
+    samples = scrape(port)
+    return samples, time.monotonic() - started
+
+
+def test_concurrent_asks_share_one_read() -> None:
+    """Three asks while nothing is kept wait for the same read; later asks answer from it
+    until it is renewed; after a pause the next ask waits for a new read."""
+    started, release, reads = threading.Event(), threading.Event(), []
+
+    def read() -> int:
+        reads.append(time.monotonic())
+        started.set()
+        release.wait(10)
+        return len(reads)
+
+    kept = Refreshed(read, ttl=0.2, idle_after=0.5, name="test-refresh")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            asks = [pool.submit(kept.get) for _ in range(3)]
+            assert started.wait(10)
+            release.set()
+            assert [ask.result(10) for ask in asks] == [1, 1, 1]
+        assert kept.get() >= 1
+        wait_for(lambda: kept.get() >= 2, 5, "the read renewed")
+        count = len(reads)
+        wait_for(lambda: not kept.reading, 5, "the reading to stop once nobody asks")
+        assert len(reads) <= count + 4  # no reading past idle_after
+        assert kept.get() == len(reads), "after a pause, a new read"
+    finally:
+        kept.close()

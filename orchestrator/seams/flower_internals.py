@@ -8,7 +8,16 @@ tornado 6).
   go first (``process_rule`` names them for ``reverse_url``); ``flower.app.rewrite_handler``
   applies ``--url_prefix``.
 - ``flower.views.BaseHandler``, ``flower.api.BaseApiHandler``: a page and an API of
-  Flower's kind (its templates, its authentication).
+  Flower's kind (its templates, its authentication). Flower decides who may read in two
+  places, both reused as they are: ``BaseHandler.get_current_user`` (run by tornado's
+  ``web.authenticated``) checks ``--basic-auth`` credentials (401 without them) and the
+  ``--auth`` OAuth session cookie (none: a redirect to ``/login``), and lets anyone in when
+  neither option is set; ``BaseApiHandler.prepare`` answers 401 when neither is set unless
+  ``FLOWER_UNAUTHENTICATED_API`` is true (the variable opens nothing when auth is on).
+- ``flower.views.monitor.Metrics``: Flower's ``/metrics`` (its own metrics, offline workers
+  purged first), which has no ``web.authenticated`` of its own and renders on the loop;
+  ``metrics`` puts a subclass ahead of it that is authenticated like Flower's pages and adds
+  ours, rendered in Flower's executor.
 - ``flower.command``: the steps ``celery flower`` takes (environment options, command line,
   settings, logging, banner, SIGTERM handler), taken in the same order.
 """
@@ -66,6 +75,26 @@ def page_and_api(page_path: str, api_path: str, name: str, template: str, *,
             self.write(await data(self))
 
     return [web.url(page_path, Page, name=name), web.url(api_path, Api, name=f"{name}-api")]
+
+
+def metrics(path: str, name: str, ours: Callable[[], bytes]) -> Any:
+    """Flower's ``/metrics`` behind Flower's authentication, followed by ``ours()`` (more
+    metrics in Prometheus' text format), which runs in Flower's executor, never in its loop.
+
+    Behind the same rule as Flower's pages (``web.authenticated``): with ``--basic-auth``,
+    credentials are needed, which Prometheus sends (``basic_auth`` in its scrape config);
+    with neither ``--basic-auth`` nor ``--auth``, it is open, as Flower's own ``/metrics``."""
+    from flower.views.monitor import Metrics
+    from tornado import web
+
+    class AuthenticatedMetrics(Metrics):
+        @web.authenticated
+        async def get(self) -> None:
+            text = await self.application.io_loop.run_in_executor(None, ours)
+            await super().get()
+            self.write(text)
+
+    return web.url(path, AuthenticatedMetrics, name=name)
 
 
 def make_app(capp: Any, options: Any, settings: dict[str, Any], template_loader: Any,
