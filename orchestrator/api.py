@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import gc
-import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +53,7 @@ from orchestrator.errors import (
     UnknownFlow,
 )
 from orchestrator.flows import Flow
+from orchestrator.limits import json_size, utf8
 from orchestrator.models import Operation
 from orchestrator.names import check_host_name
 from orchestrator.redact import check_passwords, printable, redact_url
@@ -480,12 +480,19 @@ class Orchestrator:
         if params is not None and not isinstance(params, Mapping):
             raise SubmitError(f"flow {flow!r}: params must be a mapping, not "
                               f"{type(params).__name__}")
-        try:
-            json.dumps(dict(params or {}), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise SubmitError(f"flow {flow!r}: params are not JSON: {exc}") from None
+        size = json_size(dict(params or {}), f"flow {flow!r}: params", SubmitError)
+        if size > self.settings.max_json_bytes:
+            raise SubmitError(f"flow {flow!r}: params are {size} bytes of JSON, more than "
+                              f"{self.settings.max_json_bytes} (ORCHESTRATOR_MAX_JSON_BYTES)")
         if subject is not None and (not isinstance(subject, str) or not subject.strip()):
             raise SubmitError(f"flow {flow!r}: subject must be a non-empty string or None")
+        if subject is not None:
+            if not utf8(subject):
+                raise SubmitError(f"flow {flow!r}: subject {subject!r} is not UTF-8 text")
+            if len(subject) > self.settings.max_subject_chars:
+                raise SubmitError(
+                    f"flow {flow!r}: subject is {len(subject)} characters, more than "
+                    f"{self.settings.max_subject_chars} (ORCHESTRATOR_MAX_SUBJECT_CHARS)")
         return spec
 
     def _record(

@@ -99,6 +99,17 @@ class AppGroup(click.Group):
             root.meta["app_commands"] = _app_commands(root.params.get("app"))
         return root.meta["app_commands"]
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Every argument is text: bytes that are not UTF-8 (held by Python as lone
+        surrogates) would fail deep in a driver or a serializer, with a traceback."""
+        from orchestrator.limits import utf8
+
+        for arg in args:
+            if not utf8(arg):
+                shown = arg.encode("utf-8", "surrogateescape")
+                fail("--json" in args, f"argument {shown!r} is not UTF-8 text")
+        return super().parse_args(ctx, args)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self._extra(ctx)))
 

@@ -34,6 +34,12 @@ QUEUE_TYPES = ("classic", "quorum")
 
 #: Steps queued for longer than this whose queue is empty are sent again (Redis can lose one).
 DEFAULT_RESEND_AFTER = 60.0
+#: A subject's length at most, in characters (the ledger's column holds 255 on every
+#: database; SQLite would take more, PostgreSQL refuse it).
+MAX_SUBJECT_CHARS = 255
+#: An operation's params, and what a step returns, at most, as UTF-8 JSON: both are read at
+#: every step and the params travel in views; 1 MiB is far above a flow's arguments.
+DEFAULT_MAX_JSON_BYTES = 1024 * 1024
 #: The name Redis Sentinel knows the broker's primary by (``sentinel monitor NAME ...``).
 DEFAULT_SENTINEL_MASTER = "mymaster"
 #: The test kit's gate variable (Settings.testkit_gate).
@@ -53,6 +59,16 @@ def _float(name: str, default: float) -> float:
     if value < 0:
         raise ConfigError(f"{name}={raw!r}: must not be negative")
     return value
+
+
+def _int(name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= (high if high is not None else int(raw)):
+        bound = f"{low}..{high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name}={raw!r}: expected a whole number, {bound}")
+    return int(raw)
 
 
 def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
@@ -90,6 +106,10 @@ class Settings:
     #: ``ORCHESTRATOR_TESTKIT_GATE``: set by the test kit (orchestrator.testing.kit) in the
     #: workers it starts, never in production: where a step may be held at its start.
     testkit_gate: Path | None = None
+    #: ``ORCHESTRATOR_MAX_SUBJECT_CHARS`` (at most :data:`MAX_SUBJECT_CHARS`).
+    max_subject_chars: int = MAX_SUBJECT_CHARS
+    #: ``ORCHESTRATOR_MAX_JSON_BYTES``: params at submit, a step's output.
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -118,6 +138,9 @@ class Settings:
             or DEFAULT_SENTINEL_MASTER,
             code_version=(os.environ.get("ORCHESTRATOR_CODE_VERSION") or "").strip() or None,
             testkit_gate=Path(os.environ[TESTKIT_GATE]) if os.environ.get(TESTKIT_GATE) else None,
+            max_subject_chars=_int("ORCHESTRATOR_MAX_SUBJECT_CHARS", MAX_SUBJECT_CHARS,
+                                   1, MAX_SUBJECT_CHARS),
+            max_json_bytes=_int("ORCHESTRATOR_MAX_JSON_BYTES", DEFAULT_MAX_JSON_BYTES, 2),
         )
 
 

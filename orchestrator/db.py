@@ -32,12 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import config, schema
 from orchestrator.driver import Direct, Transaction, closed_by_server
-from orchestrator.errors import LedgerUnavailable, first_line
+from orchestrator.errors import ConfigError, LedgerUnavailable, SchemaError, first_line
 from orchestrator.health import LedgerHealth
 from orchestrator.redact import printable, redact_text, redact_url
 
@@ -94,6 +101,7 @@ def _engine(url: str, write: bool) -> Engine:
     key = (os.getpid(), url, write or not sqlite)
     eng = _engines.get(key)
     if eng is None:
+        check_url(url)
         if sqlite:
             eng = _sqlite_engine(url, immediate=write)
         else:
@@ -194,6 +202,26 @@ def _writer_turn(url: str) -> Iterator[None]:
         yield
 
 
+def check_url(url: str) -> None:
+    """A ledger URL SQLAlchemy can use, or a :class:`ConfigError` in one line naming it."""
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ConfigError(f"ledger URL {redact_url(url)!r} (ORCHESTRATOR_DB_URL): "
+                          f"{printable(redact_text(first_line(exc), url))}") from None
+
+
+def _refuse_missing_file(url: str) -> None:
+    """SQLite creates the file a connection names: a read of a file that is not there is
+    told so, and leaves no empty file behind."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).exists():
+        raise SchemaError(f"database {redact_url(url)} holds no ledger: {parsed.database} does "
+                          "not exist (check ORCHESTRATOR_DB_URL, or start a worker first)")
+
+
 def _connect_args(url: str) -> dict[str, object]:
     if url.startswith(("postgresql", "postgres")):
         return {"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVE}
@@ -257,12 +285,25 @@ class Database:
     def url(self) -> str:
         return self._url or config.db_url()
 
-    def engine(self, *, write: bool = True) -> Engine:
+    def engine(self, *, write: bool = True, create: bool = True) -> Engine:
+        """The engine, the schema checked first (once per process): brought to this code's
+        unless ``create`` is False (what only reads never creates or changes a table)."""
         url = self.url
         key = (os.getpid(), url, tuple(str(p) for p in self.migrations))
         if key not in _ready:
+            check_url(url)
+            if not create:
+                _refuse_missing_file(url)
             with self._reachable(url):
-                schema.ensure(_engine(url, True), self.migrations)
+                try:
+                    schema.ensure(_engine(url, True), self.migrations, create=create)
+                except DBAPIError as exc:
+                    if unreachable(exc):
+                        raise
+                    orig = getattr(exc, "orig", None) or exc
+                    raise SchemaError(
+                        f"database {redact_url(url)} cannot be the ledger: "
+                        f"{printable(redact_text(first_line(orig), url))}") from None
             _ready.add(key)
         return _engine(url, write)
 
@@ -303,10 +344,11 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A read-only session (never takes SQLite's write lock)."""
+        """A read-only session (never takes SQLite's write lock, never creates a table: a
+        database with no ledger is a :class:`SchemaError`)."""
         url = self.url
         with self._reachable(url):
-            self.engine()
+            self.engine(create=False)
             with _maker(url, False)() as s:
                 yield s
 

@@ -141,30 +141,82 @@ def _up_to_date(engine: Engine, locations: Sequence[Path]) -> bool:
     return current == heads
 
 
-def ensure(engine: Engine, locations: Sequence[Path]) -> None:
+def _family(rev: str) -> str:
+    """A revision's branch, by what its id begins with before the first digit: the engine's
+    are ``orch0001``, ``orch0002``...; an application names its own alike (``nova0001``)."""
+    return re.match(r"\D*", rev).group(0)  # type: ignore[union-attr]
+
+
+def _newer(state: dict[str, object]) -> str | None:
+    """A revision of one of this code's branches that this code does not know: the database
+    was upgraded by a newer release (a revision of another prefix is another application's
+    branch, not ours to judge)."""
+    heads = {_family(h): h for h in state["heads"]}  # type: ignore[union-attr]
+    for rev in state["unknown"]:  # type: ignore[union-attr]
+        family = _family(rev)
+        if family and family in heads:
+            return (f"ledger schema {rev} is newer than this code's {heads[family]}: upgrade "
+                    "the code (a newer release upgraded this database)")
+    return None
+
+
+def _empty_or_foreign(conn: Connection, where: str) -> SchemaError:
+    """What a read says of a database with no schema of ours: it creates none."""
+    tables = inspect(conn).get_table_names()
+    if tables:
+        return SchemaError(
+            f"database {where} is not a ledger: it has {len(tables)} table(s), none of them "
+            f"{VERSION_TABLE} (check ORCHESTRATOR_DB_URL)")
+    return SchemaError(f"database {where} holds no ledger yet: a worker's start or a submit "
+                       f"creates it, or run `{UPGRADE_COMMAND}`")
+
+
+def ensure(engine: Engine, locations: Sequence[Path], create: bool = True) -> None:
     """Bring a new database (or a branch never applied) to the current schema; refuse one
-    where a branch is at an older revision, naming the command to run."""
+    where a branch is at an older revision, naming the command to run, or at a newer one.
+    ``create=False`` (what only reads): refuse instead of creating anything."""
     if _up_to_date(engine, locations):
+        return
+    where = redact_url(engine.url.render_as_string(hide_password=False))
+    if not create:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table(VERSION_TABLE):
+                raise _empty_or_foreign(conn, where)
+            state = status(conn, locations)
+        _refuse(state, where)
+        if state["missing"]:
+            raise SchemaError(f"database {where} lacks this code's schema (branch head(s) "
+                              f"{', '.join(state['missing'])}): run `{UPGRADE_COMMAND}`")
         return
     with _locked(engine) as conn:
         state = status(conn, locations)
-        # A revision this code does not know is another application's branch (several apps
-        # may share a ledger): not ours to judge.
-        if state["behind"]:
-            where = redact_url(engine.url.render_as_string(hide_password=False))
-            raise SchemaError(
-                f"database {where} has an older "
-                f"schema (revision {', '.join(state['behind'])}; this code needs "
-                f"{', '.join(state['heads'])}): run `{UPGRADE_COMMAND}`"
-            )
+        _refuse(state, where)
         if state["missing"]:
             _upgrade(conn, locations)
 
 
+def _refuse(state: dict[str, object], where: str) -> None:
+    newer = _newer(state)
+    if newer is not None:
+        raise SchemaError(f"database {where}: {newer}")
+    # A revision this code does not know is another application's branch (several apps
+    # may share a ledger): not ours to judge.
+    if state["behind"]:
+        raise SchemaError(
+            f"database {where} has an older "
+            f"schema (revision {', '.join(state['behind'])}; this code needs "  # type: ignore[arg-type]
+            f"{', '.join(state['heads'])}): run `{UPGRADE_COMMAND}`"  # type: ignore[arg-type]
+        )
+
+
 def upgrade(engine: Engine, locations: Sequence[Path]) -> dict[str, object]:
     """``orchestrator db upgrade``: every branch to its head. Returns what was applied."""
+    where = redact_url(engine.url.render_as_string(hide_password=False))
     with _locked(engine) as conn:
         before = status(conn, locations)
+        newer = _newer(before)
+        if newer is not None:
+            raise SchemaError(f"database {where}: {newer}")
         applied = _upgrade(conn, locations)
         after = status(conn, locations)
     return {"before": before["current"], "applied": applied, "current": after["current"]}

@@ -17,6 +17,9 @@ from orchestrator.state import ACTIVE_STATUSES
 
 
 def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
+    if not isinstance(operation_id, str) or not operation_id.isprintable() \
+            or len(operation_id) > 64 or not operation_id.isascii():
+        raise UnknownOperation(f"unknown operation {operation_id!r}")
     services = orch.registry.services()
     with orch.db.read() as s:
         op = s.get(Operation, operation_id)

@@ -22,7 +22,6 @@ the ledger to judge on redelivery. Nothing is failed because the ledger was down
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -35,6 +34,7 @@ from celery.exceptions import Reject
 
 from orchestrator.context import StepContext
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
+from orchestrator.limits import json_size
 from orchestrator.redact import error_text
 from orchestrator.state import Attempt, no_effect
 from workers.validation import check_step_call, reject
@@ -173,16 +173,17 @@ class StepTask(Task):
             raise reject(self, str(exc)) from None
 
 
-def _output(step: str, value: Any) -> dict[str, Any] | None:
-    """What a step returned, checked: None, or a JSON mapping merged into the params."""
+def _output(step: str, value: Any, limit: int) -> dict[str, Any] | None:
+    """What a step returned, checked: None, or a JSON mapping merged into the params, at most
+    ``limit`` bytes (``ORCHESTRATOR_MAX_JSON_BYTES``)."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise StepFailure(f"step {step!r} returned {type(value).__name__}, not a dict")
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StepFailure(f"step {step!r} returned what is not JSON: {exc}") from None
+    size = json_size(value, f"step {step!r}: its outputs", StepFailure)
+    if size > limit:
+        raise StepFailure(f"step {step!r} returned {size} bytes of JSON, more than {limit} "
+                          "(ORCHESTRATOR_MAX_JSON_BYTES)")
     return value
 
 
@@ -214,7 +215,7 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         hold_at_gate(orch.settings.testkit_gate, start.subject, position)
     try:
         try:
-            output = _output(step, spec.fn(ctx))
+            output = _output(step, spec.fn(ctx), orch.settings.max_json_bytes)
         finally:
             attempt = claim.done()
         if ctx.waiting is not None:  # completed by workers.waits.EventWaits once it arrives
