@@ -99,7 +99,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Venv]:
     machine's pip cache); removed at the end (pytest keeps its last temporary directories)."""
     work = tmp_path_factory.mktemp("install")
     tree = work / "tree"
-    shutil.copytree(ROOT, tree, ignore=TREE_IGNORE)
+    shutil.copytree(ROOT, tree, symlinks=True, ignore=TREE_IGNORE)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
          "-q", "-w", str(work / "dist"), str(tree)], cwd=work, env=plain_env(None), timeout=300)
     (wheel,) = (work / "dist").glob("orchestrator-*.whl")
@@ -231,6 +231,21 @@ def test_the_readme_workflow_runs_from_a_plain_install(venv: Venv, tmp_path: Pat
                 drains_to_zero(worker)
 
 
+def reference_app_finds_its_routing(venv: Venv, where: Path) -> None:
+    """Nova's app as installed, in a directory with no routing.yaml and no
+    ORCHESTRATOR_ROUTING_FILE: it finds the routing table the package carries."""
+    done = run(["orchestrator", "--app", "nova_app.app", "routing", "check"], cwd=where,
+               env=plain_env(venv.path), what="nova_app's routing.yaml, as installed")
+    assert "nova_app/routing.yaml" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_the_reference_application_runs_anywhere_from_a_plain_install(
+    venv: Venv, tmp_path: Path,
+) -> None:
+    """README: Nova's app runs "anywhere with ORCHESTRATOR_APP=nova_app.app"."""
+    reference_app_finds_its_routing(venv, tmp_path)
+
+
 # -- docker/Dockerfile, docker/compose.yaml, docker/k8s/fleet.yaml --------------------------------
 
 def dockerfile_instructions(text: str) -> list[tuple[int, str, str]]:
@@ -308,7 +323,8 @@ def copy_into_image(image: Image, sources: list[str], dest: str, where: str) -> 
         origin = ROOT / source
         assert origin.exists(), f"{where}: {source} is not in the build context"
         if origin.is_dir():
-            shutil.copytree(origin, target, ignore=ignored, dirs_exist_ok=True)
+            # Links stay links, as Docker copies them: their targets must be copied too.
+            shutil.copytree(origin, target, symlinks=True, ignore=ignored, dirs_exist_ok=True)
         else:
             into = target / origin.name if dest.endswith("/") or target.is_dir() else target
             into.parent.mkdir(parents=True, exist_ok=True)
@@ -455,6 +471,8 @@ def test_the_image_and_its_deployments_start_workers_that_drain(
     kubelet signals (tini, PID 1) and exits 0. The schema jobs run first and succeed."""
     venv.pip("uninstall", "-y", "-q", "orchestrator", cwd=tmp_path)
     image = build_image(venv, tmp_path / "image")
+    # The package the image installed is whole (its routing.yaml is a link the build follows).
+    reference_app_finds_its_routing(venv, tmp_path)
     assert image.stopsignal == "SIGTERM"
     assert image.entrypoint == ["tini", "--"], "tini as PID 1 forwards SIGTERM to Celery only"
     services = {"ORCHESTRATOR_BROKER_URL": fresh_broker(),
