@@ -55,6 +55,7 @@ from workers.handback import HandBack
 from workers.host import host_service_of
 from workers.hoststep import IDLE_PERIOD_SECONDS, on_grid
 from workers.leftover import Waiting, what_is_left
+from workers.offline import OfflineStop
 
 logger = get_logger(__name__)
 
@@ -126,6 +127,8 @@ class Drain(bootsteps.StartStopStep):
         self.hand_back: HandBack | None = None
         self.record: DrainRecord | None = None
         self.exit_deadline = ExitDeadline()
+        #: Drains through the ledger alone when SIGTERM finds no event loop running.
+        self.offline = OfflineStop(self)
         self._tref = None
         self._fast = False
         #: The SIGTERM handler writes here; the event loop reads (worker.hub, if any).
@@ -150,6 +153,7 @@ class Drain(bootsteps.StartStopStep):
         self._listen()
         self._schedule_idle_tick()
         self.exit_deadline.start()
+        self.offline.start()
         billiard_internals.stop_at_once_when(
             worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved())
         celery_seam.handle_sigterm(self._on_sigterm)
@@ -217,6 +221,7 @@ class Drain(bootsteps.StartStopStep):
         if self._wake is not None:
             with contextlib.suppress(OSError):  # full: the loop is waking anyway
                 os.write(self._wake[1], b"t")
+        self.offline.asked()
 
     def request(self, reason: str) -> bool:
         """Start the drain from the event loop (remote control); False if already asked."""
