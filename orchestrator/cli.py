@@ -73,6 +73,9 @@ def current() -> Any:
     root = click.get_current_context().find_root()
     if root.obj is None:
         root.obj = load_app(root.params.get("app"))
+        # What only looks (hosts, operation, Flower, ...) creates nothing in the database it
+        # was pointed at; a submit, a drain or `db upgrade` writes and creates as usual.
+        root.obj.db.reads_create = False
     return root.obj
 
 

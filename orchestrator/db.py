@@ -265,6 +265,11 @@ class Database:
         self.migrations = tuple(Path(p) for p in migrations)
         #: Whether the database answered this process's last attempts (orchestrator.health).
         self.health = LedgerHealth()
+        #: Whether a read may bring an empty database to the schema, as any first use does
+        #: in a program of the application's. The command line and Flower set False: what
+        #: only looks never creates or changes a table (nor an SQLite file) in a database it
+        #: was pointed at, maybe by mistake.
+        self.reads_create = True
 
     @contextmanager
     def _reachable(self, url: str) -> Iterator[None]:
@@ -344,11 +349,11 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A read-only session (never takes SQLite's write lock, never creates a table: a
-        database with no ledger is a :class:`SchemaError`)."""
+        """A read-only session (never takes SQLite's write lock; with ``reads_create`` False,
+        a database with no ledger is a :class:`SchemaError`, nothing created)."""
         url = self.url
         with self._reachable(url):
-            self.engine(create=False)
+            self.engine(create=self.reads_create)
             with _maker(url, False)() as s:
                 yield s
 

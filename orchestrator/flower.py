@@ -104,6 +104,7 @@ def handlers(orch: Any) -> list[Any]:
 
 def make_flower(orch: Any, options: Any, settings: dict[str, Any]) -> Any:
     """Flower on ``orch``'s Celery app, with the Hosts page, its API and the metrics."""
+    orch.db.reads_create = False  # Flower only looks: it creates nothing in the ledger
     loader = flower_internals.template_loader(TEMPLATES, settings["template_path"],
                                               patch_flower_template)
     return flower_internals.make_app(orch.app, options, settings, loader, handlers(orch))

@@ -105,7 +105,10 @@ def fresh_broker() -> str:
 
 
 def fresh_db(tmp_dir: Path) -> str:
-    """An empty database: a new SQLite file, or ORCHESTRATOR_TEST_DB_URL with its tables reset."""
+    """An empty database: a new SQLite file, or ORCHESTRATOR_TEST_DB_URL with its tables reset.
+    The shared app reads as a program of the application does (a command run in this process
+    by CliRunner made it read as the command line does: creating nothing)."""
+    orch.db.reads_create = True
     url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_dir / 'orch.db'}"
     if not url.startswith("sqlite"):
         from nova_app.app import MIGRATIONS
