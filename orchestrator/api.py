@@ -154,7 +154,7 @@ class Orchestrator:
     def _install(self) -> None:
         app = self.app
         app.orchestrator = self
-        kombu_internals.guard_redis_restore()
+        kombu_internals.guard_redis()
         from workers.validation import quiet_repeated_rejections
 
         quiet_repeated_rejections()

@@ -8,10 +8,18 @@ the message means:
 
 - the first step of a submit is recorded as sent in the operation's own transaction; if the
   broker refuses it, the operation is abandoned (failed before anything ran, its subject
-  freed) and the caller gets :class:`BrokerUnavailable` at once;
-- any later step follows a transition the ledger has recorded; a broker that refuses it is
-  no reason to undo or repeat that transition: the step is left "not sent" and the resend of
-  its host sends it once the broker answers.
+  freed) and the caller gets :class:`BrokerUnavailable` at once. Not so for a submit made
+  while a worker runs a task (a step that sends an event, as Nova's network service does
+  from a build): it is part of an operation in flight, and nobody could act on the error;
+  its first step is left "not sent", like the next one below;
+- any later step follows a transition the ledger has recorded; a publish that fails is no
+  reason to undo or repeat that transition: the step is left "not sent" and the resend of
+  its host (``workers.resend``, after ``UNPUBLISHED_GRACE``) sends it once the broker
+  answers.
+
+A publish already rides out a broker that is briefly away: Celery's publish retry
+(``orchestrator.policy.publish_retry_policy``: about 6.5 s, each reconnect asking the
+sentinels anew). What fails after that is handled as above, whatever it raised.
 
 A fallback of an alt step to ``<host>`` is counted (a write of its own, never inside the
 ledger's transaction) only once the step was really sent.
@@ -79,6 +87,11 @@ class Dispatcher:
         try:
             self.publish(message, decision.queue)
         except Exception as exc:
+            if self.orch.app.current_worker_task is not None:
+                # Submitted from a task a worker runs (Celery's current_worker_task): an
+                # operation in flight sent it, and has nobody to tell.
+                self._not_sent(message, exc)
+                return
             self.orch.ledger.abandon(message.operation_id, f"could not queue {message.step}@"
                                                            f"{message.host}: {exc}")
             raise BrokerUnavailable(
@@ -99,18 +112,26 @@ class Dispatcher:
                                                 decision.queue)
             else:
                 self.publish(message, queue)
-        except BROKER_ERRORS as exc:
-            if queue is not None:
-                # Ledger down too: still recorded as sent, resent after resend_after.
-                with contextlib.suppress(LedgerUnavailable):
-                    self.orch.ledger.unpublish(message.operation_id, message.position)
-            logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
-                           "sends it once the broker answers", message.operation_id,
-                           message.step, message.host, error_text(first_line(exc)),
-                           message.host)
+        except Exception as exc:
+            self._not_sent(message, exc, recorded_as_sent=queue is not None)
             return
         if decision is not None:
             self.orch.router.record(decision)
+
+    def _not_sent(self, message: StepMessage, exc: Exception,
+                  recorded_as_sent: bool = True) -> None:
+        """A step the ledger has recorded could not be published: marked "not sent", for the
+        resend of its host. Anything a publish raises comes here: a broker error (kombu's
+        OperationalError once its retries are spent) as any other, since the transition is
+        recorded and only a resend can finish it."""
+        if recorded_as_sent:
+            # Ledger down too: still recorded as sent, resent after resend_after.
+            with contextlib.suppress(LedgerUnavailable):
+                self.orch.ledger.unpublish(message.operation_id, message.position)
+        why = error_text(first_line(exc) if isinstance(exc, BROKER_ERRORS) else repr(exc))
+        logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
+                       "sends it once the broker answers", message.operation_id,
+                       message.step, message.host, why, message.host)
 
     def send(self, message: StepMessage) -> str:
         """Decide, publish, count a fallback; returns the queue. Records nothing in the

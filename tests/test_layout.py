@@ -141,7 +141,8 @@ from kombu.transport import redis as redis_transport
 from celery.worker.control import Panel
 print(json.dumps({
     "apps": len(celery._state._apps),
-    "kombu_patched": getattr(redis_transport.QoS.restore_unacked, "_orchestrator_guard", False),
+    "kombu_patched": any(getattr(f, "_orchestrator_guard", False) for f in (
+        redis_transport.QoS.restore_unacked, redis_transport.Channel._connparams)),
     "log_filters": len(logging.getLogger("celery.app.trace").filters),
     "drain_command": "drain" in Panel.data,
     "opened": opened,

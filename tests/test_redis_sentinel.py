@@ -1,4 +1,5 @@
-"""The broker fails over: Redis Sentinel, the primary lost during a drain.
+"""The broker fails over: Redis Sentinel, the primary lost during a drain, and under a
+publish.
 
 A private Sentinel set (tests/sentinel.py): a primary, a replica, three sentinels. Redis
 replicates asynchronously, so a fail-over loses what the primary had not yet passed on: the
@@ -14,8 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from examples.volume_move.app import orch
+from orchestrator import Orchestrator
+from orchestrator.policy import publish_retry_policy
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests import sentinel
 from tests.volumes import (
@@ -81,3 +85,28 @@ def test_primary_lost_during_a_drain_the_ledger_resends_what_replication_lost(
     assert f"resent reserve of {late} to node2: no message for it in the broker" \
         in dest.log() + restarted.log(), restarted.log()[-3000:]
     assert effects_applied([op, late]) == each_effect_once([op, late])
+
+
+def test_a_submit_rides_out_a_failover_that_closes_its_producers_channel(
+        sentinels, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu declares a message's queue once per connection, under a retry of its own. The
+    first publish to node3 after the primary is killed meets the fail-over in that declare,
+    whose retry reconnects and closes the channel the publish holds: kombu 5.7 then failed
+    with "'NoneType' object has no attribute 'client'" (no retry), and the submit was
+    abandoned. It waits for the promoted replica instead (kombu_internals.guard_redis)."""
+    monkeypatch.setenv("ORCHESTRATOR_SENTINEL_MASTER", sentinel.MASTER)
+    (tmp_path / "routing.yaml").write_text("steps:\n  prepare:\n    queue: main\n"
+                                           "    reason: new work\n")
+    app = Celery("failover-submit", broker=sentinels.url)
+    publisher = Orchestrator(app, routing=tmp_path / "routing.yaml")
+    publisher.step(lambda ctx: None, name="prepare")
+    publisher.flow("prepare", [("prepare", "host")])
+    # Room for a slow election (the production policy rides out about 6.5 s).
+    app.conf.task_publish_retry_policy = {**publish_retry_policy(sentinels.url),
+                                          "max_retries": 30 * len(sentinels.sentinel_ports)}
+    first = publisher.submit("prepare", hosts={"host": "node4"})  # node4 declared, not node3
+    sentinels.kill("primary")
+    second = publisher.submit("prepare", hosts={"host": "node3"})
+    assert [publisher.operation(op)["status"] for op in (first, second)] == ["queued"] * 2
+    assert sentinels.primary_port() == sentinels.ports["replica"]
+    assert sentinels.client("replica").llen("node3") == 1

@@ -228,3 +228,49 @@ def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch
         finally:
             fleet.kill_all()
             use_broker(BROKER_URL)
+
+
+def test_an_event_the_broker_refuses_mid_step_is_sent_later(tmp_path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build sends its network-vif-plugged event from inside the step (nova_app.network): a
+    submit from a worker's task. The broker is stopped under it for longer than the publish
+    retry (about 6.5 s). The event's operation is left queued and "not sent", never failed
+    (nobody could act on the error), and the build does not fail; once the broker is back,
+    compute1's resend sends it and the boot completes."""
+    from orchestrator.models import Operation
+    from orchestrator.testing.embedded import embedded_redis
+    from orchestrator.views import wait_for
+    from tests.conftest import BROKER_URL, fresh_db, use_broker
+
+    def kinds() -> list[tuple[str, str]]:
+        with db.read() as s:
+            return sorted((o.kind, o.status) for o in s.execute(select(Operation)).scalars())
+
+    with embedded_redis(persistent=True) as redis_server:
+        db_url = fresh_db(tmp_path)
+        monkeypatch.setenv("ORCHESTRATOR_DB_URL", db_url)
+        use_broker(redis_server.url)
+        fleet = Fleet(env={
+            "ORCHESTRATOR_BROKER_URL": redis_server.url, "ORCHESTRATOR_DB_URL": db_url,
+            "ORCHESTRATOR_STEP_DELAY": "0.05", "ORCHESTRATOR_HEARTBEAT_INTERVAL": "1",
+            # The build runs 3 s before it sends its event: the broker is stopped meanwhile.
+            "ORCHESTRATOR_STEP_DELAYS": "build_and_run_instance=3",
+        }, log_dir=tmp_path / "logs")
+        try:
+            worker = fleet.start("compute1")
+            op = operations.boot("vm1", "compute1")
+            wait_op(op.id, at_step("build_and_run_instance"))
+            redis_server.stop()
+            refused = "external_instance_event@compute1 recorded, not sent"
+            wait_for(lambda: refused in worker.log() or ("external_event", "failed") in kinds(),
+                     60, "the event's publish to be refused")
+            assert kinds() == [("boot", "running"), ("external_event", "queued")], \
+                f"{kinds()}\n{worker.log()[-3000:]}"
+            redis_server.start()
+            assert wait_op(op.id, ended, timeout=90)["status"] == "completed", \
+                worker.log()[-4000:]
+            assert kinds() == [("boot", "completed"), ("external_event", "completed")]
+            assert "resent external_instance_event of" in worker.log()
+        finally:
+            fleet.kill_all()
+            use_broker(BROKER_URL)

@@ -2,9 +2,13 @@
 
 - ``Connection.declared_entities`` of the connections in Celery's pool (``pool._resource``,
   ``pool._dirty``): what a connection believes is declared (:func:`forget_declarations`).
-- The Redis transport: ``QoS.restore_unacked`` (patched, :func:`guard_redis_restore`), a
-  channel's ``client`` and ``pool`` (redis-py), the ``BRPOP`` in flight (``_in_poll``, its
-  ``_sock``), and a channel's ``connection.client`` cleared once its connection is closed.
+- The Redis transport: ``QoS.restore_unacked`` and ``Channel._connparams`` (patched,
+  :func:`guard_redis`), a channel's ``client`` and ``pool`` (redis-py), the ``BRPOP`` in
+  flight (``_in_poll``, its ``_sock``), a channel's ``connection`` (its transport) set to None
+  once the channel is closed, and the transport's ``client`` once its connection is.
+- ``Producer.publish`` with ``retry``: ``_publish`` runs under ``Connection.ensure``, and the
+  declare of the message's queue under an ``ensure`` of its own (``kombu.common``,
+  ``_imaybe_declare``), see :func:`guard_redis_closed_channel`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def forget_declarations(app: Any) -> None:
 def redis_client(conn: Any) -> Any:
     """The redis-py client of a kombu Redis connection's default channel."""
     return conn.default_channel.client
+
+
+def guard_redis() -> None:
+    """Both Redis guards (:func:`guard_redis_restore`, :func:`guard_redis_closed_channel`):
+    patched once per process, when an Orchestrator is made."""
+    guard_redis_restore()
+    guard_redis_closed_channel()
 
 
 def guard_redis_restore() -> None:
@@ -75,6 +86,53 @@ def redis_restore_guarded() -> bool:
     from kombu.transport import redis as redis_transport
 
     return bool(getattr(redis_transport.QoS.restore_unacked, "_orchestrator_guard", False))
+
+
+def guard_redis_closed_channel() -> None:
+    """Make a Redis channel closed with its connection fail with a connection error, not an
+    AttributeError, when it is used again (kombu 5.7).
+
+    A publish (``Producer.publish`` with ``retry``, what Celery's ``send_task`` does) runs
+    ``_publish`` under ``Connection.ensure``: it takes the producer's channel, then declares
+    the message's queue, once per connection, under an ``ensure`` of its own
+    (``kombu.common._imaybe_declare``). When the broker is lost just then (a Sentinel
+    fail-over, a restart: the declare is the first command a queue gets on a new connection),
+    that inner ``ensure`` collects the connection, which closes the producer's channel (its
+    ``connection`` set to None, its redis-py pool dropped), reconnects, and revives the
+    queue alone. ``_publish`` goes on with the channel it took, closed, whose ``_put`` builds a
+    client from ``self.connection.client``: ``AttributeError: 'NoneType' object has no
+    attribute 'client'``. The outer ``ensure`` retries connection errors only, so the publish
+    failed at once, whatever the retry policy (a submit was abandoned with that message).
+    Raised as redis-py's ConnectionError instead, the outer ``ensure`` does what it does for
+    any connection lost: reconnect, revive the producer on the new channel, publish again,
+    within the policy's retries. ``Channel._connparams`` is where every use of a closed
+    channel that needs a client ends (its pool was dropped with it), and it is reached only
+    for a new pool, so an open channel pays nothing. Patched once per process, when asked.
+    """
+    from kombu.transport import redis as redis_transport
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    channel = redis_transport.Channel
+    if redis_closed_channel_guarded():
+        return
+    original = channel._connparams
+
+    def _connparams(self, asynchronous=False):  # type: ignore[no-untyped-def]
+        if self.connection is None:
+            raise RedisConnectionError(
+                "broker channel closed with its connection (a reconnect replaced it); "
+                "the publish is retried on the new one"
+            )
+        return original(self, asynchronous=asynchronous)
+
+    _connparams._orchestrator_guard = True  # type: ignore[attr-defined]
+    channel._connparams = _connparams
+
+
+def redis_closed_channel_guarded() -> bool:
+    from kombu.transport import redis as redis_transport
+
+    return bool(getattr(redis_transport.Channel._connparams, "_orchestrator_guard", False))
 
 
 def channel_gone(channel: Any) -> bool:
