@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,10 @@ pytestmark = [
 ONCE = ["reserve@node2", "copy_out@node1", "copy_in@node2", "retire_source@node1"]
 
 
-@pytest.fixture(params=[True], ids=["synchronous"])
-def pair(request: pytest.FixtureRequest) -> Iterator[PostgresPair]:
-    server = PostgresPair(synchronous=request.param)
+@pytest.fixture
+def pair() -> Iterator[PostgresPair]:
+    """A primary and a synchronous standby."""
+    server = PostgresPair(synchronous=True)
     try:
         yield server.start()
     finally:
@@ -61,9 +63,10 @@ def async_pair() -> Iterator[PostgresPair]:
 
 
 def gated_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str,
-                *steps: str, **extra: str) -> tuple[Iterator[Fleet], dict[str, Path]]:
-    """The example's fleet on ``url``, each of ``steps`` ending only once its gate file is
-    made (``VOLUMES_GATE``): the test decides when a step's work is done."""
+                *steps: str, **extra: str) -> tuple[AbstractContextManager[Fleet],
+                                                    dict[str, Path]]:
+    """The example's fleet on ``url`` (to enter), each of ``steps`` ending only once its
+    gate file is made (``VOLUMES_GATE``): the test decides when a step's work is done."""
     gates = {step: tmp_path / f"{step}.go" for step in steps}
     env = {"VOLUMES_GATE": ",".join(f"{s}={p}" for s, p in gates.items()), **extra}
     return volume_fleet(tmp_path, monkeypatch, fresh_broker(), url, **env), gates
@@ -237,4 +240,34 @@ def test_asynchronous_standby_loses_a_completion_the_step_runs_again_effects_onc
                   if "the ledger has the operation at step 1 (copy_out)" in line]
         assert len(behind) == 1 and "its outcome not recorded" in behind[0], dest.log()[-3000:]
         assert volume_path("node2", "vol1").exists() and not volume_path("node1", "vol1").exists()
+        assert_healthy(source, dest)
+
+
+def test_asynchronous_standby_loses_a_submit_its_message_is_refused_nothing_runs(
+        async_pair: PostgresPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other thing an asynchronous standby can lose: a submit acknowledged by the old
+    primary (its id returned, its first step sent) and never received. After the failover
+    the operation is unknown to the ledger: its first step's message is refused with one
+    line and nothing runs; its subject is free, so the caller can submit it again."""
+    from orchestrator.errors import UnknownOperation
+
+    pair = async_pair
+    fleet_cm, _ = gated_fleet(tmp_path, monkeypatch, pair.url)
+    with fleet_cm as fleet:
+        make_volume("vol1")
+        pair.cut_replication()
+        op = orch.submit("move", hosts={"source": "node1", "dest": "node2"},
+                         params={"volume": "vol1"}, subject="vol1")
+        pair.fail_over()
+        with pytest.raises(UnknownOperation):
+            orch.operation(op)
+        dest = fleet.start("node2")
+        wait_for(lambda: f"unknown operation '{op}'" in dest.log(), 30,
+                 "the lost operation's first step to be refused")
+        assert runs(tmp_path) == []
+        again = orch.submit("move", hosts={"source": "node1", "dest": "node2"},
+                            params={"volume": "vol1"}, subject="vol1")
+        source = fleet.start("node1")
+        assert orch.wait(again, timeout=60)["status"] == "completed"
+        assert sorted(runs(tmp_path)) == sorted(ONCE)
         assert_healthy(source, dest)
