@@ -9,6 +9,9 @@ Patroni or a managed service does when the primary dies: promote the standby. Th
 URL names both servers with ``target_session_attrs=read-write`` (libpq's multi-host form), so
 whichever one takes writes is the ledger. :meth:`PostgresPair.rebuild_standby` makes the old
 primary the new standby (a fresh ``pg_basebackup``), as an operator or Patroni would.
+
+A pair also stands where a single private cluster does (the soak's ledger): ``stop``,
+``start``, ``wait_answering`` and ``running`` are the current primary's.
 """
 
 from __future__ import annotations
@@ -34,10 +37,14 @@ def query(server: PrivatePostgres, sql: str) -> object:
 class PostgresPair:
     """A primary and a standby; ``servers[0]`` is the primary until a failover swaps them."""
 
-    def __init__(self, synchronous: bool) -> None:
+    def __init__(self, synchronous: bool, address: str = "127.0.0.1") -> None:
         self.synchronous = synchronous
-        self.primary = PrivatePostgres().init()
-        self.standby = PrivatePostgres()
+        self.primary = PrivatePostgres(address).init()
+        # The standby's replication connection from any address the servers listen on (a
+        # test bed's bridge too); base backups copy this file to every later standby.
+        with (self.primary.data / "pg_hba.conf").open("a") as hba:
+            hba.write("host replication all 0.0.0.0/0 trust\n")
+        self.standby = PrivatePostgres(address)
         #: Both servers in the URL's order, which a failover does not change.
         self.servers = (self.primary, self.standby)
 
@@ -47,7 +54,8 @@ class PostgresPair:
         hosts = "&".join(f"host={s.address}:{s.port}" for s in self.servers)
         return f"postgresql+psycopg://postgres@/postgres?{hosts}&target_session_attrs=read-write"
 
-    def start(self) -> PostgresPair:
+    def create(self) -> PostgresPair:
+        """Both servers started, the standby streaming (synchronous if asked)."""
         self.primary.start()
         self.primary.wait_answering()
         self._copy(self.primary, self.standby)
@@ -65,6 +73,10 @@ class PostgresPair:
                     "-U", "postgres")
         target.start()
         target.wait_answering()
+        # After its primary restarts, the standby connects again within this, not 5 s: a
+        # synchronous primary's commits wait for it meanwhile.
+        query(target, "ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
+        query(target, "SELECT pg_reload_conf()")
         wait_for(lambda: query(source, "SELECT count(*) FROM pg_stat_replication "
                                        "WHERE state = 'streaming'"), 30,
                  f"the standby on {target.port} to stream from {source.port}")
@@ -108,6 +120,18 @@ class PostgresPair:
         self._copy(self.primary, self.standby)
         if self.synchronous:
             self.make_synchronous(self.primary)
+
+    def stop(self, mode: str = "fast") -> None:
+        self.primary.stop(mode)
+
+    def start(self) -> None:
+        self.primary.start()
+
+    def wait_answering(self, timeout: float = 30) -> None:
+        self.primary.wait_answering(timeout)
+
+    def running(self) -> bool:
+        return self.primary.running()
 
     def destroy(self) -> None:
         for server in (self.primary, self.standby):
