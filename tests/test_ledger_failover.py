@@ -11,6 +11,7 @@ resend), as does a step begun after it, and the ledger still applies each effect
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -48,7 +49,7 @@ def pair() -> Iterator[PostgresPair]:
     """A primary and a synchronous standby."""
     server = PostgresPair(synchronous=True)
     try:
-        yield server.start()
+        yield server.create()
     finally:
         server.destroy()
 
@@ -57,7 +58,7 @@ def pair() -> Iterator[PostgresPair]:
 def async_pair() -> Iterator[PostgresPair]:
     server = PostgresPair(synchronous=False)
     try:
-        yield server.start()
+        yield server.create()
     finally:
         server.destroy()
 
@@ -202,16 +203,20 @@ def test_failover_while_the_destination_drains(
         assert "Traceback" not in dest.log(), dest.log()[-3000:]
 
 
+@pytest.mark.parametrize("next_step", ["running", "not delivered"])
 def test_asynchronous_standby_loses_a_completion_the_step_runs_again_effects_once(
-        async_pair: PostgresPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        async_pair: PostgresPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        next_step: str) -> None:
     """What an asynchronous standby can lose, made deterministic: the standby stops
     receiving WAL once copy_out is recorded as running; copy_out completes on the primary
-    (copy_in is sent, and begins on the destination); the primary crashes and the standby,
-    which never saw that completion, is promoted. The ledger is back at copy_out, running,
-    with no message for it: copy_in's completion finds the ledger behind and changes
-    nothing; copy_out is sent again once its delivery is known gone (workers.resend), runs
-    again, and so does copy_in. Each effect is applied once in the surviving ledger, the
-    move completes; the work of the two steps is done twice (steps are idempotent)."""
+    and copy_in is sent (``running``: it begins on the destination; ``not delivered``: the
+    destination is down, its message waits); the primary crashes and the standby, which
+    never saw that completion, is promoted. The ledger is back at copy_out, running, with no
+    message for it: copy_in's completion, or its delivery, finds the ledger behind and
+    records nothing; copy_out is sent again once its delivery is known gone
+    (workers.resend), runs again, then copy_in. Each effect is applied once in the surviving
+    ledger, the move completes; copy_out's work is done twice, and copy_in's too if it had
+    begun (steps are idempotent)."""
     pair = async_pair
     fleet_cm, gates = gated_fleet(tmp_path, monkeypatch, pair.url, "copy_out", "copy_in",
                                   ORCHESTRATOR_RESEND_AFTER="2")
@@ -221,24 +226,32 @@ def test_asynchronous_standby_loses_a_completion_the_step_runs_again_effects_onc
         op = orch.submit("move", hosts={"source": "node1", "dest": "node2"},
                          params={"volume": "vol1"}, subject="vol1")
         wait_step(op, "copy_out")
+        if next_step == "not delivered":  # reserve is done; copy_in's message will wait
+            os.killpg(dest.pid, signal.SIGKILL)
+            dest.wait(10)
         wait_for(pair.caught_up, 30, "the standby to replay copy_out's claim")
         pair.cut_replication()
         gates["copy_out"].touch()
-        wait_step(op, "copy_in")  # copy_out's completion, on the primary only
+        # copy_out's completion, on the primary only: copy_in sent (and begun, if it can).
+        wait_step(op, "copy_in", "running" if next_step == "running" else "queued")
         pair.fail_over()
         lost = orch.operation(op)
         assert lost["current_step"]["step"] == "copy_out", lost  # the completion is gone
         gates["copy_in"].touch()
+        if next_step == "not delivered":
+            dest = fleet.start("node2")
         done = orch.wait(op, timeout=60)
         assert done["status"] == "completed", done
         assert effects_applied([op]) == each_effect_once([op])
-        assert sorted(runs(tmp_path)) == sorted(
-            ONCE + ["copy_out@node1", "copy_in@node2"]), runs(tmp_path)
+        twice = ["copy_out@node1"] + (["copy_in@node2"] if next_step == "running" else [])
+        assert sorted(runs(tmp_path)) == sorted(ONCE + twice), runs(tmp_path)
         assert "resent copy_out of" in source.log(), source.log()[-3000:]
-        # The completion that found the ledger behind says so, once, naming where it is.
+        # What found the ledger behind says so, once, naming where it is.
         behind = [line for line in dest.log().splitlines()
                   if "the ledger has the operation at step 1 (copy_out)" in line]
-        assert len(behind) == 1 and "its outcome not recorded" in behind[0], dest.log()[-3000:]
+        assert len(behind) == 1, dest.log()[-3000:]
+        assert ("its outcome not recorded" if next_step == "running" else "dropped") \
+            in behind[0], behind
         assert volume_path("node2", "vol1").exists() and not volume_path("node1", "vol1").exists()
         assert_healthy(source, dest)
 
