@@ -176,15 +176,15 @@ class Direct:
             wrong_server = not_the_primary(orig)
             if connection is not None and (isinstance(orig, self.lost) or wrong_server):
                 connection.invalidate()  # a constraint broken leaves the connection good
+                if main:
+                    self.kept = None
+                    connection.close()
+                    connection = None
             if wrong_server:
                 # Every idle connection of the pool was made to the same server: closed, so
                 # that the next checkout connects and libpq finds the server taking writes
                 # (what SQLAlchemy's pool does for a disconnect, which this is not to it).
                 self.engine.dispose()
-                if main:
-                    self.kept = None
-                    connection.close()
-                    connection = None
             if isinstance(exc, DBAPIError):
                 raise
             raise DBAPIError.instance(None, None, exc, self.error,

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import column, insert, table, text
+from sqlalchemy import column, func, insert, select, table, text
 
 from examples.volume_move.app import orch, volume_path
 from orchestrator.db import Database
@@ -126,6 +126,33 @@ def test_every_path_reconnects_to_the_promoted_server_and_never_writes_a_read_on
     assert db.health.errors >= 1 and db.health.up
     assert query(old, "SELECT count(*) FROM marks") == 4  # nothing written there since
     assert query(new, "SELECT count(*) FROM marks") >= 8
+
+
+def test_a_statement_in_flight_when_the_primary_crashes_is_a_wait_then_the_next_reconnects(
+        pair: PostgresPair) -> None:
+    """The main thread's kept connection loses its server mid-statement (the primary crashed
+    while it ran): the ledger unreachable, the connection dropped, and the next statement
+    runs on the promoted standby."""
+    db = Database(pair.url)
+    with db.session() as s:
+        s.execute(text("CREATE TABLE marks (path text)"))
+    marks = table("marks", column("path"))
+    db.direct(insert(marks), path="before")  # the kept connection, to the primary
+
+    def crash_once_it_runs() -> None:
+        wait_for(lambda: query(pair.primary, "SELECT count(*) FROM pg_stat_activity "
+                                             "WHERE query LIKE 'SELECT pg_sleep%'"), 10,
+                 "the statement to run")
+        pair.fail_over()
+
+    crasher = threading.Thread(target=crash_once_it_runs)
+    crasher.start()
+    with pytest.raises(LedgerUnavailable):
+        db.direct(select(func.pg_sleep(10)))
+    crasher.join(30)
+    db.direct(insert(marks), path="after")
+    assert query(pair.primary, "SELECT count(*) FROM marks") == 2
+    assert db.health.up
 
 
 def _in_thread(fn) -> None:
