@@ -17,6 +17,15 @@ PostgreSQL, libpq's connect timeout, TCP keepalives and ``tcp_user_timeout`` bou
 connection across a partition stays silent before it fails (a TCP connection over a downed
 link is not reset: without them a query would hang for the kernel's 15 minutes of
 retransmissions).
+
+A ledger that fails over (a primary and standbys: Patroni, RDS Multi-AZ, CloudNativePG) is
+one URL naming every server, libpq's multi-host form, with ``target_session_attrs=read-write``
+(``postgresql+psycopg://user@/ledger?host=a:5432&host=b:5432&target_session_attrs=read-write``,
+docs/FAILOVER.md): each new connection tries the hosts in turn and keeps the one that takes
+writes. Every path reconnects after a failover: a pooled connection to the crashed primary
+is dropped at checkout (:func:`~orchestrator.driver.closed_by_server`) or fails as
+unreachable, and one whose server takes no write (SQLSTATE 25006: a standby, a demoted
+primary) is dropped and the ledger called unreachable meanwhile, never the operation failed.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import config, schema
-from orchestrator.driver import Direct, Transaction, closed_by_server
+from orchestrator.driver import Direct, Transaction, closed_by_server, not_the_primary
 from orchestrator.errors import ConfigError, LedgerUnavailable, SchemaError, first_line
 from orchestrator.health import LedgerHealth
 from orchestrator.redact import printable, redact_text, redact_url
@@ -55,6 +64,10 @@ PG_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
                 "keepalives_count": 3, "tcp_user_timeout": 5_000}
 #: SQLite errors that say "not now" rather than "wrong": another writer holds the file.
 _SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
+#: PostgreSQL SQLSTATE classes that say "not now, not this server" whatever the driver's
+#: exception class: 08 connection exception, 53 insufficient resources (too many
+#: connections), 57 operator intervention (shutting down, starting up, in recovery).
+_PG_UNREACHABLE_CLASSES = ("08", "53", "57")
 
 _engines: dict[tuple[int, str, bool], Engine] = {}
 _autocommit: dict[tuple[int, str], Engine] = {}
@@ -108,9 +121,20 @@ def _engine(url: str, write: bool) -> Engine:
             eng = create_engine(url, pool_size=2, max_overflow=4,
                                 connect_args=_connect_args(url))
             event.listen(eng, "checkout", closed_by_server)
+            event.listen(eng, "handle_error", _read_only_is_a_disconnect)
         _engines[key] = eng
         _makers[key] = sessionmaker(eng, expire_on_commit=False)
     return eng
+
+
+def _read_only_is_a_disconnect(context) -> None:  # type: ignore[no-untyped-def]
+    """A write refused because the server is read-only (a standby, a demoted primary) is
+    the connection on the wrong server: SQLAlchemy's ``handle_error`` lets a listener call
+    it a disconnect, and the pool then drops the connection and every one it made before
+    (``invalidate_pool_on_disconnect``), so the next checkout connects anew and libpq's
+    ``target_session_attrs`` picks the server that takes writes."""
+    if not_the_primary(context.original_exception):
+        context.is_disconnect = True
 
 
 def _autocommit_engine(url: str) -> Engine:
@@ -230,12 +254,17 @@ def _connect_args(url: str) -> dict[str, object]:
 
 def unreachable(exc: BaseException) -> bool:
     """True for an error that says the database cannot be reached now (refused, cut, timed
-    out, locked), as opposed to one that says a statement is wrong."""
+    out, locked, shutting down or starting up, out of connections, a server that takes no
+    write: a standby or a demoted primary during a failover), as opposed to one that says a
+    statement is wrong."""
     if isinstance(exc, LedgerUnavailable | DisconnectionError):
         return True
     if not isinstance(exc, DBAPIError):
         return False
     if exc.connection_invalidated:
+        return True
+    if not_the_primary(exc.orig) or str(getattr(exc.orig, "sqlstate", None) or "").startswith(
+            _PG_UNREACHABLE_CLASSES):
         return True
     if not isinstance(exc, OperationalError | InterfaceError):
         return False

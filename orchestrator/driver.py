@@ -3,7 +3,12 @@ periodic looks (:meth:`orchestrator.db.Database.direct`): each compiled once wit
 conversions (:class:`Form`), run on a pooled DBAPI connection (:class:`Direct`), one at a
 time or in a transaction (:class:`Transaction`); and the pool's check for a connection the
 server closed (:func:`closed_by_server`), which a connection kept out of the pool needs too.
-Which engine and pool a statement runs on is :mod:`orchestrator.db`'s to say."""
+Which engine and pool a statement runs on is :mod:`orchestrator.db`'s to say.
+
+A connection is also dropped when its server will not take a write (:func:`not_the_primary`):
+after a failover, a server that was demoted, or a standby a URL without
+``target_session_attrs=read-write`` reached, answers every write with SQLSTATE 25006; the next
+connection asks libpq's host list again, which finds the primary."""
 
 from __future__ import annotations
 
@@ -32,6 +37,18 @@ def closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-un
     if poller.poll(0):
         raise DisconnectionError("the server closed this pooled connection")
 
+
+#: SQLSTATE 25006 (read_only_sql_transaction): "cannot execute INSERT in a read-only
+#: transaction", what a standby in recovery, or a primary fenced read-only before its demotion,
+#: answers a write.
+READ_ONLY_SQLSTATE = "25006"
+
+
+def not_the_primary(orig: BaseException) -> bool:
+    """Whether the driver's error says this connection's server takes no write: the
+    connection is on the wrong server, and no statement is wrong. psycopg raises it as an
+    InternalError, which no pool takes for a disconnect."""
+    return getattr(orig, "sqlstate", None) == READ_ONLY_SQLSTATE
 
 
 @dataclass(frozen=True)
@@ -156,12 +173,18 @@ class Direct:
             yield connection
         except (self.error, DBAPIError) as exc:
             orig = exc.orig if isinstance(exc, DBAPIError) else exc
-            if connection is not None and isinstance(orig, self.lost):
+            wrong_server = not_the_primary(orig)
+            if connection is not None and (isinstance(orig, self.lost) or wrong_server):
                 connection.invalidate()  # a constraint broken leaves the connection good
                 if main:
                     self.kept = None
                     connection.close()
                     connection = None
+            if wrong_server:
+                # Every idle connection of the pool was made to the same server: closed, so
+                # that the next checkout connects and libpq finds the server taking writes
+                # (what SQLAlchemy's pool does for a disconnect, which this is not to it).
+                self.engine.dispose()
             if isinstance(exc, DBAPIError):
                 raise
             raise DBAPIError.instance(None, None, exc, self.error,

@@ -12,6 +12,11 @@ the worker), so operators and drains see it; a short one is not worth that secon
 The next step's message is published after the commit; if that publish fails, or the process
 dies before it, a redelivery of the step (or the stranded-step resend) publishes it again, so
 nothing is stranded.
+
+A step's message whose position is ahead of the operation's in the ledger can only follow a
+ledger that went back in time: a failover to an asynchronous standby that had not received the
+completion that sent it (docs/FAILOVER.md). Its outcome is "behind": nothing is recorded, and
+the step the ledger is at is sent again by the stranded-step resend, then this one after it.
 """
 
 from __future__ import annotations
@@ -68,8 +73,9 @@ class Attempt:
 @dataclass(frozen=True)
 class StepStart:
     #: run: do the work; duplicate: already done, drop it; republish: done, but the next step's
-    #: message may never have been sent.
-    outcome: Literal["run", "duplicate", "republish"]
+    #: message may never have been sent; behind: the ledger has the operation at an earlier
+    #: step (it lost what came after: a failover), drop it.
+    outcome: Literal["run", "duplicate", "republish", "behind"]
     next_step: tuple[str, str] | None = None
     next_position: int | None = None
     #: With outcome "run": deliveries of this step so far, this one included.
@@ -84,6 +90,12 @@ class StepStart:
     #: The queue the next step was recorded as sent to, in the transaction that advanced the
     #: operation (the caller then publishes it there); None: publish and record it after.
     queue: str | None = None
+    #: With outcome "behind": the position and step the ledger has the operation at.
+    ledger_at: tuple[int, str] | None = None
+
+
+def _behind(at: int, plan: list) -> StepStart:
+    return StepStart("behind", ledger_at=(at, plan[at][0]))
 
 
 class Ledger:
@@ -154,6 +166,8 @@ class Ledger:
                     and not op.next_published):
                 return StepStart("republish", op.current, op.position, kind=op.kind,
                                  subject=op.subject)
+            if op.position < position and op.status in ACTIVE_STATUSES:
+                return _behind(op.position, op.plan)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return StepStart("duplicate")
             if op.step_state == "waiting":  # its work is done; the event will finish it
@@ -184,6 +198,8 @@ class Ledger:
         if at == position + 1 and active and not next_published:
             current = tuple(plan[at]) if at < len(plan) else None
             return StepStart("republish", current, at, kind=kind, subject=subject)
+        if active and at < position:
+            return _behind(at, plan)
         if at != position or not active or step_state == "waiting":
             return StepStart("duplicate")
         following = plan[position + 1] if position + 1 < len(plan) else None
@@ -226,7 +242,9 @@ class Ledger:
                     run(statements.record_counted if counted else statements.record, **record)
                     if following is None:
                         run(statements.forget_hosts, op=operation_id)
-        if not advanced or following is None:
+        if not advanced:
+            return self._not_advanced(operation_id, position)
+        if following is None:
             return StepStart("duplicate")
         return StepStart("run", following, position + 1, queue=next_queue, kind=start.kind,
                          subject=start.subject)
@@ -336,9 +354,22 @@ class Ledger:
         """
         with self.db.session() as s:
             op = self.locked(s, operation_id)
+            if op.position < position and op.status in ACTIVE_STATUSES:
+                return _behind(op.position, op.plan)
             if op.position != position or op.status not in ACTIVE_STATUSES:
                 return StepStart("duplicate")
             return self._complete(s, op, position, effect, output, next_queue, attempt)
+
+    def _not_advanced(self, operation_id: str, position: int) -> StepStart:
+        """Why a completion changed nothing (one read, only then): the operation moved past
+        the step (a duplicate), or the ledger has it at an earlier step ("behind")."""
+        rows = self.db.direct(statements_for(self.db.url).may_run, id=operation_id,
+                              position=position)
+        if rows:
+            at, status, plan = rows[0][0], rows[0][1], rows[0][4]
+            if status in ACTIVE_STATUSES and at < position:
+                return _behind(at, plan)
+        return StepStart("duplicate")
 
     def _complete(
         self, s: Session, op: Operation, position: int, effect: Effect,

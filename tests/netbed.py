@@ -206,7 +206,7 @@ class Backends:
     """The ledger and the broker of a bed, on its bridge: what a partition cuts a machine
     from. ``broker_url`` is what the machines' workers (and this process) connect to."""
 
-    ledger: Any  # tests.pgserver.PrivatePostgres, started
+    ledger: Any  # tests.pgserver.PrivatePostgres or tests.pgfailover.PostgresPair, started
     broker_url: str
     #: The Sentinel set, when the broker is one (tests/sentinel.py): what fails over.
     sentinels: Any = None
@@ -219,9 +219,11 @@ class Backends:
 
 
 def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
-             sentinel: bool = False, ledger: bool = True) -> Backends:
-    """The services a fault test cuts or fails: with ``ledger``, a private PostgreSQL; a
-    broker of the kind ``broker_url`` names, a Sentinel set of its own with ``sentinel``.
+             sentinel: bool = False, ledger: bool = True,
+             ledger_pair: bool = False) -> Backends:
+    """The services a fault test cuts or fails: with ``ledger``, a private PostgreSQL (with
+    ``ledger_pair``, a primary and a synchronous standby that fail over); a broker of the
+    kind ``broker_url`` names, a Sentinel set of its own with ``sentinel``.
 
     With a bed, both listen on its bridge (the ledger's and the broker's addresses): Redis a
     private redis-server, RabbitMQ (which listens on loopback only here) a relay of the
@@ -233,9 +235,15 @@ def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
 
     made = Backends(ledger=None, broker_url=broker_url)
     try:
-        if ledger:
-            made.ledger = pgserver.PrivatePostgres(
-                **({"address": net.ledger_address} if net else {})).init()
+        where = {"address": net.ledger_address} if net else {}
+        if ledger_pair:
+            from tests.pgfailover import PostgresPair
+
+            made.ledger = PostgresPair(synchronous=True, **where)
+            made.servers.append(made.ledger)
+            made.ledger.create()
+        elif ledger:
+            made.ledger = pgserver.PrivatePostgres(**where).init()
             made.servers.append(made.ledger)
             made.ledger.start()
             made.ledger.wait_answering()

@@ -57,7 +57,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 FLAVORS = ("m1.small", "m1.medium", "m1.large")
 #: The faults injected on a schedule while the driver runs, each a SoakConfig count.
-FAULTS = ("ledger_restarts", "partitions", "broker_failovers")
+FAULTS = ("ledger_restarts", "partitions", "broker_failovers", "ledger_failovers")
+#: The faults done to the ledger's PostgreSQL, one at a time (a restart never meets a failover).
+LEDGER_FAULTS = ("ledger_restarts", "ledger_failovers")
 #: workers.resend's line for a step it sent again.
 RESENT_RE = re.compile(r"\bresent \S+ of \S+ to \S+: ")
 
@@ -122,6 +124,10 @@ class SoakConfig:
     #: Sentinel set (tests/sentinel.py), kills its primary and lets the sentinels promote
     #: the replica; what replication had not passed on is lost, for the resend to recover.
     broker_failovers: int = 0
+    #: Ledger failovers to inject while the driver runs: the soak's ledger is then a primary
+    #: and a synchronous standby (tests/pgfailover.py), its URL naming both; the primary is
+    #: crashed, the standby promoted, and the old primary rebuilt as the new standby.
+    ledger_failovers: int = 0
 
     def host_names(self) -> list[str]:
         return [f"compute{i}" for i in range(1, self.hosts + 1)]
@@ -184,6 +190,8 @@ class Stats:
     partitions: Counter = field(default_factory=Counter)
     #: Seconds without a primary, per broker fail-over.
     broker_failover_seconds: list[float] = field(default_factory=list)
+    #: Seconds from the ledger's primary crashed to its standby taking writes, per failover.
+    ledger_failover_seconds: list[float] = field(default_factory=list)
     exits: Counter = field(default_factory=Counter)
     #: (wall time, host, what, pid): kills and expired drains, to explain what they lost.
     incidents: list[tuple[float, str, str, int]] = field(default_factory=list)
@@ -225,8 +233,10 @@ class Soak:
         self.t0 = time.monotonic()
         self.timings: dict[str, float] = {}
         self.fleet: Any = None
-        #: The soak's own PostgreSQL when it injects ledger outages or partitions.
+        #: The soak's own PostgreSQL when it injects ledger outages or partitions (a primary
+        #: and a standby with ledger failovers); the ledger faults take turns on it.
         self.ledger: Any = None
+        self.ledger_turn = threading.Lock()
         #: Its own Sentinel set when it injects broker fail-overs.
         self.sentinels: Any = None
         #: The network bed (tests/netbed.py), with partitions.
@@ -290,7 +300,8 @@ class Soak:
                     self.net.machine(name)
             self.backends = netbed.backends(
                 cfg.broker, self.workdir, self.net, sentinel=bool(cfg.broker_failovers),
-                ledger=bool(cfg.ledger_restarts or cfg.partitions))
+                ledger=bool(cfg.ledger_restarts or cfg.partitions),
+                ledger_pair=bool(cfg.ledger_failovers))
             self.ledger, self.sentinels = self.backends.ledger, self.backends.sentinels
             cfg.broker = self.backends.broker_url
             if self.ledger is not None:
@@ -600,7 +611,11 @@ class Soak:
                     time.sleep(0.1)
                 if self.stop.is_set():
                     return
-                inject(i, rng)
+                if fault in LEDGER_FAULTS:
+                    with self.ledger_turn:
+                        inject(i, rng)
+                else:
+                    inject(i, rng)
         except Exception:
             self.problem(f"{fault} injection crashed:\n{traceback.format_exc()}")
         finally:
@@ -621,8 +636,24 @@ class Soak:
         self.event("ledger", "PostgreSQL started")
 
     def _undo_ledger_restarts(self) -> None:
-        if not self.ledger.running():
-            self.ledger.start()
+        with self.ledger_turn:
+            if not self.ledger.running():
+                self.ledger.start()
+
+    def _inject_ledger_failovers(self, i: int, rng: random.Random) -> None:
+        """The ledger's primary crashed (``pg_ctl stop -m immediate``) and its synchronous
+        standby promoted; then the old primary rebuilt as the new standby (``pg_basebackup``)
+        and made synchronous again, the workers running all along on the two-host URL."""
+        began = time.monotonic()
+        self.ledger.fail_over()
+        without = time.monotonic() - began
+        self.event("ledger", "primary crashed, standby promoted", seconds=round(without, 1))
+        self.ledger.rebuild_standby()
+        self.stats.ledger_failover_seconds.append(round(without, 1))
+        self.event("ledger", "old primary rebuilt as the synchronous standby")
+
+    def _undo_ledger_failovers(self) -> None:
+        pass  # each failover leaves a primary and a synchronous standby
 
     def _inject_partitions(self, i: int, rng: random.Random) -> None:
         """A random host cut from the broker, the ledger or both for a few seconds."""
@@ -1005,6 +1036,7 @@ class Soak:
             "partitions": dict(self.stats.partitions),
             "broker_failover_seconds": list(self.stats.broker_failover_seconds),
             "ledger_outage_seconds": list(self.stats.ledger_outage_seconds),
+            "ledger_failover_seconds": list(self.stats.ledger_failover_seconds),
             "exits": dict(self.stats.exits),
             "steps": {
                 "total": len(records),
@@ -1376,6 +1408,8 @@ def format_report(r: dict[str, Any], ok: bool, detail: bool = False) -> str:
         + (", ".join(f"from {k} x{v}" for k, v in sorted(r.get("partitions", {}).items()))
            or "none") + "; broker fail-overs " + (", ".join(
                f"{x:g}s without a primary" for x in r.get("broker_failover_seconds", []))
+               or "none") + "; ledger failovers " + (", ".join(
+               f"{x:g}s without a primary" for x in r.get("ledger_failover_seconds", []))
                or "none"),
         f"  exits: {', '.join(f'{k} x{v}' for k, v in sorted(r['exits'].items()))}",
         f"  drains: {d.get('summaries', 0)} summaries: ended done {d.get('ended_done', 0)}, "
@@ -1451,6 +1485,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger-restarts", type=int, default=0,
                    help="ledger outages to inject (a PostgreSQL of the soak's own, stopped "
                         "and started; --db is then ignored)")
+    p.add_argument("--ledger-failovers", type=int, default=0,
+                   help="ledger failovers to inject (the soak's own primary and synchronous "
+                        "standby, the URL naming both: the primary crashed, the standby "
+                        "promoted, the old primary rebuilt as the standby; --db is then "
+                        "ignored)")
     a = p.parse_args(argv)
     config = SoakConfig(
         operations=a.operations, hosts=a.hosts, signals=a.signals, seed=a.seed, broker=a.broker,
@@ -1459,8 +1498,9 @@ def main(argv: list[str] | None = None) -> int:
         inject_failures=not a.no_inject, settle_timeout=a.settle_timeout, workdir=a.workdir,
         keep=a.keep, progress=not a.quiet, ledger_restarts=a.ledger_restarts,
         partitions=a.partitions, broker_failovers=a.broker_failovers,
+        ledger_failovers=a.ledger_failovers,
     )
-    if a.ledger_restarts or a.partitions:
+    if a.ledger_restarts or a.partitions or a.ledger_failovers:
         config.db = None
     # orchestrator.app reads its settings at import: point it at the soak's broker first.
     os.environ["ORCHESTRATOR_BROKER_URL"] = config.broker

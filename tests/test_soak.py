@@ -53,7 +53,9 @@ def test_short_soak(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_short_soak_with_faults(tmp_path: Path) -> None:
     """The same chaos, and production's faults on top: the ledger's PostgreSQL (the soak's
-    own) stopped three times, fast and immediate in turn, 2 to 6 s each; and, where network
+    own, a primary and a synchronous standby) stopped three times, fast and immediate in
+    turn, 2 to 6 s each, and failed over once (the primary crashed, the standby promoted, the
+    old primary rebuilt as the standby); and, where network
     namespaces can be made, each host a machine of its own and three partitions (a host cut
     from the broker, the ledger or both for 3 to 8 s, then healed); on Redis, the broker a
     Sentinel set whose primary is killed twice (what replication had not passed on is lost:
@@ -70,9 +72,10 @@ def test_short_soak_with_faults(tmp_path: Path) -> None:
     config = SoakConfig(
         operations=60, signals=6, broker=broker, workdir=tmp_path / "soak",
         seed=int(seed) if seed else None, progress=False, ledger_restarts=3,
-        partitions=partitions, broker_failovers=failovers,
+        partitions=partitions, broker_failovers=failovers, ledger_failovers=1,
     )
     result = passed(run_soak(config))
     assert sum(result.report["ledger_outages"].values()) == 3, result.text
     assert sum(result.report["partitions"].values()) == partitions, result.text
     assert len(result.report["broker_failover_seconds"]) == failovers, result.text
+    assert len(result.report["ledger_failover_seconds"]) == 1, result.text

@@ -201,6 +201,9 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
     if start.outcome == "duplicate":
         logger.info("step %s of %s delivered again: already done, dropped", step, operation_id)
         return "duplicate"
+    if start.outcome == "behind":
+        _say_behind(step, operation_id, host, start, "dropped")
+        return "behind"
     if start.outcome == "republish":
         logger.warning("step %s of %s: next step was never sent; sending it", step, operation_id)
         orch.advance(operation_id, start)
@@ -240,6 +243,9 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
                 attempt=attempt)
 
         decision, nxt = recorded("is done, waits to record it", complete)
+        if nxt.outcome == "behind":
+            _say_behind(step, operation_id, host, nxt, "its outcome not recorded")
+            return "behind"
         orch.advance(operation_id, nxt, decision)
         return "completed"
     except StepFailure as exc:
@@ -253,6 +259,16 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         _retry_or_fail(orch, spec, task, operation_id, position, host, exc, claim.done(),
                        retries=start.attempt - 1)
         raise
+
+
+def _say_behind(step: str, operation_id: str, host: str, start: Any, what: str) -> None:
+    """The ledger went back in time (a failover to a standby that had not received the
+    completion that sent this step): say so, once per delivery, naming where it is."""
+    at, earlier = start.ledger_at
+    logger.warning("step %s of %s on %s: the ledger has the operation at step %d (%s), "
+                   "before this one: it lost that step's completion (a failover to a standby "
+                   "that had not received it?); %s, step %s is sent again once its delivery "
+                   "is known gone", step, operation_id, host, at, earlier, what, earlier)
 
 
 def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
