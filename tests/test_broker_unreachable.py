@@ -19,7 +19,10 @@ pytestmark = pytest.mark.shutdown
 
 
 def _offline(fleet: Fleet, graceful_timeout: float):
-    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    # The suite's kind of broker, where nothing listens.
+    dead = (f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+            if operations.orch.app.conf.broker_url.startswith("amqp")
+            else f"redis://127.0.0.1:{free_port()}/0")
     worker = fleet.start("compute1", graceful_timeout=graceful_timeout, ready=False,
                          env={"ORCHESTRATOR_BROKER_URL": dead})
     wait_for(lambda: "Cannot connect to" in worker.log(), 30, "compute1 to retry its broker")
