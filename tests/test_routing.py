@@ -21,7 +21,8 @@ from orchestrator.routing import (
 REPO = Path(__file__).resolve().parent.parent
 VALID = (REPO / "routing.yaml").read_text()
 
-# Nova's case-by-case choices (shared/seed): these steps keep running while a host drains.
+# Nova's case-by-case choices (its compute-alt commits): these steps keep running while a
+# host drains.
 NOVA_ALT = {
     "live_migration", "pre_live_migration", "post_live_migration_at_destination",
     "rollback_live_migration_at_destination", "drop_move_claim_at_destination",

@@ -23,8 +23,10 @@ an operation already in progress is not stranded. Here a worker consumes ``<host
   does (:class:`workers.deadline.ExitDeadline`).
 
 SIGQUIT keeps Celery's cold shutdown. The signal handler only sets flags that the drain's tick
-acts on from the event loop, because broker I/O inside a signal handler is unsafe
-(``shared/NOTES-celery-internals.md``). Celery's internals it uses are in
+acts on from the event loop, because broker I/O inside a signal handler is unsafe: the handler
+runs between two bytecodes of whatever the main thread was doing, maybe inside kombu's own
+socket read, and Celery's own handler only sets ``should_stop`` for the same reason. Celery's
+internals it uses are in
 :mod:`orchestrator.seams.celery_internals`.
 """
 
