@@ -210,6 +210,8 @@ class Backends:
     broker_url: str
     #: The Sentinel set, when the broker is one (tests/sentinel.py): what fails over.
     sentinels: Any = None
+    #: The RabbitMQ cluster, when the broker is one (tests/rabbitcluster.py): what loses nodes.
+    rabbit: Any = None
     servers: list = field(default_factory=list)
 
     def close(self) -> None:
@@ -220,10 +222,11 @@ class Backends:
 
 def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
              sentinel: bool = False, ledger: bool = True,
-             ledger_pair: bool = False) -> Backends:
+             ledger_pair: bool = False, rabbit_cluster: bool = False) -> Backends:
     """The services a fault test cuts or fails: with ``ledger``, a private PostgreSQL (with
     ``ledger_pair``, a primary and a synchronous standby that fail over); a broker of the
-    kind ``broker_url`` names, a Sentinel set of its own with ``sentinel``.
+    kind ``broker_url`` names, a Sentinel set of its own with ``sentinel``, a three-node
+    RabbitMQ cluster of its own with ``rabbit_cluster`` (loopback only: not on a bed).
 
     With a bed, both listen on its bridge (the ledger's and the broker's addresses): Redis a
     private redis-server, RabbitMQ (which listens on loopback only here) a relay of the
@@ -248,7 +251,17 @@ def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
             made.ledger.start()
             made.ledger.wait_answering()
         parsed = urlparse(broker_url)
-        if sentinel:
+        if rabbit_cluster:
+            from tests.rabbitcluster import RabbitCluster
+
+            if net is not None:
+                raise ValueError("a RabbitMQ cluster of the bed's own listens on loopback only: "
+                                 "no partitions with it")
+            made.rabbit = RabbitCluster()
+            made.servers.append(made.rabbit)
+            made.rabbit.start()
+            made.broker_url = made.rabbit.url
+        elif sentinel:
             made.sentinels = sentinels.SentinelSet(
                 **({"address": net.broker_address} if net else {})).start()
             made.servers.append(made.sentinels)

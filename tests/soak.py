@@ -120,10 +120,14 @@ class SoakConfig:
     #: The soak then runs its own broker and PostgreSQL on the bed's bridge.
     partitions: int = 0
     partition_seconds: tuple[float, float] = (3.0, 8.0)
-    #: Broker fail-overs to inject while the driver runs (Redis only): the soak runs its own
+    #: Broker fail-overs to inject while the driver runs. On Redis the soak runs its own
     #: Sentinel set (tests/sentinel.py), kills its primary and lets the sentinels promote
     #: the replica; what replication had not passed on is lost, for the resend to recover.
+    #: On RabbitMQ it runs its own three-node cluster (tests/rabbitcluster.py) with quorum
+    #: host queues, and stops a node (each in turn, the first one first) for a few seconds.
     broker_failovers: int = 0
+    #: How long a RabbitMQ node stays down, seconds (drawn between the two).
+    node_loss_seconds: tuple[float, float] = (3.0, 6.0)
     #: Ledger failovers to inject while the driver runs: the soak's ledger is then a primary
     #: and a synchronous standby (tests/pgfailover.py), its URL naming both; the primary is
     #: crashed, the standby promoted, and the old primary rebuilt as the new standby.
@@ -237,8 +241,9 @@ class Soak:
         #: and a standby with ledger failovers); the ledger faults take turns on it.
         self.ledger: Any = None
         self.ledger_turn = threading.Lock()
-        #: Its own Sentinel set when it injects broker fail-overs.
+        #: Its own Sentinel set (Redis) or RabbitMQ cluster when it injects broker fail-overs.
         self.sentinels: Any = None
+        self.rabbit: Any = None
         #: The network bed (tests/netbed.py), with partitions.
         self.net: Any = None
         self.backends: Any = None
@@ -283,6 +288,8 @@ class Soak:
             "ORCHESTRATOR_GRACEFUL_SHUTDOWN_TIMEOUT": str(cfg.graceful_timeout),
             "ORCHESTRATOR_VIF_PLUGGING_TIMEOUT": str(cfg.vif_timeout),
             **({"ORCHESTRATOR_SENTINEL_MASTER": self.sentinels.master} if self.sentinels else {}),
+            # Host queues that outlive a node: replicated on every node of the cluster.
+            **({"ORCHESTRATOR_QUEUE_TYPE": "quorum"} if self.rabbit else {}),
         }
 
     # -- the run ---------------------------------------------------------------------------
@@ -290,19 +297,22 @@ class Soak:
         from tests import netbed
 
         cfg = self.cfg
-        if cfg.broker_failovers and not self._redis_broker():
-            raise ValueError("--broker-failovers: the soak fails over a Redis broker (Sentinel) "
-                             "only; RabbitMQ's node loss is tests/test_rabbit_cluster.py")
+        rabbit = bool(cfg.broker_failovers) and not self._redis_broker()
+        if rabbit and cfg.partitions:
+            raise ValueError("--broker-failovers on RabbitMQ (a cluster of the soak's own, on "
+                             "loopback) cannot go with --partitions")
         try:
             if cfg.partitions:  # each host a machine of its own, the services on the bridge
                 self.net = netbed.NetBed().create()
                 for name in self.hosts:
                     self.net.machine(name)
             self.backends = netbed.backends(
-                cfg.broker, self.workdir, self.net, sentinel=bool(cfg.broker_failovers),
+                cfg.broker, self.workdir, self.net,
+                sentinel=bool(cfg.broker_failovers) and not rabbit, rabbit_cluster=rabbit,
                 ledger=bool(cfg.ledger_restarts or cfg.partitions),
                 ledger_pair=bool(cfg.ledger_failovers))
             self.ledger, self.sentinels = self.backends.ledger, self.backends.sentinels
+            self.rabbit = self.backends.rabbit
             cfg.broker = self.backends.broker_url
             if self.ledger is not None:
                 cfg.db = self.ledger.url
@@ -677,7 +687,20 @@ class Soak:
             machine.heal()
 
     def _inject_broker_failovers(self, i: int, rng: random.Random) -> None:
-        """The broker's primary killed; the sentinels promote the replica."""
+        """Redis: the broker's primary killed; the sentinels promote the replica. RabbitMQ:
+        a node of the cluster stopped for a few seconds (the first one first: the one kombu's
+        fail-over URL names first, where most clients are), then started again."""
+        if self.rabbit is not None:
+            index = i % len(self.rabbit.nodes)
+            seconds = rng.uniform(*self.cfg.node_loss_seconds)
+            began = time.monotonic()
+            self.rabbit.stop_node(index)
+            self.event("broker", f"RabbitMQ node {index + 1} stopped", seconds=round(seconds, 1))
+            time.sleep(seconds)  # the node's absence: the fault, not a wait
+            self.rabbit.start_node(self.rabbit.nodes[index])
+            self.stats.broker_failover_seconds.append(round(time.monotonic() - began, 1))
+            self.event("broker", f"RabbitMQ node {index + 1} back")
+            return
         self.event("broker", "primary killed")
         without = self.sentinels.fail_over()
         self.stats.broker_failover_seconds.append(round(without, 1))
@@ -1407,7 +1430,7 @@ def format_report(r: dict[str, Any], ok: bool, detail: bool = False) -> str:
         + f" ({', '.join(f'{x:g}s' for x in r.get('ledger_outage_seconds', []))}); partitions "
         + (", ".join(f"from {k} x{v}" for k, v in sorted(r.get("partitions", {}).items()))
            or "none") + "; broker fail-overs " + (", ".join(
-               f"{x:g}s without a primary" for x in r.get("broker_failover_seconds", []))
+               f"{x:g}s" for x in r.get("broker_failover_seconds", []))
                or "none") + "; ledger failovers " + (", ".join(
                f"{x:g}s without a primary" for x in r.get("ledger_failover_seconds", []))
                or "none"),
@@ -1480,8 +1503,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="partitions to inject (each host in a network namespace; needs root; "
                         "the soak runs its own broker and PostgreSQL on the bed's bridge)")
     p.add_argument("--broker-failovers", type=int, default=0,
-                   help="broker fail-overs to inject (Redis only: the soak runs its own "
-                        "Sentinel set and kills its primary)")
+                   help="broker fail-overs to inject (Redis: the soak runs its own Sentinel "
+                        "set and kills its primary; RabbitMQ: its own three-node cluster with "
+                        "quorum queues, a node stopped for a few seconds)")
     p.add_argument("--ledger-restarts", type=int, default=0,
                    help="ledger outages to inject (a PostgreSQL of the soak's own, stopped "
                         "and started; --db is then ignored)")
