@@ -431,6 +431,9 @@ class Orchestrator:
         """
         spec = self._check_submit(flow, hosts, params, subject)
         first = spec.plan(hosts)[0]
+        # A submit writes: the ledger's schema first (once per process), so that routing's
+        # read of the registry finds one even in a process whose reads create nothing.
+        self.db.engine()
         if session is None:
             # Route first, then one transaction records the operation with its first step as
             # sent, and one publish sends it. A fallback to <host> is counted (a write of its

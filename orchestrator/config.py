@@ -65,7 +65,8 @@ def _int(name: str, default: int, low: int, high: int | None = None) -> int:
     raw = (os.environ.get(name) or "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= (high if high is not None else int(raw)):
+    ok = raw.isascii() and raw.isdigit()
+    if not ok or not low <= int(raw) <= (high if high is not None else int(raw)):
         bound = f"{low}..{high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name}={raw!r}: expected a whole number, {bound}")
     return int(raw)

@@ -7,11 +7,18 @@ A leaf module: the step runner in a worker (``workers.steps``) and the public AP
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import DefinitionError
 from orchestrator.state import Effect, no_effect
+
+#: The operation whose step this thread runs now (set by the step runner around the step's
+#: function): a submit made from a step is part of that operation's progress, and a broker
+#: that refuses its first publish leaves it for the resend instead of failing it
+#: (orchestrator.dispatch). Celery's ``current_worker_task`` would say so of any task.
+running_step: ContextVar[str | None] = ContextVar("running_step", default=None)
 
 
 @dataclass

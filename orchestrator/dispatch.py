@@ -34,6 +34,7 @@ from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from orchestrator.context import running_step
 from orchestrator.errors import BrokerUnavailable, LedgerUnavailable, first_line
 from orchestrator.redact import error_text
 from orchestrator.routing import Decision
@@ -87,15 +88,16 @@ class Dispatcher:
         try:
             self.publish(message, decision.queue)
         except Exception as exc:
-            if self.orch.app.current_worker_task is not None:
-                # Submitted from a task a worker runs (Celery's current_worker_task): an
+            if running_step.get() is not None:
+                # Submitted by a step as it runs (Nova's build sends its network event): an
                 # operation in flight sent it, and has nobody to tell.
                 self._not_sent(message, exc)
                 return
+            why = error_text(first_line(exc) if isinstance(exc, BROKER_ERRORS) else repr(exc))
             self.orch.ledger.abandon(message.operation_id, f"could not queue {message.step}@"
-                                                           f"{message.host}: {exc}")
+                                                           f"{message.host}: {why}")
             raise BrokerUnavailable(
-                f"could not queue {message.step} for {message.host} ({exc}); operation "
+                f"could not queue {message.step} for {message.host} ({why}); operation "
                 f"{message.operation_id} abandoned"
             ) from exc
         self.orch.router.record(decision)
@@ -107,14 +109,19 @@ class Dispatcher:
         try:
             if queue is None:
                 decision = self.route(message.step, message.host)
-                self.publish(message, decision.queue)
-                self.orch.ledger.mark_published(message.operation_id, message.position,
-                                                decision.queue)
-            else:
-                self.publish(message, queue)
+            self.publish(message, queue or decision.queue)  # type: ignore[union-attr]
         except Exception as exc:
             self._not_sent(message, exc, recorded_as_sent=queue is not None)
             return
+        if queue is None:
+            try:
+                self.orch.ledger.mark_published(message.operation_id, message.position,
+                                                decision.queue)  # type: ignore[union-attr]
+            except LedgerUnavailable as exc:
+                # Sent; the ledger still says "not sent", so the resend may send a copy,
+                # which the ledger drops as a duplicate.
+                logger.warning("operation %s: %s@%s sent, not recorded as sent (%s)",
+                               message.operation_id, message.step, message.host, exc)
         if decision is not None:
             self.orch.router.record(decision)
 

@@ -34,10 +34,11 @@ import re
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
+from orchestrator.config import configured_urls
 from orchestrator.errors import ConfigError
 
-__all__ = ["MASK", "error_text", "failover_urls", "password_of", "printable", "redact_text",
-           "redact_url", "secret_param"]
+__all__ = ["MASK", "check_passwords", "error_text", "failover_urls", "password_of", "printable",
+           "redact_text", "redact_url", "secret_param"]
 
 MASK = "***"
 
@@ -220,8 +221,6 @@ def error_text(exc: Any, kind: bool = False) -> str:
     the secrets of the configured broker and database URLs (``ORCHESTRATOR_BROKER_URL``,
     ``ORCHESTRATOR_DB_URL``) and of any URL it quotes masked, control characters escaped;
     prefixed by its class's name with ``kind``."""
-    from orchestrator.config import configured_urls  # config imports this module
-
     text = f"{type(exc).__name__}: {exc}" if kind and isinstance(exc, BaseException) else exc
     return printable(redact_text(text, *configured_urls()))
 

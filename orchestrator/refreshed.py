@@ -56,7 +56,9 @@ class Refreshed(Generic[T]):
             return self._read()
         value, error = outcome
         if error is not None:
-            raise error
+            # A copy for each caller: one exception raised in several threads at once would
+            # have its traceback written by all of them.
+            raise _copy(error) from error
         return value  # type: ignore[return-value]
 
     @property
@@ -75,6 +77,17 @@ class Refreshed(Generic[T]):
             thread.join(timeout=5)
 
     def _run(self) -> None:
+        try:
+            self._reads()
+        finally:  # whatever ended the thread, no caller waits for it any more
+            with self._cond:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                    if self._outcome is None:
+                        self._outcome = (None, RuntimeError(f"{self.name}: its reader ended"))
+                self._cond.notify_all()
+
+    def _reads(self) -> None:
         while True:
             try:
                 outcome: tuple[T | None, BaseException | None] = (self._read(), None)
@@ -90,3 +103,12 @@ class Refreshed(Generic[T]):
                     if self._thread is threading.current_thread():
                         self._thread, self._outcome = None, None
                     return
+
+
+def _copy(error: BaseException) -> BaseException:
+    """An exception like ``error`` (same class and message when it can be built so)."""
+    try:
+        return type(error)(*error.args)
+    except Exception:
+        return RuntimeError(str(error))
+

@@ -318,12 +318,13 @@ def test_scrapes_never_hold_flower_up(fleet: Fleet, tmp_path: Path) -> None:
         log = flower.log_path.read_bytes()[started_at:].decode(errors="replace")
         held = [float(t) for t in SLOW_CALLBACK.findall(log)]
         assert all(t < 0.5 for t in held), f"Flower's loop held {held} s:\n{log[-3000:]}"
-        assert health[0] == 200 and health[2] < 0.5, \
+        assert health[0] == 200 and health[2] < max(t for _, _, t in cold) / 2, \
             f"/healthcheck took {health[2]:.3f} s during scrapes of " \
             f"{', '.join(f'{t:.3f}' for _, _, t in cold)} s"
         warm = sorted(flower.timed_get("/metrics", AUTH)[2] for _ in range(5))
         print(f"\n50 hosts: cold scrapes {[round(t, 3) for _, _, t in cold]} s, /healthcheck "
               f"meanwhile {health[2]:.3f} s, warm scrapes {[round(t, 3) for t in warm]} s")
-        assert warm[len(warm) // 2] < 0.1, f"warm scrapes took {warm} s"
+        assert warm[len(warm) // 2] < min(t for _, _, t in cold) / 2, \
+            f"warm scrapes took {warm} s, cold {[t for _, _, t in cold]} s"
     finally:
         flower.stop()

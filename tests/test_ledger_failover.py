@@ -167,6 +167,7 @@ def _in_thread(fn) -> None:
     thread = threading.Thread(target=target)
     thread.start()
     thread.join(30)
+    assert not thread.is_alive(), "the statement in another thread did not end"
     if errors:
         raise errors[0]
 

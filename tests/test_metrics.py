@@ -137,7 +137,10 @@ def test_a_scrape_of_50_hosts_answers_from_the_kept_read(fleet: Fleet) -> None:
         warm = sorted(timed_scrape(port)[1] for _ in range(5))
         print(f"\n50 hosts, orchestrator metrics: cold scrapes "
               f"{[round(t, 3) for _, t in cold]} s, warm {[round(t, 3) for t in warm]} s")
-        assert warm[len(warm) // 2] < 0.1, f"warm scrapes took {warm} s"
+        # Answered from the kept read, not by reading: a fraction of a read's time (compared
+        # within the run, not to a fixed time: CI's machine may be busy).
+        assert warm[len(warm) // 2] < min(t for _, t in cold) / 2, \
+            f"warm scrapes took {warm} s, cold {[t for _, t in cold]} s"
     finally:
         server.shutdown()
 

@@ -14,8 +14,11 @@ without a broker, so it waits only for what still needs the host, as the ledger 
 (operations in flight with a step left here, started before the SIGTERM) and for steps the
 pool still runs. Nothing left: Celery's warm shutdown (exit 0), at once. Something left: it
 asks again every few seconds (the broker may come back, and the loop with it, which then
-drains as usual) until the deadline, then stops cold (exit 75) without a stack dump. A ledger
-that does not answer either is no answer: it waits, as the drain does.
+drains as usual) until the deadline or a second SIGTERM, then stops cold (exit 75) without a
+stack dump. A ledger that does not answer either is no answer: it waits, as the drain does.
+
+It stands in for the drain only when the loop is missing at the SIGTERM: a broker lost after
+the drain began leaves the drain to its deadline (:class:`workers.deadline.ExitDeadline`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class OfflineStop:
         self.drain = drain
         self.pid = os.getpid()
         self._wake: tuple[int, int] | None = None
+        self._last_error = ""
 
     def start(self) -> None:
         self.pid = os.getpid()
@@ -64,6 +68,8 @@ class OfflineStop:
     def _run(self) -> None:
         assert self._wake is not None
         select.select([self._wake[0]], [], [])
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._wake[0], 64)
         if os.getpid() != self.pid or not self._loop_missed():
             return
         drain, host = self.drain, self.drain.queues.host
@@ -84,7 +90,10 @@ class OfflineStop:
                                host)
                 celery_seam.stop_warm()
                 return
-            time.sleep(ASK_EVERY_SECONDS)
+            # A second SIGTERM wakes this at once (a byte on the pipe).
+            if select.select([self._wake[0]], [], [], ASK_EVERY_SECONDS)[0]:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake[0], 64)
 
     def _loop_missed(self) -> bool:
         """The event loop did not start the drain within LOOP_GRACE_SECONDS."""
@@ -99,15 +108,19 @@ class OfflineStop:
         return self.drain.since is not None or celery_seam.shutdown_requested()
 
     def _left(self, since: float) -> int | None:
-        """Steps running here plus operations that still need the host; None: unknown."""
-        running = len(celery_seam.reserved_requests())
+        """Steps running here plus operations that still need the host; None: unknown (said
+        once per distinct reason: this asks every few seconds until the deadline)."""
         try:
+            running = len(celery_seam.reserved_requests())
             needing = self.drain.orch.ledger.operations_needing(self.drain.queues.host,
                                                                 created_before=since)
         except LedgerUnavailable as exc:
             self.drain.orch.ledger_health.report(exc, "drain: cannot tell what is in flight")
             return None
         except Exception as exc:
-            logger.error("drain: cannot tell what is in flight: %s", error_text(exc))
+            said = error_text(exc, kind=True)
+            if said != self._last_error:
+                self._last_error = said
+                logger.error("drain: cannot tell what is in flight: %s", said)
             return None
         return running + len(needing)

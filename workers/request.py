@@ -21,7 +21,7 @@ from celery.worker.request import Request
 
 from orchestrator.broker import republish
 from orchestrator.errors import first_line
-from orchestrator.redact import printable
+from orchestrator.redact import error_text, printable
 from orchestrator.seams import celery_internals as celery_seam
 from orchestrator.seams.kombu_internals import DEAD_CHANNEL_ERRORS, channel_gone
 
@@ -46,8 +46,9 @@ class StepRequest(Request):
 
     def _send_home(self, service: Any) -> bool:
         """A step that came for another host's queue (a binding, a queue consumed by
-        mistake) is published back to that queue unrun, and this worker stops consuming it:
-        a worker serves one host, and a step runs on the host its plan names. True if it was."""
+        mistake) is published back to that queue unrun, and this worker stops consuming it if
+        it does: a worker serves one host, and a step runs on the host its plan names. True
+        if it was."""
         queue = (self.delivery_info or {}).get("routing_key")
         if not queue or queue == self.app.conf.task_default_queue or service.queues.owns(queue):
             return False
@@ -56,16 +57,16 @@ class StepRequest(Request):
             republish(self.app, self.message, to=queue)
         except Exception as exc:  # nothing lost: back where it was, for a worker of its host
             self.reject(requeue=True)
-            shown = f"requeued ({first_line(exc)})"
+            shown = f"requeued ({error_text(first_line(exc))})"
         else:
             self.acknowledge()
-            shown = f"given back to {queue}"
+            shown = f"given back to {printable(queue)}"
         celery_seam.forget_request(self)
         logger.error("%s[%s] is for queue %r, another host's: %s unrun (%s serves only %s "
                      "and %s-alt)", self.name, self.id, queue, shown, host, host, host)
         consumer = self._worker_part("consumer")
         if consumer is not None:
-            consumer.call_soon(consumer.cancel_task_queue, queue)
+            celery_seam.stop_consuming(consumer, queue)
         return True
 
     def on_success(self, failed__retval__runtime, **kwargs) -> None:

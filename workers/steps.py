@@ -32,7 +32,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Reject
 
-from orchestrator.context import StepContext
+from orchestrator.context import StepContext, running_step
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
 from orchestrator.limits import json_size
 from orchestrator.redact import error_text
@@ -218,7 +218,11 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         hold_at_gate(orch.settings.testkit_gate, start.subject, position)
     try:
         try:
-            output = _output(step, spec.fn(ctx), orch.settings.max_json_bytes)
+            token = running_step.set(operation_id)
+            try:
+                output = _output(step, spec.fn(ctx), orch.settings.max_json_bytes)
+            finally:
+                running_step.reset(token)
         finally:
             attempt = claim.done()
         if ctx.waiting is not None:  # completed by workers.waits.EventWaits once it arrives

@@ -107,6 +107,13 @@ def override_control_command(name: str, make: Callable[[Callable[..., Any]], Cal
     Panel.data[name] = replacement
 
 
+def stop_consuming(consumer: Any, queue: str) -> None:
+    """Cancel ``consumer``'s consumer of ``queue`` from the event loop (a no-op when it
+    consumes no such queue): ``Consumer.cancel_task_queue``, called soon, not from inside the
+    request being handled."""
+    consumer.call_soon(consumer.cancel_task_queue, queue)
+
+
 def worker_of(state: Any) -> Any:
     """The worker (WorkController) behind a remote-control command's ``state``."""
     return getattr(state.consumer, "controller", None)
