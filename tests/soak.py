@@ -58,6 +58,10 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
 FLAVORS = ("m1.small", "m1.medium", "m1.large")
 #: The faults injected on a schedule while the driver runs, each a SoakConfig count.
 FAULTS = ("ledger_restarts", "partitions", "broker_failovers", "ledger_failovers")
+#: What a submit refused because the broker was away says (a fail-over, a partition): a
+#: refusal for any other reason (a declare the broker refuses, a bug) is no fault of ours.
+BROKER_AWAY = re.compile(r"(?i)connect|refused|reset|timed? ?out|closed|broken pipe|eof|"
+                         r"unreachable|no route|errno|readonly|master|failover|fail-over")
 #: The faults done to the ledger's PostgreSQL, one at a time (a restart never meets a failover).
 LEDGER_FAULTS = ("ledger_restarts", "ledger_failovers")
 #: workers.resend's line for a step it sent again.
@@ -328,7 +332,7 @@ class Soak:
         with _environ(env):
             from nova_app.app import app
             from orchestrator.policy import publish_retry_policy
-            from orchestrator.seams.celery_internals import point_app_at
+            from orchestrator.seams.celery_internals import point_app_at, use_queue_type
             from orchestrator.testing.fleet import Fleet
 
             app.conf.task_publish_retry_policy = publish_retry_policy(self.cfg.broker)
@@ -337,6 +341,8 @@ class Soak:
                     **(app.conf.broker_transport_options or {}),
                     "master_name": self.sentinels.master}
             point_app_at(app, self.cfg.broker)  # pools made for another broker, if any
+            if self.rabbit is not None:  # this process declares what the workers declare
+                use_queue_type(app, "quorum")
             self.app = app
             self._reset_broker()
             self._reset_db(env["ORCHESTRATOR_DB_URL"])
@@ -346,6 +352,8 @@ class Soak:
             finally:
                 self.stop.set()
                 self.fleet.stop_all(timeout=15)
+                if self.rabbit is not None:
+                    use_queue_type(app, app.orchestrator.settings.queue_type)
 
     def _run(self) -> SoakResult:
         cfg = self.cfg
@@ -1091,7 +1099,8 @@ class Soak:
         """Why ``op`` failed, if it is a failure we caused on purpose; None otherwise."""
         injected = {tuple(f.split("@")) for f in self.cfg.fail_steps()}
         if (op.error or "").startswith("could not queue ") and not by_op.get(op.id) and (
-                self.cfg.broker_failovers or self.cfg.partitions):
+                self.cfg.broker_failovers or self.cfg.partitions) and \
+                BROKER_AWAY.search(op.error or ""):
             # Its first step never reached the broker (a fail-over or a partition of the
             # soak's): the submit raised BrokerUnavailable, nothing ran.
             return "refused by the broker at submit (abandoned)"

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,19 @@ def override_control_command(name: str, make: Callable[[Callable[..., Any]], Cal
     replacement = make(original)
     replacement._orchestrator_original = original  # type: ignore[attr-defined]
     Panel.data[name] = replacement
+
+
+def use_queue_type(app: Any, queue_type: str) -> None:
+    """Declare the queues this process creates on demand as ``queue_type`` from now on.
+    Celery reads ``task_create_missing_queue_type`` when it builds ``app.amqp.queues`` and
+    ``app.amqp.router``, both cached on first use (kombu's ``cached_property``, reset by
+    deleting it): a process whose app has published already keeps the old type otherwise,
+    and RabbitMQ refuses a declare of another type (PRECONDITION_FAILED)."""
+    app.conf.task_create_missing_queue_type = queue_type
+    app.conf.task_default_queue_type = queue_type
+    for name in ("queues", "router"):
+        with contextlib.suppress(AttributeError, KeyError):
+            delattr(app.amqp, name)
 
 
 def stop_consuming(consumer: Any, queue: str) -> None:
