@@ -48,6 +48,7 @@ from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
 from orchestrator.errors import (
     DefinitionError,
+    LedgerUnavailable,
     SubjectBusy,
     SubmitError,
     UnknownFlow,
@@ -548,10 +549,31 @@ class Orchestrator:
 
     def wait(self, operation_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the operation ends (completed or failed); its status then.
-        ``TimeoutError`` if it is still in flight after ``timeout`` seconds."""
-        from orchestrator.views import wait_operation
+        ``TimeoutError`` if it is still in flight after ``timeout`` seconds.
 
-        return wait_operation(self, operation_id, timeout=timeout)
+        It polls the operation's status alone (one indexed read of one column, straight on
+        the driver), every 10 ms at first and less often the longer it waits (up to 0.2 s),
+        and builds the whole view once, at the end: a waiter that polled the view (the
+        registry, the operation, its steps, through the ORM) every 50 ms took the CPU the
+        workers needed on a small machine."""
+        from orchestrator.views import operation_dict
+
+        operation_dict(self, operation_id)  # an unknown or malformed id: said at once
+        interval, deadline = 0.01, time.monotonic() + timeout
+        while self._status_or_none(operation_id) not in ("completed", "failed"):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout:.1f}s waiting for operation "
+                                   f"{operation_id}")
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(0.2, interval * 1.5)
+        return operation_dict(self, operation_id)
+
+    def _status_or_none(self, operation_id: str) -> str | None:
+        """The operation's status; None while the ledger does not answer (a reason to wait)."""
+        try:
+            return self.ledger.status(operation_id)
+        except LedgerUnavailable:
+            return None
 
     # -- events and the database -----------------------------------------------------------
     def transaction(self) -> AbstractContextManager[Session]:

@@ -605,6 +605,12 @@ class Ledger:
             return True
 
     # -- queries -----------------------------------------------------------------------------
+    def status(self, operation_id: str) -> str | None:
+        """The operation's status alone (None: no such operation): one indexed read of one
+        column, for a waiter to poll instead of the whole view."""
+        rows = self.db.direct(statements_for(self.db.url).status, id=operation_id)
+        return rows[0][0] if rows else None
+
     def operations_needing(
         self, host: str, created_before: float | None = None
     ) -> list[Operation]:

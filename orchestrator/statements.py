@@ -76,6 +76,8 @@ class StepStatements:
             started_at=bindparam("started_at"), **done))
         self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
+        #: What a waiter polls (``Orchestrator.wait``): one column of one row.
+        self.status = select(ops.c.status).where(ops.c.id == bindparam("id"))
         self.insert_operation = insert(ops).values(
             {name: bindparam(name, type_=ops.c[name].type) for name in SUBMITTED})
         self.insert_hosts = insert(hosts).values(
