@@ -377,6 +377,26 @@ class Database:
                 yield run
 
     @contextmanager
+    def effect_transaction(self) -> Iterator[tuple[Session, Transaction]]:
+        """A writing ORM session for an application's effect, and :meth:`direct`'s
+        statements on the same connection, in one transaction committed when the block ends:
+        a step's effect (the application's own rows) and the ledger's completion commit
+        together or not at all, the ledger's part with no ORM."""
+        url = self.url
+        with self._reachable(url):
+            self.engine()
+            with _writer_turn(url), _maker(url, True).begin() as s:
+                connection = s.connection()
+                try:
+                    yield s, Transaction(_direct_for(url), connection.connection)
+                except DBAPIError as exc:
+                    # The direct statements bypass the Connection that would have noticed
+                    # a lost connection: told here, so that the pool drops it.
+                    if unreachable(exc) and not connection.invalidated:
+                        connection.invalidate()
+                    raise
+
+    @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only session (never takes SQLite's write lock; with ``reads_create`` False,
         a database with no ledger is a :class:`SchemaError`, nothing created)."""

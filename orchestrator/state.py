@@ -1,10 +1,11 @@
 """The ledger: operation state transitions, written so that any step may be delivered twice.
 
 A step runs in three moves: :meth:`Ledger.begin_step` (may it run? a read), the step's work
-(slow, outside any transaction), then :meth:`Ledger.complete_step`, which records the attempt,
+(slow, outside any transaction), then :meth:`Ledger.complete`, which records the attempt,
 applies the step's effect, merges what the step returned into the operation's params, advances
 the operation and records the next step as sent, in one transaction guarded by the operation's
-``position``: a second delivery of the same step finds the position moved on and changes
+``position`` (statements built once per dialect, no ORM; an effect's own rows through the
+application's ORM session on the same connection): a second delivery of the same step finds the position moved on and changes
 nothing. So an executed step costs one write transaction. A step that runs longer than a
 moment is also recorded as running while it runs (:meth:`Ledger.claim_step`, from a timer in
 the worker), so operators and drains see it; a short one is not worth that second write.
@@ -34,16 +35,18 @@ from orchestrator.db import Database
 from orchestrator.errors import StepMismatch, SubjectBusy, UnknownOperation
 from orchestrator.flows import Flow
 from orchestrator.models import ACTIVE_STATUSES, Event, Operation, OperationHost, StepRecord, new_id
-from orchestrator.statements import statements_for
+from orchestrator.statements import StepStatements, statements_for
 
 __all__ = ["ACTIVE_STATUSES", "Attempt", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
 
-#: Applied in the transaction that completes (or fails) a step: exactly once.
-Effect = Callable[[Session, Operation], None]
+#: Applied in the transaction that completes (or fails) a step: exactly once. Its second
+#: argument is the operation: a :class:`StepOperation` when the step completes, its
+#: :class:`~orchestrator.models.Operation` row when it fails.
+Effect = Callable[[Session, Any], None]
 
 
-def no_effect(s: Session, op: Operation) -> None:
+def no_effect(s: Session, op: Any) -> None:
     return None
 
 
@@ -92,6 +95,72 @@ class StepStart:
     queue: str | None = None
     #: With outcome "behind": the position and step the ledger has the operation at.
     ledger_at: tuple[int, str] | None = None
+    #: With outcome "run" from begin_step: the rest of what an effect sees
+    #: (:class:`StepOperation`).
+    plan: list = field(default_factory=list)
+    result: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class StepOperation:
+    """The operation as a step's effect sees it (``effect(session, operation)``), at the
+    step's position, with what the step returned merged into ``params``. An effect may set
+    ``result`` (what the operation returns to its caller): it is written with the
+    completion. The rest is for reading: a step changes the params by what it returns."""
+
+    id: str
+    kind: str
+    subject: str | None
+    plan: list
+    position: int
+    params: dict[str, Any]
+    hosts: dict[str, str]
+    result: dict | None = None
+    error: str | None = None
+
+    @property
+    def current(self) -> tuple[str, str] | None:
+        if self.position >= len(self.plan):
+            return None
+        step, host = self.plan[self.position]
+        return step, host
+
+
+@dataclass(frozen=True)
+class _Completion:
+    """One completion's statements and parameters (:meth:`Ledger.complete`): the advance
+    named ``name`` (writing the params when ``data``), the step log's record (counting the
+    attempt when ``counted``), and at the end of the plan the operation's hosts forgotten."""
+
+    statements: StepStatements
+    name: str
+    counted: bool
+    data: bool
+    where: dict[str, Any]
+    record: dict[str, Any]
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {**self.where, **self.record}
+
+    def one_statement(self) -> Any:
+        """PostgreSQL: all of it as one statement; None on SQLite."""
+        return self.statements.completions.get((self.name, self.counted, self.data))
+
+    def run(self, run: Any) -> bool:
+        """In the caller's transaction (``run``): whether the operation advanced."""
+        one = self.one_statement()
+        if one is not None:
+            rows = run(one, **self.parameters)
+            return bool(rows and rows[0][0])
+        if not run(self.statements.advanced[self.name, self.data], **self.where):
+            return False
+        statements = self.statements
+        run(statements.record_counted if self.counted else statements.record, **self.record)
+        if self.name == "end":
+            run(statements.forget_hosts, op=self.where["op"])
+        return True
 
 
 def _behind(at: int, plan: list) -> StepStart:
@@ -146,51 +215,16 @@ class Ledger:
         return s.execute(select(Operation).where(Operation.holds == subject)).scalar_one_or_none()
 
     # -- a step's life ---------------------------------------------------------------------
-    def begin_step(
-        self, operation_id: str, position: int, step: str, host: str, worker: str,
-        claim: bool = True,
-    ) -> StepStart:
-        """May this delivery of the step run? With ``claim``, also record it as running (a
-        write); without, only read (one statement): the completion records the attempt."""
-        if not claim:
-            return self._may_run(operation_id, position, step, host)
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op is None:
-                raise UnknownOperation(f"unknown operation {operation_id!r}")
-            if not 0 <= position < len(op.plan) or tuple(op.plan[position]) != (step, host):
-                raise StepMismatch(
-                    f"operation {operation_id} has no step {step}@{host} at position {position}"
-                )
-            if (op.position == position + 1 and op.status in ACTIVE_STATUSES
-                    and not op.next_published):
-                return StepStart("republish", op.current, op.position, kind=op.kind,
-                                 subject=op.subject)
-            if op.position < position and op.status in ACTIVE_STATUSES:
-                return _behind(op.position, op.plan)
-            if op.position != position or op.status not in ACTIVE_STATUSES:
-                return StepStart("duplicate")
-            if op.step_state == "waiting":  # its work is done; the event will finish it
-                return StepStart("duplicate")
-            rec = self._record(s, op, position)
-            if claim:
-                rec = self._claim(s, op, position, Attempt(worker, time.time()), rec)
-                attempt = rec.attempts
-            else:
-                attempt = (rec.attempts if rec is not None else 0) + 1
-            following = op.plan[position + 1] if position + 1 < len(op.plan) else None
-            return StepStart("run", attempt=attempt, kind=op.kind, subject=op.subject,
-                             params=dict(op.params or {}), hosts=dict(op.hosts or {}),
-                             following=tuple(following) if following else None)
-
-    def _may_run(self, operation_id: str, position: int, step: str, host: str) -> StepStart:
-        """begin_step without a claim: the operation and its step's attempts, one read."""
+    def begin_step(self, operation_id: str, position: int, step: str,
+                   host: str) -> StepStart:
+        """May this delivery of the step run? One read of the operation and its step's
+        attempts; the completion records the attempt, so a step costs one write."""
         rows = self.db.direct(statements_for(self.db.url).may_run, id=operation_id,
                               position=position)
         if not rows:
             raise UnknownOperation(f"unknown operation {operation_id!r}")
         (at, status, step_state, next_published, plan, kind, subject, params, hosts,
-         attempts) = rows[0]
+         attempts, result, error) = rows[0]
         if not 0 <= position < len(plan) or tuple(plan[position]) != (step, host):
             raise StepMismatch(
                 f"operation {operation_id} has no step {step}@{host} at position {position}")
@@ -205,43 +239,71 @@ class Ledger:
         following = plan[position + 1] if position + 1 < len(plan) else None
         return StepStart("run", attempt=(attempts or 0) + 1, kind=kind, subject=subject,
                          params=dict(params or {}), hosts=dict(hosts or {}),
-                         following=tuple(following) if following else None)
+                         following=tuple(following) if following else None, plan=plan,
+                         result=result, error=error)
 
-    def complete_plain(self, operation_id: str, position: int, step: str, host: str,
-                       start: StepStart, next_queue: str | None = None,
-                       attempt: Attempt | None = None) -> StepStart:
-        """:meth:`complete_step` for a step with no effect and no output, in two statements
-        built once (no ORM): advance the operation, guarded by its position (no row: a
-        duplicate), then record the attempt in the step log. ``start``: what begin_step read
-        (the plan's next step; the plan changes only when this very step fails)."""
+    def complete(self, operation_id: str, position: int, step: str, host: str,
+                 start: StepStart, *, output: Mapping[str, Any] | None = None,
+                 effect: Effect | None = None, next_queue: str | None = None,
+                 attempt: Attempt | None = None) -> StepStart:
+        """Record the step done and move its operation on; returns what to publish next.
+
+        One statement set per dialect, no ORM: advance the operation, guarded by its
+        position (nothing advanced: a duplicate, or a ledger behind), with ``output`` merged
+        into its params; record ``attempt`` in the step log (unless its claim did); at the
+        end of the plan forget its hosts. On PostgreSQL that is one statement, on SQLite one
+        ``BEGIN IMMEDIATE`` transaction. With ``effect``, the effect runs in the same
+        transaction on the same connection, after the advance (so a duplicate never applies
+        it), and a ``result`` it sets is written there too.
+
+        With ``next_queue`` (where the router sends the plan's next step) the next step is
+        recorded as sent there, and the caller publishes it after the commit: one write per
+        executed step. If that publish fails, :meth:`unpublish` puts it back to "not sent"
+        (the retried step sends it again); if the process dies in between, the stranded-step
+        resend sends it. ``start``: what :meth:`begin_step` read (the plan changes only when
+        this very step fails)."""
         statements, now = statements_for(self.db.url), time.time()
         following = start.following
         counted = attempt is not None and not attempt.claimed
-        where = {"op": operation_id, "at": position, "next_position": position + 1,
-                 "now": now}
+        if effect is no_effect:
+            effect = None
+        where: dict[str, Any] = {"op": operation_id, "at": position,
+                                 "next_position": position + 1, "now": now}
         if following is None:  # the plan is done; after a rollback the operation failed
-            advance_name = "end"
+            name = "end"
         else:
             # (an execute's parameter named after a column is also SET: "queue" only when sent)
-            advance_name = "advance" if next_queue is None else "advance_sent"
+            name = "advance" if next_queue is None else "advance_sent"
             where["next_host"] = following[1]
             if next_queue is not None:
                 where["queue"] = next_queue
-        record = {"operation_id": operation_id, "position": position, "step": step,
-                  "host": host, "now": now,
-                  "worker": attempt.worker if counted else None,
-                  "started_at": attempt.started_at if counted else None}
-        one = statements.completions.get((advance_name, counted))
-        if one is not None:
-            rows = self.db.direct(one, **{**where, **record})
-            advanced = rows[0][0] if rows else None
+        params = {**start.params, **output} if output else start.params
+        if output:
+            where["new_params"] = params
+        completion = _Completion(statements, name, counted, bool(output), where, {
+            "operation_id": operation_id, "position": position, "step": step, "host": host,
+            "now": now, "worker": attempt.worker if counted else None,
+            "started_at": attempt.started_at if counted else None})
+        if effect is None:
+            one = completion.one_statement()
+            if one is not None:
+                rows = self.db.direct(one, **completion.parameters)
+                advanced = bool(rows and rows[0][0])
+            else:
+                with self.db.direct_transaction() as run:
+                    advanced = completion.run(run)
         else:
-            with self.db.direct_transaction() as run:
-                advanced = run(statements.advanced[advance_name], **where)
+            with self.db.effect_transaction() as (s, run):
+                advanced = completion.run(run)
                 if advanced:
-                    run(statements.record_counted if counted else statements.record, **record)
-                    if following is None:
-                        run(statements.forget_hosts, op=operation_id)
+                    operation = StepOperation(operation_id, start.kind, start.subject,
+                                              start.plan, position, dict(params),
+                                              dict(start.hosts), start.result, start.error)
+                    effect(s, operation)
+                    s.flush()
+                    if operation.result != start.result:
+                        run(statements.set_result, op=operation_id,
+                            new_result=operation.result, now=now)
         if not advanced:
             return self._not_advanced(operation_id, position)
         if following is None:
@@ -338,28 +400,6 @@ class Ledger:
             op.status = "running"
         return rec
 
-    def complete_step(
-        self, operation_id: str, position: int, effect: Effect = no_effect,
-        output: Mapping[str, Any] | None = None, next_queue: str | None = None,
-        attempt: Attempt | None = None,
-    ) -> StepStart:
-        """Apply the step's effect and output and advance; returns what to publish next.
-
-        ``attempt`` (this delivery) is recorded here unless its claim did. With
-        ``next_queue`` (where the router sends the plan's next step) the next step is recorded
-        as sent there in this same transaction, and the caller publishes it after the commit:
-        one write per executed step. If that publish fails, :meth:`unpublish` puts it back to
-        "not sent" (the retried step sends it again); if the process dies in between, the
-        stranded-step resend sends it.
-        """
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.position < position and op.status in ACTIVE_STATUSES:
-                return _behind(op.position, op.plan)
-            if op.position != position or op.status not in ACTIVE_STATUSES:
-                return StepStart("duplicate")
-            return self._complete(s, op, position, effect, output, next_queue, attempt)
-
     def _not_advanced(self, operation_id: str, position: int) -> StepStart:
         """Why a completion changed nothing (one read, only then): the operation moved past
         the step (a duplicate), or the ledger has it at an earlier step ("behind")."""
@@ -370,29 +410,6 @@ class Ledger:
             if status in ACTIVE_STATUSES and at < position:
                 return _behind(at, plan)
         return StepStart("duplicate")
-
-    def _complete(
-        self, s: Session, op: Operation, position: int, effect: Effect,
-        output: Mapping[str, Any] | None = None, next_queue: str | None = None,
-        attempt: Attempt | None = None,
-    ) -> StepStart:
-        if output:
-            op.params = {**(op.params or {}), **output}
-        effect(s, op)
-        rec = self._attempt_record(s, op, position, attempt)
-        rec.status, rec.finished_at = "completed", time.time()
-        rec.applied = (rec.applied or 0) + 1
-        op.position, op.wait = position + 1, None
-        op.next_published = False
-        if op.current is None:  # the plan is done; after a rollback the operation failed
-            self._end(s, op, "failed" if op.error else "completed")
-            return StepStart("duplicate")
-        self.index_hosts(s, op, replan=False)
-        op.step_state, op.step_since = "queued", time.time()
-        if next_queue is not None:
-            op.next_published, op.queue = True, next_queue
-        return StepStart("run", op.current, op.position, queue=next_queue, kind=op.kind,
-                         subject=op.subject)
 
     def _end(self, s: Session, op: Operation, status: str) -> None:
         op.status, op.finished_at, op.next_published = status, time.time(), True
@@ -491,22 +508,34 @@ class Ledger:
         settled = Settled()
         candidates = self.db.direct(statements_for(self.db.url).waiting, host=host)
         for (operation_id,) in candidates:  # nearly always none: no ORM session for that
-            with self.db.session() as s:
-                op = self.locked(s, operation_id)
-                if op.step_state != "waiting" or op.current is None or not op.wait:
+            with self.db.read() as s:
+                op = s.get(Operation, operation_id)
+                if (op is None or op.status not in ACTIVE_STATUSES
+                        or op.step_state != "waiting" or op.current is None or not op.wait):
                     continue
                 step, position, wait = op.current[0], op.position, op.wait
                 arrived = s.execute(select(Event.id).where(
                     Event.key == wait["key"], Event.name == wait["event"],
                     Event.received_at >= wait["since"],
                 )).first()
-                if arrived:
-                    settled.append((op.id, self._complete(s, op, position, effect_of(step))))
-                elif time.time() >= wait["deadline"]:
-                    error = f"{step}@{host}: timed out waiting for {wait['event']}"
-                    settled.append((op.id, self._fail(s, op, position, error, failure_of(step))))
-                else:
-                    settled.still_waiting += 1
+            if arrived:
+                following = op.plan[position + 1] if position + 1 < len(op.plan) else None
+                start = StepStart("run", kind=op.kind, subject=op.subject,
+                                  params=dict(op.params or {}), hosts=dict(op.hosts or {}),
+                                  following=tuple(following) if following else None,
+                                  plan=op.plan, result=op.result, error=op.error)
+                settled.append((op.id, self.complete(op.id, position, step, host, start,
+                                                     effect=effect_of(step))))
+            elif time.time() >= wait["deadline"]:
+                error = f"{step}@{host}: timed out waiting for {wait['event']}"
+                with self.db.session() as s:
+                    op = self.locked(s, operation_id)
+                    if op.position == position and op.step_state == "waiting" \
+                            and op.status in ACTIVE_STATUSES:
+                        settled.append((op.id, self._fail(s, op, position, error,
+                                                          failure_of(step))))
+            else:
+                settled.still_waiting += 1
         return settled
 
     @staticmethod

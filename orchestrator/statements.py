@@ -15,6 +15,10 @@ from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true
 
 from orchestrator.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
 
+#: The ways a completion moves an operation on: it ends (the plan is done), or its next step
+#: is queued, recorded as sent to a queue in the same statement or not.
+ADVANCES = ("end", "advance", "advance_sent")
+
 #: The columns a submit writes (``Ledger.record_new``).
 SUBMITTED = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status", "position",
              "step_state", "step_since", "next_published", "queue", "current_host", "rollback",
@@ -42,6 +46,7 @@ class StepStatements:
         self.may_run = select(
             ops.c.position, ops.c.status, ops.c.step_state, ops.c.next_published, ops.c.plan,
             ops.c.kind, ops.c.subject, ops.c.params, ops.c.hosts, log.c.attempts,
+            ops.c.result, ops.c.error,
         ).select_from(ops.outerjoin(log, (log.c.operation_id == ops.c.id)
                                     & (log.c.position == bindparam("position")))
                       ).where(ops.c.id == bindparam("id"))
@@ -61,6 +66,13 @@ class StepStatements:
         self.advance = guarded.values(next_published=False, **queued)
         self.advance_sent = guarded.values(next_published=True, queue=bindparam("queue"),
                                            **queued)
+        #: Each advance by name and by whether it also writes the operation's params, with
+        #: what the step returned merged in.
+        data = dict(params=bindparam("new_params", type_=ops.c.params.type))
+        self.advances: dict[tuple[str, bool], Any] = {}
+        for name in ADVANCES:
+            self.advances[name, False] = getattr(self, name)
+            self.advances[name, True] = getattr(self, name).values(**data)
         row = dict(operation_id=bindparam("operation_id"), position=bindparam("position"),
                    step=bindparam("step"), host=bindparam("host"), status="completed",
                    applied=1, finished_at=bindparam("now"))
@@ -76,6 +88,10 @@ class StepStatements:
             started_at=bindparam("started_at"), **done))
         self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
+        #: What an effect sets as the operation's result, in the completion's transaction.
+        self.set_result = update(ops).where(ops.c.id == bindparam("op")).values(
+            result=bindparam("new_result", type_=ops.c.result.type),
+            updated_at=bindparam("now"))
         #: What a waiter polls (``Orchestrator.wait``): one column of one row.
         self.status = select(ops.c.status).where(ops.c.id == bindparam("id"))
         self.insert_operation = insert(ops).values(
@@ -95,22 +111,24 @@ class StepStatements:
                 (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held"))
             for running in (False, True)}
         self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
-        #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs),
-        #: run outside a transaction: one round trip where a transaction takes four or more.
+        #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs):
+        #: outside a transaction one round trip where a transaction takes four or more, and
+        #: inside a step's effect transaction one statement after the effect's own.
         #: SQLite has no data-modifying CTE, and its round trips are calls into a library.
-        self.completions: dict[tuple[str, bool], Any] = {}
+        #: Keyed by (advance, counted, data).
+        self.completions: dict[tuple[str, bool, bool], Any] = {}
         self.submit: Any = None
         #: SQLite: the advance that says whether it advanced (the id of the operation, or
-        #: no row for a duplicate), in the completion's transaction.
-        self.advanced: dict[str, Any] = {}
+        #: no row for a duplicate), in the completion's transaction; keyed as ``advances``.
+        self.advanced: dict[tuple[str, bool], Any] = {}
         if dialect == "sqlite":
-            self.advanced = {name: getattr(self, name).returning(ops.c.id)
-                             for name in ("end", "advance", "advance_sent")}
+            self.advanced = {key: advance.returning(ops.c.id)
+                             for key, advance in self.advances.items()}
         if dialect == "postgresql":
-            for name in ("end", "advance", "advance_sent"):
+            for (name, data), advance in self.advances.items():
                 for counted in (False, True):
-                    self.completions[name, counted] = self._completion(
-                        getattr(self, name), counted, ending=name == "end")
+                    self.completions[name, counted, data] = self._completion(
+                        advance, counted, ending=name == "end")
             self.submit = self._submit()
 
     @staticmethod

@@ -1,7 +1,7 @@
-"""The ledger's step path without processes: the completion of a step with no effect and no
-output (two statements, no ORM: ``Ledger.complete_plain``) leaves the ledger exactly as the
-general completion (``Ledger.complete_step``) does, case by case. On SQLite, and on
-PostgreSQL with ORCHESTRATOR_TEST_DB_URL."""
+"""The ledger's step path without processes: the one completion (``Ledger.complete``:
+statements built once per dialect, no ORM) writes what each case needs, a duplicate changes
+nothing, an effect runs once in the completion's transaction. On SQLite, and on PostgreSQL
+with ORCHESTRATOR_TEST_DB_URL."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from orchestrator import Orchestrator
 from orchestrator.db import reset
 from orchestrator.errors import SubjectBusy
-from orchestrator.models import Operation, OperationHost, StepRecord
+from orchestrator.models import Event, Operation, OperationHost, StepRecord
 from orchestrator.state import Attempt
 
 PLAN = [("prep", "hb"), ("move", "ha"), ("finish", "hb")]
@@ -68,40 +68,106 @@ def _state(orch: Orchestrator, op_id: str) -> tuple:
                 [tuple(h) for h in hosts])
 
 
-def _complete(orch: Orchestrator, op_id: str, position: int, plain: bool, *,
-              queue: str | None, attempt: Attempt | None):
+def _complete(orch: Orchestrator, op_id: str, position: int, *, queue: str | None,
+              attempt: Attempt | None, output: dict | None = None, effect: Any = None,
+              start: Any = None):
+    """Complete the step at ``position`` (``start``: what an earlier begin read, as a
+    delivery that ran alongside another has)."""
     step, host = PLAN[position]
-    if plain:
-        start = orch.ledger.begin_step(op_id, position, step, host, "w1", claim=False)
-        return orch.ledger.complete_plain(op_id, position, step, host, start, queue, attempt)
-    return orch.ledger.complete_step(op_id, position, next_queue=queue, attempt=attempt)
+    start = start or orch.ledger.begin_step(op_id, position, step, host)
+    return orch.ledger.complete(op_id, position, step, host, start, output=output,
+                                effect=effect, next_queue=queue, attempt=attempt)
 
 
-@pytest.mark.parametrize("case", ["sent", "not sent", "claimed", "no attempt", "failed plan"])
-def test_the_plain_completion_writes_what_the_general_one_writes(orch: Orchestrator,
-                                                                 case: str) -> None:
-    results = {}
-    for plain in (False, True):
-        op_id = _new(orch)
-        if case == "failed plan":  # a rollback's last step ends the operation as failed
-            with orch.db.session() as s:
-                s.get(Operation, op_id).error = "prep@hb: broken"
-        outcomes = []
-        for position in range(len(PLAN)):
-            attempt = None if case == "no attempt" else Attempt("w1", 1.0)
-            if case == "claimed":
-                orch.ledger.claim_step(op_id, position, attempt)
-                attempt = Attempt("w1", 1.0, claimed=True)
-            queue = None if case == "not sent" or position == 2 else f"{PLAN[position + 1][1]}-q"
-            nxt = _complete(orch, op_id, position, plain, queue=queue, attempt=attempt)
-            outcomes.append((nxt.outcome, nxt.next_step, nxt.next_position, nxt.queue))
-            # Delivered again: a duplicate that changes nothing.
-            again = _complete(orch, op_id, position, plain, queue=queue, attempt=attempt)
-            assert again.outcome == "duplicate"
-        results[plain] = (outcomes, _state(orch, op_id))
-    assert results[True] == results[False]
-    status = results[True][1][0][0]
-    assert status == ("failed" if case == "failed plan" else "completed")
+def _seen(s: Any, op: Any) -> None:
+    """An effect: an event of its own per step (the application's row) and the result."""
+    orch_events = Event(key=f"{op.id}:{op.position}", name=op.plan[op.position][0])
+    s.add(orch_events)
+    op.result = {"steps": [*(op.result or {}).get("steps", []), op.params.get("got")]}
+
+
+CASES = ["sent", "not sent", "claimed", "no attempt", "failed plan", "output", "effect"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_completion_writes_its_case_and_a_duplicate_changes_nothing(
+        orch: Orchestrator, case: str) -> None:
+    op_id = _new(orch)
+    if case == "failed plan":  # a rollback's last step ends the operation as failed
+        with orch.db.session() as s:
+            s.get(Operation, op_id).error = "prep@hb: broken"
+    outcomes = []
+    for position in range(len(PLAN)):
+        attempt = None if case == "no attempt" else Attempt("w1", 1.0)
+        if case == "claimed":
+            assert orch.ledger.claim_step(op_id, position, attempt)
+            attempt = Attempt("w1", 1.0, claimed=True)
+        queue = None if case == "not sent" or position == 2 else f"{PLAN[position + 1][1]}-q"
+        extra: dict[str, Any] = {}
+        if case in ("output", "effect"):
+            extra["output"] = {"got": position, f"from{position}": PLAN[position][0]}
+        if case == "effect":
+            extra["effect"] = _seen
+        step, host = PLAN[position]
+        start = orch.ledger.begin_step(op_id, position, step, host)
+        nxt = _complete(orch, op_id, position, queue=queue, attempt=attempt, start=start,
+                        **extra)
+        outcomes.append((nxt.outcome, nxt.next_step, nxt.next_position, nxt.queue))
+        # Delivered twice and run alongside: the second completion is a duplicate that
+        # changes nothing and applies no effect.
+        before = _state(orch, op_id)
+        again = _complete(orch, op_id, position, queue=queue, attempt=attempt, start=start,
+                          **extra)
+        assert again.outcome == "duplicate"
+        assert _state(orch, op_id) == before
+    sent = case != "not sent"
+    assert outcomes == [("run", tuple(PLAN[1]), 1, "ha-q" if sent else None),
+                        ("run", tuple(PLAN[2]), 2, "hb-q" if sent else None),
+                        ("duplicate", None, None, None)]
+    counted = case != "no attempt"
+    assert _state(orch, op_id) == (
+        # (the step state an ended operation keeps is its last step's)
+        ("failed" if case == "failed plan" else "completed", 3,
+         "running" if case == "claimed" else "queued", True,
+         "hb-q" if sent else "hb", None, None, None, True),
+        [(position, step, host, "completed", 1 if counted else 0, 1,
+          "w1" if counted else None, counted, True)
+         for position, (step, host) in enumerate(PLAN)],
+        [])  # its hosts forgotten
+    with orch.db.read() as s:
+        op = s.get(Operation, op_id)
+        events = s.execute(select(Event.key).order_by(Event.key)).scalars().all()
+    if case in ("output", "effect"):
+        assert op.params == {"got": 2, "from0": "prep", "from1": "move", "from2": "finish"}
+    else:
+        assert op.params == {}
+    if case == "effect":  # each effect once, seeing the params its step's output made
+        assert events == [f"{op_id}:{position}" for position in range(3)]
+        assert op.result == {"steps": [0, 1, 2]}
+    else:
+        assert events == [] and op.result is None
+
+
+def test_an_effect_that_raises_leaves_nothing_recorded(orch: Orchestrator) -> None:
+    """The effect and the completion are one transaction: an effect's error undoes the
+    advance and the effect's own rows; the next delivery completes the step."""
+    op_id = _new(orch)
+    before = _state(orch, op_id)
+
+    def broken(s: Any, op: Any) -> None:
+        _seen(s, op)
+        s.flush()
+        raise RuntimeError("the application's table said no")
+
+    with pytest.raises(RuntimeError, match="said no"):
+        _complete(orch, op_id, 0, queue="ha-q", attempt=Attempt("w1", 1.0), effect=broken)
+    assert _state(orch, op_id) == before
+    with orch.db.read() as s:
+        assert s.execute(select(Event)).first() is None
+    assert _complete(orch, op_id, 0, queue="ha-q", attempt=Attempt("w1", 1.0),
+                     effect=_seen).outcome == "run"
+    with orch.db.read() as s:
+        assert s.execute(select(Event.key)).scalars().all() == [f"{op_id}:0"]
 
 
 def test_a_submit_records_what_the_general_path_records(orch: Orchestrator) -> None:
@@ -115,7 +181,7 @@ def test_a_submit_records_what_the_general_path_records(orch: Orchestrator) -> N
     assert states["new"][2] == [("ha", 1), ("hb", 2)]  # every host, with its last position
     for op_id in ids.values():
         for position in range(len(PLAN)):
-            _complete(orch, op_id, position, True, queue="q", attempt=Attempt("w1", 1.0))
+            _complete(orch, op_id, position, queue="q", attempt=Attempt("w1", 1.0))
     assert _state(orch, ids["new"]) == _state(orch, ids["orm"])
 
 
@@ -129,7 +195,7 @@ def test_a_busy_subject_is_refused_naming_its_holder(orch: Orchestrator) -> None
         assert s.execute(select(Operation.id)).scalars().all() == [first]  # nothing half-made
         assert len(s.execute(select(OperationHost)).all()) == 2
     for position in range(len(PLAN)):  # the subject is free again once it is done
-        _complete(orch, first, position, True, queue="q", attempt=None)
+        _complete(orch, first, position, queue="q", attempt=None)
     orch.ledger.record_new("three", plan, hosts, {}, "vm1", "hb", None)
 
 
@@ -151,7 +217,7 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
 
     plan, hosts = [list(p) for p in PLAN], {"a": "ha", "b": "hb"}
     first = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
-    _complete(orch, first, 0, True, queue="q", attempt=None)  # pools hold connections now
+    _complete(orch, first, 0, queue="q", attempt=None)  # pools hold connections now
     assert orch.ledger.stranded_steps("hb", 60, 60) == []  # and the direct statements' own one
     assert in_a_thread(lambda: orch.ledger.stranded_steps("hb", 60, 60)) == []  # pooled
     url = make_url(orch.db.url)
@@ -166,7 +232,7 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     assert ended >= 1
     second = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None)
     for op_id, position in ((first, 1), (second, 0)):
-        assert _complete(orch, op_id, position, True, queue="q", attempt=None).outcome == "run"
+        assert _complete(orch, op_id, position, queue="q", attempt=None).outcome == "run"
     assert orch.ledger.stranded_steps("hb", 60, 60) == []
     assert in_a_thread(lambda: orch.ledger.stranded_steps("hb", 60, 60)) == []
     assert orch.db.health.up

@@ -36,7 +36,7 @@ from orchestrator.context import StepContext, running_step
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
 from orchestrator.limits import json_size
 from orchestrator.redact import error_text
-from orchestrator.state import Attempt, no_effect
+from orchestrator.state import Attempt
 from workers.validation import check_step_call, reject
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         return orch.ledger_health.call(fn, f"step {step} of {operation_id} on {host} {what}")
 
     start = recorded("waits to start", lambda: ledger.begin_step(
-        operation_id, position, step, host, worker=task.request.hostname, claim=False))
+        operation_id, position, step, host))
     if start.outcome == "duplicate":
         logger.info("step %s of %s delivered again: already done, dropped", step, operation_id)
         return "duplicate"
@@ -239,12 +239,9 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
             decision = (orch.router.decide(*following, record=False)
                         if following is not None else None)
             queue = decision.queue if decision else None
-            if spec.effect is no_effect and not output:  # nothing to apply: no ORM needed
-                return decision, ledger.complete_plain(
-                    operation_id, position, step, host, start, queue, attempt)
-            return decision, ledger.complete_step(
-                operation_id, position, spec.effect, output, next_queue=queue,
-                attempt=attempt)
+            return decision, ledger.complete(
+                operation_id, position, step, host, start, output=output, effect=spec.effect,
+                next_queue=queue, attempt=attempt)
 
         decision, nxt = recorded("is done, waits to record it", complete)
         if nxt.outcome == "behind":
