@@ -44,7 +44,6 @@ from orchestrator import policy, signing
 from orchestrator import registry as registry_mod
 from orchestrator.config import Settings
 from orchestrator.context import StepContext, StepSpec
-from orchestrator.db import Database
 from orchestrator.dispatch import Dispatcher, StepMessage
 from orchestrator.errors import (
     DefinitionError,
@@ -54,8 +53,10 @@ from orchestrator.errors import (
     UnknownFlow,
 )
 from orchestrator.flows import Flow
+from orchestrator.ledger.engines import Database
+from orchestrator.ledger.models import Operation
+from orchestrator.ledger.store import Effect, Ledger, no_effect
 from orchestrator.limits import json_size, utf8
-from orchestrator.models import Operation
 from orchestrator.names import check_host_name
 from orchestrator.redact import check_passwords, printable, redact_url
 from orchestrator.registry import Registry
@@ -66,7 +67,6 @@ from orchestrator.routing import (
     StepRouter,
 )
 from orchestrator.seams import kombu_internals
-from orchestrator.state import Effect, Ledger, no_effect
 
 #: Retries of a step after an unexpected error, before its operation fails.
 DEFAULT_MAX_RETRIES = 3
@@ -123,7 +123,7 @@ class Orchestrator:
         self.ledger = Ledger(self.db, self.flows)
         #: The one way a step is sent (orchestrator.dispatch).
         self.dispatch = Dispatcher(self)
-        #: This process's view of the ledger's reachability (orchestrator.health).
+        #: This process's view of the ledger's reachability (orchestrator.ledger.health).
         self.ledger_health = self.db.health
         self.registry = Registry(self.db, self.settings.heartbeat_interval, self.db.health)
         self.task_prefix = task_prefix

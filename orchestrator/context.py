@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import DefinitionError
-from orchestrator.state import Effect, no_effect
+from orchestrator.ledger.store import Effect, no_effect
 
 #: The operation whose step this thread runs now (set by the step runner around the step's
 #: function): a submit made from a step is part of that operation's progress, and a broker

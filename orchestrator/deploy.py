@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy import select
 
 from orchestrator.broker import peek_task_names
-from orchestrator.models import Operation
+from orchestrator.ledger.models import Operation
+from orchestrator.ledger.store import ACTIVE_STATUSES
 from orchestrator.routing import RoutingError, alt_queue, load_routing
-from orchestrator.state import ACTIVE_STATUSES
 
 
 def steps_left(op: Operation) -> list[tuple[str, str]]:

@@ -36,9 +36,9 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator.context import running_step
 from orchestrator.errors import BrokerUnavailable, LedgerUnavailable, first_line
+from orchestrator.ledger.store import step_task_id
 from orchestrator.redact import error_text
 from orchestrator.routing import Decision
-from orchestrator.state import step_task_id
 
 logger = logging.getLogger("orchestrator")
 

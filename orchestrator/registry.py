@@ -3,7 +3,7 @@
 Each worker writes its own row (up at start, draining on SIGTERM, down at exit) and refreshes a
 heartbeat; a heartbeat older than ``STALE_AFTER`` heartbeat intervals counts as down, since a
 killed worker writes nothing, unless the reader itself could not reach the ledger meanwhile
-(:meth:`orchestrator.health.LedgerHealth.excuses_silence`): a heartbeat nobody could write
+(:meth:`orchestrator.ledger.health.LedgerHealth.excuses_silence`): a heartbeat nobody could write
 says nothing of its writer. The drain reads it to tell an operation that can still progress
 from one whose next step waits on a queue nobody consumes.
 """
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
-from orchestrator.db import Database
-from orchestrator.health import LedgerHealth
-from orchestrator.models import Drain, RoutingFallback, Service
+from orchestrator.ledger.engines import Database
+from orchestrator.ledger.health import LedgerHealth
+from orchestrator.ledger.models import Drain, RoutingFallback, Service
 from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
 
 #: Version 2 consumes ``<host>-alt``; version 1 (legacy) consumes only ``<host>``.

@@ -11,9 +11,9 @@ from sqlalchemy import select
 from orchestrator import registry
 from orchestrator.broker import queue_depths
 from orchestrator.errors import UnknownOperation
-from orchestrator.models import Operation, StepRecord
+from orchestrator.ledger.models import Operation, StepRecord
+from orchestrator.ledger.store import ACTIVE_STATUSES
 from orchestrator.routing import alt_queue
-from orchestrator.state import ACTIVE_STATUSES
 
 
 def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:

@@ -608,7 +608,7 @@ class Bench:
         a, b = FLOW_HOSTS
         from sqlalchemy import func, select
 
-        from orchestrator.models import Operation
+        from orchestrator.ledger.models import Operation
 
         def completed() -> int:  # any database: SQLite by default, --db-url for another
             with orch.db.read() as s:
@@ -760,9 +760,9 @@ class Bench:
     def _ledger_fleet(self, fleet_size: int, per_host: int) -> dict[str, Any]:
         from sqlalchemy import select
 
-        from orchestrator.db import Database
-        from orchestrator.models import Operation
-        from orchestrator.state import ACTIVE_STATUSES, Ledger
+        from orchestrator.ledger.engines import Database
+        from orchestrator.ledger.models import Operation
+        from orchestrator.ledger.store import ACTIVE_STATUSES, Ledger
 
         db = Database(f"sqlite:///{self.tmp / f'ledger-{fleet_size}.db'}")
         ledger = Ledger(db, {})
@@ -843,7 +843,7 @@ class Bench:
         """Ours: submitted through the orchestrator, counted as completed in the ledger."""
         from sqlalchemy import func, select
 
-        from orchestrator.models import Operation
+        from orchestrator.ledger.models import Operation
 
         def completed() -> int:
             with orch.db.read() as s:
@@ -933,7 +933,7 @@ class Bench:
         load.join()
         from sqlalchemy import func, select
 
-        from orchestrator.models import StepRecord
+        from orchestrator.ledger.models import StepRecord
 
         with orch.db.read() as s:
             last = s.execute(select(func.max(StepRecord.finished_at)).where(

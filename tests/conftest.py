@@ -112,7 +112,7 @@ def fresh_db(tmp_dir: Path) -> str:
     url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_dir / 'orch.db'}"
     if not url.startswith("sqlite"):
         from nova_app.app import MIGRATIONS
-        from orchestrator.db import reset
+        from orchestrator.ledger.engines import reset
 
         reset(url, [MIGRATIONS])
     return url

@@ -438,15 +438,15 @@ class Soak:
     def _reset_db(self, url: str) -> None:
         if not url.startswith("sqlite"):
             from nova_app.app import MIGRATIONS
-            from orchestrator.db import reset
+            from orchestrator.ledger.engines import reset
 
             reset(url, [MIGRATIONS])
 
     def _progress(self) -> None:
         from sqlalchemy import func, select
 
-        from orchestrator import db
-        from orchestrator.models import Operation
+        from orchestrator.ledger import engines as db
+        from orchestrator.ledger.models import Operation
 
         try:
             with db.read() as s:
@@ -728,8 +728,8 @@ class Soak:
 
         from nova_app.models import Instance, Migration
         from nova_app.operations import NON_EXCLUSIVE
-        from orchestrator import db
-        from orchestrator.models import Operation
+        from orchestrator.ledger import engines as db
+        from orchestrator.ledger.models import Operation
 
         with db.read() as s:
             instances = s.execute(select(Instance).order_by(Instance.name)).scalars().all()
@@ -855,9 +855,9 @@ class Soak:
         unacked messages."""
         from sqlalchemy import select
 
-        from orchestrator import db
         from orchestrator.broker import queue_depth
-        from orchestrator.models import Operation
+        from orchestrator.ledger import engines as db
+        from orchestrator.ledger.models import Operation
 
         with db.read() as s:
             active = s.execute(select(Operation).where(
@@ -954,8 +954,8 @@ class Soak:
         from sqlalchemy import select
 
         from nova_app.models import Instance, Migration
-        from orchestrator import db
-        from orchestrator.models import Event, Operation, StepRecord
+        from orchestrator.ledger import engines as db
+        from orchestrator.ledger.models import Event, Operation, StepRecord
 
         with db.read() as s:
             ops = s.execute(select(Operation).order_by(Operation.created_at)).scalars().all()
@@ -1251,8 +1251,8 @@ class Soak:
         not a failure: nothing is lost, the drain just ends by its deadline (75)."""
         from sqlalchemy import select
 
-        from orchestrator import db
-        from orchestrator.models import StepRecord
+        from orchestrator.ledger import engines as db
+        from orchestrator.ledger.models import StepRecord
 
         out = []
         for line in expired:

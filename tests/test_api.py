@@ -22,7 +22,7 @@ from orchestrator import (
 )
 from orchestrator.broker import queue_depths
 from orchestrator.cli import main as cli
-from orchestrator.models import Operation
+from orchestrator.ledger.models import Operation
 
 ROUTING = """\
 steps:

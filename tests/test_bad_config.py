@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from nova_app.app import MIGRATIONS, orch
-from orchestrator import schema
 from orchestrator.cli import main as cli
 from orchestrator.errors import SchemaError, StepFailure, SubmitError
+from orchestrator.ledger import schema
 from workers.steps import _output
 
 
@@ -104,7 +104,7 @@ def test_sizes_and_text_are_checked_at_submit_on_every_database(db_url: str) -> 
     with pytest.raises(SubmitError, match="params hold text that is not UTF-8"):
         orch.submit("boot", hosts=hosts, params={"name": "\udcff"})
     with orch.read() as s:
-        from orchestrator.models import Operation
+        from orchestrator.ledger.models import Operation
 
         assert s.query(Operation).count() == 0, "nothing recorded"
 

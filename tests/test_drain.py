@@ -92,8 +92,8 @@ def test_resize_finishes_on_draining_destination(fleet: Fleet) -> None:
 def _step_times(operation_id: str) -> list[dict]:
     from sqlalchemy import select
 
-    from orchestrator import db
-    from orchestrator.models import StepRecord
+    from orchestrator.ledger import engines as db
+    from orchestrator.ledger.models import StepRecord
 
     with db.session() as s:
         rows = s.execute(select(StepRecord).where(StepRecord.operation_id == operation_id))
@@ -192,8 +192,8 @@ def test_deadline_mid_step_requeues_the_running_step(fleet: Fleet) -> None:
 def _applied(operation_id: str) -> dict[int, int]:
     from sqlalchemy import select
 
-    from orchestrator import db
-    from orchestrator.models import StepRecord
+    from orchestrator.ledger import engines as db
+    from orchestrator.ledger.models import StepRecord
 
     with db.session() as s:
         rows = s.execute(select(StepRecord).where(StepRecord.operation_id == operation_id))

@@ -16,10 +16,10 @@ from celery import Celery
 from sqlalchemy import select
 
 from orchestrator import Orchestrator
-from orchestrator.db import reset
 from orchestrator.errors import SubjectBusy
-from orchestrator.models import Event, Operation, OperationHost, StepRecord
-from orchestrator.state import Attempt
+from orchestrator.ledger.engines import reset
+from orchestrator.ledger.models import Event, Operation, OperationHost, StepRecord
+from orchestrator.ledger.store import Attempt
 
 PLAN = [("prep", "hb"), ("move", "ha"), ("finish", "hb")]
 ROUTING = """steps:

@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import column, func, insert, select, table, text
 
 from examples.volume_move.app import orch, volume_path
-from orchestrator.db import Database
 from orchestrator.errors import LedgerUnavailable
+from orchestrator.ledger.engines import Database
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests import pgserver
 from tests.conftest import fresh_broker

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from orchestrator.db import Database, unreachable
 from orchestrator.errors import LedgerUnavailable
-from orchestrator.health import QUIET_SECONDS, LedgerHealth
+from orchestrator.ledger.engines import Database, unreachable
+from orchestrator.ledger.health import QUIET_SECONDS, LedgerHealth
 from orchestrator.registry import ServiceView
 from orchestrator.testing.embedded import free_port
 from workers.resend import delivery_gone

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.models import Operation
+from orchestrator.ledger.models import Operation
 from orchestrator.registry import ServiceView
 from workers.leftover import UNPUBLISHED_GRACE, what_is_left
 

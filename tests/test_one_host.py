@@ -100,7 +100,7 @@ def test_add_consumer_of_another_host_is_refused_and_shutdown_drains(fleet: Flee
     log = worker.log()
     assert "drain: " in log and "remote shutdown" in log, log
     with orch.read() as s:
-        from orchestrator.models import Drain
+        from orchestrator.ledger.models import Drain
 
         drains = s.query(Drain).filter_by(host="compute1").all()
         assert [d.outcome for d in drains] == ["done"], [d.outcome for d in drains]
@@ -143,7 +143,7 @@ def test_attempts_are_counted_by_the_ledger_not_by_the_message(fleet: Fleet) -> 
     the first message would): the count cannot be reset by whoever can publish."""
     import time
 
-    from orchestrator.state import Attempt
+    from orchestrator.ledger.store import Attempt
 
     env = {"ORCHESTRATOR_CRASH_STEPS": "get_console_output@compute1",
            "ORCHESTRATOR_CRASH_DELIVERIES": "99"}

@@ -20,9 +20,9 @@ from sqlalchemy import select
 
 from nova_app import operations, views
 from nova_app.app import app
-from orchestrator import db
 from orchestrator.broker import queue_depth
-from orchestrator.models import StepRecord
+from orchestrator.ledger import engines as db
+from orchestrator.ledger.models import StepRecord
 from orchestrator.testing.fleet import Fleet
 from tests.helpers import (
     assert_conserved,
@@ -143,7 +143,7 @@ def test_nova_graceful_shutdown_scenario(fleet: Fleet, scenario: Scenario) -> No
 
 
 def _earlier_operations(operation_id: str) -> list:
-    from orchestrator.models import Operation
+    from orchestrator.ledger.models import Operation
 
     with db.read() as s:
         return [o for o in s.execute(select(Operation)).scalars() if o.id != operation_id]
@@ -237,7 +237,7 @@ def test_an_event_the_broker_refuses_mid_step_is_sent_later(tmp_path,
     retry (about 6.5 s). The event's operation is left queued and "not sent", never failed
     (nobody could act on the error), and the build does not fail; once the broker is back,
     compute1's resend sends it and the boot completes."""
-    from orchestrator.models import Operation
+    from orchestrator.ledger.models import Operation
     from orchestrator.testing.embedded import embedded_redis
     from orchestrator.views import wait_for
     from tests.conftest import BROKER_URL, fresh_db, use_broker

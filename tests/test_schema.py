@@ -11,13 +11,13 @@ import pytest
 from sqlalchemy import inspect
 
 from orchestrator import SchemaError
-from orchestrator.db import Database, reset
+from orchestrator.ledger.engines import Database, reset
 from tests.conftest import BROKER_URL, fresh_db
 
 REPO = Path(__file__).resolve().parent.parent
 #: The engine's newest revision (each release's migrations add one).
 ENGINE_HEAD = sorted(p.name.split("_")[0] for p in
-                     (REPO / "orchestrator" / "migrations" / "versions").glob("0*.py"))[-1]
+                     (REPO / "orchestrator" / "ledger" / "migrations" / "versions").glob("0*.py"))[-1]
 ENGINE_HEAD = f"orch{ENGINE_HEAD}"
 FIRST = '''
 """shelves"""
@@ -151,8 +151,8 @@ def test_the_per_host_migration_indexes_operations_already_in_flight(tmp_path: P
     from alembic.operations import Operations
     from sqlalchemy import text
 
-    from orchestrator import schema
-    from orchestrator.state import Ledger
+    from orchestrator.ledger import schema
+    from orchestrator.ledger.store import Ledger
 
     url = fresh_db(tmp_path)
     reset(url)

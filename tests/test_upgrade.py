@@ -25,13 +25,14 @@ from sqlalchemy import func, select
 
 from nova_app import operations, views
 from nova_app.app import app, orch
-from orchestrator import db, registry
+from orchestrator import registry
 from orchestrator.broker import queue_depth
 from orchestrator.cli import main as cli
 from orchestrator.config import ConfigError, Settings
-from orchestrator.models import Service, StepRecord
+from orchestrator.ledger import engines as db
+from orchestrator.ledger.models import Service, StepRecord
+from orchestrator.ledger.store import ACTIVE_STATUSES
 from orchestrator.routing import AltCapability, AltSnapshot, Decision, StepRouter
-from orchestrator.state import ACTIVE_STATUSES
 from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from tests.helpers import assert_conserved, at_step, ended, queued_messages, wait_op
 

@@ -92,7 +92,7 @@ def effects_applied(operations: list[str]) -> list[tuple[str, int]]:
     """(step, times its effect was applied) for every step record of ``operations``."""
     from sqlalchemy import select
 
-    from orchestrator.models import StepRecord
+    from orchestrator.ledger.models import StepRecord
 
     with orch.read() as s:
         records = s.execute(select(StepRecord).where(

@@ -45,12 +45,12 @@ from celery.utils.log import get_logger
 
 from orchestrator.broker import queue_depth
 from orchestrator.errors import LedgerUnavailable
-from orchestrator.models import Operation
+from orchestrator.ledger.models import Operation
+from orchestrator.ledger.store import step_task_id
 from orchestrator.redact import error_text, printable
 from orchestrator.routing import ALT_SUFFIX
 from orchestrator.seams import billiard_internals, kombu_internals
 from orchestrator.seams import celery_internals as celery_seam
-from orchestrator.state import step_task_id
 from workers.deadline import EX_DRAIN_EXPIRED, ExitDeadline
 from workers.drainrecord import DrainRecord
 from workers.handback import HandBack

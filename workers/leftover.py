@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from orchestrator import registry
-from orchestrator.models import Operation
+from orchestrator.ledger.models import Operation
 from orchestrator.registry import ServiceView
 
 #: A step not published after this long lost its sender (see workers.resend).

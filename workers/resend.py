@@ -32,9 +32,9 @@ from celery.utils.log import get_logger
 
 from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
+from orchestrator.ledger.store import step_task_id
 from orchestrator.registry import STALE_AFTER, ServiceView
 from orchestrator.seams import celery_internals as celery_seam
-from orchestrator.state import step_task_id
 from workers.hoststep import HostTimerStep
 from workers.leftover import UNPUBLISHED_GRACE
 

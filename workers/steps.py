@@ -14,7 +14,7 @@ then fails it, so an operation is never left "running" with no message anywhere.
 The ledger unreachable is a wait, never a verdict: a delivery that cannot ask the ledger whether
 it may run waits for it (nothing run, no attempt counted), and a step whose work is done keeps
 its result and retries only the recording, with backoff, until the ledger answers
-(:meth:`orchestrator.health.LedgerHealth.call`). The message stays unacknowledged meanwhile
+(:meth:`orchestrator.ledger.health.LedgerHealth.call`). The message stays unacknowledged meanwhile
 (``task_acks_late``); if the worker must exit first (the drain's deadline, a second SIGTERM),
 the pool process is ended and Celery's ``task_reject_on_worker_lost`` puts the message back, for
 the ledger to judge on redelivery. Nothing is failed because the ledger was down.
@@ -34,9 +34,9 @@ from celery.exceptions import Reject
 
 from orchestrator.context import StepContext, running_step
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
+from orchestrator.ledger.store import Attempt
 from orchestrator.limits import json_size
 from orchestrator.redact import error_text
-from orchestrator.state import Attempt
 from workers.validation import check_step_call, reject
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from sqlalchemy import select
 
 from orchestrator.broker import queue_depths
 from orchestrator.config import TESTKIT_GATE
-from orchestrator.models import Operation, StepRecord
+from orchestrator.ledger.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
 from orchestrator.testing.embedded import RedisServer
 from orchestrator.testing.fleet import Fleet, WorkerProcess

@@ -1,7 +1,7 @@
 """The database schema, managed with Alembic: the engine's tables and an application's own.
 
 Each owner keeps its revisions in a folder of its own, as an Alembic branch with a label
-(the engine's is ``orchestrator``, in ``orchestrator/migrations/versions``; an application
+(the engine's is ``orchestrator``, in ``orchestrator/ledger/migrations/versions``; an application
 passes ``Orchestrator(..., migrations=FOLDER)``). The revision a database is at is kept in the
 table :data:`VERSION_TABLE`, not ``alembic_version``, so an application that runs Alembic for
 tables of its own keeps its history apart.

@@ -1,14 +1,14 @@
 """The ledger: operation state transitions, written so that any step may be delivered twice.
 
-A step runs in three moves: :meth:`Ledger.begin_step` (may it run? a read), the step's work
-(slow, outside any transaction), then :meth:`Ledger.complete`, which records the attempt,
-applies the step's effect, merges what the step returned into the operation's params, advances
-the operation and records the next step as sent, in one transaction guarded by the operation's
-``position`` (statements built once per dialect, no ORM; an effect's own rows through the
-application's ORM session on the same connection): a second delivery of the same step finds the position moved on and changes
-nothing. So an executed step costs one write transaction. A step that runs longer than a
-moment is also recorded as running while it runs (:meth:`Ledger.claim_step`, from a timer in
-the worker), so operators and drains see it; a short one is not worth that second write.
+A step runs in three moves: :meth:`Ledger.begin_step` (may it run? a read), the step's work (slow,
+outside any transaction), then :meth:`Ledger.complete`, which records the attempt, applies the
+step's effect, merges what the step returned into the operation's params, advances the operation and
+records the next step as sent, in one transaction guarded by the operation's ``position``
+(statements built once per dialect, no ORM; an effect's own rows through the application's ORM
+session on the same connection): a second delivery of the same step finds the position moved on and
+changes nothing. So an executed step costs one write transaction. A step that runs longer than a
+moment is also recorded as running while it runs (:meth:`Ledger.claim_step`, from a timer in the
+worker), so operators and drains see it; a short one is not worth that second write.
 
 The next step's message is published after the commit; if that publish fails, or the process
 dies before it, a redelivery of the step (or the stranded-step resend) publishes it again, so
@@ -31,18 +31,25 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from orchestrator.db import Database
 from orchestrator.errors import StepMismatch, SubjectBusy, UnknownOperation
 from orchestrator.flows import Flow
-from orchestrator.models import ACTIVE_STATUSES, Event, Operation, OperationHost, StepRecord, new_id
-from orchestrator.statements import StepStatements, statements_for
+from orchestrator.ledger.engines import Database
+from orchestrator.ledger.models import (
+    ACTIVE_STATUSES,
+    Event,
+    Operation,
+    OperationHost,
+    StepRecord,
+    new_id,
+)
+from orchestrator.ledger.statements import StepStatements, statements_for
 
 __all__ = ["ACTIVE_STATUSES", "Attempt", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
 
 #: Applied in the transaction that completes (or fails) a step: exactly once. Its second
 #: argument is the operation: a :class:`StepOperation` when the step completes, its
-#: :class:`~orchestrator.models.Operation` row when it fails.
+#: :class:`~orchestrator.ledger.models.Operation` row when it fails.
 Effect = Callable[[Session, Any], None]
 
 

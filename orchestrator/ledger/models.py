@@ -1,6 +1,6 @@
 """The engine's tables: operations, their step log, events, the host service registry and the
 router's fallback counts. An application keeps its own tables in its own metadata (and its own
-migrations: :mod:`orchestrator.schema`); nothing here knows them.
+migrations: :mod:`orchestrator.ledger.schema`); nothing here knows them.
 
 Times are UNIX seconds (floats) so that SQLite and PostgreSQL compare them the same way.
 """

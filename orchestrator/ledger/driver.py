@@ -1,9 +1,9 @@
-"""Statements straight on the database driver, for the ledger's hot path and a worker's
-periodic looks (:meth:`orchestrator.db.Database.direct`): each compiled once with its types'
-conversions (:class:`Form`), run on a pooled DBAPI connection (:class:`Direct`), one at a
-time or in a transaction (:class:`Transaction`); and the pool's check for a connection the
-server closed (:func:`closed_by_server`), which a connection kept out of the pool needs too.
-Which engine and pool a statement runs on is :mod:`orchestrator.db`'s to say.
+"""Statements straight on the database driver, for the ledger's hot path and a worker's periodic
+looks (:meth:`orchestrator.ledger.engines.Database.direct`): each compiled once with its types'
+conversions (:class:`Form`), run on a pooled DBAPI connection (:class:`Direct`), one at a time or in
+a transaction (:class:`Transaction`); and the pool's check for a connection the server closed
+(:func:`closed_by_server`), which a connection kept out of the pool needs too. Which engine and pool
+a statement runs on is :mod:`orchestrator.ledger.engines`'s to say.
 
 A connection is also dropped when its server will not take a write (:func:`not_the_primary`):
 after a failover, a server that was demoted, or a standby a URL without
@@ -91,16 +91,16 @@ class Form:
 
 
 class Direct:
-    """Runs :meth:`orchestrator.db.Database.direct`'s statements straight on a pooled DBAPI
-    connection, each compiled once (:class:`Form`). In a worker whose caches have gone cold
-    between two runs, SQLAlchemy's Connection, transaction, execution context and result
-    (about 250 Python calls) cost four to five times the statement: on SQLite 0.65 against
-    0.15 ms for an idle worker's look that finds nothing, 0.75 against 0.18 ms for a
-    heartbeat. The pool is the reading engine's (SQLite without BEGIN, PostgreSQL in
-    autocommit): each statement commits by itself. The process's main thread, which runs the
-    step path in a pool process and the periodic looks in a worker, keeps its connection (a
-    checkout and its return cost 0.04 ms a statement on PostgreSQL, 0.1 ms a step); other
-    threads (a web server's come and go) take one from the pool for each statement."""
+    """Runs :meth:`orchestrator.ledger.engines.Database.direct`'s statements straight on a pooled
+    DBAPI connection, each compiled once (:class:`Form`). In a worker whose caches have gone cold
+    between two runs, SQLAlchemy's Connection, transaction, execution context and result (about 250
+    Python calls) cost four to five times the statement: on SQLite 0.65 against 0.15 ms for an idle
+    worker's look that finds nothing, 0.75 against 0.18 ms for a heartbeat. The pool is the reading
+    engine's (SQLite without BEGIN, PostgreSQL in autocommit): each statement commits by itself. The
+    process's main thread, which runs the step path in a pool process and the periodic looks in a
+    worker, keeps its connection (a checkout and its return cost 0.04 ms a statement on PostgreSQL,
+    0.1 ms a step); other threads (a web server's come and go) take one from the pool for each
+    statement."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -208,7 +208,7 @@ class Direct:
 
 
 class Transaction:
-    """What :meth:`orchestrator.db.Database.direct_transaction` yields:
+    """What :meth:`orchestrator.ledger.engines.Database.direct_transaction` yields:
     ``run(statement, **params)`` gives the rows, ``run.many(statement, [params, ...])``
     executes once per set."""
 

@@ -1,11 +1,10 @@
-"""The ledger's hot statements, built once per dialect with bound parameters (the step path,
-the submit, and what a host's worker looks for every few seconds): a step costs their
-execution and not their construction. Those that stand alone run straight on the driver,
-compiled once (:meth:`orchestrator.db.Database.direct`): the step's read, the idle looks, and
-on PostgreSQL the completion and the submit, each one statement of data-modifying CTEs that
-commits by itself. SQLite has no data-modifying CTE: its completion and submit are a few of
-these statements in one transaction. The ledger (:mod:`orchestrator.state`) says when each is
-used."""
+"""The ledger's hot statements, built once per dialect with bound parameters (the step path, the
+submit, and what a host's worker looks for every few seconds): a step costs their execution and not
+their construction. Those that stand alone run straight on the driver, compiled once
+(:meth:`orchestrator.ledger.engines.Database.direct`): the step's read, the idle looks, and on
+PostgreSQL the completion and the submit, each one statement of data-modifying CTEs that commits by
+itself. SQLite has no data-modifying CTE: its completion and submit are a few of these statements in
+one transaction. The ledger (:mod:`orchestrator.ledger.store`) says when each is used."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true, update
 
-from orchestrator.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
+from orchestrator.ledger.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
 
 #: The ways a completion moves an operation on: it ends (the plan is done), or its next step
 #: is queued, recorded as sent to a queue in the same statement or not.

@@ -8,7 +8,7 @@ with "database is locked" instead of waiting for ``busy_timeout``. Read-only ses
 (``read()``) use a second engine without it, so in WAL mode they never queue behind writers.
 
 Nothing connects at import or construction: the first session opens the engine and checks the
-schema (:func:`orchestrator.schema.ensure`), once per process, URL and set of migrations.
+schema (:func:`orchestrator.ledger.schema.ensure`), once per process, URL and set of migrations.
 
 A database that does not answer is raised as :class:`~orchestrator.errors.LedgerUnavailable`,
 one line naming it (password redacted), from every session: callers wait and try again
@@ -23,7 +23,7 @@ one URL naming every server, libpq's multi-host form, with ``target_session_attr
 (``postgresql+psycopg://user@/ledger?host=a:5432&host=b:5432&target_session_attrs=read-write``,
 docs/FAILOVER.md): each new connection tries the hosts in turn and keeps the one that takes
 writes. Every path reconnects after a failover: a pooled connection to the crashed primary
-is dropped at checkout (:func:`~orchestrator.driver.closed_by_server`) or fails as
+is dropped at checkout (:func:`~orchestrator.ledger.driver.closed_by_server`) or fails as
 unreachable, and one whose server takes no write (SQLSTATE 25006: a standby, a demoted
 primary) is dropped and the ledger called unreachable meanwhile, never the operation failed.
 """
@@ -51,10 +51,11 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import config, schema
-from orchestrator.driver import Direct, Transaction, closed_by_server, not_the_primary
+from orchestrator import config
 from orchestrator.errors import ConfigError, LedgerUnavailable, SchemaError, first_line
-from orchestrator.health import LedgerHealth
+from orchestrator.ledger import schema
+from orchestrator.ledger.driver import Direct, Transaction, closed_by_server, not_the_primary
+from orchestrator.ledger.health import LedgerHealth
 from orchestrator.redact import printable, redact_text, redact_url
 
 #: libpq connection settings (seconds): a connect, and a query on a connection whose peer went
@@ -292,7 +293,7 @@ class Database:
     def __init__(self, url: str | None = None, migrations: Sequence[Path] = ()) -> None:
         self._url = url
         self.migrations = tuple(Path(p) for p in migrations)
-        #: Whether the database answered this process's last attempts (orchestrator.health).
+        #: Whether the database answered this process's last attempts (orchestrator.ledger.health).
         self.health = LedgerHealth()
         #: Whether a read may bring an empty database to the schema, as any first use does
         #: in a program of the application's. The command line and Flower set False: what
@@ -355,7 +356,7 @@ class Database:
         rows (converted by their types): what the step path runs at every step (its read, and
         on PostgreSQL its one-statement completion and submit) and what a worker runs every
         few seconds, idle or not (the looks that nearly always find nothing, the heartbeat).
-        A fifth of a Core connection's cost (:class:`~orchestrator.driver.Direct`). On
+        A fifth of a Core connection's cost (:class:`~orchestrator.ledger.driver.Direct`). On
         SQLite a write takes its turn among the machine's writers. The statement must not
         hold an expanding ``IN``. Unreachable as from every session."""
         url = self.url
