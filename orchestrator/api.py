@@ -37,7 +37,6 @@ from typing import Any
 import click
 from celery import Celery, signals
 from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, configure_mappers
 
 from orchestrator import policy, signing
@@ -48,7 +47,6 @@ from orchestrator.dispatch import Dispatcher, StepMessage
 from orchestrator.errors import (
     DefinitionError,
     LedgerUnavailable,
-    SubjectBusy,
     SubmitError,
     UnknownFlow,
 )
@@ -503,27 +501,9 @@ class Orchestrator:
         self, s: Session, spec: Flow, hosts: Mapping[str, str],
         params: Mapping[str, Any] | None, subject: str | None, queue: str | None = None,
     ) -> str:
-        if subject is not None:
-            busy = self.ledger.holder(s, subject)
-            if busy is not None:
-                raise SubjectBusy(
-                    f"subject {subject!r} is busy: operation {busy.id} ({busy.kind}) in progress"
-                )
-        op = Operation(
-            kind=spec.name, subject=subject, holds=subject, plan=spec.plan(hosts),
-            hosts=dict(hosts), params=dict(params or {}), status="queued", position=0,
-            step_state="queued", step_since=time.time(), next_published=queue is not None,
-            queue=queue, current_host=spec.plan(hosts)[0][1],
-            rollback=spec.recorded_rollback(hosts),
-        )
-        s.add(op)
-        try:
-            s.flush()
-        except IntegrityError:
-            raise SubjectBusy(f"subject {subject!r} is busy: another operation was just "
-                              "submitted for it") from None
-        self.ledger.index_hosts(s, op, new=True)
-        return op.id
+        """The operation recorded in the application's transaction ``s``."""
+        return self.ledger.record_new(spec.name, spec.plan(hosts), hosts, params or {},
+                                      subject, queue, spec.recorded_rollback(hosts), session=s)
 
     def publish_step(self, operation_id: str, position: int, step: str, host: str,
                      kind: str = "", subject: str | None = None) -> str:

@@ -761,7 +761,7 @@ class Bench:
         from sqlalchemy import select
 
         from orchestrator.ledger.engines import Database
-        from orchestrator.ledger.models import Operation
+        from orchestrator.ledger.models import Operation, OperationHost
         from orchestrator.ledger.store import ACTIVE_STATUSES, Ledger
 
         db = Database(f"sqlite:///{self.tmp / f'ledger-{fleet_size}.db'}")
@@ -779,7 +779,9 @@ class Bench:
                                step_since=now, next_published=True, queue=b)
                 s.add(op)
                 s.flush()
-                ledger.index_hosts(s, op, new=True)
+                s.add_all(OperationHost(operation_id=op.id, host=h, last_position=last)
+                          for h, last in {b: 2, a: 1}.items())
+                op.current_host = op.current[1]
         host = hosts[0]
 
         def scan_needing() -> int:

@@ -19,7 +19,8 @@ from orchestrator import Orchestrator
 from orchestrator.errors import SubjectBusy
 from orchestrator.ledger.engines import reset
 from orchestrator.ledger.models import Event, Operation, OperationHost, StepRecord
-from orchestrator.ledger.store import Attempt
+from orchestrator.ledger.states import ACTIVE, MOVES, OperationStatus, StepState
+from orchestrator.ledger.store import Attempt, StepStart
 
 PLAN = [("prep", "hb"), ("move", "ha"), ("finish", "hb")]
 ROUTING = """steps:
@@ -43,14 +44,8 @@ def orch(tmp_path: Path) -> Iterator[Orchestrator]:
 
 
 def _new(orch: Orchestrator) -> str:
-    with orch.db.session() as s:
-        op = Operation(kind="three", plan=[list(p) for p in PLAN], hosts={"a": "ha", "b": "hb"},
-                       params={}, status="queued", position=0, step_state="queued",
-                       step_since=0.0, next_published=True, queue="hb", current_host="hb")
-        s.add(op)
-        s.flush()
-        orch.ledger.index_hosts(s, op, new=True)
-        return op.id
+    return orch.ledger.record_new("three", [list(p) for p in PLAN], {"a": "ha", "b": "hb"},
+                                  {}, None, "hb", None)
 
 
 def _state(orch: Orchestrator, op_id: str) -> tuple:
@@ -170,19 +165,31 @@ def test_an_effect_that_raises_leaves_nothing_recorded(orch: Orchestrator) -> No
         assert s.execute(select(Event.key)).scalars().all() == [f"{op_id}:0"]
 
 
-def test_a_submit_records_what_the_general_path_records(orch: Orchestrator) -> None:
-    """Ledger.record_new (one statement on PostgreSQL, one transaction on SQLite) against the
-    ORM's record of the same operation; then both complete alike."""
-    ids = {"orm": _new(orch),
-           "new": orch.ledger.record_new("three", [list(p) for p in PLAN],
-                                         {"a": "ha", "b": "hb"}, {}, None, "hb", None)}
-    states = {name: _state(orch, op_id) for name, op_id in ids.items()}
-    assert states["new"] == states["orm"]
-    assert states["new"][2] == [("ha", 1), ("hb", 2)]  # every host, with its last position
-    for op_id in ids.values():
+def test_a_submit_in_the_applications_transaction_records_what_a_submit_alone_does(
+        orch: Orchestrator) -> None:
+    """Ledger.record_new alone (one statement on PostgreSQL, one transaction on SQLite) and
+    in an application's session (its connection, its transaction: nothing until it commits,
+    nothing at all if it rolls back); then both complete alike."""
+    plan, hosts = [list(p) for p in PLAN], {"a": "ha", "b": "hb"}
+    alone = _new(orch)
+    with pytest.raises(RuntimeError), orch.transaction() as s:
+        dropped = orch.ledger.record_new("three", plan, hosts, {}, "vm9", "hb", None,
+                                         session=s)
+        raise RuntimeError("the application changed its mind")
+    with orch.transaction() as s:
+        inside = orch.ledger.record_new("three", plan, hosts, {}, None, "hb", None, session=s)
+        with orch.db.read() as other:  # not seen before the application's commit
+            assert other.get(Operation, inside) is None
+    with orch.db.read() as s:
+        assert s.get(Operation, dropped) is None
+        assert s.execute(select(OperationHost).where(
+            OperationHost.operation_id == dropped)).first() is None
+    assert _state(orch, inside) == _state(orch, alone)
+    assert _state(orch, alone)[2] == [("ha", 1), ("hb", 2)]  # every host, its last position
+    for op_id in (alone, inside):
         for position in range(len(PLAN)):
             _complete(orch, op_id, position, queue="q", attempt=Attempt("w1", 1.0))
-    assert _state(orch, ids["new"]) == _state(orch, ids["orm"])
+    assert _state(orch, inside) == _state(orch, alone)
 
 
 def test_a_busy_subject_is_refused_naming_its_holder(orch: Orchestrator) -> None:
@@ -236,3 +243,85 @@ def test_connections_the_server_closed_are_replaced_without_an_error(orch: Orche
     assert orch.ledger.stranded_steps("hb", 60, 60) == []
     assert in_a_thread(lambda: orch.ledger.stranded_steps("hb", 60, 60)) == []
     assert orch.db.health.up
+
+
+def _put(orch: Orchestrator, op_id: str, state: StepState) -> float:
+    """Put the operation's first step in ``state`` (what the ledger's moves would have done
+    by then); returns its ``step_since``."""
+    with orch.db.session() as s:
+        op = s.get(Operation, op_id)
+        op.step_state, op.step_since = state, 5.0
+        if state == StepState.WAITING:
+            op.wait = {"event": "ev", "key": "k", "since": 1.0, "deadline": 1e12}
+    return 5.0
+
+
+#: Each move of MOVES made through the ledger's own method: whether it moved.
+MAKE: dict[str, Callable[[Orchestrator, str, StepState], bool]] = {
+    "claim_step": lambda orch, op_id, _: orch.ledger.claim_step(op_id, 0, Attempt("w1", 1.0)),
+    "complete": lambda orch, op_id, _: orch.ledger.complete(
+        op_id, 0, "prep", "hb", StepStart("run", following=tuple(PLAN[1]), plan=PLAN),
+        next_queue="ha-q").outcome == "run",
+    "wait_for_event": lambda orch, op_id, _: orch.ledger.wait_for_event(
+        op_id, 0, "ev", "k", 60, attempt=Attempt("w1", 1.0)),
+    "fail_step": lambda orch, op_id, _: orch.ledger.fail_step(op_id, 0, "prep@hb: boom")
+    is not None and _status(orch, op_id) == OperationStatus.FAILED,
+    "hold_step": lambda orch, op_id, _: orch.ledger.hold_step(op_id, 0, "prep", "hb")
+    == "held",
+    "claim_resend": lambda orch, op_id, state: orch.ledger.claim_resend(op_id, 0, 5.0, state),
+    "abandon": lambda orch, op_id, _: orch.ledger.abandon(op_id, "could not queue prep"),
+}
+
+
+def _status(orch: Orchestrator, op_id: str) -> str:
+    with orch.db.read() as s:
+        return s.get(Operation, op_id).status
+
+
+def test_every_move_of_the_table_happens_from_its_states_and_from_no_other(
+        orch: Orchestrator) -> None:
+    """MOVES is what the statements are built from: each move, tried from every state of the
+    step, moves it (to the state the table says, or ends the operation) exactly from the
+    states the table lists, and changes nothing from the others."""
+    assert set(MAKE) == set(MOVES)
+    for name, move in MOVES.items():
+        for state in StepState:
+            op_id = _new(orch)
+            _put(orch, op_id, state)
+            before = _state(orch, op_id)
+            moved = MAKE[name](orch, op_id, state)
+            assert moved == (state in move.start), (name, state)
+            with orch.db.read() as s:
+                op = s.get(Operation, op_id)
+            if not moved:
+                assert _state(orch, op_id) == before, (name, state)
+            elif op.status in ACTIVE:
+                assert op.step_state == move.to, (name, state)
+            else:
+                assert move.ends, (name, state)
+
+
+def test_no_code_outside_the_ledger_writes_a_state() -> None:
+    """The ledger's statements are the only writers of an operation's status and its step's
+    state: no engine module outside orchestrator/ledger/ assigns them or passes them to a
+    constructor or an UPDATE."""
+    import ast
+
+    repo = Path(__file__).resolve().parent.parent
+    written = {"step_state", "next_published", "step_since"}
+    offenders = []
+    for package in ("orchestrator", "workers"):
+        for path in (repo / package).rglob("*.py"):
+            if "ledger" in path.relative_to(repo).parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                targets = []
+                if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.attr for t in targets if isinstance(t, ast.Attribute)]
+                if isinstance(node, ast.Call):
+                    names += [k.arg for k in node.keywords if k.arg]
+                for name in names:
+                    if name in written or (name == "status" and package == "workers"):
+                        offenders.append(f"{path.relative_to(repo)}:{node.lineno}: {name}")
+    assert offenders == []

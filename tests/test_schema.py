@@ -16,8 +16,8 @@ from tests.conftest import BROKER_URL, fresh_db
 
 REPO = Path(__file__).resolve().parent.parent
 #: The engine's newest revision (each release's migrations add one).
-ENGINE_HEAD = sorted(p.name.split("_")[0] for p in
-                     (REPO / "orchestrator" / "ledger" / "migrations" / "versions").glob("0*.py"))[-1]
+ENGINE_HEAD = sorted(p.name.split("_")[0] for p in (
+    REPO / "orchestrator" / "ledger" / "migrations" / "versions").glob("0*.py"))[-1]
 ENGINE_HEAD = f"orch{ENGINE_HEAD}"
 FIRST = '''
 """shelves"""

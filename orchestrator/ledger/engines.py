@@ -377,6 +377,11 @@ class Database:
             with _writer_turn(url), _direct_for(url).transaction() as run:
                 yield run
 
+    def on_session(self, s: Session) -> Transaction:
+        """:meth:`direct`'s statements in ``s``'s transaction, on its connection (the
+        caller's session commits them, with its own rows)."""
+        return Transaction(_direct_for(self.url), s.connection().connection)
+
     @contextmanager
     def effect_transaction(self) -> Iterator[tuple[Session, Transaction]]:
         """A writing ORM session for an application's effect, and :meth:`direct`'s

@@ -13,8 +13,10 @@ import uuid
 from sqlalchemy import JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from orchestrator.ledger.states import ACTIVE
+
 #: An operation in flight: its first step not started yet, or some step started.
-ACTIVE_STATUSES = ("queued", "running")
+ACTIVE_STATUSES = ACTIVE
 
 
 def new_id() -> str:

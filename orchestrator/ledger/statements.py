@@ -12,7 +12,14 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true, update
 
-from orchestrator.ledger.models import ACTIVE_STATUSES, Operation, OperationHost, StepRecord
+from orchestrator.ledger.models import Operation, OperationHost, StepRecord
+from orchestrator.ledger.states import (
+    ACTIVE,
+    MOVES,
+    OperationStatus,
+    StepLogStatus,
+    StepState,
+)
 
 #: The ways a completion moves an operation on: it ends (the plan is done), or its next step
 #: is queued, recorded as sent to a queue in the same statement or not.
@@ -42,6 +49,17 @@ class StepStatements:
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert
+        def moving(move: str) -> Any:
+            """An UPDATE of the operation, guarded as :data:`MOVES` says for ``move``: the
+            operation ``op`` in flight at position ``at``, its step in a state the move
+            starts from. (Bound parameters are named after no column, "op", "at" and so on:
+            an UPDATE's SET takes the column names for its own.)"""
+            where = ((ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
+                     & one_of(ops.c.status, ACTIVE))
+            if MOVES[move].start != frozenset(StepState):
+                where &= one_of(ops.c.step_state, tuple(sorted(MOVES[move].start)))
+            return update(ops).where(where)
+
         self.may_run = select(
             ops.c.position, ops.c.status, ops.c.step_state, ops.c.next_published, ops.c.plan,
             ops.c.kind, ops.c.subject, ops.c.params, ops.c.hosts, log.c.attempts,
@@ -49,19 +67,17 @@ class StepStatements:
         ).select_from(ops.outerjoin(log, (log.c.operation_id == ops.c.id)
                                     & (log.c.position == bindparam("position")))
                       ).where(ops.c.id == bindparam("id"))
-        # Bound parameters named after no column ("op", "at", ...): an UPDATE's SET takes
-        # the column names for its own.
-        guarded = update(ops).where(
-            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
-            & one_of(ops.c.status, ACTIVE_STATUSES))
+        guarded = moving("complete")
         moved = dict(position=bindparam("next_position"), wait=None,
                      updated_at=bindparam("now"))
+        ended = dict(finished_at=bindparam("now"), next_published=True, holds=None,
+                     current_host=None)
         self.end = guarded.values(
-            status=case((ops.c.error.is_(None), "completed"), else_="failed"),
-            finished_at=bindparam("now"), next_published=True, holds=None,
-            current_host=None, **moved)
-        queued = dict(status="running", step_state="queued", step_since=bindparam("now"),
-                      current_host=bindparam("next_host"), **moved)
+            status=case((ops.c.error.is_(None), OperationStatus.COMPLETED),
+                        else_=OperationStatus.FAILED), **ended, **moved)
+        queued = dict(status=OperationStatus.RUNNING, step_state=StepState.QUEUED,
+                      step_since=bindparam("now"), current_host=bindparam("next_host"),
+                      **moved)
         self.advance = guarded.values(next_published=False, **queued)
         self.advance_sent = guarded.values(next_published=True, queue=bindparam("queue"),
                                            **queued)
@@ -73,9 +89,9 @@ class StepStatements:
             self.advances[name, False] = getattr(self, name)
             self.advances[name, True] = getattr(self, name).values(**data)
         row = dict(operation_id=bindparam("operation_id"), position=bindparam("position"),
-                   step=bindparam("step"), host=bindparam("host"), status="completed",
+                   step=bindparam("step"), host=bindparam("host"), status=StepLogStatus.COMPLETED,
                    applied=1, finished_at=bindparam("now"))
-        done = dict(status="completed", finished_at=bindparam("now"),
+        done = dict(status=StepLogStatus.COMPLETED, finished_at=bindparam("now"),
                     applied=log.c.applied + 1)
         keys = ["operation_id", "position"]
         self.record = insert(log).values(attempts=0, **row).on_conflict_do_update(
@@ -87,6 +103,75 @@ class StepStatements:
             started_at=bindparam("started_at"), **done))
         self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
+        # -- off the normal path: each transition's statements, guarded as MOVES says --------
+        now = bindparam("now")
+        #: A step taking a while recorded as running (its plan returned: no row, it moved on).
+        self.claim = moving("claim_step").values(
+            status=OperationStatus.RUNNING, step_state=StepState.RUNNING, step_since=now,
+            updated_at=now).returning(ops.c.plan)
+        #: An attempt that will be retried: the operation is running; its step's state stays.
+        self.running = update(ops).where(
+            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
+            & one_of(ops.c.status, ACTIVE)
+        ).values(status=OperationStatus.RUNNING, updated_at=now).returning(ops.c.plan)
+        #: An attempt counted in the step log, its row's status and when it finished (None
+        #: while it runs or waits).
+        attempt_row = dict(operation_id=bindparam("operation_id"),
+                           position=bindparam("position"), status=bindparam("log_status"),
+                           worker=bindparam("worker"), started_at=bindparam("started_at"),
+                           finished_at=bindparam("finished_at"))
+        self.log_attempt = insert(log).values(
+            step=bindparam("step"), host=bindparam("host"), attempts=1, applied=0,
+            **attempt_row).on_conflict_do_update(
+            index_elements=keys, set_=dict(attempts=log.c.attempts + 1, **{
+                name: attempt_row[name]
+                for name in ("status", "worker", "started_at", "finished_at")}))
+        #: The step log's row of an attempt already counted (its claim), its status changed.
+        self.log_status = update(log).where(
+            (log.c.operation_id == bindparam("operation_id"))
+            & (log.c.position == bindparam("position"))
+        ).values(status=bindparam("log_status"), finished_at=bindparam("finished_at"))
+        #: The operation as a transition off the normal path reads it first.
+        self.operation = select(
+            ops.c.position, ops.c.status, ops.c.step_state, ops.c.plan, ops.c.kind,
+            ops.c.subject, ops.c.params, ops.c.hosts, ops.c.result, ops.c.error,
+            ops.c.rollback,
+        ).where(ops.c.id == bindparam("id"))
+        if dialect == "postgresql":  # the row stays as read until the transaction ends
+            self.operation = self.operation.with_for_update()
+        self.wait = moving("wait_for_event").values(
+            step_state=StepState.WAITING, step_since=now,
+            wait=bindparam("new_wait", type_=ops.c.wait.type),
+            params=bindparam("new_params", type_=ops.c.params.type),
+            updated_at=now).returning(ops.c.id)
+        self.hold = moving("hold_step").values(
+            step_state=StepState.HELD, next_published=False, updated_at=now,
+            # (held since it was first held: the resend counts from then)
+            step_since=case((ops.c.step_state == StepState.HELD, ops.c.step_since),
+                            else_=now)).returning(ops.c.id)
+        self.resend = moving("claim_resend").where(
+            (ops.c.step_state == bindparam("was")) & (ops.c.step_since == bindparam("since"))
+        ).values(step_state=StepState.QUEUED, step_since=now,
+                 updated_at=now).returning(ops.c.id)
+        self.unpublish = update(ops).where(
+            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
+            & (ops.c.step_state == StepState.QUEUED)).values(next_published=False)
+        self.published = update(ops).where(
+            (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
+        ).values(next_published=True, queue=bindparam("queue"), step_since=now)
+        failed = dict(error=bindparam("new_error"), wait=None, updated_at=now)
+        self.abandon = moving("abandon").values(
+            status=OperationStatus.FAILED, **failed, **ended).returning(ops.c.id)
+        #: A failed step with no rollback to run: the operation ends failed.
+        self.fail_end = moving("fail_step").values(
+            status=OperationStatus.FAILED, **failed, **ended).returning(ops.c.id)
+        #: A failed step whose flow rolls back: the plan gets the rollback steps, the first
+        #: of which is queued (and sent after the commit).
+        self.fail_rollback = moving("fail_step").values(
+            plan=bindparam("new_plan", type_=ops.c.plan.type),
+            position=bindparam("next_position"), step_state=StepState.QUEUED,
+            next_published=False, step_since=now, current_host=bindparam("next_host"),
+            **failed).returning(ops.c.id)
         #: What an effect sets as the operation's result, in the completion's transaction.
         self.set_result = update(ops).where(ops.c.id == bindparam("op")).values(
             result=bindparam("new_result", type_=ops.c.result.type),
@@ -102,14 +187,15 @@ class StepStatements:
         # Database.direct: no IN list, which SQLAlchemy expands at each execution and a
         # driver's own form of the statement cannot hold.
         on_host = (ops.c.current_host == bindparam("host")) & one_of(ops.c.status,
-                                                                      ACTIVE_STATUSES)
+                                                                      ACTIVE)
         #: Keyed by whether running steps are looked at too.
         self.stranded = {
             running: select(ops.c.id).where(
-                on_host, one_of(ops.c.step_state, ("queued", "held", "running")[:2 + running]),
-                (ops.c.step_since < bindparam("before")) | (ops.c.step_state == "held"))
+                on_host, one_of(ops.c.step_state, (StepState.QUEUED, StepState.HELD,
+                                                   StepState.RUNNING)[:2 + running]),
+                (ops.c.step_since < bindparam("before")) | (ops.c.step_state == StepState.HELD))
             for running in (False, True)}
-        self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == "waiting")
+        self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == StepState.WAITING)
         #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs):
         #: outside a transaction one round trip where a transaction takes four or more, and
         #: inside a step's effect transaction one statement after the effect's own.
@@ -146,11 +232,12 @@ class StepStatements:
         row = {"operation_id": advanced.c.id,
                "position": typed("position", log.c.position),
                "step": typed("step", log.c.step), "host": typed("host", log.c.host),
-               "status": literal("completed", log.c.status.type),
+               "status": literal(StepLogStatus.COMPLETED, log.c.status.type),
                "attempts": literal(1 if counted else 0, log.c.attempts.type),
                "applied": literal(1, log.c.applied.type),
                "finished_at": typed("now", log.c.finished_at)}
-        done: dict[str, Any] = {"status": "completed", "applied": log.c.applied + 1,
+        done: dict[str, Any] = {"status": StepLogStatus.COMPLETED,
+                                "applied": log.c.applied + 1,
                                 "finished_at": typed("now", log.c.finished_at)}
         if counted:
             row["worker"] = typed("worker", log.c.worker)

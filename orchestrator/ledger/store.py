@@ -23,33 +23,31 @@ the step the ledger is at is sent again by the stranded-step resend, then this o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import StepMismatch, SubjectBusy, UnknownOperation
 from orchestrator.flows import Flow
+from orchestrator.ledger.driver import Transaction
 from orchestrator.ledger.engines import Database
-from orchestrator.ledger.models import (
-    ACTIVE_STATUSES,
-    Event,
-    Operation,
-    OperationHost,
-    StepRecord,
-    new_id,
-)
+from orchestrator.ledger.models import Event, Operation, OperationHost, StepRecord, new_id
 from orchestrator.ledger.statements import StepStatements, statements_for
+from orchestrator.ledger.states import ACTIVE, OperationStatus, StepLogStatus, StepState
+
+#: (the name the rest of the engine knows the statuses in flight by)
+ACTIVE_STATUSES = ACTIVE
 
 __all__ = ["ACTIVE_STATUSES", "Attempt", "Effect", "Ledger", "StepMismatch", "StepStart",
            "UnknownOperation", "step_task_id"]
 
-#: Applied in the transaction that completes (or fails) a step: exactly once. Its second
-#: argument is the operation: a :class:`StepOperation` when the step completes, its
-#: :class:`~orchestrator.ledger.models.Operation` row when it fails.
+#: Applied in the transaction that completes (or fails) a step: exactly once. Its arguments
+#: are the application's session and the operation as a :class:`StepOperation`.
 Effect = Callable[[Session, Any], None]
 
 
@@ -170,6 +168,11 @@ class _Completion:
         return True
 
 
+def _last_positions(plan: list) -> dict[str, int]:
+    """Each host a plan names, and the last position it has there (the host index)."""
+    return {host: index for index, (_, host) in enumerate(plan)}
+
+
 def _behind(at: int, plan: list) -> StepStart:
     return StepStart("behind", ledger_at=(at, plan[at][0]))
 
@@ -184,38 +187,6 @@ class Ledger:
         self.claim_timer: Any = None
 
     # -- records ---------------------------------------------------------------------------
-    @staticmethod
-    def locked(s: Session, operation_id: str) -> Operation:
-        op = s.execute(
-            select(Operation).where(Operation.id == operation_id).with_for_update()
-        ).scalar_one_or_none()
-        if op is None:
-            raise UnknownOperation(f"unknown operation {operation_id!r}")
-        return op
-
-    @staticmethod
-    def _record(s: Session, op: Operation, position: int) -> StepRecord | None:
-        return s.execute(
-            select(StepRecord).where(
-                StepRecord.operation_id == op.id, StepRecord.position == position
-            )
-        ).scalar_one_or_none()
-
-    @staticmethod
-    def index_hosts(s: Session, op: Operation, replan: bool = True, new: bool = False) -> None:
-        """Keep the per-host lookups of ``op`` in step with its plan and position: its
-        current host, and (``replan``: a new or changed plan) every host it names."""
-        op.current_host = op.current[1] if op.current is not None else None
-        if not replan:
-            return
-        if not new:
-            s.execute(delete(OperationHost).where(OperationHost.operation_id == op.id))
-        last: dict[str, int] = {}
-        for index, (_, host) in enumerate(op.plan):
-            last[host] = index
-        s.add_all(OperationHost(operation_id=op.id, host=host, last_position=position)
-                  for host, position in last.items())
-
     @staticmethod
     def holder(s: Session, subject: str) -> Operation | None:
         """The operation in flight that holds ``subject``, if any."""
@@ -235,13 +206,13 @@ class Ledger:
         if not 0 <= position < len(plan) or tuple(plan[position]) != (step, host):
             raise StepMismatch(
                 f"operation {operation_id} has no step {step}@{host} at position {position}")
-        active = status in ACTIVE_STATUSES
+        active = status in ACTIVE
         if at == position + 1 and active and not next_published:
             current = tuple(plan[at]) if at < len(plan) else None
             return StepStart("republish", current, at, kind=kind, subject=subject)
         if active and at < position:
             return _behind(at, plan)
-        if at != position or not active or step_state == "waiting":
+        if at != position or not active or step_state == StepState.WAITING:
             return StepStart("duplicate")
         following = plan[position + 1] if position + 1 < len(plan) else None
         return StepStart("run", attempt=(attempts or 0) + 1, kind=kind, subject=subject,
@@ -303,14 +274,9 @@ class Ledger:
             with self.db.effect_transaction() as (s, run):
                 advanced = completion.run(run)
                 if advanced:
-                    operation = StepOperation(operation_id, start.kind, start.subject,
-                                              start.plan, position, dict(params),
-                                              dict(start.hosts), start.result, start.error)
-                    effect(s, operation)
-                    s.flush()
-                    if operation.result != start.result:
-                        run(statements.set_result, op=operation_id,
-                            new_result=operation.result, now=now)
+                    self._apply(s, run, effect, StepOperation(
+                        operation_id, start.kind, start.subject, start.plan, position,
+                        dict(params), dict(start.hosts), start.result, start.error), now)
         if not advanced:
             return self._not_advanced(operation_id, position)
         if following is None:
@@ -319,38 +285,63 @@ class Ledger:
                          subject=start.subject)
 
     def record_new(self, kind: str, plan: list, hosts: Mapping[str, str],
-                   params: Mapping[str, Any], subject: str | None, queue: str,
-                   rollback: dict | None) -> str:
-        """Record a submitted operation with its first step as sent to ``queue``, in one
-        transaction of statements built once (no ORM); returns its id. A busy subject raises
-        SubjectBusy, naming the operation that holds it (or the race the unique index lost)."""
+                   params: Mapping[str, Any], subject: str | None, queue: str | None,
+                   rollback: dict | None, session: Session | None = None) -> str:
+        """Record a submitted operation with its first step as sent to ``queue`` (None: not
+        sent, for the stranded-step resend to send), with
+        statements built once (no ORM); returns its id. On PostgreSQL one statement, on
+        SQLite one transaction; with ``session`` (an application's, ``orch.transaction()``)
+        in that session's transaction, on its connection. A busy subject raises SubjectBusy,
+        naming the operation that holds it (or the race the unique index lost)."""
         statements, now, op_id = statements_for(self.db.url), time.time(), new_id()
-        last: dict[str, int] = {}
-        for index, (_, host) in enumerate(plan):
-            last[host] = index
+        last = _last_positions(plan)
         row = {"id": op_id, "kind": kind, "subject": subject, "holds": subject, "plan": plan,
-               "hosts": dict(hosts), "params": dict(params), "status": "queued",
-               "position": 0, "step_state": "queued", "step_since": now,
-               "next_published": True, "queue": queue, "current_host": plan[0][1],
+               "hosts": dict(hosts), "params": dict(params), "status": OperationStatus.QUEUED,
+               "position": 0, "step_state": StepState.QUEUED, "step_since": now,
+               "next_published": queue is not None, "queue": queue,
+               "current_host": plan[0][1],
                "rollback": rollback, "created_at": now, "updated_at": now}
-        if statements.submit is not None:  # one statement; a busy subject breaks the index
-            try:
+        if statements.submit is not None and session is None:
+            try:  # one statement; a busy subject breaks the index
                 self.db.direct(statements.submit, **row, host_names=list(last),
                                host_positions=list(last.values()))
             except IntegrityError:
                 raise self._busy(subject) from None
             return op_id
-        with self.db.direct_transaction() as run:
+        with self._in(session) as run:
+            # (looked for first: in an application's transaction a broken index would
+            # leave its transaction unusable on PostgreSQL)
             if subject is not None and run(statements.holder, subject=subject):
                 raise self._busy(subject, run)
             try:
                 run(statements.insert_operation, **row)
             except IntegrityError:
-                raise self._busy(subject, run) from None
+                raise self._busy(subject) from None
             run.many(statements.insert_hosts, [
                 {"operation_id": op_id, "host": host, "last_position": position}
                 for host, position in last.items()])
         return op_id
+
+    @contextmanager
+    def _in(self, session: Session | None) -> Iterator[Transaction]:
+        """Statements in ``session``'s transaction (the caller commits it), or in one of
+        their own."""
+        if session is not None:
+            yield self.db.on_session(session)
+            return
+        with self.db.direct_transaction() as run:
+            yield run
+
+    @contextmanager
+    def _moving(self, effect: Effect | None) -> Iterator[tuple[Session | None, Transaction]]:
+        """A transition's transaction: with an effect, on the application's session (its
+        rows and the ledger's commit together); otherwise statements alone."""
+        if effect is None or effect is no_effect:
+            with self.db.direct_transaction() as run:
+                yield None, run
+        else:
+            with self.db.effect_transaction() as (s, run):
+                yield s, run
 
     def _busy(self, subject: str | None, run: Any = None) -> SubjectBusy:
         """Why ``subject`` could not be taken: the operation that holds it, or the race a
@@ -366,13 +357,14 @@ class Ledger:
 
     def claim_step(self, operation_id: str, position: int, attempt: Attempt) -> bool:
         """Record a step that is taking a while as running (``attempt``: this delivery);
-        False if the operation has moved on meanwhile."""
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if (op.position != position or op.status not in ACTIVE_STATUSES
-                    or op.step_state == "waiting"):
+        False if the operation has moved on meanwhile (or its step waits for its event)."""
+        statements = statements_for(self.db.url)
+        with self.db.direct_transaction() as run:
+            rows = run(statements.claim, op=operation_id, at=position, now=time.time())
+            if not rows:
                 return False
-            self._claim(s, op, position, attempt, self._record(s, op, position))
+            self._count(run, operation_id, position, rows[0][0], attempt,
+                        StepLogStatus.RUNNING)
             return True
 
     def record_attempt(self, operation_id: str, position: int, attempt: Attempt) -> None:
@@ -380,32 +372,27 @@ class Ledger:
         counted it already), so the next delivery knows which attempt it is."""
         if attempt.claimed:
             return
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.position == position and op.status in ACTIVE_STATUSES:
-                self._attempt_record(s, op, position, attempt).status = "running"
+        statements = statements_for(self.db.url)
+        with self.db.direct_transaction() as run:
+            rows = run(statements.running, op=operation_id, at=position, now=time.time())
+            if rows:
+                self._count(run, operation_id, position, rows[0][0], attempt,
+                            StepLogStatus.RUNNING)
 
-    def _claim(self, s: Session, op: Operation, position: int, attempt: Attempt,
-               rec: StepRecord | None) -> StepRecord:
-        op.status, op.step_state, op.step_since = "running", "running", time.time()
-        rec = self._attempt_record(s, op, position, attempt, rec)
-        rec.status = "running"
-        return rec
-
-    def _attempt_record(self, s: Session, op: Operation, position: int,
-                        attempt: Attempt | None, rec: StepRecord | None = None) -> StepRecord:
-        """The step's record, counting ``attempt`` unless its claim already did."""
-        rec = rec or self._record(s, op, position)
-        if rec is None:
-            step, host = op.plan[position]
-            rec = StepRecord(operation_id=op.id, position=position, step=step, host=host,
-                             attempts=0)
-            s.add(rec)
-        if attempt is not None and not attempt.claimed:
-            rec.attempts = (rec.attempts or 0) + 1
-            rec.worker, rec.started_at = attempt.worker, attempt.started_at
-            op.status = "running"
-        return rec
+    def _count(self, run: Transaction, operation_id: str, position: int, plan: list,
+               attempt: Attempt | None, status: StepLogStatus,
+               finished_at: float | None = None) -> None:
+        """The step log's row for ``attempt``: counted (unless its claim counted it), with
+        ``status``; without an attempt, the row's status alone."""
+        statements = statements_for(self.db.url)
+        where = {"operation_id": operation_id, "position": position, "log_status": status,
+                 "finished_at": finished_at}
+        if attempt is None or attempt.claimed:
+            run(statements.log_status, **where)
+            return
+        step, host = plan[position]
+        run(statements.log_attempt, **where, step=step, host=host, worker=attempt.worker,
+            started_at=attempt.started_at)
 
     def _not_advanced(self, operation_id: str, position: int) -> StepStart:
         """Why a completion changed nothing (one read, only then): the operation moved past
@@ -414,71 +401,83 @@ class Ledger:
                               position=position)
         if rows:
             at, status, plan = rows[0][0], rows[0][1], rows[0][4]
-            if status in ACTIVE_STATUSES and at < position:
+            if status in ACTIVE and at < position:
                 return _behind(at, plan)
         return StepStart("duplicate")
-
-    def _end(self, s: Session, op: Operation, status: str) -> None:
-        op.status, op.finished_at, op.next_published = status, time.time(), True
-        op.holds, op.current_host = None, None
-        s.execute(delete(OperationHost).where(OperationHost.operation_id == op.id))
 
     def unpublish(self, operation_id: str, position: int) -> None:
         """The next step recorded as sent could not be published: mark it "not sent", so a
         redelivery of the step before it sends it again (the "republish" outcome)."""
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.position == position and op.step_state == "queued":
-                op.next_published = False
+        self.db.direct(statements_for(self.db.url).unpublish, op=operation_id, at=position)
 
     def mark_published(self, operation_id: str, position: int, queue: str) -> None:
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.position == position:
-                op.next_published, op.queue, op.step_since = True, queue, time.time()
+        self.db.direct(statements_for(self.db.url).published, op=operation_id, at=position,
+                       queue=queue, now=time.time())
 
     def fail_step(
         self, operation_id: str, position: int, error: str, effect: Effect = no_effect,
         attempt: Attempt | None = None,
     ) -> StepStart:
         """Record that the step failed: run the flow's rollback steps if it has some for this
-        step, otherwise end the operation as failed. Returns the rollback step to publish."""
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.position != position or op.status not in ACTIVE_STATUSES:
-                return StepStart("duplicate")
-            return self._fail(s, op, position, error, effect, attempt)
-
-    def _fail(
-        self, s: Session, op: Operation, position: int, error: str, effect: Effect,
-        attempt: Attempt | None = None,
-    ) -> StepStart:
-        effect(s, op)
-        rec = (self._attempt_record(s, op, position, attempt) if attempt is not None
-               else self._record(s, op, position))
-        if rec is not None:
-            rec.status, rec.finished_at = "failed", time.time()
-        step = op.plan[position][0]
-        rollback = self._rollback(op, step) if op.error is None else []
-        op.error = error if op.error is None else f"{op.error}; then {error}"
-        op.wait = None
-        if not rollback:
-            self._end(s, op, "failed")
+        step, otherwise end the operation as failed. Returns the rollback step to publish.
+        ``effect`` (the step's ``on_failure``) runs in the same transaction, after the move
+        (a duplicate never applies it)."""
+        statements, now = statements_for(self.db.url), time.time()
+        rows = self.db.direct(statements.operation, id=operation_id)
+        if not rows:
             return StepStart("duplicate")
-        op.plan = op.plan[: position + 1] + rollback
-        op.position, op.step_state, op.next_published = position + 1, "queued", False
-        op.step_since = time.time()
-        self.index_hosts(s, op)
-        return StepStart("run", op.current, op.position, kind=op.kind, subject=op.subject)
+        (at, status, _, plan, kind, subject, params, hosts, result, old_error,
+         rollback) = rows[0]
+        if at != position or status not in ACTIVE:
+            return StepStart("duplicate")
+        steps = self._rollback(kind, rollback, hosts, plan[position][0]) \
+            if old_error is None else []
+        new_error = error if old_error is None else f"{old_error}; then {error}"
+        where = {"op": operation_id, "at": position, "now": now, "new_error": new_error}
+        new_plan = plan[: position + 1] + steps
+        with self._moving(effect) as (s, run):
+            if steps:
+                moved = run(statements.fail_rollback, **where, new_plan=new_plan,
+                            next_position=position + 1, next_host=new_plan[position + 1][1])
+            else:
+                moved = run(statements.fail_end, **where)
+            if not moved:
+                return StepStart("duplicate")
+            self._count(run, operation_id, position, plan, attempt, StepLogStatus.FAILED, now)
+            run(statements.forget_hosts, op=operation_id)
+            if steps:
+                run.many(statements.insert_hosts, [
+                    {"operation_id": operation_id, "host": host, "last_position": last}
+                    for host, last in _last_positions(new_plan).items()])
+            if s is not None:
+                self._apply(s, run, effect, StepOperation(
+                    operation_id, kind, subject, plan, position, dict(params or {}),
+                    dict(hosts or {}), result, old_error), now)
+        if not steps:
+            return StepStart("duplicate")
+        return StepStart("run", tuple(new_plan[position + 1]), position + 1, kind=kind,
+                         subject=subject)
 
-    def _rollback(self, op: Operation, failed_step: str) -> list:
-        """The rollback steps for ``failed_step``: as recorded when the operation was
+    def _apply(self, s: Session, run: Transaction, effect: Effect, operation: StepOperation,
+               now: float) -> None:
+        """Run ``effect`` on the application's session, in the transition's transaction;
+        write the operation's result if it set one."""
+        before = operation.result
+        effect(s, operation)
+        s.flush()
+        if operation.result != before:
+            run(statements_for(self.db.url).set_result, op=operation.id,
+                new_result=operation.result, now=now)
+
+    def _rollback(self, kind: str, recorded: dict | None, hosts: Mapping[str, str] | None,
+                  failed_step: str) -> list:
+        """The rollback steps for ``failed_step``: as ``recorded`` when the operation was
         submitted, whatever the flow says in the code running now."""
-        if op.rollback is not None:
-            return ([list(p) for p in op.rollback["plan"]]
-                    if failed_step in op.rollback["on"] else [])
-        flow = self.flows.get(op.kind)
-        return flow.rollback_plan(failed_step, op.hosts or {}) if flow is not None else []
+        if recorded is not None:
+            return ([list(p) for p in recorded["plan"]]
+                    if failed_step in recorded["on"] else [])
+        flow = self.flows.get(kind)
+        return flow.rollback_plan(failed_step, hosts or {}) if flow is not None else []
 
     # -- event waits -----------------------------------------------------------------------
     def wait_for_event(
@@ -490,20 +489,22 @@ class Ledger:
         The step's message is acknowledged and the wait lives in the operation, so a waiting
         step holds no pool process and no prefetch slot.
         """
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.position != position or op.status not in ACTIVE_STATUSES:
+        assert attempt is not None, "a wait for an attempt nobody recorded"
+        statements, now = statements_for(self.db.url), time.time()
+        with self.db.direct_transaction() as run:
+            rows = run(statements.operation, id=operation_id)
+            if not rows:
                 return False
-            rec = self._attempt_record(s, op, position, attempt)
-            assert rec.started_at is not None, "wait for an attempt nobody recorded"
-            rec.status = "waiting"
-            if output:
-                op.params = {**(op.params or {}), **output}
-            op.step_state, op.step_since = "waiting", time.time()
-            # The event answers what this attempt of the step asked for, so it counts from the
-            # attempt's start (it often arrives before the step's own work is over).
-            op.wait = {"event": event, "key": key, "since": rec.started_at,
-                       "deadline": time.time() + timeout}
+            plan, params = rows[0][3], rows[0][6]
+            # The event answers what this attempt of the step asked for, so it counts from
+            # the attempt's start (it often arrives before the step's own work is over).
+            waited = run(statements.wait, op=operation_id, at=position, now=now,
+                         new_params={**(params or {}), **(output or {})},
+                         new_wait={"event": event, "key": key, "since": attempt.started_at,
+                                   "deadline": now + timeout})
+            if not waited:
+                return False
+            self._count(run, operation_id, position, plan, attempt, StepLogStatus.WAITING)
             return True
 
     def settle_waits(
@@ -517,8 +518,8 @@ class Ledger:
         for (operation_id,) in candidates:  # nearly always none: no ORM session for that
             with self.db.read() as s:
                 op = s.get(Operation, operation_id)
-                if (op is None or op.status not in ACTIVE_STATUSES
-                        or op.step_state != "waiting" or op.current is None or not op.wait):
+                if (op is None or op.status not in ACTIVE
+                        or op.step_state != StepState.WAITING or op.current is None or not op.wait):
                     continue
                 step, position, wait = op.current[0], op.position, op.wait
                 arrived = s.execute(select(Event.id).where(
@@ -535,12 +536,8 @@ class Ledger:
                                                      effect=effect_of(step))))
             elif time.time() >= wait["deadline"]:
                 error = f"{step}@{host}: timed out waiting for {wait['event']}"
-                with self.db.session() as s:
-                    op = self.locked(s, operation_id)
-                    if op.position == position and op.step_state == "waiting" \
-                            and op.status in ACTIVE_STATUSES:
-                        settled.append((op.id, self._fail(s, op, position, error,
-                                                          failure_of(step))))
+                settled.append((op.id, self.fail_step(op.id, position, error,
+                                                      failure_of(step))))
             else:
                 settled.still_waiting += 1
         return settled
@@ -582,25 +579,21 @@ class Ledger:
             ops = s.execute(select(Operation).where(Operation.id.in_(ids))).scalars().all()
 
         def due(op: Operation) -> float:
-            if op.step_state == "held":  # sent by the first worker that serves it
+            if op.step_state == StepState.HELD:  # sent by the first worker that serves it
                 return 0.0
-            if op.step_state == "running":
+            if op.step_state == StepState.RUNNING:
                 return running_after  # type: ignore[return-value]
             return queued_after if op.next_published else unpublished_after
 
         return [op for op in ops if now - op.step_since > due(op)]
 
     def claim_resend(self, operation_id: str, position: int, step_since: float,
-                     step_state: str = "queued") -> bool:
+                     step_state: str = StepState.QUEUED) -> bool:
         """Take the right to resend a step (one process wins when several look at once): it
         is queued again from now, whatever delivery it had is taken as lost."""
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if (op.position, op.step_state, op.step_since) != (position, step_state,
-                                                                step_since):
-                return False
-            op.step_state, op.step_since = "queued", time.time()
-            return True
+        return bool(self.db.direct(
+            statements_for(self.db.url).resend, op=operation_id, at=position, was=step_state,
+            since=step_since, now=time.time()))
 
     def hold_step(self, operation_id: str, position: int, step: str, host: str) -> str:
         """A worker of ``host`` received ``step`` and its code does not register it: the step
@@ -608,36 +601,40 @@ class Ledger:
         (``workers.resend``). Returns ``held``; ``duplicate`` when the operation has moved on
         past it (nothing to hold); ``mismatch`` when no operation has that step there (not a
         step of an operation at all)."""
-        with self.db.session() as s:
-            op = s.execute(select(Operation).where(Operation.id == operation_id)
-                           .with_for_update()).scalar_one_or_none()
-            if op is None or not 0 <= position < len(op.plan) or tuple(
-                    op.plan[position]) != (step, host):
+        statements = statements_for(self.db.url)
+        with self.db.direct_transaction() as run:
+            rows = run(statements.operation, id=operation_id)
+            if not rows:
                 return "mismatch"
-            if (op.status not in ACTIVE_STATUSES or op.position != position
-                    or op.step_state not in ("queued", "held")):
-                return "duplicate"
-            if op.step_state != "held":
-                op.step_state, op.step_since = "held", time.time()
-            op.next_published = False
-            return "held"
+            plan = rows[0][3]
+            if not 0 <= position < len(plan) or tuple(plan[position]) != (step, host):
+                return "mismatch"
+            held = run(statements.hold, op=operation_id, at=position, now=time.time())
+            return "held" if held else "duplicate"
 
     def held_steps(self) -> list[Operation]:
         """Operations whose current step waits for a worker that serves it."""
         with self.db.read() as s:
             return list(s.execute(select(Operation).where(
-                Operation.status.in_(ACTIVE_STATUSES), Operation.step_state == "held",
+                Operation.status.in_(ACTIVE), Operation.step_state == StepState.HELD,
             ).order_by(Operation.created_at)).scalars().all())
 
     def abandon(self, operation_id: str, error: str, effect: Effect = no_effect) -> bool:
-        """End an operation whose first step could not even be queued; frees its subject."""
-        with self.db.session() as s:
-            op = self.locked(s, operation_id)
-            if op.status not in ACTIVE_STATUSES or op.position != 0:
+        """End an operation whose first step could not even be queued; frees its subject.
+        ``effect`` (the first step's ``on_failure``) runs in the same transaction."""
+        statements, now = statements_for(self.db.url), time.time()
+        rows = self.db.direct(statements.operation, id=operation_id)
+        if not rows:
+            return False
+        (_, _, _, plan, kind, subject, params, hosts, result, old_error, _) = rows[0]
+        with self._moving(effect) as (s, run):
+            if not run(statements.abandon, op=operation_id, at=0, now=now, new_error=error):
                 return False
-            effect(s, op)
-            op.error = error
-            self._end(s, op, "failed")
+            run(statements.forget_hosts, op=operation_id)
+            if s is not None:
+                self._apply(s, run, effect, StepOperation(
+                    operation_id, kind, subject, plan, 0, dict(params or {}),
+                    dict(hosts or {}), result, old_error), now)
             return True
 
     # -- queries -----------------------------------------------------------------------------
@@ -656,7 +653,7 @@ class Ledger:
                 OperationHost, OperationHost.operation_id == Operation.id
             ).where(
                 OperationHost.host == host, OperationHost.last_position >= Operation.position,
-                Operation.status.in_(ACTIVE_STATUSES),
+                Operation.status.in_(ACTIVE),
             )
             if created_before is not None:
                 query = query.where(Operation.created_at <= created_before)
@@ -666,7 +663,7 @@ class Ledger:
         """Operations in flight, and those that ended after ``since``: newest first."""
         with self.db.read() as s:
             query = select(Operation).where(or_(
-                Operation.status.in_(ACTIVE_STATUSES), Operation.finished_at >= since,
+                Operation.status.in_(ACTIVE), Operation.finished_at >= since,
             )).order_by(Operation.created_at.desc()).limit(limit)
             return list(s.execute(query).scalars().all())
 
@@ -678,7 +675,7 @@ class Ledger:
                     Operation, OperationHost.operation_id == Operation.id
                 ).where(
                     OperationHost.last_position >= Operation.position,
-                    Operation.status.in_(ACTIVE_STATUSES),
+                    Operation.status.in_(ACTIVE),
                 ).group_by(OperationHost.host)
             ).all()
         return {host: count for host, count in rows}
@@ -709,7 +706,7 @@ class Ledger:
             rows = s.execute(
                 select(StepRecord.id).where(
                     StepRecord.host == host,
-                    StepRecord.status == "completed",
+                    StepRecord.status == StepLogStatus.COMPLETED,
                     StepRecord.finished_at >= since,
                 )
             ).all()
