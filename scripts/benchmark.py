@@ -24,6 +24,16 @@ prefetch 1, JSON) measured in the same run:
 6. **scale** (only with ``--only scale``: it starts 50 workers): real workers for 50 hosts, the
    same steady load at 2 hosts and at 50, then one host drained while the others stay busy;
    then plain Celery's own 2- and 50-host figures, its chain over the same ring of hosts.
+7. **shapes** (only with ``--only shapes``): the steps users write. A three-step flow over two
+   hosts (two workers ``-c 2``), N operations submitted with ``orch.submit`` in a loop, then
+   each awaited with ``orch.wait``, against the same three tasks as plain Celery's chain (same
+   no-loss settings, same work, same data; its completions counted in Redis, which it polls).
+   Three variants: steps returning a small dict (ours merges it into the params; plain passes
+   it on in the next task's kwargs), steps with an ``effect=`` on a table of the application's
+   own (plain: the same statement in a short transaction of its own, same database), and
+   Nova's resize (``nova_app``, instant steps; plain: the same instance and migration rows
+   changed by three tasks). Ours and plain take turns batch by batch; then one operation at a
+   time, submit to the wait's return, for the overhead per step.
 
 Absolute times depend on the machine; only the ratios are meant to be compared between runs.
 Everything runs against a dedicated Redis database (default ``redis://127.0.0.1:6379/12``) and
@@ -32,6 +42,7 @@ Celery app on it) creates; otherwise the script refuses to run.
 
     python scripts/benchmark.py --quick              # about a minute
     python scripts/benchmark.py --json bench.json    # fuller run, results also as JSON
+    python scripts/benchmark.py --only shapes        # the steps users write (issue 25)
 """
 
 from __future__ import annotations
@@ -199,6 +210,304 @@ def finish(operation_id, position, host, a=A, b=B):
 PLAIN_FLOW_MODULE = "benchplainflow_app"
 PLAIN_FLOW_HOSTS = ("benchplaina", "benchplainb")
 
+# -- the steps users write (--only shapes) -------------------------------------------------
+SHAPES_MODULE = "benchshapes_app"
+SHAPES_HOSTS = ("benchshapesa", "benchshapesb")  # roles a and b of the data and effects flows
+SHAPES_NOVA_HOSTS = ("benchshapesnovaa", "benchshapesnovab")  # a resize's source and dest
+PLAIN_SHAPES_MODULE = "benchplainshapes_app"
+PLAIN_SHAPES_HOSTS = ("benchshapesplaina", "benchshapesplainb")
+SHAPES_VARIANTS = ("data", "effects", "nova")
+SHAPES_ROUTING = """\
+steps:
+  data_prep: {queue: main, reason: nothing started (as prep_resize)}
+  data_move: {queue: alt, reason: started (as resize_instance)}
+  data_finish: {queue: alt, reason: started (as finish_resize)}
+  effects_prep: {queue: main, reason: nothing started (as prep_resize)}
+  effects_move: {queue: alt, reason: started (as resize_instance)}
+  effects_finish: {queue: alt, reason: started (as finish_resize)}
+"""
+SHAPES_APP_SOURCE = '''\
+"""The steps users write, over the shape of a resize (prep on b, move on a, finish on b):
+"data" steps return a few keys that the next steps read from their params; "effects" steps
+change a row of the application's own table in the ledger transaction that completes them."""
+import os
+import time
+
+from celery import Celery
+from sqlalchemy import Float, Integer, String, create_engine, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from orchestrator import Orchestrator
+
+app = Celery("benchshapes")
+orch = Orchestrator(app, routing=os.environ["BENCH_SHAPES_ROUTING"])
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BenchItem(Base):
+    """One row per operation: what a user's effects keep up to date."""
+
+    __tablename__ = "bench_items"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    counter: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+# The application's own table, next to the ledger's (as a user without migrations would).
+_setup = create_engine(os.environ["ORCHESTRATOR_DB_URL"])
+Base.metadata.create_all(_setup)
+_setup.dispose()
+
+
+@orch.step
+def data_prep(ctx):
+    return {"rows": 1000, "step": "prep", "source": ctx.host, "checksum": "9f86d081884c7d65"}
+
+
+@orch.step
+def data_move(ctx):
+    rows = ctx.params["rows"]
+    return {"moved": rows, "step": "move", "bytes": rows * 512, "target": ctx.host}
+
+
+@orch.step
+def data_finish(ctx):
+    return {"step": "finish", "written": ctx.params["moved"],
+            "total_bytes": ctx.params["bytes"]}
+
+
+def _touch(status, first=False):
+    def effect(session, operation):
+        if first:
+            session.add(BenchItem(id=operation.id, counter=1, status=status,
+                                  updated_at=time.time()))
+        else:
+            session.execute(update(BenchItem).where(BenchItem.id == operation.id).values(
+                counter=BenchItem.counter + 1, status=status, updated_at=time.time()))
+    return effect
+
+
+@orch.step(name="effects_prep", effect=_touch("prepped", first=True))
+def effects_prep(ctx):
+    return None
+
+
+@orch.step(name="effects_move", effect=_touch("moved"))
+def effects_move(ctx):
+    return None
+
+
+@orch.step(name="effects_finish", effect=_touch("finished"))
+def effects_finish(ctx):
+    return None
+
+
+orch.flow("shape_data", [("data_prep", "b"), ("data_move", "a"), ("data_finish", "b")])
+orch.flow("shape_effects", [("effects_prep", "b"), ("effects_move", "a"),
+                            ("effects_finish", "b")])
+'''
+PLAIN_SHAPES_SOURCE = '''\
+"""Plain Celery doing what the shapes' steps do, with the same no-loss settings: three tasks
+over the same two kinds of queues, each sending the next with what it returned in the next
+one's kwargs (as a chain would); the last one counts in Redis. The effects and Nova's resize
+change the same rows in short transactions of their own on the same database."""
+import os
+import time
+import uuid
+
+import redis
+from celery import Celery
+from sqlalchemy import Float, Integer, String, create_engine, event, select, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from nova_app.models import Instance, Migration
+from orchestrator.config import Settings
+from orchestrator.policy import no_loss
+
+BROKER_URL = os.environ["BENCH_BROKER_URL"]
+DB_URL = os.environ["ORCHESTRATOR_DB_URL"]
+A, B = os.environ["BENCH_SHAPES_PLAIN_HOSTS"].split(",")
+
+app = Celery("benchplainshapes", broker=BROKER_URL)
+# The same "nothing lost" settings an Orchestrator puts on its app (orchestrator.policy).
+app.conf.update(no_loss(BROKER_URL, Settings.from_env()),
+                task_default_queue="benchplainshapes-default")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BenchItem(Base):
+    __tablename__ = "bench_items"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    counter: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+_engine = None
+_client = None
+
+
+def engine():
+    """One engine per process. On SQLite, the settings the ledger's own engine uses (wait for
+    the lock, WAL's synchronous=NORMAL, the write lock taken at BEGIN): a comparison of the
+    library, not of two ways of setting up SQLite."""
+    global _engine
+    if _engine is None:
+        if DB_URL.startswith("sqlite"):
+            _engine = create_engine(DB_URL, connect_args={"timeout": 30,
+                                                          "isolation_level": None})
+
+            @event.listens_for(_engine, "connect")
+            def _on_connect(dbapi_conn, _record):
+                dbapi_conn.execute("PRAGMA busy_timeout=30000")
+                dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+            @event.listens_for(_engine, "begin")
+            def _on_begin(conn):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            _engine = create_engine(DB_URL)
+    return _engine
+
+
+def _next(name, operation_id, position, queue, **kwargs):
+    app.send_task(name, kwargs={"operation_id": operation_id, **kwargs},
+                  task_id=f"{operation_id}.{position}", queue=queue)
+
+
+def _done(variant):
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(BROKER_URL)
+    pipe = _client.pipeline()
+    pipe.set(f"bench:shapes:{variant}:last", repr(time.time()))
+    pipe.incr(f"bench:shapes:{variant}:done")
+    pipe.execute()
+
+
+def submit(variant):
+    """The data and effects shapes' first task (the twin of orch.submit)."""
+    op = f"plain-{uuid.uuid4()}"
+    app.send_task(f"shapes.{variant}_prep", kwargs={"operation_id": op},
+                  task_id=f"{op}.0", queue=B)
+    return op
+
+
+# -- data -----------------------------------------------------------------------------------
+@app.task(name="shapes.data_prep")
+def data_prep(operation_id, **params):
+    out = {"rows": 1000, "step": "prep", "source": B, "checksum": "9f86d081884c7d65"}
+    _next("shapes.data_move", operation_id, 1, A + "-alt", **{**params, **out})
+    return out
+
+
+@app.task(name="shapes.data_move")
+def data_move(operation_id, **params):
+    rows = params["rows"]
+    out = {"moved": rows, "step": "move", "bytes": rows * 512, "target": A}
+    _next("shapes.data_finish", operation_id, 2, B + "-alt", **{**params, **out})
+    return out
+
+
+@app.task(name="shapes.data_finish")
+def data_finish(operation_id, **params):
+    out = {"step": "finish", "written": params["moved"], "total_bytes": params["bytes"]}
+    _done("data")
+    return out
+
+
+# -- effects --------------------------------------------------------------------------------
+def _touch(operation_id, status, first=False):
+    with Session(engine()) as s, s.begin():
+        if first:
+            s.add(BenchItem(id=operation_id, counter=1, status=status, updated_at=time.time()))
+        else:
+            s.execute(update(BenchItem).where(BenchItem.id == operation_id).values(
+                counter=BenchItem.counter + 1, status=status, updated_at=time.time()))
+
+
+@app.task(name="shapes.effects_prep")
+def effects_prep(operation_id):
+    _touch(operation_id, "prepped", first=True)
+    _next("shapes.effects_move", operation_id, 1, A + "-alt")
+
+
+@app.task(name="shapes.effects_move")
+def effects_move(operation_id):
+    _touch(operation_id, "moved")
+    _next("shapes.effects_finish", operation_id, 2, B + "-alt")
+
+
+@app.task(name="shapes.effects_finish")
+def effects_finish(operation_id):
+    _touch(operation_id, "finished")
+    _done("effects")
+
+
+# -- Nova's resize --------------------------------------------------------------------------
+def submit_resize(instance_id, flavor="m1.large"):
+    """Nova's resize request without the orchestrator: the instance locked and checked, its
+    migration recorded, in one transaction; then its first task (prep on the destination)."""
+    with Session(engine()) as s, s.begin():
+        instance = s.execute(select(Instance).where(Instance.id == instance_id)
+                             .with_for_update()).scalar_one()
+        if instance.vm_state != "active" or instance.task_state is not None:
+            raise RuntimeError(f"instance {instance_id} is {instance.vm_state}")
+        mig = Migration(instance_id=instance.id, source=instance.host, dest=B,
+                        old_flavor=instance.flavor, new_flavor=flavor,
+                        migration_type="resize", status="pre-migrating", cross_cell=False,
+                        force_complete=False, abort_requested=False)
+        s.add(mig)
+        s.flush()
+        instance.task_state = "resize_prep"
+        migration_id = mig.id
+    op = str(uuid.uuid4())
+    app.send_task("shapes.nova_prep_resize", kwargs={
+        "operation_id": op, "instance_id": instance_id, "migration_id": migration_id},
+        task_id=f"{op}.0", queue=B)
+    return op
+
+
+def _resize(instance_id, migration_id, migration, to_dest=False, **fields):
+    """What nova_app.effects' change() does, in a transaction of its own."""
+    with Session(engine()) as s, s.begin():
+        instance = s.get(Instance, instance_id)
+        mig = s.get(Migration, migration_id)
+        for name, value in fields.items():
+            setattr(instance, name, value)
+        mig.status = migration
+        if to_dest:
+            instance.host, instance.flavor = mig.dest, mig.new_flavor
+
+
+@app.task(name="shapes.nova_prep_resize")
+def nova_prep_resize(operation_id, instance_id, migration_id):
+    _resize(instance_id, migration_id, "migrating", task_state="resize_migrating")
+    _next("shapes.nova_resize_instance", operation_id, 1, A + "-alt",
+          instance_id=instance_id, migration_id=migration_id)
+
+
+@app.task(name="shapes.nova_resize_instance")
+def nova_resize_instance(operation_id, instance_id, migration_id):
+    _resize(instance_id, migration_id, "post-migrating", task_state="resize_finish")
+    _next("shapes.nova_finish_resize", operation_id, 2, B + "-alt",
+          instance_id=instance_id, migration_id=migration_id)
+
+
+@app.task(name="shapes.nova_finish_resize")
+def nova_finish_resize(operation_id, instance_id, migration_id):
+    _resize(instance_id, migration_id, "finished", to_dest=True, vm_state="resized",
+            task_state=None)
+    _done("nova")
+'''
+
 
 @dataclass(frozen=True)
 class Config:
@@ -225,11 +534,17 @@ class Config:
     scale_hosts: int = 50
     scale_inflight: int = 40
     scale_seconds: float = 15.0
+    #: The steps users write (--only shapes): operations per batch, batches per side, and
+    #: operations one at a time per side, for each variant.
+    shapes_n: int = 150
+    shapes_reps: int = 5
+    shapes_latency_n: int = 30
 
 
 QUICK = Config("quick", publish_n=500, publish_reps=3, e2e_n=50, e2e_reps=3, drain_reps=3,
                flow_n=40, flow_reps=3, latency_n=20, idle_seconds=5.0, idle_windows=1,
-               scale_hosts=12, scale_seconds=8.0)
+               scale_hosts=12, scale_seconds=8.0, shapes_n=40, shapes_reps=3,
+               shapes_latency_n=20)
 FULL = Config("full", publish_n=2000, publish_reps=5, e2e_n=200, e2e_reps=3, drain_reps=3,
               flow_n=150, flow_reps=5)
 
@@ -731,6 +1046,273 @@ class Bench:
             "plain_submit_ms": median([x[0] for x in alone["plain"]]) * 1e3,
         }
 
+    # -- 2b'. the steps users write ----------------------------------------------------------
+    def _shapes_modules(self) -> tuple[Any, Any]:
+        """The data and effects app (and the plain twin of all three variants) written to the
+        temporary directory and imported here: the benchmark submits, as users do."""
+        import importlib
+
+        (self.tmp / "shapes-routing.yaml").write_text(SHAPES_ROUTING)
+        (self.tmp / f"{SHAPES_MODULE}.py").write_text(SHAPES_APP_SOURCE)
+        (self.tmp / f"{PLAIN_SHAPES_MODULE}.py").write_text(PLAIN_SHAPES_SOURCE)
+        os.environ["BENCH_SHAPES_ROUTING"] = str(self.tmp / "shapes-routing.yaml")
+        os.environ["BENCH_SHAPES_PLAIN_HOSTS"] = ",".join(PLAIN_SHAPES_HOSTS)
+        return (importlib.import_module(SHAPES_MODULE),
+                importlib.import_module(PLAIN_SHAPES_MODULE))
+
+    def _instances(self, count: int, host: str) -> list[str]:
+        """``count`` active instances on ``host``, ready to be resized (outside the timing)."""
+        from nova_app.models import Instance
+
+        with self.orch.transaction() as s:
+            rows = [Instance(name=f"benchshape-{uuid.uuid4()}", host=host, flavor="m1.small",
+                             vm_state="active", task_state=None) for _ in range(count)]
+            s.add_all(rows)
+            s.flush()
+            return [row.id for row in rows]
+
+    def _shape(self, variant: str, orch: Any, ours_submit: Callable[[Any], str],
+               plain_submit: Callable[[Any], object],
+               prepare: Callable[[str, int], list[Any]],
+               check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """One variant, ours and plain taking turns batch by batch (then one operation at a
+        time): ours submits with ``ours_submit`` in a loop and waits for each operation with
+        ``orch.wait``, as a user's code does; plain sends its first task in a loop and polls
+        its counter in Redis. ``prepare(side, count)`` makes what each submit takes (Nova's
+        instances) before the clock starts; ``check`` looks at each ended operation's view."""
+        n, reps = self.config.shapes_n, self.config.shapes_reps
+        done_key, last_key = f"bench:shapes:{variant}:done", f"bench:shapes:{variant}:last"
+        counts = {"ours": 0, "plain": 0}
+
+        def ours_batch(count: int) -> dict[str, float]:
+            args = prepare("ours", count)
+            start = time.monotonic()
+            ids = [ours_submit(arg) for arg in args]
+            submitted = time.monotonic()
+            for op in ids:
+                view = orch.wait(op, timeout=120 + count)
+                if view["status"] != "completed" or not check(view):
+                    raise RuntimeError(f"{variant}: operation {op} ended {view['status']} "
+                                       f"({view.get('error')}), params {view['params']}")
+            end = time.monotonic()
+            counts["ours"] += count
+            return {"seconds": end - start, "submit_seconds": submitted - start,
+                    "ops_per_second": count / (end - start)}
+
+        def plain_batch(count: int) -> dict[str, float]:
+            args = prepare("plain", count)
+            self.redis.set(done_key, 0)
+            start = time.monotonic()
+            for arg in args:
+                plain_submit(arg)
+            submitted = time.monotonic()
+            end = poll_until(lambda: int(self.redis.get(done_key) or 0) >= count,
+                             timeout=120 + count, what=f"{count} plain {variant} operations",
+                             interval=0.002)
+            counts["plain"] += count
+            return {"seconds": end - start, "submit_seconds": submitted - start,
+                    "ops_per_second": count / (end - start)}
+
+        def ours_one() -> tuple[float, float, float]:
+            """(submit, submit to orch.wait's return, submit to the end of the last step)."""
+            arg = prepare("ours", 1)[0]
+            start = time.time()
+            op = ours_submit(arg)
+            submitted = time.time()
+            view = orch.wait(op, timeout=30)
+            waited = time.time()
+            if view["status"] != "completed" or not check(view):
+                raise RuntimeError(f"{variant}: operation {op} ended {view['status']}")
+            counts["ours"] += 1
+            last = max(step["finished_at"] for step in view["steps"])
+            return submitted - start, waited - start, last - start
+
+        def plain_one() -> tuple[float, float, float]:
+            arg = prepare("plain", 1)[0]
+            done = int(self.redis.get(done_key) or 0)
+            start = time.time()
+            plain_submit(arg)
+            submitted = time.time()
+            poll_until(lambda: int(self.redis.get(done_key) or 0) > done, 30,
+                       f"a plain {variant} operation", 0.002)
+            waited = time.time()
+            counts["plain"] += 1
+            return submitted - start, waited - start, float(self.redis.get(last_key)) - start
+
+        log(f"  [{variant}]")
+        kinds = {"ours": (ours_batch, ours_one), "plain": (plain_batch, plain_one)}
+        samples: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
+        alone: dict[str, list[tuple[float, float, float]]] = {"ours": [], "plain": []}
+        for batch, _ in kinds.values():
+            batch(max(2, n // 10))  # warm-up
+        for rep in range(reps):
+            for name, (batch, _) in kinds.items():
+                sample = batch(n)
+                samples[name].append(sample)
+                log(f"    {name} rep {rep + 1}: {sample['ops_per_second']:.1f} ops/s "
+                    f"(submitting {sample['submit_seconds'] / n * 1e3:.2f} ms/op)")
+        for _ in range(self.config.shapes_latency_n):
+            for name, (_, one) in kinds.items():
+                alone[name].append(one())
+        ours_ops = median([x["ops_per_second"] for x in samples["ours"]])
+        plain_ops = median([x["ops_per_second"] for x in samples["plain"]])
+        lat = {name: [median([x[i] for x in alone[name]]) * 1e3 for i in range(3)]
+               for name in kinds}
+        result = {
+            "ours": ours_ops, "plain": plain_ops, "ratio_ours_over_plain": ratio(ours_ops,
+                                                                                 plain_ops),
+            "ours_samples": [x["ops_per_second"] for x in samples["ours"]],
+            "plain_samples": [x["ops_per_second"] for x in samples["plain"]],
+            # Each batch of ours against the plain batch that followed it.
+            "paired_ratios": [round(ratio(o["ops_per_second"], p["ops_per_second"]), 3)
+                              for o, p in zip(samples["ours"], samples["plain"], strict=True)],
+            "ours_submit_ms_per_op": median(
+                [x["submit_seconds"] for x in samples["ours"]]) / n * 1e3,
+            "plain_submit_ms_per_op": median(
+                [x["submit_seconds"] for x in samples["plain"]]) / n * 1e3,
+            "latency": {
+                "operations": self.config.shapes_latency_n,
+                "ours_submit_ms": lat["ours"][0], "plain_submit_ms": lat["plain"][0],
+                # What the user's code sees: submit to orch.wait's return (plain: to its
+                # counter seen in Redis, polled every 2 ms).
+                "ours_ms": lat["ours"][1], "plain_ms": lat["plain"][1],
+                "overhead_ms_per_step": (lat["ours"][1] - lat["plain"][1]) / 3,
+                # The work itself: submit to the end of the last step (the ledger's
+                # finished_at; plain: the last task's timestamp in Redis).
+                "ours_to_last_step_ms": lat["ours"][2], "plain_to_last_step_ms": lat["plain"][2],
+                "overhead_ms_per_step_to_last_step": (lat["ours"][2] - lat["plain"][2]) / 3,
+            },
+            "operations_run": dict(counts),
+        }
+        t = result["latency"]
+        log(f"    {variant}: {ours_ops:.1f} / {plain_ops:.1f} ops/s = "
+            f"{result['ratio_ours_over_plain']:.2f}x (paired {result['paired_ratios']}); one "
+            f"at a time {t['ours_ms']:.1f} / {t['plain_ms']:.1f} ms = "
+            f"{t['overhead_ms_per_step']:+.2f} ms/step (to the last step's end "
+            f"{t['ours_to_last_step_ms']:.1f} / {t['plain_to_last_step_ms']:.1f} ms = "
+            f"{t['overhead_ms_per_step_to_last_step']:+.2f} ms/step)")
+        return result
+
+    def shapes(self) -> None:
+        """The steps users write (issue 25): a three-step flow over two hosts, N operations
+        submitted with ``orch.submit`` in a loop and each awaited with ``orch.wait``, against
+        plain Celery doing the same work with the same no-loss settings. Three variants:
+        steps that return data (merged into the params of the next), steps with an effect on
+        the application's own table, and Nova's resize (nova_app, instant steps)."""
+        from sqlalchemy import func, select
+        from sqlalchemy.orm import Session
+
+        from nova_app.models import Instance
+
+        n, reps = self.config.shapes_n, self.config.shapes_reps
+        log(f"[shapes] {n} three-step operations, submitted in a loop then each awaited, "
+            f"x {reps} repetitions, then {self.config.shapes_latency_n} one at a time; "
+            f"variants {', '.join(SHAPES_VARIANTS)}")
+        ours_mod, plain_mod = self._shapes_modules()
+        orch = ours_mod.orch
+        a, b = SHAPES_HOSTS
+        variants: dict[str, Any] = {}
+        created: dict[str, list[str]] = {"ours": [], "plain": []}
+
+        def nothing(side: str, count: int) -> list[None]:
+            return [None] * count
+
+        def instances(side: str, count: int) -> list[str]:
+            ids = self._instances(count, (SHAPES_NOVA_HOSTS if side == "ours"
+                                          else PLAIN_SHAPES_HOSTS)[0])
+            created[side].extend(ids)
+            return ids
+
+        def items_finished(model: Any, plain: bool, since: float) -> int:
+            """Rows of the effects variant's operations that saw their three steps' changes
+            (plain's ids start with "plain-")."""
+            mine = model.id.like("plain-%")
+            with Session(plain_mod.engine()) as s:
+                return s.execute(select(func.count()).select_from(model).where(
+                    mine if plain else ~mine, model.updated_at >= since,
+                    model.counter == 3, model.status == "finished")).scalar_one()
+
+        def resized(side: str, dest: str) -> int:
+            ids, total = created[side], 0
+            with Session(plain_mod.engine()) as s:
+                for i in range(0, len(ids), 500):
+                    total += s.execute(select(func.count()).select_from(Instance).where(
+                        Instance.id.in_(ids[i:i + 500]), Instance.vm_state == "resized",
+                        Instance.task_state.is_(None), Instance.host == dest,
+                        Instance.flavor == "m1.large")).scalar_one()
+            return total
+
+        def run(variant: str, *args: Any) -> None:
+            try:
+                variants[variant] = self._shape(variant, *args)
+            except Exception as exc:
+                self.run.problem(f"shapes {variant} failed: {type(exc).__name__}: {exc}")
+
+        def stop(procs: list[subprocess.Popen], what: str) -> None:
+            for proc in procs:
+                code = self.stop(proc, what)
+                if code not in (0, None):
+                    self.run.problem(f"{what} exited {code} after SIGTERM")
+
+        plain = [self._spawn(PLAIN_SHAPES_MODULE, host, "plain-shapes", ready=False)
+                 for host in PLAIN_SHAPES_HOSTS]
+        try:
+            ours = [self._spawn(SHAPES_MODULE, host, "shapes", ready=False)
+                    for host in SHAPES_HOSTS]
+            try:
+                for proc in plain + ours:
+                    self._ready(proc)
+                run("data", orch, lambda _: orch.submit("shape_data", hosts={"a": a, "b": b}),
+                    lambda _: plain_mod.submit("data"), nothing,
+                    lambda view: view["params"].get("total_bytes") == 512_000)
+                since = time.time()
+                run("effects", orch,
+                    lambda _: orch.submit("shape_effects", hosts={"a": a, "b": b}),
+                    lambda _: plain_mod.submit("effects"), nothing, lambda view: True)
+                if "effects" in variants:
+                    checks = {
+                        "ours_rows_finished": items_finished(ours_mod.BenchItem, False, since),
+                        "plain_rows_finished": items_finished(plain_mod.BenchItem, True, since)}
+                    variants["effects"]["checks"] = checks
+                    runs = variants["effects"]["operations_run"]
+                    if checks["ours_rows_finished"] != runs["ours"] \
+                            or checks["plain_rows_finished"] != runs["plain"]:
+                        self.run.problem(f"shapes effects: rows finished {checks}, operations "
+                                         f"run {runs}")
+            finally:
+                stop(ours, "shapes worker")
+            # Nova's own workers, as its deployment starts them (orchestrator.testing.fleet).
+            nova = [self.fleet.start(host, concurrency=self.config.concurrency, ready=False)
+                    for host in SHAPES_NOVA_HOSTS]
+            try:
+                for worker in nova:
+                    worker.wait_ready(timeout=60)
+                run("nova", self.orch,
+                    lambda iid: self.operations.resize(iid, flavor="m1.large",
+                                                       dest=SHAPES_NOVA_HOSTS[1]).id,
+                    lambda iid: plain_mod.submit_resize(iid, flavor="m1.large"), instances,
+                    lambda view: True)
+                if "nova" in variants:
+                    checks = {"ours_instances_resized": resized("ours", SHAPES_NOVA_HOSTS[1]),
+                              "plain_instances_resized": resized("plain",
+                                                                 PLAIN_SHAPES_HOSTS[1])}
+                    variants["nova"]["checks"] = checks
+                    runs = variants["nova"]["operations_run"]
+                    if checks["ours_instances_resized"] != runs["ours"] \
+                            or checks["plain_instances_resized"] != runs["plain"]:
+                        self.run.problem(f"shapes nova: instances resized {checks}, "
+                                         f"operations run {runs}")
+            finally:
+                stop([worker.proc for worker in nova], "nova worker")
+        finally:
+            stop(plain, "plain shapes worker")
+        self.run.results["shapes"] = {
+            "operations": n, "repetitions": reps, "steps_per_operation": 3,
+            "concurrency": self.config.concurrency,
+            "unit": "operations per second, first submit to the last one awaited",
+            "variants": variants,
+        }
+
     # -- 2c. a worker's ledger lookups, as the fleet grows -----------------------------------
     def ledger(self) -> None:
         """What a draining worker asks the ledger every 0.2 s (operations that still need its
@@ -1204,6 +1786,23 @@ def table(run: Run) -> str:
         rows.append(("  submit, idle workers", f"{t['ours_submit_ms']:.2f} ms",
                      f"{t['plain_submit_ms']:.2f} ms",
                      f"{ratio(t['ours_submit_ms'], t['plain_submit_ms']):.2f}x time"))
+    if "shapes" in r:
+        h = r["shapes"]
+        for variant, v in h["variants"].items():
+            rows.append((f"shapes/{variant}: {h['operations']} ops, submit loop + orch.wait "
+                         f"(median of {h['repetitions']})", fmt(v["ours"], "ops/s"),
+                         fmt(v["plain"], "ops/s"),
+                         f"{v['ratio_ours_over_plain']:.2f}x throughput"))
+            rows.append(("  paired ratios, batch by batch", "", "",
+                         " ".join(f"{x:.2f}" for x in v["paired_ratios"])))
+            t = v["latency"]
+            rows.append((f"  one at a time, submit to wait's return (median of "
+                         f"{t['operations']})", f"{t['ours_ms']:.1f} ms",
+                         f"{t['plain_ms']:.1f} ms", f"{t['overhead_ms_per_step']:+.2f} ms/step"))
+            rows.append(("  one at a time, submit to the last step's end",
+                         f"{t['ours_to_last_step_ms']:.1f} ms",
+                         f"{t['plain_to_last_step_ms']:.1f} ms",
+                         f"{t['overhead_ms_per_step_to_last_step']:+.2f} ms/step"))
     if "ledger" in r:
         g = r["ledger"]
         for size, entry in g["fleets"].items():
@@ -1276,11 +1875,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
                         help="a Redis database used only by this script (default: %(default)s)")
     parser.add_argument("--only", choices=("publish", "e2e", "flow", "ledger", "drain",
-                                           "scale"),
+                                           "scale", "shapes"),
                         action="append",
                         help="run only this measurement (repeatable)")
     parser.add_argument("--db-url", metavar="URL",
-                        help="the ledger's database for the flow and drain measurements "
+                        help="the ledger's database for the flow, drain and shapes "
+                             "measurements "
                              "(default: a temporary SQLite file), e.g. postgresql+psycopg://"
                              "postgres@127.0.0.1/orchestrator_bench")
     parser.add_argument("--keep-tmp", action="store_true",
@@ -1304,7 +1904,7 @@ def main(argv: list[str] | None = None) -> int:
     # orchestrator.app reads these at import: set them before anything imports it.
     os.environ["ORCHESTRATOR_BROKER_URL"] = args.redis_url
     if args.db_url and only & {"e2e", "ledger"}:
-        raise SystemExit("benchmark: --db-url applies to --only flow and --only drain "
+        raise SystemExit("benchmark: --db-url applies to --only flow, drain and shapes "
                          "(e2e and ledger read the SQLite file directly)")
     os.environ["ORCHESTRATOR_DB_URL"] = args.db_url or f"sqlite:///{tmp / 'orchestrator.db'}"
     os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(REPO_ROOT / "routing.yaml")
@@ -1338,6 +1938,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.drain()
         if "scale" in only:
             bench.scale()
+        if "shapes" in only:
+            bench.shapes()
         run.results["environment"] = {
             "python": platform.python_version(), "celery": celery.__version__,
             "kombu": kombu.__version__, "cpus": os.cpu_count(), "platform": platform.platform(),
