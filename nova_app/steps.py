@@ -1,6 +1,6 @@
 """Nova's compute steps, registered on the orchestrator, and its flows.
 
-Every step has the same life (``workers.steps.run_step``): the simulated hypervisor does the
+Every step has the same life (``orchestrator.runner.run_step``): the simulated hypervisor does the
 slow part, then the step's effect (:mod:`nova_app.effects`) changes the instance and its
 migration, once, in the transaction that advances the operation. A few steps do more than wait:
 the build asks the network service for its VIFs and waits for ``network-vif-plugged``, and the

@@ -72,6 +72,7 @@ DEFAULT_MAX_RETRIES = 3
 #: Each hangs itself on the worker, as Celery's own components do: ``worker.host_service``,
 #: ``worker.host_drain``, ``worker.event_waits``, ``worker.stranded_steps``.
 WORKER_STEPS = (
+    "workers.diagnostics:Diagnostics",  # pool processes' stacks on SIGUSR2, one line a reject
     "workers.host:HostService",      # registration and heartbeat
     "workers.drain:Drain",           # SIGTERM: quiet, drain, stop by the deadline
     "workers.control:RemoteControl", # the drain and orchestrator_status commands
@@ -154,9 +155,6 @@ class Orchestrator:
         app = self.app
         app.orchestrator = self
         kombu_internals.guard_redis()
-        from workers.validation import quiet_repeated_rejections
-
-        quiet_repeated_rejections()
         broker_url = app.conf.broker_url or self.settings.broker_url
         check_passwords(broker_url, self.db.url)
         existing = app.conf.task_routes
@@ -171,9 +169,6 @@ class Orchestrator:
             signing.enable(app, self.signing)
         app.steps["worker"].update(WORKER_STEPS)
         self._worker_options()
-        signals.worker_process_init.connect(
-            _pool_process_stacks, weak=False, dispatch_uid="orchestrator.pool-stacks"
-        )
         signals.celeryd_after_setup.connect(
             self._log_settings, weak=False, dispatch_uid=f"orchestrator.settings.{id(self)}"
         )
@@ -248,7 +243,7 @@ class Orchestrator:
                     raise DefinitionError(f"step name {one!r} is not a usable task name")
                 if one in self.steps or one in self.aliases:
                     raise DefinitionError(f"step {one!r} is registered twice")
-            from workers.steps import StepTask, run_step
+            from orchestrator.runner import StepTask, run_step
 
             orch = self
 
@@ -574,9 +569,3 @@ class Orchestrator:
         """Deliver event ``name`` for ``key`` now, in a transaction of its own."""
         with self.db.session() as s:
             self.ledger.record_event(s, key, name)
-
-
-def _pool_process_stacks(**kwargs: Any) -> None:
-    from workers.deadline import dump_stacks_on_signal
-
-    dump_stacks_on_signal()

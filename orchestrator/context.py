@@ -1,6 +1,6 @@
 """What a step function is given, and what the engine keeps of a registered step.
 
-A leaf module: the step runner in a worker (``workers.steps``) and the public API
+A leaf module: the step runner in a worker (``orchestrator.runner``) and the public API
 (``orchestrator.api``) both use it, and neither imports the other through it.
 """
 

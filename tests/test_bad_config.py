@@ -16,7 +16,7 @@ from nova_app.app import MIGRATIONS, orch
 from orchestrator.cli import main as cli
 from orchestrator.errors import SchemaError, StepFailure, SubmitError
 from orchestrator.ledger import schema
-from workers.steps import _output
+from orchestrator.runner import _output
 
 
 def one_line_error(args: list[str], env: dict[str, str] | None = None) -> str:

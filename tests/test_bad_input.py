@@ -13,10 +13,10 @@ import signal
 from nova_app import operations, views
 from nova_app.app import app
 from orchestrator.broker import queue_depth
+from orchestrator.stepcall import problems
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import ended, wait_op
 from tests.raw import STEP, publish_raw
-from workers.validation import problems
 
 QUEUE = "compute1"
 

@@ -92,6 +92,36 @@ def test_applications_use_only_what_the_package_exports() -> None:
     assert offenders == []
 
 
+#: Packages and the packages they may import: the engine's core (the API, the ledger, the
+#: step runner, the operator's surfaces) knows nothing of the worker's bootsteps, which
+#: Celery loads by name (``WORKER_STEPS``); the ledger knows nothing of the rest.
+MAY_IMPORT = {
+    "orchestrator.ledger": {"orchestrator.ledger", "orchestrator.config", "orchestrator.errors",
+                            "orchestrator.redact", "orchestrator.flows", "orchestrator.seams"},
+    "orchestrator": {"orchestrator"},
+    "workers": {"orchestrator", "workers"},
+}
+
+
+def test_packages_import_only_downwards() -> None:
+    """Imports inside functions count. workers imports orchestrator, never the reverse; the
+    ledger package imports only its own modules and the engine's leaves."""
+    modules = _modules()
+    offenders = []
+    for name, path in modules.items():
+        package = max((p for p in MAY_IMPORT if name == p or name.startswith(p + ".")),
+                      key=len, default=None)
+        if package is None:
+            continue
+        for imported in _imports(path, name, top_level_only=False, known=modules):
+            if imported not in modules:
+                continue
+            if not any(imported == a or imported.startswith(a + ".")
+                       for a in MAY_IMPORT[package]):
+                offenders.append(f"{name} imports {imported}")
+    assert sorted(offenders) == []
+
+
 def test_no_module_is_in_an_import_cycle() -> None:
     """Imports inside functions count: one there hides a cycle from Python's import system,
     not from the design (api -> workers.steps -> api was one)."""

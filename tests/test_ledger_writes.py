@@ -11,9 +11,9 @@ import sqlite3
 import pytest
 
 from nova_app import operations
+from orchestrator.runner import CLAIM_AFTER_SECONDS
 from orchestrator.testing.fleet import Fleet
 from tests.helpers import ended, wait_op
-from workers.steps import CLAIM_AFTER_SECONDS
 
 pytestmark = pytest.mark.shutdown
 

@@ -20,121 +20,30 @@ Redis and RabbitMQ). Every one leaves the broker at once, is never run, and the 
 - a step with positional args, missing, extra or wrongly typed kwargs, or a ``host`` that is
   not the host of the queue it came from; a step of an operation that does not exist
   (``state.UnknownOperation``) or that contradicts the operation's plan
-  (``state.StepMismatch``): :func:`check_step_call` / :func:`reject` from ``StepTask``, ERROR
+  (``state.StepMismatch``): ``check_step_call`` / ``reject`` (:mod:`orchestrator.stepcall`)
+  from ``StepTask``, ERROR
   "rejected step message ..."; rejected (``Reject``, no requeue).
 
 Rejected without requeue is final: on Redis the message is gone; on RabbitMQ it is dropped, or
 dead-lettered if the queue has a dead-letter exchange (set by a policy): that is where to look
 for it. Nothing here touches a step's own failures (the hypervisor, the database): those keep
-their meaning (see workers.steps).
+their meaning (see orchestrator.runner).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
-from celery import Task, signals
-from celery.exceptions import InvalidTaskError, Reject
+from celery import signals
+from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 
 from orchestrator.redact import printable
-from orchestrator.routing import split_queue
 from orchestrator.seams import celery_internals as celery_seam
+from orchestrator.stepcall import shown, shown_name
 
 logger = logging.getLogger(__name__)
-
-#: The keyword arguments every step message carries, and their types.
-STEP_FIELDS: dict[str, type] = {"operation_id": str, "position": int, "host": str}
-_MAX_SHOWN = 80
-
-
-class RejectedStep(Reject):
-    """A step message rejected (not requeued) before it ran; already logged by :func:`reject`."""
-
-    def __init__(self, reason: str | None = None, requeue: bool = False) -> None:
-        super().__init__(reason, requeue)
-
-
-def _show(value: Any) -> str:
-    """A value from an untrusted message, made safe and short for one log line."""
-    text = repr(value)
-    return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
-
-
-def _name(value: Any) -> str:
-    """A task name or id from an untrusted message: as is when it is a short plain string."""
-    if isinstance(value, str) and 0 < len(value) <= _MAX_SHOWN:
-        return printable(value)
-    return _show(value)
-
-
-def problems(args: tuple, kwargs: Mapping[str, Any], queue: str | None) -> list[str]:
-    """What is wrong with a step call (empty when nothing is)."""
-    found = []
-    if args:
-        found.append(f"positional arguments {_show(args)} (a step takes keyword arguments)")
-    missing = [name for name in STEP_FIELDS if name not in kwargs]
-    if missing:
-        found.append("missing " + ", ".join(missing))
-    extra = sorted(str(name) for name in kwargs if name not in STEP_FIELDS)
-    if extra:
-        found.append("unexpected " + ", ".join(_show(name) for name in extra))
-    for name, kind in STEP_FIELDS.items():
-        if name not in kwargs:
-            continue
-        value = kwargs[name]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            found.append(f"{name} must be {kind.__name__}, not {type(value).__name__} "
-                         f"{_show(value)}")
-        elif kind is str and not value.strip():
-            found.append(f"{name} is empty")
-        elif kind is str and not value.isprintable():
-            found.append(f"{name} holds control characters: {_show(value)}")
-        elif kind is int and value < 0:
-            found.append(f"{name} is negative ({value})")
-    host = kwargs.get("host")
-    if queue and isinstance(host, str) and host.strip() and split_queue(queue)[0] != host:
-        found.append(f"host {_show(host)} is not this queue's host (a host runs only its own "
-                     "steps)")
-    return found
-
-
-def reject(task: Task, reason: str) -> RejectedStep:
-    """Log why a step message is refused, in one line; raise the result to reject it."""
-    request = task.request
-    queue = (request.delivery_info or {}).get("routing_key")
-    logger.error("rejected step message %s[%s] from queue %s: %s (not run, not requeued)",
-                 task.name, printable(request.id), printable(queue), reason)
-    return RejectedStep(reason, requeue=False)
-
-
-def check_step_call(task: Task, args: tuple, kwargs: Mapping[str, Any]) -> None:
-    """Raise :class:`RejectedStep` (logged) unless the message is a well-formed step call."""
-    queue = (task.request.delivery_info or {}).get("routing_key")
-    found = problems(args, kwargs, queue)
-    if found:
-        raise reject(task, "; ".join(found))
-
-
-class _OneLinePerRejection(logging.Filter):
-    """Celery logs every ``Reject`` again, as a WARNING with a traceback; ours already has its
-    one line (:func:`reject`), so that repeat is dropped. Other rejections are untouched."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, RejectedStep)
-
-
-_rejection_filter = _OneLinePerRejection()
-
-
-def quiet_repeated_rejections() -> None:
-    """Install the filter (once; called by the Orchestrator, never at import)."""
-    trace_logger = logging.getLogger("celery.app.trace")
-    if _rejection_filter not in trace_logger.filters:
-        trace_logger.addFilter(_rejection_filter)
 
 
 def _is_number(value: Any) -> bool:
@@ -164,43 +73,43 @@ def message_problem(
     if "task" in headers:  # protocol 2: the body is [args, kwargs, options]
         meta = headers
         if not isinstance(payload, list | tuple) or len(payload) != 3:
-            return f"body is not [args, kwargs, options]: {_show(payload)}"
+            return f"body is not [args, kwargs, options]: {shown(payload)}"
         args, kwargs, embed = payload
         if embed is not None and not isinstance(embed, dict):
-            return f"options are not a mapping: {_show(embed)}"
+            return f"options are not a mapping: {shown(embed)}"
     elif isinstance(payload, dict) and "task" in payload:  # protocol 1: one mapping
         meta = payload
         args, kwargs = payload.get("args", ()), payload.get("kwargs", {})
     else:
         return None
     if not isinstance(args, list | tuple):
-        return f"args are not a list: {_show(args)}"
+        return f"args are not a list: {shown(args)}"
     if not isinstance(kwargs, dict):
-        return f"kwargs are not a mapping: {_show(kwargs)}"
+        return f"kwargs are not a mapping: {shown(kwargs)}"
     task, task_id = meta.get("task"), meta.get("id")
     if not isinstance(task, str) or not task:
-        return f"task name is not a string: {_show(task)}"
+        return f"task name is not a string: {shown(task)}"
     if not isinstance(task_id, str) or not task_id:
-        return f"no task id (got {_show(task_id)})"
+        return f"no task id (got {shown(task_id)})"
     if not (task.isprintable() and task_id.isprintable()):
         # Celery logs both as they are ("Task NAME[ID] received"): one line each.
-        return f"task name or id holds control characters: {_show(task)}[{_show(task_id)}]"
+        return f"task name or id holds control characters: {shown(task)}[{shown(task_id)}]"
     limits = meta.get("timelimit")
     if limits is not None and not (
         isinstance(limits, list | tuple) and len(limits) == 2
         and all(v is None or _is_number(v) for v in limits)
     ):
-        return f"timelimit is not [soft, hard]: {_show(limits)}"
+        return f"timelimit is not [soft, hard]: {shown(limits)}"
     queue = (message.delivery_info or {}).get("routing_key")
     if step_of_task(task) is None and queue != default_queue and task in registered:
         # Celery's own tasks (celery.chord_unlock, celery.group, ...) are registered in every
         # worker; a host queue carries steps and nothing else. An unknown name is left to
         # Celery ("Received unregistered task").
-        return f"{_show(task)} is not a step; a host queue carries only steps"
+        return f"{shown(task)} is not a step; a host queue carries only steps"
     if step_of_task(task) is not None and meta.get("eta") is not None:
         # A step held for later would sit unacknowledged in the worker (RabbitMQ closes the
         # channel after consumer_timeout) and keep a drain waiting: steps run when sent.
-        return f"a step is never scheduled for later (eta {_show(meta.get('eta'))})"
+        return f"a step is never scheduled for later (eta {shown(meta.get('eta'))})"
     return None
 
 
@@ -252,7 +161,7 @@ class GuardedConsumer(Consumer):
         headers = message.headers if isinstance(message.headers, dict) else {}
         logger.error(
             "rejected malformed task message %s[%s] from queue %s: %s (not run, not requeued)",
-            _name(headers.get("task")), _name(headers.get("id")),
+            shown_name(headers.get("task")), shown_name(headers.get("id")),
             printable((message.delivery_info or {}).get("routing_key")), problem,
         )
         message.reject_log_error(logger, self.connection_errors)

@@ -183,7 +183,7 @@ class Ledger:
     def __init__(self, database: Database, flows: Mapping[str, Flow]) -> None:
         self.db, self.flows = database, flows
         #: The thread that records long steps as running in this process (a pool process's
-        #: workers.steps.ClaimTimer, made by the first step it runs).
+        #: orchestrator.runner.ClaimTimer, made by the first step it runs).
         self.claim_timer: Any = None
 
     # -- records ---------------------------------------------------------------------------

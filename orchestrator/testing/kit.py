@@ -10,7 +10,7 @@ the ``orchestrator_fleet`` fixture::
         assert report.ok, report
 
 :meth:`KitFleet.shutdown_matrix` runs the flow once for every step of its plan and every host
-the flow uses: the step is held at its start (``workers.steps.hold_at_gate``; however short
+the flow uses: the step is held at its start (``orchestrator.runner.hold_at_gate``; however short
 the step, its host is signalled while it runs), that host gets SIGTERM, the step is let go,
 the host drains and exits, and is started again so that every run ends. A run is good when its
 operation ended before that restart (completed, or failed with the flow's rollback run), no

@@ -37,7 +37,7 @@ from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, Un
 from orchestrator.ledger.store import Attempt
 from orchestrator.limits import json_size
 from orchestrator.redact import error_text
-from workers.validation import check_step_call, reject
+from orchestrator.stepcall import check_step_call, reject
 
 logger = logging.getLogger(__name__)
 
