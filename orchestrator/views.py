@@ -20,11 +20,13 @@ def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
     if not isinstance(operation_id, str) or not operation_id.isprintable() \
             or len(operation_id) > 64 or not operation_id.isascii():
         raise UnknownOperation(f"unknown operation {operation_id!r}")
-    services = orch.registry.services()
     with orch.db.read() as s:
         op = s.get(Operation, operation_id)
         if op is None:
             raise UnknownOperation(f"unknown operation {operation_id!r}")
+        # (the fleet's registry only for an operation with a step to place: an ended one,
+        # what orch.wait returns, reads its own rows alone)
+        services = orch.registry.services() if op.current is not None else []
         steps = s.execute(
             select(StepRecord).where(StepRecord.operation_id == op.id)
             .order_by(StepRecord.position)

@@ -138,6 +138,25 @@ def test_source_drains_mid_reserve_and_the_move_completes(volumes) -> None:
     assert broker_empty()
 
 
+def test_a_waiter_is_told_when_its_operation_ends(volumes, monkeypatch) -> None:
+    """orch.wait sleeps until the worker that records the end announces it through the
+    broker: it reads the operation's status once before and once when told, however long the
+    operation takes (a waiter that polled read it every second: four times here or more)."""
+    fleet, _ = volumes
+    for node in NODES:
+        fleet.start(node, env={"VOLUMES_STEP_SECONDS": "copy_out=3"})
+    make_volume("node1", "told")
+    looks: list[str] = []
+    status = orch.ledger.status
+    monkeypatch.setattr(orch.ledger, "status",
+                        lambda operation_id: looks.append(operation_id) or status(operation_id))
+    op = move("told", "node1", "node2")
+    done = orch.wait(op, timeout=60)
+    assert done["status"] == "completed", done["error"]
+    assert len(looks) == 2, looks
+    assert op in orch._notices.ended  # woken by the worker's notice, not by a look again
+
+
 def test_failed_copy_rolls_back_and_frees_the_volume(volumes) -> None:
     fleet, _ = volumes
     env = {"VOLUMES_FAIL": "copy_in@node2"}

@@ -118,7 +118,7 @@ def test_each_completion_writes_its_case_and_a_duplicate_changes_nothing(
     sent = case != "not sent"
     assert outcomes == [("run", tuple(PLAN[1]), 1, "ha-q" if sent else None),
                         ("run", tuple(PLAN[2]), 2, "hb-q" if sent else None),
-                        ("duplicate", None, None, None)]
+                        ("ended", None, None, None)]
     counted = case != "no attempt"
     assert _state(orch, op_id) == (
         # (the step state an ended operation keeps is its last step's)
@@ -325,3 +325,21 @@ def test_no_code_outside_the_ledger_writes_a_state() -> None:
                     if name in written or (name == "status" and package == "workers"):
                         offenders.append(f"{path.relative_to(repo)}:{node.lineno}: {name}")
     assert offenders == []
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_every_update_of_an_operation_says_when(dialect: str) -> None:
+    """The statements run compiled once, without SQLAlchemy's column defaults: each UPDATE of
+    an operation sets ``updated_at`` itself (a NULL there breaks the column's NOT NULL)."""
+    from sqlalchemy.sql.dml import Update
+
+    from orchestrator.ledger.statements import StepStatements
+
+    statements = StepStatements(dialect)
+    updates = {}
+    for name, value in vars(statements).items():
+        for key, one in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if isinstance(one, Update) and one.table.name == "operations":
+                updates[name, key] = {getattr(c, "name", c) for c in one._values}
+    assert len(updates) >= 20
+    assert [where for where, columns in updates.items() if "updated_at" not in columns] == []

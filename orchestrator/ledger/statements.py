@@ -155,10 +155,12 @@ class StepStatements:
                  updated_at=now).returning(ops.c.id)
         self.unpublish = update(ops).where(
             (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
-            & (ops.c.step_state == StepState.QUEUED)).values(next_published=False)
+            & (ops.c.step_state == StepState.QUEUED)).values(next_published=False,
+                                                             updated_at=now)
         self.published = update(ops).where(
             (ops.c.id == bindparam("op")) & (ops.c.position == bindparam("at"))
-        ).values(next_published=True, queue=bindparam("queue"), step_since=now)
+        ).values(next_published=True, queue=bindparam("queue"), step_since=now,
+                 updated_at=now)
         failed = dict(error=bindparam("new_error"), wait=None, updated_at=now)
         self.abandon = moving("abandon").values(
             status=OperationStatus.FAILED, **failed, **ended).returning(ops.c.id)

@@ -82,8 +82,9 @@ class Attempt:
 class StepStart:
     #: run: do the work; duplicate: already done, drop it; republish: done, but the next step's
     #: message may never have been sent; behind: the ledger has the operation at an earlier
-    #: step (it lost what came after: a failover), drop it.
-    outcome: Literal["run", "duplicate", "republish", "behind"]
+    #: step (it lost what came after: a failover), drop it. From a transition: run (the next
+    #: step to send), ended (the operation ended with it), duplicate (nothing changed).
+    outcome: Literal["run", "duplicate", "republish", "behind", "ended"]
     next_step: tuple[str, str] | None = None
     next_position: int | None = None
     #: With outcome "run": deliveries of this step so far, this one included.
@@ -280,7 +281,7 @@ class Ledger:
         if not advanced:
             return self._not_advanced(operation_id, position)
         if following is None:
-            return StepStart("duplicate")
+            return StepStart("ended")
         return StepStart("run", following, position + 1, queue=next_queue, kind=start.kind,
                          subject=start.subject)
 
@@ -408,7 +409,8 @@ class Ledger:
     def unpublish(self, operation_id: str, position: int) -> None:
         """The next step recorded as sent could not be published: mark it "not sent", so a
         redelivery of the step before it sends it again (the "republish" outcome)."""
-        self.db.direct(statements_for(self.db.url).unpublish, op=operation_id, at=position)
+        self.db.direct(statements_for(self.db.url).unpublish, op=operation_id, at=position,
+                       now=time.time())
 
     def mark_published(self, operation_id: str, position: int, queue: str) -> None:
         self.db.direct(statements_for(self.db.url).published, op=operation_id, at=position,
@@ -454,7 +456,7 @@ class Ledger:
                     operation_id, kind, subject, plan, position, dict(params or {}),
                     dict(hosts or {}), result, old_error), now)
         if not steps:
-            return StepStart("duplicate")
+            return StepStart("ended")
         return StepStart("run", tuple(new_plan[position + 1]), position + 1, kind=kind,
                          subject=subject)
 
