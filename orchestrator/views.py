@@ -11,7 +11,7 @@ from sqlalchemy import select
 from orchestrator import registry
 from orchestrator.broker import queue_depths
 from orchestrator.errors import UnknownOperation
-from orchestrator.ledger.models import Operation, StepRecord
+from orchestrator.ledger.models import Operation
 from orchestrator.ledger.store import ACTIVE_STATUSES
 from orchestrator.routing import alt_queue
 
@@ -20,34 +20,32 @@ def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
     if not isinstance(operation_id, str) or not operation_id.isprintable() \
             or len(operation_id) > 64 or not operation_id.isascii():
         raise UnknownOperation(f"unknown operation {operation_id!r}")
-    with orch.db.read() as s:
-        op = s.get(Operation, operation_id)
-        if op is None:
-            raise UnknownOperation(f"unknown operation {operation_id!r}")
-        # (the fleet's registry only for an operation with a step to place: an ended one,
-        # what orch.wait returns, reads its own rows alone)
-        services = orch.registry.services() if op.current is not None else []
-        steps = s.execute(
-            select(StepRecord).where(StepRecord.operation_id == op.id)
-            .order_by(StepRecord.position)
-        ).scalars().all()
-        current = op.current
-        data = {
-            "operation": op.id, "kind": op.kind, "subject": op.subject,
-            "status": op.status, "error": op.error, "result": op.result,
-            "hosts": dict(op.hosts or {}), "params": dict(op.params or {}),
-            "current_step": None if current is None else _current_step(op, *current, services),
-            "plan": [{"step": step, "host": host} for step, host in op.plan],
-            "steps": [
-                {"position": r.position, "step": r.step, "host": r.host, "status": r.status,
-                 "attempts": r.attempts, "worker": r.worker, "finished_at": r.finished_at}
-                for r in steps
-            ],
-            "age_seconds": round(time.time() - op.created_at, 3),
-        }
-        for describe in orch.describers:
-            describe(s, op, data)
-        return data
+    found = orch.ledger.view(operation_id)
+    if found is None:
+        raise UnknownOperation(f"unknown operation {operation_id!r}")
+    op, steps = found
+    current = op.current
+    # (the fleet's registry only for an operation with a step to place: an ended one, what
+    # orch.wait returns, reads its own rows alone)
+    services = orch.registry.services() if current is not None else []
+    data = {
+        "operation": op.id, "kind": op.kind, "subject": op.subject,
+        "status": op.status, "error": op.error, "result": op.result,
+        "hosts": dict(op.hosts or {}), "params": dict(op.params or {}),
+        "current_step": None if current is None else _current_step(op, *current, services),
+        "plan": [{"step": step, "host": host} for step, host in op.plan],
+        "steps": [
+            {"position": position, "step": step, "host": host, "status": status,
+             "attempts": attempts, "worker": worker, "finished_at": finished_at}
+            for position, step, host, status, attempts, worker, finished_at in steps
+        ],
+        "age_seconds": round(time.time() - op.created_at, 3),
+    }
+    if orch.describers:  # the application's own fields, from its own tables
+        with orch.db.read() as s:
+            for describe in orch.describers:
+                describe(s, op, data)
+    return data
 
 
 def _current_step(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidRequestError
 
 
 def closed_by_server(dbapi_conn, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
@@ -70,8 +70,7 @@ class Form:
         binds = {name: proc for bind, name in compiled.bind_names.items()
                  if (proc := bind.type.dialect_impl(dialect).bind_processor(dialect))}
         columns = getattr(statement, "exported_columns", ())
-        results = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None)
-                        for c in columns)
+        results = tuple(_result_processor(c.type, dialect) for c in columns)
         order = tuple(compiled.positiontup) if compiled.positiontup is not None else None
         return cls(compiled.string, order, compiled, binds, results)
 
@@ -88,6 +87,17 @@ class Form:
         return [tuple(value if proc is None else proc(value)
                       for proc, value in zip(self.results, row, strict=True))
                 for row in fetched]
+
+
+def _result_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """A column type's conversion of what the driver returns. SQLAlchemy asks it with the
+    driver's type code of the column, which a statement compiled once does not have: psycopg's
+    Float wants one and has nothing to convert (PostgreSQL's double precision comes back as a
+    float)."""
+    try:
+        return type_.dialect_impl(dialect).result_processor(dialect, None)
+    except (TypeError, InvalidRequestError):
+        return None
 
 
 class Direct:

@@ -360,9 +360,10 @@ class Database:
         SQLite a write takes its turn among the machine's writers. The statement must not
         hold an expanding ``IN``. Unreachable as from every session."""
         url = self.url
+        writes = getattr(statement, "is_dml", False)
         with self._reachable(url):
-            self.engine()
-            if getattr(statement, "is_dml", False):
+            self.engine(create=writes or self.reads_create)
+            if writes:
                 with _writer_turn(url):
                     return _direct_for(url).run(statement, params)
             return _direct_for(url).run(statement, params)

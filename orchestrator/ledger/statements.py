@@ -178,6 +178,12 @@ class StepStatements:
         self.set_result = update(ops).where(ops.c.id == bindparam("op")).values(
             result=bindparam("new_result", type_=ops.c.result.type),
             updated_at=bindparam("now"))
+        #: An operation's view (``orchestrator.views.operation_dict``): its row, its steps.
+        self.view_operation = select(*ops.c).where(ops.c.id == bindparam("id"))
+        self.view_steps = select(
+            log.c.position, log.c.step, log.c.host, log.c.status, log.c.attempts,
+            log.c.worker, log.c.finished_at,
+        ).where(log.c.operation_id == bindparam("id")).order_by(log.c.position)
         #: What a waiter polls (``Orchestrator.wait``): one column of one row.
         self.status = select(ops.c.status).where(ops.c.id == bindparam("id"))
         self.insert_operation = insert(ops).values(

@@ -646,6 +646,18 @@ class Ledger:
         rows = self.db.direct(statements_for(self.db.url).status, id=operation_id)
         return rows[0][0] if rows else None
 
+    def view(self, operation_id: str) -> tuple[Operation, list[tuple]] | None:
+        """The operation (a row not attached to any session) and its steps' rows (position,
+        step, host, status, attempts, worker, finished_at), in two statements straight on the
+        driver: what a waiter reads once its operation ended. None: no such operation."""
+        statements = statements_for(self.db.url)
+        rows = self.db.direct(statements.view_operation, id=operation_id)
+        if not rows:
+            return None
+        op = Operation(**dict(zip(statements.view_operation.selected_columns.keys(), rows[0],
+                                  strict=True)))
+        return op, self.db.direct(statements.view_steps, id=operation_id)
+
     def operations_needing(
         self, host: str, created_before: float | None = None
     ) -> list[Operation]:
