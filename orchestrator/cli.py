@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from orchestrator.errors import OrchestratorError, SubmitError
+from orchestrator.errors import ConfigError, OrchestratorError, SubmitError
 
 #: What an application's own commands use (``Orchestrator(commands=...)``): its public API.
 __all__ = ["EXIT_ERROR", "EXIT_NOT_COMPLETED", "emit", "fail", "handles_errors", "json_option",
@@ -79,6 +79,22 @@ def current() -> Any:
     return root.obj
 
 
+#: The reference application shipped with the package: what ``orchestrator demo`` runs when
+#: no application is named (the demo is its command).
+REFERENCE_APP = "nova_app.app"
+
+
+def _named_app(app: str | None) -> str | None:
+    """The application this command line names (``--app``, ``ORCHESTRATOR_APP``, the
+    project's pyproject.toml), or None when it names none."""
+    from orchestrator.discovery import app_name
+
+    try:
+        return app_name(app)
+    except ConfigError:
+        return None
+
+
 def _app_commands(app: str | None) -> dict[str, click.Command]:
     from orchestrator.discovery import load_app
 
@@ -97,9 +113,13 @@ class AppGroup(click.Group):
     """The engine's commands plus the application's (``Orchestrator(commands=...)``)."""
 
     def _extra(self, ctx: click.Context) -> dict[str, click.Command]:
+        """The application's commands; none when no application is named (the engine's own
+        commands and its help work anywhere)."""
         root = ctx.find_root()
         if "app_commands" not in root.meta:
-            root.meta["app_commands"] = _app_commands(root.params.get("app"))
+            app = root.params.get("app")
+            root.meta["app_commands"] = (
+                _app_commands(app) if _named_app(app) is not None else {})
         return root.meta["app_commands"]
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -117,10 +137,35 @@ class AppGroup(click.Group):
         return sorted(set(super().list_commands(ctx)) | set(self._extra(ctx)))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or self._extra(ctx).get(cmd_name)
+        found = super().get_command(ctx, cmd_name) or self._extra(ctx).get(cmd_name)
+        if found is not None:
+            return found
+        root = ctx.find_root()
+        if _named_app(root.params.get("app")) is not None:
+            return None
+        if cmd_name == "demo":  # the reference application's demo, from any directory
+            root.params["app"] = REFERENCE_APP
+            root.meta.pop("app_commands", None)
+            return self._extra(ctx).get(cmd_name)
+        raise click.UsageError(
+            f"no command {cmd_name!r} here, and no application is named: its commands come "
+            "with --app MODULE, ORCHESTRATOR_APP, or [tool.orchestrator] app in the "
+            "project's pyproject.toml", ctx)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if _named_app(ctx.find_root().params.get("app")) is None:
+            formatter.write_paragraph()
+            formatter.write_text(
+                "No application is named: these are the engine's own commands. An "
+                "application's (its operations, Nova's boot, resize, ...) come with --app "
+                "MODULE, ORCHESTRATOR_APP, or [tool.orchestrator] app in the project's "
+                "pyproject.toml. 'orchestrator demo' runs the reference application (Nova's "
+                "compute service) from anywhere.")
+        super().format_epilog(ctx, formatter)
 
 
-@click.group(cls=AppGroup)
+@click.group(cls=AppGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="orchestrator", prog_name="orchestrator")
 @click.option("--app", envvar="ORCHESTRATOR_APP", default=None, metavar="MODULE",
               help="The application: a module that defines an Orchestrator "
                    "(default: ORCHESTRATOR_APP, else [tool.orchestrator] app in "

@@ -182,6 +182,36 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     assert (recorded(orch), sent(orch)) == (1, 1)
 
 
+def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
+    """No application named (an empty directory, no ORCHESTRATOR_APP): help, -h and
+    --version work and say how to name one; an application's command is refused in one line
+    saying why; the reference application's demo is found."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_APP"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    for flag in ("--help", "-h"):
+        shown = run(flag)
+        assert shown.returncode == 0, shown.stderr
+        assert "submit" in shown.stdout and "No application is named" in shown.stdout
+        assert "--app MODULE" in shown.stdout
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("orchestrator, version ")
+    refused = run("boot", "vm1")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "no command 'boot' here, and no application is named" in refused.stderr
+    demo = run("demo", "--help")
+    assert demo.returncode == 0, demo.stderr
+    assert "draining mid-resize" in demo.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written where it was asked
+
+
 def test_a_broker_that_refuses_fails_the_operation_and_frees_its_subject(
     tmp_path: Path, db_url: str,
 ) -> None:
