@@ -123,12 +123,12 @@ class Orchestrator:
         #: worker serves): ``code_version``, else ORCHESTRATOR_CODE_VERSION, else None.
         self.code_version = code_version or self.settings.code_version
         self.ledger = Ledger(self.db, self.flows)
+        self.task_prefix = task_prefix
         #: The one way a step is sent (orchestrator.dispatch).
-        self.dispatch = Dispatcher(self)
+        self.dispatch = Dispatcher(app, self.ledger, lambda: self.router, task_prefix)
         #: This process's view of the ledger's reachability (orchestrator.ledger.health).
         self.ledger_health = self.db.health
         self.registry = Registry(self.db, self.settings.heartbeat_interval, self.db.health)
-        self.task_prefix = task_prefix
         self.max_retries = max_retries
         self.commands = commands
         self.signing = signing.Signing.from_env()
@@ -517,7 +517,7 @@ class Orchestrator:
         (:meth:`orchestrator.dispatch.Dispatcher.next`): to ``nxt.queue`` when the transition
         recorded where it goes (the router's ``decision``), else where the router says now."""
         if nxt.outcome == "ended":
-            notices.announce(self.app, operation_id, "ended")
+            self.dispatch.ended(operation_id)
             return
         if nxt.next_step is None or nxt.next_position is None:
             return

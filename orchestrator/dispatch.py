@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from orchestrator import notices
 from orchestrator.context import running_step
 from orchestrator.errors import BrokerUnavailable, LedgerUnavailable, first_line
-from orchestrator.ledger.store import step_task_id
+from orchestrator.ledger.store import Ledger, step_task_id
 from orchestrator.redact import error_text
-from orchestrator.routing import Decision
+from orchestrator.routing import Decision, StepRouter
 
 logger = logging.getLogger("orchestrator")
 
@@ -60,12 +62,21 @@ class StepMessage:
 
 
 class Dispatcher:
-    def __init__(self, orch: Any) -> None:
-        self.orch = orch
+    """Sends steps with ``app`` to the queues ``router()`` decides (the routing table in
+    force, read again when routing.yaml changes), records in ``ledger`` what was sent, and
+    tells waiters of an operation's end (:mod:`orchestrator.notices`)."""
+
+    def __init__(self, app: Any, ledger: Ledger, router: Callable[[], StepRouter],
+                 task_prefix: str) -> None:
+        self.app, self.ledger, self.router, self.task_prefix = app, ledger, router, task_prefix
 
     def route(self, step: str, host: str) -> Decision:
         """Where ``step`` for ``host`` goes now (no fallback counted yet)."""
-        return self.orch.router.decide(step, host, record=False)
+        return self.router().decide(step, host, record=False)
+
+    def ended(self, operation_id: str) -> None:
+        """The ledger recorded the operation's end: its waiters are told."""
+        notices.announce(self.app, operation_id, "ended")
 
     def publish(self, message: StepMessage, queue: str) -> None:
         """Publish one step's message to ``queue`` (already decided).
@@ -77,8 +88,8 @@ class Dispatcher:
                   "host": message.host}
         about = " ".join(filter(None, [message.kind,
                                        message.subject and f"subject={message.subject}"]))
-        self.orch.app.send_task(
-            self.orch.task_name(message.step), kwargs=kwargs,
+        self.app.send_task(
+            self.task_prefix + message.step, kwargs=kwargs,
             task_id=step_task_id(message.operation_id, message.position), queue=queue,
             kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "),
         )
@@ -94,13 +105,13 @@ class Dispatcher:
                 self._not_sent(message, exc)
                 return
             why = error_text(first_line(exc) if isinstance(exc, BROKER_ERRORS) else repr(exc))
-            self.orch.ledger.abandon(message.operation_id, f"could not queue {message.step}@"
+            self.ledger.abandon(message.operation_id, f"could not queue {message.step}@"
                                                            f"{message.host}: {why}")
             raise BrokerUnavailable(
                 f"could not queue {message.step} for {message.host} ({why}); operation "
                 f"{message.operation_id} abandoned"
             ) from exc
-        self.orch.router.record(decision)
+        self.router().record(decision)
 
     def next(self, message: StepMessage, queue: str | None = None,
              decision: Decision | None = None) -> None:
@@ -115,7 +126,7 @@ class Dispatcher:
             return
         if queue is None:
             try:
-                self.orch.ledger.mark_published(message.operation_id, message.position,
+                self.ledger.mark_published(message.operation_id, message.position,
                                                 decision.queue)  # type: ignore[union-attr]
             except LedgerUnavailable as exc:
                 # Sent; the ledger still says "not sent", so the resend may send a copy,
@@ -123,7 +134,7 @@ class Dispatcher:
                 logger.warning("operation %s: %s@%s sent, not recorded as sent (%s)",
                                message.operation_id, message.step, message.host, exc)
         if decision is not None:
-            self.orch.router.record(decision)
+            self.router().record(decision)
 
     def _not_sent(self, message: StepMessage, exc: Exception,
                   recorded_as_sent: bool = True) -> None:
@@ -134,7 +145,7 @@ class Dispatcher:
         if recorded_as_sent:
             # Ledger down too: still recorded as sent, resent after resend_after.
             with contextlib.suppress(LedgerUnavailable):
-                self.orch.ledger.unpublish(message.operation_id, message.position)
+                self.ledger.unpublish(message.operation_id, message.position)
         why = error_text(first_line(exc) if isinstance(exc, BROKER_ERRORS) else repr(exc))
         logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
                        "sends it once the broker answers", message.operation_id,
@@ -145,7 +156,7 @@ class Dispatcher:
         ledger (a duplicate sent on purpose, by a test)."""
         decision = self.route(message.step, message.host)
         self.publish(message, decision.queue)
-        self.orch.router.record(decision)
+        self.router().record(decision)
         return decision.queue
 
     def again(self, message: StepMessage) -> str:
@@ -153,5 +164,5 @@ class Dispatcher:
         where it went; returns the queue. A refusing broker raises, for the caller to retry
         at its next look."""
         queue = self.send(message)
-        self.orch.ledger.mark_published(message.operation_id, message.position, queue)
+        self.ledger.mark_published(message.operation_id, message.position, queue)
         return queue
