@@ -67,7 +67,10 @@ class EndedNotices:
         self.app = app
         self.pid = os.getpid()
         self.ended: OrderedDict[str, str] = OrderedDict()
-        self.changed = threading.Condition()
+        #: The waiters of each operation: one event they share, and how many they are (a
+        #: notice wakes its operation's waiters only, not every waiter of the process).
+        self.waiting: dict[str, list[Any]] = {}
+        self.lock = threading.Lock()
         self.ready = threading.Event()
         self.thread: threading.Thread | None = None
         self.last_error = ""
@@ -99,23 +102,29 @@ class EndedNotices:
 
     def wait_for(self, operation_id: str, timeout: float) -> bool:
         """True once a notice for ``operation_id`` came (now or before), False at ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while operation_id not in self.ended:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-            return True
+        with self.lock:
+            if operation_id in self.ended:
+                return True
+            entry = self.waiting.setdefault(operation_id, [threading.Event(), 0])
+            entry[1] += 1
+        try:
+            return entry[0].wait(timeout)
+        finally:
+            with self.lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self.waiting.get(operation_id) is entry:
+                    del self.waiting[operation_id]
 
     def _heard(self, body: Any, message: Any) -> None:
         operation_id = body.get("operation") if isinstance(body, dict) else None
         if isinstance(operation_id, str):
-            with self.changed:
+            with self.lock:
                 self.ended[operation_id] = str(body.get("status"))
                 while len(self.ended) > REMEMBERED:
                     self.ended.popitem(last=False)
-                self.changed.notify_all()
+                entry = self.waiting.get(operation_id)
+            if entry is not None:
+                entry[0].set()
 
     def _listen(self, generation: int) -> None:
         queue = Queue(f"orchestrator.ended.{uuid.uuid4().hex}", exchange(), routing_key="",

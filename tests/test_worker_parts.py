@@ -68,3 +68,36 @@ def test_periodic_jobs_of_a_period_come_due_together() -> None:
     assert second - first in (0.0, IDLE_PERIOD_SECONDS)
     assert now < first <= time.monotonic() + IDLE_PERIOD_SECONDS
     assert (first / IDLE_PERIOD_SECONDS).is_integer()
+
+
+def test_a_notice_wakes_its_operations_waiters_only() -> None:
+    """orchestrator.notices: waiters share one subscription; the notice of one operation's end
+    wakes that operation's waiters (however many), not the others, and a waiter that comes
+    after the notice does not wait at all."""
+    import threading
+
+    from orchestrator.notices import EndedNotices
+
+    notices = EndedNotices(app=None)
+    woken: dict[str, list[bool]] = {"a": [], "b": []}
+    waiting = threading.Barrier(4)
+
+    def wait(operation_id: str, timeout: float) -> None:
+        waiting.wait(timeout=10)
+        woken[operation_id].append(notices.wait_for(operation_id, timeout))
+
+    threads = [threading.Thread(target=wait, args=(op, t))
+               for op, t in (("a", 30.0), ("a", 30.0), ("b", 0.5))]
+    for thread in threads:
+        thread.start()
+    waiting.wait(timeout=10)
+    deadline = 10.0
+    while notices.waiting.get("a", [None, 0])[1] < 2 and deadline > 0:  # both a's waiting
+        threading.Event().wait(0.01)
+        deadline -= 0.01
+    notices._heard({"operation": "a", "status": "ended"}, None)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert woken == {"a": [True, True], "b": [False]}
+    assert notices.wait_for("a", 0) is True  # heard before: no wait
+    assert notices.waiting == {}
