@@ -267,17 +267,30 @@ def drain(host: str, reason: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("names", nargs=-1, metavar="[HOST|GLOB]...")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["up", "draining", "down"]),
+              help="Only hosts in this state (repeatable).")
+@click.option("--busy", is_flag=True,
+              help="Only hosts with work: operations in flight, or messages queued.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many hosts, by name.")
+@click.option("--offset", type=click.IntRange(min=0), default=0,
+              help="Skip this many hosts first (with --limit: pages).")
 @json_option
 @handles_errors
-def hosts(as_json: bool) -> None:
+def hosts(names: tuple[str, ...], states: tuple[str, ...], busy: bool, limit: int | None,
+          offset: int, as_json: bool) -> None:
     """Hosts: service version, up/draining/down, where alt steps go, queues, operations in
-    flight, and what waits on a queue nobody consumes."""
+    flight, and what waits on a queue nobody consumes. NAMES (shell globs: 'compute1*')
+    and the options choose which; the broker and the workers are asked about those only."""
     from orchestrator import views
     from orchestrator.errors import LedgerUnavailable
 
     orch = current()
+    only = views.HostFilter(names, states, busy, limit, offset)
     try:
-        data = views.hosts(orch, with_reports=True)
+        data = views.hosts(orch, with_reports=True, only=only)
     except LedgerUnavailable as exc:
         # What the workers say over the broker, then the error (one line, exit status 2).
         outage = views.ledger_outage(orch, exc, views.worker_reports(orch))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -112,15 +114,16 @@ def _host_notes(
     return notes
 
 
-def worker_reports(orch: Any, timeout: float = 1.0,
-                   limit: int | None = None) -> dict[str, dict[str, Any]]:
-    """What each live worker says of itself over the broker (``workers.status``): host,
-    drain state, its view of the ledger, steps recovered; by worker name. Returns once
-    ``limit`` workers answered, else after ``timeout``; empty when the broker does not answer
-    either."""
+def worker_reports(orch: Any, timeout: float = 1.0, limit: int | None = None,
+                   destination: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """What each live worker (``destination``: those workers only) says of itself over the
+    broker (``workers.status``): host, drain state, its view of the ledger, steps recovered;
+    by worker name. Returns once ``limit`` workers answered, else after ``timeout``; empty
+    when the broker does not answer either."""
     try:
         replies = orch.app.control.broadcast("orchestrator_status", reply=True,
-                                             timeout=timeout, limit=limit) or []
+                                             timeout=timeout, limit=limit,
+                                             destination=destination) or []
     except Exception:
         return {}
     out: dict[str, dict[str, Any]] = {}
@@ -187,14 +190,39 @@ def unserved_steps(orch: Any, views: list[Any]) -> dict[str, list[dict[str, Any]
     return out
 
 
-def hosts(orch: Any, with_queues: bool = True,
-          with_reports: bool = False) -> list[dict[str, Any]]:
-    """Each known host: its services, state, where alt steps go, queue depths and operations
-    in flight, and notes on work waiting in a queue nobody consumes. ``with_reports``: also
-    what each live worker says of the ledger over the broker (:func:`worker_reports`)."""
+@dataclass(frozen=True)
+class HostFilter:
+    """Which hosts a view shows: those whose name matches ``names`` (shell globs, any of
+    them), in one of ``states`` (up, draining, down), with work (``busy``: operations in
+    flight that need them, or messages in their queues); then ``limit`` of them from
+    ``offset``, by name. The filters apply before the broker is asked for queue depths and
+    the workers for their reports: a fleet's view of a few hosts costs a few hosts."""
+
+    names: tuple[str, ...] = ()
+    states: tuple[str, ...] = ()
+    busy: bool = False
+    limit: int | None = None
+    offset: int = 0
+
+    def named(self, host: str) -> bool:
+        return not self.names or any(fnmatch.fnmatchcase(host, pattern)
+                                     for pattern in self.names)
+
+
+def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
+          only: HostFilter = HostFilter()) -> list[dict[str, Any]]:
+    """Each known host (``only``: those it lets through): its services, state, where alt
+    steps go, queue depths and operations in flight, and notes on work waiting in a queue
+    nobody consumes. ``with_reports``: also what each live worker says of the ledger over
+    the broker (:func:`worker_reports`)."""
     views = orch.registry.services()
-    reports = (worker_reports(orch, limit=sum(v.state != "down" for v in views) or None)
-               if with_reports else {})
+    chosen = {v.host for v in views if only.named(v.host)
+              and (not only.states or registry.host_state(views, v.host) in only.states)}
+    live = [v.nodename for v in views if v.host in chosen and v.state != "down"]
+    everyone = len(chosen) == len({v.host for v in views})
+    reports = (worker_reports(orch, limit=len(live) or None,
+                              destination=None if everyone else live)
+               if with_reports and live else {})
     mode = orch.settings.alt_routing
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
@@ -221,7 +249,15 @@ def hosts(orch: Any, with_queues: bool = True,
                 "deadline_in": round(max(0.0, d.deadline_at - now), 1),
                 "handed_back": d.handed_back, "waiting_for": d.waiting or {},
             })
-    known = sorted({v.host for v in views})
+    known = sorted(chosen)
+    if only.busy or only.limit is not None or only.offset:
+        depths = (queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
+                  if with_queues and only.busy else {})
+        if only.busy:
+            known = [h for h in known if in_flight.get(h, 0)
+                     or depths.get(h, 0) or depths.get(alt_queue(h), 0)]
+        end = None if only.limit is None else only.offset + only.limit
+        known = known[only.offset:end]
     depths = (
         queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
         if with_queues else {}

@@ -182,6 +182,47 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     assert (recorded(orch), sent(orch)) == (1, 1)
 
 
+def test_hosts_are_chosen_by_name_state_and_work_then_paged(
+        orch: Orchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``orchestrator hosts`` at a fleet's size: globs, --state, --busy (operations in flight
+    or messages queued), --limit and --offset choose the hosts; the broker is asked for the
+    queues of those only."""
+    import os
+
+    from orchestrator import views
+
+    for i in range(1, 7):
+        orch.registry.register(f"node{i}@x", f"node{i}", consumes_main=True,
+                               consumes_alt=True, pid=os.getpid())
+    orch.registry.set_state("node2@x", "draining")
+    orch.registry.set_state("node5@x", "down")
+    submit(orch)  # node4 (dest) and node3 (source): in flight; node4 has a message queued
+    asked: list[list[str]] = []
+    depths = views.queue_depths
+    monkeypatch.setattr(views, "queue_depths",
+                        lambda app, queues: asked.append(sorted(queues)) or depths(app, queues))
+
+    def shown(*args: str) -> list[str]:
+        module = tmp_path / "hosts_app.py"
+        module.write_text("from tests.test_api import ORCH\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setattr("tests.test_api.ORCH", orch, raising=False)
+        result = CliRunner().invoke(cli, ["--app", "hosts_app:ORCH", "hosts", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return [h["host"] for h in json.loads(result.output)]
+
+    assert shown() == [f"node{i}" for i in range(1, 7)]
+    assert shown("node[12]", "node6") == ["node1", "node2", "node6"]
+    assert shown("--state", "draining", "--state", "down") == ["node2", "node5"]
+    assert shown("--busy") == ["node3", "node4"]
+    asked.clear()
+    assert shown("--limit", "2", "--offset", "2") == ["node3", "node4"]
+    assert asked == [["node3", "node3-alt", "node4", "node4-alt"]]  # those two only
+    assert shown("node9*") == []
+    result = CliRunner().invoke(cli, ["--app", "hosts_app:ORCH", "hosts", "--state", "gone"])
+    assert result.exit_code == 2 and "'gone' is not one of" in result.output
+
+
 def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     """No application named (an empty directory, no ORCHESTRATOR_APP): help, -h and
     --version work and say how to name one; an application's command is refused in one line
