@@ -334,8 +334,10 @@ def hosts(names: tuple[str, ...], states: tuple[str, ...], busy: bool, limit: in
 @json_option
 @handles_errors
 def operation(operation_id: str, as_json: bool) -> None:
-    """Show an operation and where each of its steps ran."""
-    data = current().operation(operation_id)
+    """Show an operation and where each of its steps ran (OPERATION_ID: the id, or a unique
+    prefix of it, as the demo prints)."""
+    orch = current()
+    data = orch.operation(orch.ledger.resolve(operation_id))
     about = data.get("instance") or data.get("subject") or "-"
     lines = [f"{data['kind']} {data['operation']} on {about}: {data['status']}"]
     lines += [
@@ -371,8 +373,9 @@ def wait_until_ended(operation_id: str, timeout: float) -> dict[str, Any]:
 @json_option
 @handles_errors
 def wait(operation_id: str, timeout: float, as_json: bool) -> None:
-    """Wait for an operation to end: exit 0 if it completed, 1 otherwise."""
-    data = wait_until_ended(operation_id, timeout)
+    """Wait for an operation to end: exit 0 if it completed, 1 otherwise (OPERATION_ID: the
+    id, or a unique prefix of it)."""
+    data = wait_until_ended(current().ledger.resolve(operation_id), timeout)
     emit(as_json, data, f"{data['kind']} {data['operation']}: {data['status']}")
     if data["status"] != "completed":
         sys.exit(EXIT_NOT_COMPLETED)

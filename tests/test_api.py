@@ -176,10 +176,25 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     assert result.exit_code == 2
     assert json.loads(result.output) == {"error": "flow 'sync': role 'dest' has no host "
                                                   "(given: source)"}
+    # By a unique prefix, as the demo prints ids; an ambiguous one names what it matches.
+    result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id[:8], "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["operation"] == op_id
+    with orch.transaction() as s:
+        for twin in ("abcd0000", "abcd1111"):
+            s.add(Operation(id=f"{twin}-0000-4000-8000-000000000000", kind="sync",
+                            plan=[["prepare", "node4"]], hosts={}, params={},
+                            status="completed", position=1, step_state="queued"))
+    result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", "abcd", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.output)["error"].startswith(
+        "operation 'abcd' is ambiguous: it starts abcd0000-0000-4000-8000-000000000000, "
+        "abcd1111-")
+    result = runner.invoke(cli, ["--app", "sync_app:ORCH", "wait", "abcd1", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["status"] == "completed"
     result = runner.invoke(cli, ["--app", "no_such_module", "hosts"])
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: cannot import application 'no_such_module'")
-    assert (recorded(orch), sent(orch)) == (1, 1)
+    assert (recorded(orch), sent(orch)) == (3, 1)  # the two made by hand sent nothing
 
 
 def test_hosts_are_chosen_by_name_state_and_work_then_paged(

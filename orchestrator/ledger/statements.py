@@ -184,6 +184,9 @@ class StepStatements:
             log.c.position, log.c.step, log.c.host, log.c.status, log.c.attempts,
             log.c.worker, log.c.finished_at,
         ).where(log.c.operation_id == bindparam("id")).order_by(log.c.position)
+        #: The operations whose id starts with a prefix (the command line's short ids).
+        self.prefixed = select(ops.c.id).where(ops.c.id.like(bindparam("pattern"))).order_by(
+            ops.c.id).limit(4)
         #: What a waiter polls (``Orchestrator.wait``): one column of one row.
         self.status = select(ops.c.status).where(ops.c.id == bindparam("id"))
         self.insert_operation = insert(ops).values(

@@ -22,6 +22,7 @@ the step the ledger is at is sent again by the stranded-step resend, then this o
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -645,6 +646,22 @@ class Ledger:
         column, for a waiter to poll instead of the whole view."""
         rows = self.db.direct(statements_for(self.db.url).status, id=operation_id)
         return rows[0][0] if rows else None
+
+    def resolve(self, operation_id: str) -> str:
+        """The operation a full id, or a unique prefix of one, names (the demo and the live
+        view print 8 characters): its id; :class:`UnknownOperation` when none or several
+        match, naming them."""
+        if len(operation_id) >= 36 or not re.fullmatch(r"[0-9a-f-]{4,35}", operation_id):
+            return operation_id  # a whole id (or not an id: the view says it is unknown)
+        found = [row[0] for row in self.db.direct(statements_for(self.db.url).prefixed,
+                                                  pattern=operation_id + "%")]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise UnknownOperation(f"unknown operation {operation_id!r}")
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UnknownOperation(f"operation {operation_id!r} is ambiguous: it starts {shown}; "
+                               "give more of the id")
 
     def view(self, operation_id: str) -> tuple[Operation, list[tuple]] | None:
         """The operation (a row not attached to any session) and its steps' rows (position,
