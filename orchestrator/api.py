@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import gc
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -113,7 +114,12 @@ class Orchestrator:
             raise DefinitionError(f"Celery app {app.main!r} already has an Orchestrator")
         self.app = app
         self.settings = Settings.from_env()
-        self.routing_file = self._routing_file(routing, default_routing)
+        #: Where routing_file came from: application, environment or default.
+        self.routing_origin = "default"
+        # (the module that constructs this: the application's, whose directory a relative
+        # ``routing`` is read from)
+        caller = sys._getframe(1).f_globals.get("__file__")
+        self.routing_file = self._routing_file(routing, default_routing, caller)
         self.db = Database(db_url, [Path(migrations)] if migrations is not None else [])
         self.flows: dict[str, Flow] = {}
         self.steps: dict[str, StepSpec] = {}
@@ -145,11 +151,20 @@ class Orchestrator:
         self._notices: notices.EndedNotices | None = None
         self._install()
 
-    def _routing_file(self, routing: str | Path | None, default: str | Path | None) -> Path:
-        """``routing``, else ORCHESTRATOR_ROUTING_FILE, else ``./routing.yaml``, else the
-        application's own ``default_routing`` (the file it ships, found from any directory)."""
+    def _routing_file(self, routing: str | Path | None, default: str | Path | None,
+                      module_file: str | None) -> Path:
+        """``routing`` (a relative path: from the directory of the application's module,
+        ``module_file``, the one that constructs this, wherever the process was started),
+        else ORCHESTRATOR_ROUTING_FILE, else ``./routing.yaml``, else the application's own
+        ``default_routing`` (the file it ships, found from any directory). Where it came from
+        is kept (``routing_origin``): an error reading it says what to fix."""
         if routing is not None:
-            return Path(routing)
+            self.routing_origin = "application"
+            path = Path(routing)
+            if not path.is_absolute() and module_file:
+                path = Path(module_file).resolve().parent / path
+            return path
+        self.routing_origin = "environment" if self.settings.routing_file_set else "default"
         if self.settings.routing_file_set or default is None:
             return self.settings.routing_file
         here = self.settings.routing_file
@@ -362,7 +377,7 @@ class Orchestrator:
         if self._source is None:
             self.load_steps()
             source = RoutingSource(self.routing_file, self.served_steps,
-                                   code_version=self.code_version)
+                                   code_version=self.code_version, origin=self.routing_origin)
             source.on_change.append(self._routing_changed)
             self._source = source
         return self._source

@@ -57,7 +57,7 @@ def check(orch: Any) -> dict[str, Any]:
                 messages.setdefault(queue, {}).setdefault(step, 0)
                 messages[queue][step] += 1
     try:
-        load_routing(orch.routing_file, served, orch.code_version)
+        load_routing(orch.routing_file, served, orch.code_version, orch.routing_origin)
         routing_error = None
     except RoutingError as exc:
         routing_error = str(exc)

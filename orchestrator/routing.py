@@ -218,17 +218,27 @@ def parse_routing(text: str, path: Path, known_steps: Collection[str],
 MAX_ROUTING_FILE_BYTES = 1024 * 1024
 
 
-def read_routing_text(path: Path) -> str:
+#: What to do about a routing file that cannot be read, by where its path came from.
+HINTS = {
+    "default": "set ORCHESTRATOR_ROUTING_FILE, or run from the directory that holds "
+               "routing.yaml",
+    "environment": "ORCHESTRATOR_ROUTING_FILE names it: check that setting",
+    "application": "the application names it (Orchestrator(routing=...), relative to the "
+                   "application's module): fix the path there",
+}
+
+
+def read_routing_text(path: Path, origin: str = "default") -> str:
     """The file's text, or a :class:`RoutingError` naming the file (and the line of a byte
-    that is not UTF-8): a file that cannot be read is one more invalid edit, never a crash."""
+    that is not UTF-8): a file that cannot be read is one more invalid edit, never a crash.
+    ``origin`` (a key of :data:`HINTS`): where the path came from, which says what to fix."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_ROUTING_FILE_BYTES + 1)
     except OSError as exc:
         raise RoutingError(
             path, None, None,
-            f"cannot read routing file: {exc.strerror} (set ORCHESTRATOR_ROUTING_FILE, or run "
-            "from the directory that holds routing.yaml)",
+            f"cannot read routing file: {exc.strerror} ({HINTS[origin]})",
         ) from None
     if len(data) > MAX_ROUTING_FILE_BYTES:
         raise RoutingError(path, None, None, f"larger than {MAX_ROUTING_FILE_BYTES} bytes; "
@@ -242,9 +252,9 @@ def read_routing_text(path: Path) -> str:
 
 
 def load_routing(path: Path | str, known_steps: Collection[str],
-                 code_version: str | None = None) -> RoutingTable:
+                 code_version: str | None = None, origin: str = "default") -> RoutingTable:
     path = Path(path)
-    return parse_routing(read_routing_text(path), path, known_steps, code_version)
+    return parse_routing(read_routing_text(path, origin), path, known_steps, code_version)
 
 
 #: How often a process looks at routing.yaml's modification (a stat, at most once a second, on
@@ -274,11 +284,12 @@ class RoutingSource:
     def __init__(
         self, path: Path | str, known_steps: Callable[[], Collection[str]],
         clock: Callable[[], float] = time.monotonic, code_version: str | None = None,
+        origin: str = "default",
     ) -> None:
         self.path, self.known_steps, self.clock = Path(path), known_steps, clock
-        self.code_version = code_version
+        self.code_version, self.origin = code_version, origin
         self._signature = _signature(self.path)
-        self.table = load_routing(self.path, known_steps(), code_version)
+        self.table = load_routing(self.path, known_steps(), code_version, origin)
         #: Wall-clock time the table in force was read.
         self.loaded_at = time.time()
         #: The error of the last edit that could not be used (None once one could).
@@ -300,7 +311,8 @@ class RoutingSource:
             if signature == self._signature:
                 return self.table
             try:
-                table = load_routing(self.path, self.known_steps(), self.code_version)
+                table = load_routing(self.path, self.known_steps(), self.code_version,
+                                     self.origin)
             except RoutingError as exc:
                 if self.error is None or str(exc) != str(self.error):
                     logger.error("routing: %s; keeping the table read at %s", printable(exc),

@@ -238,6 +238,41 @@ def test_hosts_are_chosen_by_name_state_and_work_then_paged(
     assert result.exit_code == 2 and "'gone' is not one of" in result.output
 
 
+def test_a_relative_routing_path_is_the_applications_and_its_error_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orchestrator(app, routing="routing.yaml") reads the file beside the application's
+    module, from whichever directory the process started in; a file that is not there is
+    said in one line that points at the application, not at a setting that would not help."""
+    import importlib
+
+    from orchestrator import RoutingError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "routing.yaml").write_text(ROUTING)
+    (project / "rel_app.py").write_text(
+        "from celery import Celery\n"
+        "from orchestrator import Orchestrator\n"
+        "orch = Orchestrator(Celery('rel'), routing='routing.yaml')\n"
+        "orch.step(name='prepare')(lambda ctx: None)\n"
+        "orch.step(name='copy')(lambda ctx: None)\n"
+        "gone = Orchestrator(Celery('gone'), routing='nowhere/routing.yaml')\n"
+        "gone.step(name='prepare')(lambda ctx: None)\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.syspath_prepend(str(project))
+    module = importlib.import_module("rel_app")
+    assert module.orch.routing_file == project / "routing.yaml"
+    assert set(module.orch.routing.routes) >= {"prepare", "copy"}
+    with pytest.raises(RoutingError) as raised:
+        module.gone.routing  # noqa: B018
+    message = str(raised.value)
+    assert str(project / "nowhere" / "routing.yaml") in message and "\n" not in message
+    assert "the application names it (Orchestrator(routing=...)" in message
+    assert "ORCHESTRATOR_ROUTING_FILE" not in message
+
+
 def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     """No application named (an empty directory, no ORCHESTRATOR_APP): help, -h and
     --version work and say how to name one; an application's command is refused in one line
