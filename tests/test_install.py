@@ -214,8 +214,12 @@ def test_the_readme_workflow_runs_from_a_plain_install(venv: Venv, tmp_path: Pat
                 wait_for(lambda s=source: re.search(r"Task copy\[\S+\] received",
                                                     workers[s].log()), 30,
                          f"copy to reach {source}")
-            elif argv[:2] == ["pkill", "-TERM"]:
-                (node,) = [n for n, w in workers.items() if argv[-1] in " ".join(w.proc.args)]
+            elif argv[:2] == ["kill", "-TERM"]:
+                # README: the pid file names the worker's main process (its pool processes
+                # run the same command line: a pattern would signal them too).
+                (pidfile,) = re.findall(r"([\w-]+\.pid)", " ".join(argv))
+                node = pidfile.removesuffix(".pid")
+                assert int((here / pidfile).read_text()) == workers[node].proc.pid, where
                 drains_to_zero(workers[node])
                 assert f"{node}: serving s1 (1000 rows)" in workers[node].log(), \
                     f"{node} ran activate through its alt queue:\n{workers[node].log()[-3000:]}"
