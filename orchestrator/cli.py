@@ -110,7 +110,25 @@ def _app_commands(app: str | None) -> dict[str, click.Command]:
 
 
 class AppGroup(click.Group):
-    """The engine's commands plus the application's (``Orchestrator(commands=...)``)."""
+    """The engine's commands plus the application's (``Orchestrator(commands=...)``). A
+    mistake on the command line (an unknown option, a bad value) is said as every other
+    error is: one line, ``error: ...`` (with ``--json``, as JSON), exit status 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        given = list(args) if args is not None else sys.argv[1:]
+        try:
+            code = super().main(given, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
+            fail("--json" in given, exc.format_message() + hint)
+        except (click.Abort, KeyboardInterrupt, EOFError):
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def _extra(self, ctx: click.Context) -> dict[str, click.Command]:
         """The application's commands; none when no application is named (the engine's own

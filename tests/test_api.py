@@ -297,6 +297,10 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     refused = run("boot", "vm1")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "no command 'boot' here, and no application is named" in refused.stderr
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1
+    bad = run("--nope", "--json")  # a usage mistake: one line as every error, JSON if asked
+    assert bad.returncode == 2 and json.loads(bad.stdout) == {
+        "error": "No such option '--nope'. (see --help)"}
     demo = run("demo", "--help")
     assert demo.returncode == 0, demo.stderr
     assert "draining mid-resize" in demo.stdout
