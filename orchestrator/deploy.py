@@ -90,7 +90,13 @@ def describe(result: dict[str, Any]) -> list[str]:
     routing = result["routing"]
     lines.append(f"  routing: {routing['error']}" if routing["error"]
                  else f"  routing: {routing['file']} accepted")
-    lines.append("nothing would be stranded" if result["ok"]
-                 else "this code would strand the above: wait for those operations, add an "
-                      "alias (@orch.step(aliases=[...])), or keep their hosts on the old code")
+    strands = bool(result["stranded"] or result["messages"])
+    if strands:
+        lines.append("this code would strand the above: wait for those operations, add an "
+                     "alias (@orch.step(aliases=[...])), or keep their hosts on the old code")
+    else:
+        lines.append("nothing would be stranded")
+    if routing["error"]:
+        lines.append("this code's routing.yaml would be refused: every worker of it would stop "
+                     "at start; fix the file (or the steps it names) before the rollout")
     return lines

@@ -273,6 +273,23 @@ def test_a_relative_routing_path_is_the_applications_and_its_error_says_so(
     assert "ORCHESTRATOR_ROUTING_FILE" not in message
 
 
+def test_deploy_check_tells_a_routing_problem_from_stranded_operations(
+        orch: Orchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in flight, but the new code's routing.yaml lacks one of its steps: the check
+    fails (exit 1) and says that the file would be refused, not that anything would be
+    stranded."""
+    orch.db.engine()  # the ledger the fleet would have by then
+    (tmp_path / "routing.yaml").write_text(ROUTING.replace("  copy:", "  copied:"))
+    (tmp_path / "deploy_app.py").write_text("from tests.test_api import ORCH\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("tests.test_api.ORCH", orch, raising=False)
+    result = CliRunner().invoke(cli, ["--app", "deploy_app:ORCH", "deploy", "check"])
+    assert result.exit_code == 1, result.output
+    assert "nothing would be stranded" in result.output
+    assert "this code would strand" not in result.output
+    assert "this code's routing.yaml would be refused" in result.output
+
+
 def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     """No application named (an empty directory, no ORCHESTRATOR_APP): help, -h and
     --version work and say how to name one; an application's command is refused in one line
