@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import difflib
 import gc
+import inspect
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -67,6 +67,7 @@ from orchestrator.routing import (
     StepRouter,
 )
 from orchestrator.seams import kombu_internals
+from orchestrator.witness import Witness
 
 #: The statuses of an operation that has ended.
 ENDED = (OperationStatus.COMPLETED, OperationStatus.FAILED)
@@ -118,7 +119,9 @@ class Orchestrator:
         self.routing_origin = "default"
         # (the module that constructs this: the application's, whose directory a relative
         # ``routing`` is read from)
-        caller = sys._getframe(1).f_globals.get("__file__")
+        frame = inspect.currentframe()
+        caller = frame.f_back.f_globals.get("__file__") if frame and frame.f_back else None
+        del frame
         self.routing_file = self._routing_file(routing, default_routing, caller)
         self.db = Database(db_url, [Path(migrations)] if migrations is not None else [])
         self.flows: dict[str, Flow] = {}
@@ -149,6 +152,8 @@ class Orchestrator:
         self.describers: list[Callable[[Session, Operation, dict[str, Any]], None]] = []
         #: This process's subscription to the ends of operations (made at its first wait).
         self._notices: notices.EndedNotices | None = None
+        #: Asks a silent worker over the broker (made when the router first needs it).
+        self._witness: Witness | None = None
         self._install()
 
     def _routing_file(self, routing: str | Path | None, default: str | Path | None,
@@ -405,7 +410,8 @@ class Orchestrator:
                 self.routing,
                 mode=self.settings.alt_routing,  # type: ignore[arg-type]
                 capability=AltCapability(
-                    self.registry.alt_snapshot, self.settings.alt_cache_seconds
+                    self.registry.alt_snapshot, self.settings.alt_cache_seconds,
+                    witness=self._heard,
                 ),
                 on_fallback=self.registry.count_fallback,
                 task_prefix=self.task_prefix,
@@ -572,6 +578,14 @@ class Orchestrator:
             self._notices.wait_for(operation_id, min(left, self._notices.look_again))
             status = self._status_or_none(operation_id)
         return operation_dict(self, operation_id)
+
+    def _heard(self, nodename: str) -> bool:
+        """Whether worker ``nodename`` answers over the broker (the router's second witness
+        of a host whose heartbeat went stale)."""
+        if self._witness is None:
+            self._witness = Witness(self.app)
+        said = self._witness.hear(nodename)
+        return said is not None and not said.get("unconfirmed")
 
     def _status_or_none(self, operation_id: str) -> str | None:
         """The operation's status; None while the ledger does not answer (a reason to wait)."""

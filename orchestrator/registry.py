@@ -115,10 +115,15 @@ def alt_status(views: list[ServiceView], host: str) -> AltStatus:
 def alt_snapshot(views: list[ServiceView]) -> AltSnapshot:
     """Every host's alt capability, from one read of the registry."""
     hosts = {v.host for v in views}
+    silent_alt: dict[str, list[str]] = {}
+    for v in views:
+        if v.silent and v.consumes_alt and v.version >= ALT_SERVICE_VERSION:
+            silent_alt.setdefault(v.host, []).append(v.nodename)
     return AltSnapshot(
         known=frozenset(hosts),
         live=frozenset(h for h in hosts if _live(views, h)),
         alt=frozenset(h for h in hosts if advertises_alt(views, h)),
+        silent_alt={host: tuple(nodes) for host, nodes in silent_alt.items()},
     )
 
 

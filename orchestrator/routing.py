@@ -352,6 +352,10 @@ class AltSnapshot:
     known: frozenset[str]
     live: frozenset[str]
     alt: frozenset[str]
+    #: Hosts counted down only because their alt-consuming services went silent (a stale
+    #: heartbeat, last recorded up or draining), with those services' names: a second
+    #: witness may still hear them (``AltCapability``).
+    silent_alt: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def status(self, host: str) -> AltStatus:
         if host in self.alt:
@@ -393,8 +397,13 @@ class AltCapability:
     def __init__(
         self, loader: Callable[[], AltSnapshot], ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        witness: Callable[[str], bool] | None = None,
     ):
         self.loader, self.ttl, self.clock = loader, ttl, clock
+        #: Whether a worker (by name) answers over the broker: asked before a host whose
+        #: alt-consuming services went silent is taken for down (its alt steps would go to
+        #: ``<host>``, which a draining worker no longer consumes).
+        self.witness = witness
         self._snapshot: AltSnapshot | None = None
         self._loaded_at = float("-inf")
         self._lock = threading.Lock()
@@ -435,7 +444,13 @@ class AltCapability:
 
     def status(self, host: str) -> AltStatus:
         snap = self.snapshot()
-        return "unknown" if snap is None else snap.status(host)
+        if snap is None:
+            return "unknown"
+        found = snap.status(host)
+        if found == "down" and self.witness is not None and any(
+                self.witness(node) for node in snap.silent_alt.get(host, ())):
+            return "alt"
+        return found
 
 
 @dataclass(frozen=True)

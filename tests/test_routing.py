@@ -230,3 +230,32 @@ def test_an_alias_routes_like_its_step() -> None:
     assert "copy_in" not in table.routes and table.route("copy_in").step == "install"
     router = StepRouter(table, mode="always")
     assert router.queue("copy_in", "node2") == "node2-alt"
+
+
+def test_a_silent_host_is_asked_before_its_alt_steps_go_to_main() -> None:
+    """A host whose alt-consuming worker went silent (a stale heartbeat; it was up or
+    draining) counts as down only if the second witness does not hear that worker over the
+    broker: one that answers still takes its alt steps (a draining worker no longer consumes
+    ``<host>``). A legacy worker, or one recorded down, is never asked."""
+    from orchestrator.registry import ServiceView, alt_snapshot
+    from orchestrator.routing import AltCapability
+
+    def view(node: str, host: str, *, version: int = 2, recorded: str = "draining",
+             alt: bool = True) -> ServiceView:
+        return ServiceView(node, host, version, consumes_main=False, consumes_alt=alt,
+                           state="down", heartbeat_age=60.0, recorded_state=recorded)
+
+    views = [view("c1@x", "c1"), view("c2@x", "c2"), view("old@x", "c3", version=1),
+             view("gone@x", "c4", recorded="down")]
+    asked: list[str] = []
+
+    def witness(node: str) -> bool:
+        asked.append(node)
+        return node == "c1@x"
+
+    capability = AltCapability(lambda: alt_snapshot(views), ttl=60, witness=witness)
+    assert [capability.status(h) for h in ("c1", "c2", "c3", "c4")] == [
+        "alt", "down", "down", "down"]
+    assert asked == ["c1@x", "c2@x"]
+    without = AltCapability(lambda: alt_snapshot(views), ttl=60)
+    assert without.status("c1") == "down"

@@ -6,7 +6,7 @@ blocks its event loop in a publish that never returns (Celery's own worker heart
 a queue depth), every timer with it, and its registry heartbeat would stop while the worker
 still runs its steps and records them. Other hosts would take it for dead. From a thread, it
 is silent only when the process is gone or the ledger cannot be reached, which is what the
-registry's readers judge it by (``Registry.services``; ``workers.status.Witness`` asks over
+registry's readers judge it by (``Registry.services``; ``orchestrator.witness.Witness`` asks over
 the broker about a worker whose heartbeat is stale).
 
 The prefork pool forks a new pool process from the main thread whenever one dies (a step

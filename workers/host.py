@@ -28,7 +28,7 @@ from orchestrator.names import host_problem
 from orchestrator.redact import error_text, redact_url
 from orchestrator.routing import split_queue
 from orchestrator.seams import celery_internals as celery_seam
-from workers import status
+from orchestrator.witness import Witness
 from workers.heartbeat import Heartbeat
 
 logger = get_logger(__name__)
@@ -131,7 +131,7 @@ class HostService(bootsteps.StartStopStep):
         self.state = "up"
         self.heartbeat: Heartbeat | None = None
         #: Asks a worker silent in the registry whether it is alive, over the broker.
-        self.witness = status.Witness(worker.app)
+        self.witness = Witness(worker.app)
         worker.host_service = self
 
     def start(self, worker) -> None:
