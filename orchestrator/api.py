@@ -54,7 +54,7 @@ from orchestrator.errors import (
 from orchestrator.flows import Flow
 from orchestrator.ledger.engines import Database
 from orchestrator.ledger.models import Operation
-from orchestrator.ledger.states import OperationStatus
+from orchestrator.ledger.states import ENDED
 from orchestrator.ledger.store import Effect, Ledger, no_effect
 from orchestrator.limits import json_size, utf8
 from orchestrator.names import check_host_name
@@ -69,8 +69,6 @@ from orchestrator.routing import (
 from orchestrator.seams import kombu_internals
 from orchestrator.witness import Witness
 
-#: The statuses of an operation that has ended.
-ENDED = (OperationStatus.COMPLETED, OperationStatus.FAILED)
 #: Retries of a step after an unexpected error, before its operation fails.
 DEFAULT_MAX_RETRIES = 3
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).

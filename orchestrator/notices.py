@@ -42,8 +42,8 @@ LOOK_AGAIN_SUBSCRIBED_SECONDS = 10.0
 REMEMBERED = 10_000
 
 
-def exchange() -> Exchange:
-    return Exchange(EXCHANGE_NAME, type="fanout", durable=False, delivery_mode=1)
+#: Where the notices go (built once: every announce and every subscription names it).
+EXCHANGE = Exchange(EXCHANGE_NAME, type="fanout", durable=False, delivery_mode=1)
 
 
 def announce(app: Any, operation_id: str, status: str) -> None:
@@ -52,7 +52,7 @@ def announce(app: Any, operation_id: str, status: str) -> None:
     try:
         with app.producer_or_acquire() as producer:
             producer.publish({"operation": operation_id, "status": status},
-                             exchange=exchange(), routing_key="", declare=[exchange()],
+                             exchange=EXCHANGE, routing_key="", declare=[EXCHANGE],
                              serializer="json", delivery_mode=1, retry=False)
     except Exception as exc:  # the broker away: waiters look again on their own
         logger.debug("end of %s not announced: %s", operation_id, error_text(exc))
@@ -127,7 +127,7 @@ class EndedNotices:
                 entry[0].set()
 
     def _listen(self, generation: int) -> None:
-        queue = Queue(f"orchestrator.ended.{uuid.uuid4().hex}", exchange(), routing_key="",
+        queue = Queue(f"orchestrator.ended.{uuid.uuid4().hex}", EXCHANGE, routing_key="",
                       exclusive=True, auto_delete=True, durable=False)
         while generation == self.generation:
             try:

@@ -250,18 +250,15 @@ def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
                 "handed_back": d.handed_back, "waiting_for": d.waiting or {},
             })
     known = sorted(chosen)
-    if only.busy or only.limit is not None or only.offset:
-        depths = (queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
-                  if with_queues and only.busy else {})
-        if only.busy:
-            known = [h for h in known if in_flight.get(h, 0)
-                     or depths.get(h, 0) or depths.get(alt_queue(h), 0)]
-        end = None if only.limit is None else only.offset + only.limit
-        known = known[only.offset:end]
-    depths = (
-        queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
-        if with_queues else {}
-    )
+    depths: dict[str, int] = {}
+    if only.busy:  # the chosen hosts' queues, asked once: the page's are among them
+        depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
+        known = [h for h in known if in_flight.get(h, 0)
+                 or depths.get(h, 0) or depths.get(alt_queue(h), 0)]
+    end = None if only.limit is None else only.offset + only.limit
+    known = known[only.offset:end]
+    if with_queues and not only.busy:
+        depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
     out = []
     for host in known:
         mine = [v for v in views if v.host == host]

@@ -23,6 +23,14 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def current_of(plan: list, position: int) -> tuple[str, str] | None:
+    """The (step, host) at ``position`` of ``plan``; None once the plan is done."""
+    if position >= len(plan):
+        return None
+    step, host = plan[position]
+    return step, host
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -80,10 +88,7 @@ class Operation(Base):
 
     @property
     def current(self) -> tuple[str, str] | None:
-        if self.position >= len(self.plan):
-            return None
-        step, host = self.plan[self.position]
-        return step, host
+        return current_of(self.plan, self.position)
 
     def remaining_hosts(self) -> set[str]:
         return {host for _, host in self.plan[self.position :]}

@@ -28,6 +28,8 @@ class OperationStatus(StrEnum):
 
 #: An operation in flight: its current step may still move.
 ACTIVE = (OperationStatus.QUEUED, OperationStatus.RUNNING)
+#: An operation that has ended.
+ENDED = (OperationStatus.COMPLETED, OperationStatus.FAILED)
 
 
 class StepState(StrEnum):

@@ -37,7 +37,14 @@ from orchestrator.errors import StepMismatch, SubjectBusy, UnknownOperation
 from orchestrator.flows import Flow
 from orchestrator.ledger.driver import Transaction
 from orchestrator.ledger.engines import Database
-from orchestrator.ledger.models import Event, Operation, OperationHost, StepRecord, new_id
+from orchestrator.ledger.models import (
+    Event,
+    Operation,
+    OperationHost,
+    StepRecord,
+    current_of,
+    new_id,
+)
 from orchestrator.ledger.statements import StepStatements, statements_for
 from orchestrator.ledger.states import ACTIVE, OperationStatus, StepLogStatus, StepState
 
@@ -128,10 +135,7 @@ class StepOperation:
 
     @property
     def current(self) -> tuple[str, str] | None:
-        if self.position >= len(self.plan):
-            return None
-        step, host = self.plan[self.position]
-        return step, host
+        return current_of(self.plan, self.position)
 
 
 @dataclass(frozen=True)
@@ -265,10 +269,8 @@ class Ledger:
             "now": now, "worker": attempt.worker if counted else None,
             "started_at": attempt.started_at if counted else None})
         if effect is None:
-            one = completion.one_statement()
-            if one is not None:
-                rows = self.db.direct(one, **completion.parameters)
-                advanced = bool(rows and rows[0][0])
+            if completion.one_statement() is not None:  # PostgreSQL: commits by itself
+                advanced = completion.run(self.db.direct)
             else:
                 with self.db.direct_transaction() as run:
                     advanced = completion.run(run)
