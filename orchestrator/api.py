@@ -53,6 +53,7 @@ from orchestrator.errors import (
 )
 from orchestrator.flows import Flow
 from orchestrator.ledger.engines import Database
+from orchestrator.ledger.lease import Leases
 from orchestrator.ledger.models import Operation
 from orchestrator.ledger.states import ENDED
 from orchestrator.ledger.store import Effect, Ledger, no_effect
@@ -73,7 +74,8 @@ from orchestrator.witness import Witness
 DEFAULT_MAX_RETRIES = 3
 #: The worker bootsteps, by name (resolved by Celery when a worker starts).
 #: Each hangs itself on the worker, as Celery's own components do: ``worker.host_service``,
-#: ``worker.host_drain``, ``worker.event_waits``, ``worker.stranded_steps``.
+#: ``worker.host_drain``, ``worker.event_waits``, ``worker.stranded_steps``,
+#: ``worker.fleet_looks``.
 WORKER_STEPS = (
     "workers.diagnostics:Diagnostics",  # pool processes' stacks on SIGUSR2, one line a reject
     "workers.host:HostService",      # registration and heartbeat
@@ -82,6 +84,7 @@ WORKER_STEPS = (
     "workers.reload:RoutingReload",  # routing.yaml read again when it changes
     "workers.waits:EventWaits",      # steps waiting for an external event
     "workers.resend:StrandedSteps",  # steps with no message left in the broker
+    "workers.fleet:FleetLooks",      # the looks of every host, by the lease's holder
 )
 
 
@@ -136,6 +139,8 @@ class Orchestrator:
         #: This process's view of the ledger's reachability (orchestrator.ledger.health).
         self.ledger_health = self.db.health
         self.registry = Registry(self.db, self.settings.heartbeat_interval, self.db.health)
+        #: The fleet-wide jobs one worker does for all (workers.fleet).
+        self.leases = Leases(self.db)
         self.max_retries = max_retries
         self.commands = commands
         self.signing = signing.Signing.from_env()

@@ -273,7 +273,8 @@ def test_asynchronous_standby_loses_a_completion_the_step_runs_again_effects_onc
         assert effects_applied([op]) == each_effect_once([op])
         twice = ["copy_out@node1"] + (["copy_in@node2"] if next_step == "running" else [])
         assert sorted(runs(tmp_path)) == sorted(ONCE + twice), runs(tmp_path)
-        assert "resent copy_out of" in source.log(), source.log()[-3000:]
+        everyone = "".join(worker.log() for worker in fleet.workers)  # the fleet's looks too
+        assert "resent copy_out of" in everyone, source.log()[-3000:]
         # What found the ledger behind says so, once, naming where it is.
         behind = [line for line in dest.log().splitlines()
                   if "the ledger has the operation at step 1 (copy_out)" in line]

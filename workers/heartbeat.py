@@ -20,6 +20,7 @@ a fork to be made (``os.register_at_fork``).
 from __future__ import annotations
 
 import os
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -72,5 +73,9 @@ class Heartbeat:
                 logger.warning("heartbeat failed: %s", error_text(exc))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # The first beat at a random point of the first interval (registering wrote one):
+        # a fleet started at once then beats spread out, not all in the same second.
+        wait = self.interval * random.random()
+        while not self._stop.wait(wait):
             self.beat()
+            wait = self.interval

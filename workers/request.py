@@ -69,7 +69,23 @@ class StepRequest(Request):
             celery_seam.stop_consuming(consumer, queue)
         return True
 
+    def on_accepted(self, pid, time_accepted) -> None:
+        self._busy()
+        super().on_accepted(pid, time_accepted)
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False) -> None:
+        self._busy()
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def _busy(self) -> None:
+        """A step started or ended here: this worker looks at its host's steps for a while
+        (workers.resend.StrandedSteps.touch)."""
+        stranded = self._worker_part("stranded_steps")
+        if stranded is not None:
+            stranded.touch()
+
     def on_success(self, failed__retval__runtime, **kwargs) -> None:
+        self._busy()
         failed, retval, _runtime = failed__retval__runtime
         if not failed and retval == "waiting":  # the step parked: look for its event soon
             waits = self._worker_part("event_waits")

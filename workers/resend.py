@@ -24,16 +24,23 @@ A step this worker's code does not register is never sent by it (it would only b
 
 A running step is looked at after :func:`running_grace` seconds, a stale heartbeat only once
 it is confirmed (``ServiceView.unconfirmed``: not while the ledger was unreachable).
+
+Who looks: a host's worker at its own steps only while it has work (from its start, and
+for :meth:`StrandedSteps.quiet_after` seconds after a step it ran, the one case no other
+process can see: a delivery this worker lost), and the worker holding the fleet's lease at
+every host's (``workers.fleet``). An idle host asks nothing.
 """
 
 from __future__ import annotations
+
+import time
 
 from celery.utils.log import get_logger
 
 from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
 from orchestrator.ledger.store import step_task_id
-from orchestrator.registry import STALE_AFTER, ServiceView
+from orchestrator.registry import STALE_AFTER, ServiceView, unserved
 from orchestrator.seams import celery_internals as celery_seam
 from workers.hoststep import HostTimerStep
 from workers.leftover import UNPUBLISHED_GRACE
@@ -80,23 +87,46 @@ class StrandedSteps(HostTimerStep):
         self.nodename = getattr(worker, "hostname", "")
         #: Steps this worker sent again (``orchestrator_steps_recovered``).
         self.recovered = 0
+        #: Until when (monotonic clock) this host's own steps are looked at.
+        self.busy_until = 0.0
 
     def start(self, worker) -> None:
         super().start(worker)
         self.nodename = worker.hostname
         self.service = worker.host_service
         worker.stranded_steps = self  # its count, in orchestrator_status
+        if self.orch is not None:
+            self.touch()  # a previous run of this worker may have left steps behind
+
+    @property
+    def quiet_after(self) -> float:
+        """How long after its last step a worker still looks at its host: until a step it ran
+        and lost the delivery of would be found."""
+        return running_grace(self.orch.settings.heartbeat_interval) + 2 * self.interval
+
+    def touch(self) -> None:
+        """A step was accepted or ended here (workers.request.StepRequest): keep looking."""
+        if self.orch is not None:
+            self.busy_until = max(self.busy_until, time.monotonic() + self.quiet_after)
 
     def tick(self) -> None:
+        if time.monotonic() < self.busy_until:
+            self.look(self.host)
+
+    def look(self, host: str | None) -> None:
+        """Send again the steps of ``host`` (None: of every host) known to have no message."""
         held = {r.id for r in celery_seam.reserved_requests()}  # before the ledger read
         orch = self.orch
         stranded = orch.ledger.stranded_steps(
-            self.host, UNPUBLISHED_GRACE, orch.settings.resend_after,
+            host, UNPUBLISHED_GRACE, orch.settings.resend_after,
             running_grace(orch.settings.heartbeat_interval),
         )
+        if not stranded:
+            return
         running = [op for op in stranded if op.step_state == "running"]
         attempts = orch.ledger.step_attempts(running)
-        views = orch.registry.services() if running else []
+        everyone = orch.registry.services()
+        views = everyone if running else []
         if views:  # silent workers asked over the broker
             ran = {worker for worker, _ in attempts.values()}
             views = self.service.witness.revise([v for v in views if v.nodename in ran])
@@ -104,8 +134,8 @@ class StrandedSteps(HostTimerStep):
         for op in stranded:
             if step_task_id(op.id, op.position) in held:
                 continue  # this worker holds its message (fetched, not yet started)
-            if orch.spec(op.current[0]) is None:
-                continue  # this code cannot run it: left to a worker that serves it
+            if not self._served(*op.current, everyone):
+                continue  # left to a worker that serves it
             if op.step_state == "held":
                 why = "held for a worker that serves it, and this one does"
             elif op.step_state == "running":
@@ -119,6 +149,14 @@ class StrandedSteps(HostTimerStep):
             else:
                 why = "no message for it in the broker"
             self._resend(op, why)
+
+    def _served(self, step: str, host: str, views: list[ServiceView]) -> bool:
+        """This code runs ``step``, or (looking for the fleet) a live worker of ``host`` says
+        it does: sending it where nobody serves it would only have it held again."""
+        if self.orch.spec(step) is not None:
+            return True
+        return host != self.host and unserved(views, host, step) is None and any(
+            v.host == host and v.state != "down" for v in views)
 
     def _resend(self, op, why: str) -> None:
         step, host = op.current

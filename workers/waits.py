@@ -2,9 +2,15 @@
 
 A step that called ``ctx.wait_for(event, timeout)`` waits without holding a pool process
 (``Ledger.wait_for_event``): Nova's build waits for ``network-vif-plugged`` that way. Every
-``interval`` seconds this step, in the worker's event loop, completes the waiting steps of its
-host whose event has arrived and fails those past their deadline (Nova's
-``vif_plugging_timeout``), then publishes what comes next.
+``interval`` seconds, while steps of its host wait, this step, in the worker's event loop,
+completes the waiting steps of its host whose event has arrived and fails those past their
+deadline (Nova's ``vif_plugging_timeout``), then publishes what comes next.
+
+An idle host asks nothing: a worker looks once at its start (waits parked before it) and from
+when a step it runs parks until none of the host's waits is left. A wait parked by another
+process of the host (a split ``--main-only`` / ``--alt-only`` pair) or left by a host with no
+worker any more is settled by the worker holding the fleet's lease (``workers.fleet``), which
+looks at every host's every two seconds.
 """
 
 from __future__ import annotations
@@ -16,13 +22,6 @@ from celery.utils.log import get_logger
 from workers.hoststep import IDLE_PERIOD_SECONDS, HostTimerStep, on_grid
 
 logger = get_logger(__name__)
-
-#: With no step of this host waiting, the ledger is asked only this often: an idle fleet of 50
-#: hosts would otherwise run 250 queries a second for nothing. A step this worker parks wakes
-#: the check at once (``wake``); a wait parked by another process of the host (a split
-#: ``--main-only`` / ``--alt-only`` pair) is found within this delay.
-IDLE_CHECK_SECONDS = IDLE_PERIOD_SECONDS
-
 
 class EventWaits(HostTimerStep):
     label = "EventWaits"
@@ -45,19 +44,27 @@ class EventWaits(HostTimerStep):
             self._schedule(time.monotonic())
 
     def due(self) -> float:
-        """Every ``interval`` while steps wait here; else every IDLE_CHECK_SECONDS with the
-        worker's other periodic jobs, so an idle worker's loop is not woken for nothing."""
+        """Every ``interval`` while steps wait here; else with the worker's other periodic
+        jobs, so an idle worker's loop is not woken for nothing."""
         if self.busy:
             return time.monotonic() + self.interval
-        return on_grid(IDLE_CHECK_SECONDS)
+        return on_grid(IDLE_PERIOD_SECONDS)  # asks nothing then
 
     def tick(self) -> None:
+        if self.busy:
+            self.busy = self.look(self.host) > 0
+
+    def look(self, host: str | None) -> int:
+        """Settle the waits of ``host`` (None: of every host) that can be; how many still
+        wait."""
         orch = self.orch
         settled = orch.ledger.settle_waits(
-            self.host, lambda step: orch.spec(step).effect,
+            host, lambda step: orch.spec(step).effect,
             lambda step: orch.spec(step).on_failure,
+            lambda step: orch.spec(step) is not None,
         )
-        self.busy = settled.still_waiting > 0
         for operation_id, nxt in settled:
-            logger.info("event wait of %s settled on %s", operation_id, self.host)
+            logger.info("event wait of %s settled%s", operation_id,
+                        f" on {host}" if host else " for the fleet")
             orch.advance(operation_id, nxt)
+        return settled.still_waiting

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import select
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,7 +116,11 @@ class Direct:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.forms: dict[object, Form] = {}
-        self.kept: Any = None  # the main thread's connection, checked out for good
+        self.kept: Any = None  # the main thread's connection, checked out while it is used
+        #: Held while the main thread uses ``kept``: an idle closer (ledger/idle.py) takes it
+        #: only when free, and never closes a connection in use.
+        self.keeping = threading.RLock()
+        self.last_used = 0.0
         dbapi = engine.dialect.loaded_dbapi
         self.error, self.lost = dbapi.Error, (dbapi.OperationalError, dbapi.InterfaceError)
 
@@ -177,6 +182,33 @@ class Direct:
         """The main thread's kept connection, or one from the pool (given back after); one
         that was lost (its server gone, the link cut) is dropped."""
         main = threading.current_thread() is threading.main_thread()
+        if main:
+            with self.keeping:
+                self.last_used = time.monotonic()
+                with self._connection(main) as connection:
+                    yield connection
+        else:
+            with self._connection(main) as connection:
+                yield connection
+
+    def let_go_if_idle(self, idle_after: float) -> bool:
+        """Give the kept connection back to the pool if the main thread has not used it for
+        ``idle_after`` seconds and is not using it now; whether it did."""
+        if self.kept is None or not self.keeping.acquire(blocking=False):
+            return False
+        try:
+            if self.kept is None or time.monotonic() - self.last_used < idle_after:
+                return False
+            kept, self.kept = self.kept, None
+            with contextlib.suppress(Exception):
+                kept.detach()  # out of the pool: closed for good, not kept there instead
+                kept.close()
+            return True
+        finally:
+            self.keeping.release()
+
+    @contextmanager
+    def _connection(self, main: bool) -> Iterator[Any]:
         connection = None
         try:  # the pool's raw_connection() raises the driver's own error
             connection = self._kept() if main else self.engine.raw_connection()

@@ -56,6 +56,7 @@ from orchestrator.errors import ConfigError, LedgerUnavailable, SchemaError, fir
 from orchestrator.ledger import schema
 from orchestrator.ledger.driver import Direct, Transaction, closed_by_server, not_the_primary
 from orchestrator.ledger.health import LedgerHealth
+from orchestrator.ledger.idle import IdleConnections
 from orchestrator.redact import printable, redact_text, redact_url
 
 #: libpq connection settings (seconds): a connect, and a query on a connection whose peer went
@@ -123,6 +124,7 @@ def _engine(url: str, write: bool) -> Engine:
                                 connect_args=_connect_args(url))
             event.listen(eng, "checkout", closed_by_server)
             event.listen(eng, "handle_error", _read_only_is_a_disconnect)
+            _idle().watch(eng)
         _engines[key] = eng
         _makers[key] = sessionmaker(eng, expire_on_commit=False)
     return eng
@@ -151,10 +153,21 @@ def _autocommit_engine(url: str) -> Engine:
             url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None, pool_size=2,
             max_overflow=4, connect_args=_connect_args(url))
         event.listen(eng, "checkout", closed_by_server)
+        _idle().watch(eng)
     return eng
 
 
 _direct: dict[tuple[int, str], Direct] = {}
+_idle_closers: dict[int, IdleConnections] = {}
+
+
+def _idle() -> IdleConnections:
+    """This process's closer of idle connections (its thread started with the first
+    PostgreSQL engine; a forked child makes its own)."""
+    closer = _idle_closers.get(os.getpid())
+    if closer is None:
+        closer = _idle_closers[os.getpid()] = IdleConnections()
+    return closer
 
 
 def _direct_for(url: str) -> Direct:
@@ -163,6 +176,8 @@ def _direct_for(url: str) -> Direct:
     if runner is None:
         eng = _engine(url, False) if url.startswith("sqlite") else _autocommit_engine(url)
         runner = _direct[key] = Direct(eng)
+        if not url.startswith("sqlite"):
+            _idle().watch_direct(runner)
     return runner
 
 

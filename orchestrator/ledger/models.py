@@ -192,3 +192,17 @@ class Drain(Base):
     handed_back: Mapped[int] = mapped_column(Integer, default=0)
     #: {"running": [...], "operations": [...], "blocked": [...]}, as last checked.
     waiting: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class Lease(Base):
+    """A fleet-wide job one worker does for every host, taken for a while and renewed
+    (``orchestrator.ledger.lease``): who holds it, until when, how many times it changed hands,
+    and how often a worker that does not hold it asks again (set by the holder from the
+    fleet's size, so the fleet's asking stays the same whatever its size)."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+    term: Mapped[int] = mapped_column(Integer, default=0)
+    check_every: Mapped[float] = mapped_column(Float, default=0.0)

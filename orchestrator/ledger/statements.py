@@ -194,19 +194,24 @@ class StepStatements:
         self.insert_hosts = insert(hosts).values(
             operation_id=bindparam("operation_id"), host=bindparam("host"),
             last_position=bindparam("last_position"))
-        # What a host's worker looks for every few seconds, idle or not, through
+        # What a host's worker with work in flight, and the fleet's looks, ask every few
+        # seconds, through
         # Database.direct: no IN list, which SQLAlchemy expands at each execution and a
         # driver's own form of the statement cannot hold.
-        on_host = (ops.c.current_host == bindparam("host")) & one_of(ops.c.status,
-                                                                      ACTIVE)
-        #: Keyed by whether running steps are looked at too.
+        # The fleet's looks (workers.fleet) are the same without the host.
+        in_flight = one_of(ops.c.status, ACTIVE)
+        where = {False: in_flight, True: (ops.c.current_host == bindparam("host")) & in_flight}
+        #: Keyed by (whether running steps are looked at too, whether for one host).
         self.stranded = {
-            running: select(ops.c.id).where(
-                on_host, one_of(ops.c.step_state, (StepState.QUEUED, StepState.HELD,
-                                                   StepState.RUNNING)[:2 + running]),
+            (running, one_host): select(ops.c.id).where(
+                where[one_host],
+                one_of(ops.c.step_state, (StepState.QUEUED, StepState.HELD,
+                                          StepState.RUNNING)[:2 + running]),
                 (ops.c.step_since < bindparam("before")) | (ops.c.step_state == StepState.HELD))
-            for running in (False, True)}
-        self.waiting = select(ops.c.id).where(on_host, ops.c.step_state == StepState.WAITING)
+            for running in (False, True) for one_host in (False, True)}
+        #: Keyed by whether for one host.
+        self.waiting = {one_host: select(ops.c.id).where(
+            where[one_host], ops.c.step_state == StepState.WAITING) for one_host in (False, True)}
         #: PostgreSQL: each completion and the submit as one statement (data-modifying CTEs):
         #: outside a transaction one round trip where a transaction takes four or more, and
         #: inside a step's effect transaction one statement after the effect's own.

@@ -513,13 +513,16 @@ class Ledger:
             return True
 
     def settle_waits(
-        self, host: str, effect_of: Callable[[str], Effect], failure_of: Callable[[str], Effect]
+        self, host: str | None, effect_of: Callable[[str], Effect],
+        failure_of: Callable[[str], Effect], serves: Callable[[str], bool] = lambda _: True,
     ) -> Settled:
-        """Finish the waiting steps of ``host`` whose event arrived; fail those past their
-        deadline. Returns ``(operation_id, next)`` for each, for the caller to publish, and
-        how many still wait."""
+        """Finish the waiting steps of ``host`` (None: of every host) whose event arrived;
+        fail those past their deadline; leave those whose step the caller's code does not
+        ``serves`` to one that does. Returns ``(operation_id, next)`` for each, for the caller
+        to publish, and how many still wait."""
         settled = Settled()
-        candidates = self.db.direct(statements_for(self.db.url).waiting, host=host)
+        candidates = self.db.direct(statements_for(self.db.url).waiting[host is not None],
+                                    **({} if host is None else {"host": host}))
         for (operation_id,) in candidates:  # nearly always none: no ORM session for that
             with self.db.read() as s:
                 op = s.get(Operation, operation_id)
@@ -527,6 +530,10 @@ class Ledger:
                         or op.step_state != StepState.WAITING or op.current is None or not op.wait):
                     continue
                 step, position, wait = op.current[0], op.position, op.wait
+                step_host = op.current[1]
+                if not serves(step):
+                    settled.still_waiting += 1
+                    continue
                 arrived = s.execute(select(Event.id).where(
                     Event.key == wait["key"], Event.name == wait["event"],
                     Event.received_at >= wait["since"],
@@ -537,7 +544,7 @@ class Ledger:
                                   params=dict(op.params or {}), hosts=dict(op.hosts or {}),
                                   following=tuple(following) if following else None,
                                   plan=op.plan, result=op.result, error=op.error)
-                settled.append((op.id, self.complete(op.id, position, step, host, start,
+                settled.append((op.id, self.complete(op.id, position, step, step_host, start,
                                                      effect=effect_of(step))))
             elif time.time() >= wait["deadline"]:
                 error = f"{step}@{host}: timed out waiting for {wait['event']}"
@@ -557,10 +564,11 @@ class Ledger:
 
     # -- recovery ----------------------------------------------------------------------------
     def stranded_steps(
-        self, host: str, unpublished_after: float, queued_after: float,
+        self, host: str | None, unpublished_after: float, queued_after: float,
         running_after: float | None = None,
     ) -> list[Operation]:
-        """Operations whose current step, on ``host``, may have no message in the broker.
+        """Operations whose current step, on ``host`` (None: on any host), may have no
+        message in the broker.
 
         Either it was never sent (its sender died between commit and publish), or it has
         waited as ``queued`` for longer than ``queued_after`` seconds (on Redis a worker killed
@@ -573,11 +581,11 @@ class Ledger:
         now = time.time()
         shortest = min(queued_after, unpublished_after,
                        running_after if running_after is not None else queued_after)
-        # Asked every few seconds by every host's worker, and nearly always for nothing: the
-        # ids in one cheap look, and an ORM session only when there are some.
+        # Asked every few seconds, and nearly always for nothing: the ids in one cheap look,
+        # and an ORM session only when there are some.
         ids = [row[0] for row in self.db.direct(
-            statements_for(self.db.url).stranded[running_after is not None], host=host,
-            before=now - shortest)]
+            statements_for(self.db.url).stranded[running_after is not None, host is not None],
+            before=now - shortest, **({} if host is None else {"host": host}))]
         if not ids:
             return []
         with self.db.read() as s:

@@ -1,0 +1,116 @@
+"""Leases: a job done once for the whole fleet, by whichever worker holds its lease.
+
+A lease is a row (``leases``): who holds it and until when. The holder renews it well before
+it runs out; any other worker takes it once it has run out, so a holder that dies (SIGKILL, a
+partition, a ledger it cannot reach) hands it over within ``ttl`` seconds plus a check.
+
+A row, not a PostgreSQL advisory lock: a session-level advisory lock belongs to one server
+connection, which a pooler in transaction mode (PgBouncer, the way to run thousands of
+workers on one PostgreSQL) hands to another client after each transaction, and a blocked
+``pg_advisory_lock`` would hold a connection per waiting worker. A row works the same on SQLite
+and PostgreSQL, through a pooler, and costs a statement only when asked.
+
+Two holders at once (clocks that disagree, a holder that does not yet know it lost) cost only
+duplicate work: every change a fleet-wide job makes is a guarded ledger transition
+(``Ledger.claim_resend``, ``Ledger.complete``) that one process wins.
+
+How often a worker that does not hold a lease asks for it is set by the holder from the
+fleet's size (:func:`check_every`): the fleet as a whole asks about
+``fleet_checks_per_second`` times a second, so an added idle host adds nearly nothing, and a
+dead holder is replaced within seconds at any size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.ledger.engines import Database
+from orchestrator.ledger.models import Lease, Service
+
+_leases = Lease.__table__
+_services = Service.__table__
+
+# Parameters named after no column: an UPDATE's SET takes those.
+_TAKE = update(_leases).where(
+    _leases.c.name == bindparam("lease"),
+    or_(_leases.c.holder == bindparam("me"), _leases.c.expires_at < bindparam("now")),
+).values(
+    holder=bindparam("me"), expires_at=bindparam("until"), check_every=bindparam("every"),
+    term=case((_leases.c.holder == bindparam("me"), _leases.c.term), else_=_leases.c.term + 1),
+).returning(_leases.c.term)
+_FIRST = insert(_leases).values(
+    name=bindparam("lease"), holder=bindparam("me"), expires_at=bindparam("until"), term=1,
+    check_every=bindparam("every"))
+_READ = select(_leases.c.holder, _leases.c.expires_at, _leases.c.term,
+               _leases.c.check_every).where(_leases.c.name == bindparam("lease"))
+_RELEASE = update(_leases).where(
+    _leases.c.name == bindparam("lease"), _leases.c.holder == bindparam("me"),
+).values(expires_at=0.0)
+#: Workers whose heartbeat is recent and that are not down: the fleet's size.
+_LIVE = select(func.count()).select_from(_services).where(
+    _services.c.state != "down", _services.c.heartbeat_at >= bindparam("since"))
+
+
+def check_every(live_workers: int, *, floor: float, fleet_checks_per_second: float) -> float:
+    """Seconds between two asks of one worker that does not hold a lease: the fleet's asks
+    spread to ``fleet_checks_per_second`` in all, never more often than ``floor``."""
+    return max(floor, live_workers / fleet_checks_per_second)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one ask said: whether the asker holds the lease now (until ``expires_at``, its
+    own clock), who does, and when to ask again if not."""
+
+    held: bool
+    holder: str | None
+    expires_at: float
+    term: int
+    check_every: float
+
+
+class Leases:
+    """The ``leases`` table of one database."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def claim(self, name: str, me: str, ttl: float, *, live_since: float,
+              floor: float, fleet_checks_per_second: float) -> Claim:
+        """Take or renew lease ``name`` for ``ttl`` seconds if it is free, run out or
+        ``me``'s; else say who holds it. One transaction: the fleet's size (workers heard
+        since ``live_since``), the take, and if it was not taken, the row."""
+        now = time.time()
+        until = now + ttl
+        try:
+            with self.db.direct_transaction() as run:
+                live = run(_LIVE, since=live_since)[0][0]
+                every = check_every(live, floor=floor,
+                                    fleet_checks_per_second=fleet_checks_per_second)
+                taken = run(_TAKE, lease=name, me=me, now=now, until=until, every=every)
+                if taken:
+                    return Claim(True, me, until, taken[0][0], every)
+                row = run(_READ, lease=name)
+                if not row:
+                    run(_FIRST, lease=name, me=me, until=until, every=every)
+                    return Claim(True, me, until, 1, every)
+        except IntegrityError:  # another worker made the row first: it holds it
+            return Claim(False, None, until, 0, floor)
+        holder, expires_at, term, every = row[0]
+        return Claim(False, holder, expires_at, term, every or floor)
+
+    def release(self, name: str, me: str) -> None:
+        """Give the lease up (a worker stopping): the next worker to ask takes it."""
+        self.db.direct(_RELEASE, lease=name, me=me)
+
+    def read(self, name: str) -> Claim | None:
+        """Who holds ``name``, for the views (None: nobody ever took it)."""
+        rows = self.db.direct(_READ, lease=name)
+        if not rows:
+            return None
+        holder, expires_at, term, every = rows[0]
+        return Claim(expires_at > time.time(), holder, expires_at, term, every)

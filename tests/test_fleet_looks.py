@@ -1,0 +1,134 @@
+"""Nova's scale: the looks every host needs, done once for the fleet by the holder of a lease
+(orchestrator/ledger/lease.py, workers/fleet.py), and ledger connections a process holds only
+while it uses them (orchestrator/ledger/idle.py). On SQLite, and on PostgreSQL with
+ORCHESTRATOR_TEST_DB_URL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import nova_app.steps  # noqa: F401  (the flows, registered at import)
+from orchestrator.ledger.engines import Database, _direct_for, _engine, reset
+from orchestrator.ledger.idle import IdleConnections
+from orchestrator.ledger.lease import Leases, check_every
+from orchestrator.registry import Registry
+from orchestrator.testing.fleet import Fleet
+from tests.helpers import ended, wait_op
+from workers.fleet import FLEET_LEASE
+
+ASK = {"floor": 5.0, "fleet_checks_per_second": 0.25}
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_path / 'l.db'}"
+    if not url.startswith("sqlite"):
+        reset(url)
+    yield Database(url)
+
+
+def test_one_worker_holds_the_lease_and_the_next_takes_it_when_it_runs_out(
+        database: Database) -> None:
+    leases = Leases(database)
+    first = leases.claim("looks", "a@h1", 15, live_since=0, **ASK)
+    assert first.held and first.term == 1
+    other = leases.claim("looks", "b@h2", 15, live_since=0, **ASK)
+    assert not other.held and other.holder == "a@h1" and other.check_every == 5.0
+    renewed = leases.claim("looks", "a@h1", 15, live_since=0, **ASK)
+    assert renewed.held and renewed.term == 1, "a renewal is the same term"
+    # The holder stops renewing (it died): its lease has run out, the next ask takes it.
+    assert leases.claim("looks", "a@h1", -1, live_since=0, **ASK).held
+    taken = leases.claim("looks", "b@h2", 15, live_since=0, **ASK)
+    assert taken.held and taken.term == 2
+    assert not leases.claim("looks", "a@h1", 15, live_since=0, **ASK).held
+    leases.release("looks", "a@h1")  # not its lease any more: nothing changes
+    assert leases.read("looks").holder == "b@h2" and leases.read("looks").held
+    leases.release("looks", "b@h2")  # a worker that stops gives it up
+    assert not leases.read("looks").held
+    assert leases.claim("looks", "a@h1", 15, live_since=0, **ASK).term == 3
+
+
+def test_the_fleet_asks_for_the_lease_at_the_same_pace_whatever_its_size(
+        database: Database) -> None:
+    """The holder sets how often each other worker asks from the number of live workers:
+    40 workers ask every 160 s each, the fleet together every 4 s, as 10,000 would."""
+    registry = Registry(database)
+    for i in range(40):
+        registry.register(f"w@h{i}", f"h{i}", consumes_main=True, consumes_alt=True, pid=i)
+    registry.set_state("w@h0", "down")
+    leases = Leases(database)
+    assert leases.claim("looks", "w@h1", 15, live_since=time.time() - 60, **ASK).held
+    assert leases.read("looks").check_every == check_every(39, **ASK) == 39 / 0.25
+    assert check_every(10_000, **ASK) / 10_000 == check_every(40, **ASK) / 40
+    assert check_every(1, **ASK) == 5.0
+
+
+def test_idle_connections_are_closed_and_the_next_statement_connects_again(
+        database: Database) -> None:
+    from orchestrator.ledger.statements import statements_for
+
+    statement = statements_for(database.url).status
+    assert database.direct(statement, id="none") == []
+    direct = _direct_for(database.url)
+    assert direct.kept is not None, "the main thread keeps its connection while in use"
+    with database.read() as s:
+        s.execute(statement.params(id="none"))
+    closer = IdleConnections(idle_after=3600)
+    closer.watch_direct(direct)
+    closer.watch(_engine(database.url, False))
+    assert closer.close_idle() == 0, "used a moment ago: kept"
+    closer.idle_after = 0
+    assert closer.close_idle() >= 2, "the kept connection and the pool's"
+    assert direct.kept is None and _engine(database.url, False).pool.checkedin() == 0
+    assert database.direct(statement, id="none") == []
+    with database.read() as s:
+        s.execute(statement.params(id="none"))
+
+
+def test_the_lease_holder_sends_an_idle_hosts_unsent_step_and_a_killed_holder_is_replaced(
+        fleet: Fleet) -> None:
+    """Two hosts: the lease's holder sends a step whose sender died, for a host whose own
+    worker has stopped looking (idle); SIGKILLed, the holder is replaced once its lease runs
+    out, and the new one sends the next such step."""
+    from nova_app.app import orch
+    from nova_app.models import Instance
+
+    workers = [fleet.start("compute1"), fleet.start("compute2")]
+    deadline = time.monotonic() + 30
+    while (holder := orch.leases.read(FLEET_LEASE)) is None or not holder.held:
+        assert time.monotonic() < deadline, "nobody took the fleet's lease"
+        time.sleep(0.2)
+    first = holder.holder
+    holder_worker, other_host = (workers[0], "compute2") if first.startswith("compute1@") \
+        else (workers[1], "compute1")
+    other = workers[1] if holder_worker is workers[0] else workers[0]
+
+    def unsent(name: str) -> str:
+        with orch.transaction() as s:  # recorded, its sender died before publishing
+            instance = Instance(name=name, host=other_host, flavor="m1.small",
+                                vm_state="building", task_state="spawning")
+            s.add(instance)
+            s.flush()
+            return orch._record(s, orch.flows["boot"], {"source": other_host},
+                                {"instance_id": instance.id}, instance.id)
+
+    op = unsent("vm1")
+    assert wait_op(op, ended, timeout=30)["status"] == "completed"
+    holder_worker.signal(signal.SIGKILL)
+    holder_worker.wait(timeout=10)
+    deadline = time.monotonic() + 45
+    while (claim := orch.leases.read(FLEET_LEASE)) is None or not claim.held \
+            or claim.holder == first:
+        assert time.monotonic() < deadline, f"the lease stayed with {first}: {claim}"
+        time.sleep(0.2)
+    assert claim.term >= 2 and claim.holder.startswith(f"{other_host}@")
+    op = unsent("vm2")
+    assert wait_op(op, ended, timeout=30)["status"] == "completed"
+    assert f"resent build_and_run_instance of {op} to {other_host}: it was never sent" \
+        in other.log()

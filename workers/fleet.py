@@ -1,0 +1,120 @@
+"""Worker bootstep: the looks done once for the whole fleet, by the worker holding its lease.
+
+Steps that lost their message (never sent, lost by the broker, their worker gone, held for a
+worker that serves them) and event waits past their deadline can be on any host, including a
+host whose worker is idle, dead or gone. Looking for them from every host's worker every two
+seconds cost an idle fleet of 10,000 hosts 10,000 ledger queries a second for nothing. Here one
+worker, the holder of the ``fleet-looks`` lease (:mod:`orchestrator.ledger.lease`), looks for
+every host every :data:`LOOK_SECONDS` with the same code a host's worker runs for itself
+(:meth:`workers.resend.StrandedSteps.look`, :meth:`workers.waits.EventWaits.look`); a host's
+own worker looks only while it has work in flight.
+
+Every other worker asks for the lease at the pace the holder sets from the fleet's size
+(:func:`orchestrator.ledger.lease.check_every`): an added host adds nearly nothing, and when the
+holder dies, the lease runs out after :data:`LEASE_SECONDS` and the next worker to ask takes
+it. A worker that stops gives the lease up. Two holders at once (a holder that has not yet
+noticed its lease ran out) only look twice: each resend and each settled wait is a guarded
+transition one of them wins.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from celery.utils.log import get_logger
+
+from orchestrator.redact import error_text
+from orchestrator.registry import STALE_AFTER
+from workers.hoststep import HostTimerStep
+
+logger = get_logger(__name__)
+
+#: The lease's name in the ledger.
+FLEET_LEASE = "fleet-looks"
+#: How often the holder looks at every host.
+LOOK_SECONDS = 2.0
+#: How long a lease lasts without renewal: how long a dead holder's looks go undone.
+LEASE_SECONDS = 15.0
+#: How often the holder renews it.
+RENEW_SECONDS = 5.0
+#: A worker that does not hold the lease asks for it at most this often ...
+MIN_ASK_SECONDS = 5.0
+#: ... and the fleet's workers, together, about this many times a second.
+FLEET_ASKS_PER_SECOND = 0.25
+
+
+class FleetLooks(HostTimerStep):
+    label = "FleetLooks"
+    requires = ("workers.resend:StrandedSteps", "workers.waits:EventWaits")
+    interval = LOOK_SECONDS
+
+    def __init__(self, worker, **kwargs) -> None:
+        super().__init__(worker, **kwargs)
+        self.nodename = ""
+        #: Until when (wall clock) this worker holds the lease, as its last ask said.
+        self.until = 0.0
+        self.renew_at = 0.0
+        #: When (monotonic clock) a worker not holding the lease asks again.
+        self.ask_at = 0.0
+
+    def start(self, worker) -> None:
+        super().start(worker)
+        if self.orch is None:
+            return
+        self.nodename = worker.hostname
+        self.stranded = worker.stranded_steps
+        self.waits = worker.event_waits
+        worker.fleet_looks = self
+
+    @property
+    def holding(self) -> bool:
+        return time.time() < self.until
+
+    def tick(self) -> None:
+        if not self._hold():
+            return
+        self.stranded.look(None)
+        self.waits.look(None)
+
+    def _hold(self) -> bool:
+        """Whether this worker holds the lease now: renewed when due, asked for when this
+        worker's turn to ask has come."""
+        now = time.time()
+        if now < self.until:
+            if now >= self.renew_at:
+                self._ask()
+            return self.holding
+        if time.monotonic() < self.ask_at:
+            return False
+        self._ask()
+        return self.holding
+
+    def _ask(self) -> None:
+        was = self.holding
+        claim = self.orch.leases.claim(
+            FLEET_LEASE, self.nodename, LEASE_SECONDS,
+            live_since=time.time() - STALE_AFTER * self.orch.settings.heartbeat_interval,
+            floor=MIN_ASK_SECONDS, fleet_checks_per_second=FLEET_ASKS_PER_SECOND)
+        if claim.held:
+            self.until, self.renew_at = claim.expires_at, time.time() + RENEW_SECONDS
+            if not was:
+                logger.info("fleet looks: %s holds the lease (term %d)", self.nodename,
+                            claim.term)
+            return
+        self.until = 0.0
+        if was:
+            logger.warning("fleet looks: %s lost the lease to %s", self.nodename, claim.holder)
+        # Spread over the interval, so that a fleet started at once does not ask at once.
+        self.ask_at = time.monotonic() + claim.check_every * random.uniform(0.5, 1.5)
+
+    def stop(self, worker) -> None:
+        super().stop(worker)
+        if self.orch is not None and self.holding:
+            self.until = 0.0
+            try:
+                self.orch.leases.release(FLEET_LEASE, self.nodename)
+            except Exception as exc:  # the ledger may be what failed: the lease runs out
+                logger.info("fleet looks: lease not given back (%s)", error_text(exc))
+
+    terminate = stop
