@@ -206,7 +206,8 @@ class Backends:
     """The ledger and the broker of a bed, on its bridge: what a partition cuts a machine
     from. ``broker_url`` is what the machines' workers (and this process) connect to."""
 
-    ledger: Any  # tests.pgserver.PrivatePostgres or tests.pgfailover.PostgresPair, started
+    #: orchestrator.testing.pgserver.PrivatePostgres or tests.pgfailover.PostgresPair, started.
+    ledger: Any
     broker_url: str
     #: The Sentinel set, when the broker is one (tests/sentinel.py): what fails over.
     sentinels: Any = None
@@ -232,8 +233,8 @@ def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
     private redis-server, RabbitMQ (which listens on loopback only here) a relay of the
     broker address to ``broker_url``'s server. Without one they listen on loopback and a
     plain broker is ``broker_url`` itself."""
+    from orchestrator.testing import pgserver
     from orchestrator.testing.embedded import RedisServer, free_port
-    from tests import pgserver
     from tests import sentinel as sentinels
 
     made = Backends(ledger=None, broker_url=broker_url)

@@ -1,8 +1,8 @@
 """A PostgreSQL primary and its streaming standby, private to a test: a ledger that fails over.
 
-The primary is a :class:`~tests.pgserver.PrivatePostgres`; the standby is copied from it with
-``pg_basebackup -R`` (which writes the standby's ``primary_conninfo`` and ``standby.signal``)
-and streams from it, on a port of its own. Replication is synchronous
+The primary is a :class:`~orchestrator.testing.pgserver.PrivatePostgres`; the standby is copied
+from it with ``pg_basebackup -R`` (which writes the standby's ``primary_conninfo`` and
+``standby.signal``) and streams from it, on a port of its own. Replication is synchronous
 (``synchronous_standby_names = '*'``, ``synchronous_commit = on``: a commit is acknowledged
 once the standby has flushed it) or asynchronous. :meth:`PostgresPair.fail_over` does what
 Patroni or a managed service does when the primary dies: promote the standby. The clients'
@@ -22,7 +22,7 @@ import shutil
 import psycopg
 
 from orchestrator.testing.fleet import wait_for
-from tests.pgserver import PrivatePostgres, pg_bin
+from orchestrator.testing.pgserver import PrivatePostgres, pg_bin
 
 
 def query(server: PrivatePostgres, sql: str) -> object:

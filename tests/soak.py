@@ -115,7 +115,7 @@ class SoakConfig:
     keep: bool = False
     progress: bool = True
     #: Ledger outages to inject while the driver runs: the soak's own PostgreSQL
-    #: (tests/pgserver.py) stopped (fast and immediate, in turn) and started again.
+    #: (orchestrator/testing/pgserver.py) stopped (fast and immediate, in turn) and started again.
     ledger_restarts: int = 0
     #: How long each outage lasts, seconds (drawn between the two).
     ledger_outage: tuple[float, float] = (2.0, 6.0)

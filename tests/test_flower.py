@@ -199,7 +199,7 @@ def test_flower_shows_a_ledger_outage(tmp_path: Path, monkeypatch: pytest.Monkey
     """The ledger's PostgreSQL stopped under a running worker and Flower: the Hosts page
     says since when the ledger is unreachable and lists the workers answering over the
     broker (no fleet of down hosts); /metrics has each worker's view of the ledger."""
-    from tests import pgserver
+    from orchestrator.testing import pgserver
     from tests.conftest import running_fleet
 
     if chromium() is None or pgserver.available() is not None:

@@ -91,7 +91,7 @@ def test_a_stale_heartbeat_is_excused_while_and_just_after_the_ledger_is_out() -
 
 def test_call_retries_until_the_database_answers(tmp_path) -> None:
     """A private PostgreSQL started after the first attempts: the call goes through."""
-    from tests import pgserver
+    from orchestrator.testing import pgserver
 
     if pgserver.available() is not None:
         pytest.skip(pgserver.available())

@@ -34,7 +34,7 @@ def passed(result: SoakResult) -> SoakResult:
 
 @pytest.mark.timeout(300)
 def test_short_soak(tmp_path: Path) -> None:
-    from tests import pgserver
+    from orchestrator.testing import pgserver
 
     broker = fresh_broker()
     if broker.startswith("redis") and pgserver.available() is None \
@@ -61,7 +61,8 @@ def test_short_soak_with_faults(tmp_path: Path) -> None:
     Sentinel set whose primary is killed twice (what replication had not passed on is lost:
     the resend sends it again). Every operation completed, failed by injection or rolled
     back, none stuck, no effect twice, no message left."""
-    from tests import netbed, pgserver, sentinel
+    from orchestrator.testing import pgserver
+    from tests import netbed, sentinel
 
     if pgserver.available() is not None:
         pytest.skip(pgserver.available())

@@ -19,11 +19,9 @@ transition one of them wins.
 
 from __future__ import annotations
 
-import random
-import time
-
 from celery.utils.log import get_logger
 
+from orchestrator.ledger.lease import LeaseHolder
 from orchestrator.redact import error_text
 from orchestrator.registry import STALE_AFTER
 from workers.hoststep import HostTimerStep
@@ -44,6 +42,14 @@ MIN_ASK_SECONDS = 5.0
 FLEET_ASKS_PER_SECOND = 0.25
 
 
+def fleet_lease(orch, nodename: str) -> LeaseHolder:
+    """The fleet's lease as a worker named ``nodename`` holds or asks for it."""
+    return LeaseHolder(
+        orch.leases, FLEET_LEASE, nodename, ttl=LEASE_SECONDS, renew=RENEW_SECONDS,
+        floor=MIN_ASK_SECONDS, fleet_checks_per_second=FLEET_ASKS_PER_SECOND,
+        live_window=STALE_AFTER * orch.settings.heartbeat_interval)
+
+
 class FleetLooks(HostTimerStep):
     label = "FleetLooks"
     requires = ("workers.resend:StrandedSteps", "workers.waits:EventWaits")
@@ -51,69 +57,36 @@ class FleetLooks(HostTimerStep):
 
     def __init__(self, worker, **kwargs) -> None:
         super().__init__(worker, **kwargs)
-        self.nodename = ""
-        #: Until when (wall clock) this worker holds the lease, as its last ask said.
-        self.until = 0.0
-        self.renew_at = 0.0
-        #: When (monotonic clock) a worker not holding the lease asks again.
-        self.ask_at = 0.0
+        self.lease: LeaseHolder | None = None
 
     def start(self, worker) -> None:
         super().start(worker)
         if self.orch is None:
             return
-        self.nodename = worker.hostname
         self.stranded = worker.stranded_steps
         self.waits = worker.event_waits
+        self.lease = fleet_lease(self.orch, worker.hostname)
         worker.fleet_looks = self
 
-    @property
-    def holding(self) -> bool:
-        return time.time() < self.until
-
     def tick(self) -> None:
-        if not self._hold():
-            return
-        self.stranded.look(None)
-        self.waits.look(None)
-
-    def _hold(self) -> bool:
-        """Whether this worker holds the lease now: renewed when due, asked for when this
-        worker's turn to ask has come."""
-        now = time.time()
-        if now < self.until:
-            if now >= self.renew_at:
-                self._ask()
-            return self.holding
-        if time.monotonic() < self.ask_at:
-            return False
-        self._ask()
-        return self.holding
-
-    def _ask(self) -> None:
-        was = self.holding
-        claim = self.orch.leases.claim(
-            FLEET_LEASE, self.nodename, LEASE_SECONDS,
-            live_since=time.time() - STALE_AFTER * self.orch.settings.heartbeat_interval,
-            floor=MIN_ASK_SECONDS, fleet_checks_per_second=FLEET_ASKS_PER_SECOND)
-        if claim.held:
-            self.until, self.renew_at = claim.expires_at, time.time() + RENEW_SECONDS
-            if not was:
-                logger.info("fleet looks: %s holds the lease (term %d)", self.nodename,
-                            claim.term)
-            return
-        self.until = 0.0
-        if was:
-            logger.warning("fleet looks: %s lost the lease to %s", self.nodename, claim.holder)
-        # Spread over the interval, so that a fleet started at once does not ask at once.
-        self.ask_at = time.monotonic() + claim.check_every * random.uniform(0.5, 1.5)
+        lease = self.lease
+        was = lease.holding
+        if lease.hold() != was:
+            if was:
+                logger.warning("fleet looks: %s lost the lease to %s", lease.me,
+                               lease.last.holder if lease.last else "?")
+            else:
+                logger.info("fleet looks: %s holds the lease (term %d)", lease.me,
+                            lease.last.term)
+        if lease.holding:
+            self.stranded.look(None)
+            self.waits.look(None)
 
     def stop(self, worker) -> None:
         super().stop(worker)
-        if self.orch is not None and self.holding:
-            self.until = 0.0
+        if self.lease is not None:
             try:
-                self.orch.leases.release(FLEET_LEASE, self.nodename)
+                self.lease.give_up()
             except Exception as exc:  # the ledger may be what failed: the lease runs out
                 logger.info("fleet looks: lease not given back (%s)", error_text(exc))
 

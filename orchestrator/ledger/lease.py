@@ -22,6 +22,7 @@ dead holder is replaced within seconds at any size.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -114,3 +115,58 @@ class Leases:
             return None
         holder, expires_at, term, every = rows[0]
         return Claim(expires_at > time.time(), holder, expires_at, term, every)
+
+
+class LeaseHolder:
+    """One worker's side of a lease: whether it holds it now, renewed every ``renew``
+    seconds while it does, asked for at the pace the holder set while it does not.
+
+    ``live_window``: how recent a heartbeat counts a worker in the fleet's size (the
+    registry's staleness)."""
+
+    def __init__(self, leases: Leases, name: str, me: str, *, ttl: float, renew: float,
+                 floor: float, fleet_checks_per_second: float, live_window: float) -> None:
+        self.leases, self.name, self.me = leases, name, me
+        self.ttl, self.renew, self.live_window = ttl, renew, live_window
+        self.floor, self.rate = floor, fleet_checks_per_second
+        #: Until when (wall clock) this worker holds the lease, as its last ask said.
+        self.until = 0.0
+        self.renew_at = 0.0
+        #: When (monotonic clock) this worker asks again while it does not hold it.
+        self.ask_at = 0.0
+        self.last: Claim | None = None
+
+    @property
+    def holding(self) -> bool:
+        return time.time() < self.until
+
+    def hold(self) -> bool:
+        """Whether this worker holds the lease now: renewed when due, asked for when this
+        worker's turn to ask has come; no statement otherwise."""
+        now = time.time()
+        if now < self.until:
+            if now >= self.renew_at:
+                self.ask()
+            return self.holding
+        if time.monotonic() < self.ask_at:
+            return False
+        self.ask()
+        return self.holding
+
+    def ask(self) -> Claim:
+        claim = self.last = self.leases.claim(
+            self.name, self.me, self.ttl, live_since=time.time() - self.live_window,
+            floor=self.floor, fleet_checks_per_second=self.rate)
+        if claim.held:
+            self.until, self.renew_at = claim.expires_at, time.time() + self.renew
+        else:
+            self.until = 0.0
+            # Spread over the interval, so that a fleet started at once does not ask at once.
+            self.ask_at = time.monotonic() + claim.check_every * random.uniform(0.5, 1.5)
+        return claim
+
+    def give_up(self) -> None:
+        """Release the lease if held (a worker stopping): the next worker to ask takes it."""
+        if self.holding:
+            self.until = 0.0
+            self.leases.release(self.name, self.me)
