@@ -17,10 +17,10 @@ import nova_app.steps  # noqa: F401  (the flows, registered at import)
 from orchestrator.ledger.engines import Database, _direct_for, _engine, reset
 from orchestrator.ledger.idle import IdleConnections
 from orchestrator.ledger.lease import Leases, check_every
+from orchestrator.looks import FLEET_LEASE
 from orchestrator.registry import Registry
 from orchestrator.testing.fleet import Fleet
 from tests.helpers import ended, wait_op
-from workers.fleet import FLEET_LEASE
 
 ASK = {"floor": 5.0, "fleet_checks_per_second": 0.25}
 

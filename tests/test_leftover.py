@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.ledger.models import Operation
+from orchestrator.looks import UNPUBLISHED_GRACE
 from orchestrator.registry import ServiceView
-from workers.leftover import UNPUBLISHED_GRACE, what_is_left
+from workers.leftover import what_is_left
 
 NOW = 1_000_000.0
 HERE = "node2"

@@ -5,16 +5,16 @@ worker that serves them) and event waits past their deadline can be on any host,
 host whose worker is idle, dead or gone. Looking for them from every host's worker every two
 seconds cost an idle fleet of 10,000 hosts 10,000 ledger queries a second for nothing. Here one
 worker, the holder of the ``fleet-looks`` lease (:mod:`orchestrator.ledger.lease`), looks for
-every host every :data:`LOOK_SECONDS` with the same code a host's worker runs for itself
+every host every ``LOOK_SECONDS`` with the same code a host's worker runs for itself
 (:meth:`workers.resend.StrandedSteps.look`, :meth:`workers.waits.EventWaits.look`); a host's
 own worker looks only while it has work in flight.
 
 Every other worker asks for the lease at the pace the holder sets from the fleet's size
 (:func:`orchestrator.ledger.lease.check_every`): an added host adds nearly nothing, and when the
-holder dies, the lease runs out after :data:`LEASE_SECONDS` and the next worker to ask takes
-it. A worker that stops gives the lease up. Two holders at once (a holder that has not yet
-noticed its lease ran out) only look twice: each resend and each settled wait is a guarded
-transition one of them wins.
+holder dies, the lease runs out after ``LEASE_SECONDS`` (:mod:`orchestrator.looks`) and the
+next worker to ask takes it. A worker that stops gives the lease up. Two holders at once (a
+holder that has not yet noticed its lease ran out) only look twice: each resend and each
+settled wait is a guarded transition one of them wins.
 """
 
 from __future__ import annotations
@@ -22,32 +22,11 @@ from __future__ import annotations
 from celery.utils.log import get_logger
 
 from orchestrator.ledger.lease import LeaseHolder
+from orchestrator.looks import LOOK_SECONDS, fleet_lease
 from orchestrator.redact import error_text
-from orchestrator.registry import STALE_AFTER
 from workers.hoststep import HostTimerStep
 
 logger = get_logger(__name__)
-
-#: The lease's name in the ledger.
-FLEET_LEASE = "fleet-looks"
-#: How often the holder looks at every host.
-LOOK_SECONDS = 2.0
-#: How long a lease lasts without renewal: how long a dead holder's looks go undone.
-LEASE_SECONDS = 15.0
-#: How often the holder renews it.
-RENEW_SECONDS = 5.0
-#: A worker that does not hold the lease asks for it at most this often ...
-MIN_ASK_SECONDS = 5.0
-#: ... and the fleet's workers, together, about this many times a second.
-FLEET_ASKS_PER_SECOND = 0.25
-
-
-def fleet_lease(orch, nodename: str) -> LeaseHolder:
-    """The fleet's lease as a worker named ``nodename`` holds or asks for it."""
-    return LeaseHolder(
-        orch.leases, FLEET_LEASE, nodename, ttl=LEASE_SECONDS, renew=RENEW_SECONDS,
-        floor=MIN_ASK_SECONDS, fleet_checks_per_second=FLEET_ASKS_PER_SECOND,
-        live_window=STALE_AFTER * orch.settings.heartbeat_interval)
 
 
 class FleetLooks(HostTimerStep):
@@ -65,7 +44,8 @@ class FleetLooks(HostTimerStep):
             return
         self.stranded = worker.stranded_steps
         self.waits = worker.event_waits
-        self.lease = fleet_lease(self.orch, worker.hostname)
+        self.lease = fleet_lease(self.orch.leases, worker.hostname,
+                                 self.orch.settings.heartbeat_interval)
         worker.fleet_looks = self
 
     def tick(self) -> None:

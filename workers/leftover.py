@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 
 from orchestrator import registry
 from orchestrator.ledger.models import Operation
+from orchestrator.looks import UNPUBLISHED_GRACE
 from orchestrator.registry import ServiceView
-
-#: A step not published after this long lost its sender (see workers.resend).
-UNPUBLISHED_GRACE = 5.0
 
 
 @dataclass

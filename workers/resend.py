@@ -37,21 +37,16 @@ import time
 
 from celery.utils.log import get_logger
 
+from orchestrator import looks
 from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
 from orchestrator.ledger.store import step_task_id
-from orchestrator.registry import STALE_AFTER, ServiceView, unserved
+from orchestrator.looks import running_grace
+from orchestrator.registry import ServiceView, unserved
 from orchestrator.seams import celery_internals as celery_seam
 from workers.hoststep import HostTimerStep
-from workers.leftover import UNPUBLISHED_GRACE
 
 logger = get_logger(__name__)
-
-
-def running_grace(heartbeat_interval: float) -> float:
-    """How long a step is recorded as running before its delivery is questioned: long
-    enough for a stale heartbeat to be noticed."""
-    return max(10.0, (STALE_AFTER + 1) * heartbeat_interval)
 
 
 def delivery_gone(
@@ -117,10 +112,7 @@ class StrandedSteps(HostTimerStep):
         """Send again the steps of ``host`` (None: of every host) known to have no message."""
         held = {r.id for r in celery_seam.reserved_requests()}  # before the ledger read
         orch = self.orch
-        stranded = orch.ledger.stranded_steps(
-            host, UNPUBLISHED_GRACE, orch.settings.resend_after,
-            running_grace(orch.settings.heartbeat_interval),
-        )
+        stranded = looks.stranded(orch.ledger, orch.settings, host)
         if not stranded:
             return
         running = [op for op in stranded if op.step_state == "running"]

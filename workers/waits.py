@@ -19,6 +19,7 @@ import time
 
 from celery.utils.log import get_logger
 
+from orchestrator.looks import settle_waits
 from workers.hoststep import IDLE_PERIOD_SECONDS, HostTimerStep, on_grid
 
 logger = get_logger(__name__)
@@ -58,11 +59,7 @@ class EventWaits(HostTimerStep):
         """Settle the waits of ``host`` (None: of every host) that can be; how many still
         wait."""
         orch = self.orch
-        settled = orch.ledger.settle_waits(
-            host, lambda step: orch.spec(step).effect,
-            lambda step: orch.spec(step).on_failure,
-            lambda step: orch.spec(step) is not None,
-        )
+        settled = settle_waits(orch.ledger, host, orch.spec)
         for operation_id, nxt in settled:
             logger.info("event wait of %s settled%s", operation_id,
                         f" on {host}" if host else " for the fleet")
