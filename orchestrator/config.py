@@ -117,6 +117,8 @@ class Settings:
     max_subject_chars: int = MAX_SUBJECT_CHARS
     #: ``ORCHESTRATOR_MAX_JSON_BYTES``: params at submit, a step's output.
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+    #: ``ORCHESTRATOR_DB_POOL_MODE`` (:func:`db_pool_mode`), checked at start.
+    db_pool_mode: str = "session"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -149,6 +151,7 @@ class Settings:
             max_subject_chars=_int("ORCHESTRATOR_MAX_SUBJECT_CHARS", MAX_SUBJECT_CHARS,
                                    1, MAX_SUBJECT_CHARS),
             max_json_bytes=_int("ORCHESTRATOR_MAX_JSON_BYTES", DEFAULT_MAX_JSON_BYTES, 2),
+            db_pool_mode=db_pool_mode(),
         )
 
 
@@ -163,6 +166,19 @@ def db_url() -> str:
     """``ORCHESTRATOR_DB_URL``, read at each call: a process may be pointed at another
     database between two transactions (tests do), and reading one variable costs nothing."""
     return os.environ.get("ORCHESTRATOR_DB_URL") or DEFAULT_DB_URL
+
+
+#: ``ORCHESTRATOR_DB_POOL_MODE``: how the ledger's PostgreSQL connections are pooled on the
+#: way to the server. ``session`` (the default): each is a server session of its own, directly
+#: or through a pooler in session mode. ``transaction``: a pooler (PgBouncer's ``pool_mode =
+#: transaction``) may hand the server connection to another client after every transaction,
+#: so nothing may outlive one: psycopg's server-side prepared statements are turned off.
+DB_POOL_MODES = ("session", "transaction")
+
+
+def db_pool_mode() -> str:
+    """``ORCHESTRATOR_DB_POOL_MODE`` (:data:`DB_POOL_MODES`), read when an engine is made."""
+    return _choice("ORCHESTRATOR_DB_POOL_MODE", DB_POOL_MODES, "session")
 
 
 def _queue_type() -> str:

@@ -264,7 +264,12 @@ def _refuse_missing_file(url: str) -> None:
 
 def _connect_args(url: str) -> dict[str, object]:
     if url.startswith(("postgresql", "postgres")):
-        return {"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVE}
+        args: dict[str, object] = {"connect_timeout": PG_CONNECT_TIMEOUT, **PG_KEEPALIVE}
+        if config.db_pool_mode() == "transaction":
+            # A statement psycopg prepared on one server connection is unknown on the next
+            # the pooler hands out ("prepared statement _pg3_0 does not exist").
+            args["prepare_threshold"] = None
+        return args
     return {}
 
 
