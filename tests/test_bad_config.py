@@ -17,6 +17,7 @@ from orchestrator.cli import main as cli
 from orchestrator.errors import SchemaError, StepFailure, SubmitError
 from orchestrator.ledger import schema
 from orchestrator.runner import _output
+from tests.test_schema import ENGINE_HEAD
 
 
 def one_line_error(args: list[str], env: dict[str, str] | None = None) -> str:
@@ -72,7 +73,7 @@ def test_a_schema_newer_than_the_code_is_named(db_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(text(f"UPDATE {schema.VERSION_TABLE} SET version_num = 'orch0099' "
                           "WHERE version_num LIKE 'orch%'"))
-    said = "ledger schema orch0099 is newer than this code's orch0004: upgrade the code"
+    said = f"ledger schema orch0099 is newer than this code's {ENGINE_HEAD}: upgrade the code"
     for create in (True, False):
         with pytest.raises(SchemaError, match=said):
             schema.ensure(engine, [MIGRATIONS], create=create)
