@@ -196,6 +196,8 @@ def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch
             "ORCHESTRATOR_BROKER_URL": redis_server.url, "ORCHESTRATOR_DB_URL": db_url,
             "ORCHESTRATOR_STEP_DELAY": "0.05", "ORCHESTRATOR_HEARTBEAT_INTERVAL": "1",
             "ORCHESTRATOR_STEP_DELAYS": "resize_instance=3",
+            # The fleet's looks resend a lost step: whoever holds the lease (workers.fleet).
+            "ORCHESTRATOR_RESEND_AFTER": "3",
         }, log_dir=tmp_path / "logs")
         try:
             source = fleet.start("compute1")
@@ -219,10 +221,10 @@ def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch
             # The late boot waits for compute2. Its message is in compute2's queue, unless the
             # BRPOP compute2 had in flight popped it just as the broker restarted and the
             # reply went down with the connection (Redis's known window: README, Nothing
-            # lost); the ledger still has it as sent, and compute2's resend sends it again.
+            # lost); the ledger still has it as sent, and the fleet's looks send it again.
             if queued_messages(HOSTS) == 0:
                 print("the late boot's message went down with the BRPOP in flight")
-            fleet.start("compute2", env={"ORCHESTRATOR_RESEND_AFTER": "3"})
+            fleet.start("compute2")
             assert wait_op(late.id, ended)["status"] == "completed"
             assert_conserved([booted, op.id, late.id], HOSTS)
         finally:

@@ -25,9 +25,9 @@ A step this worker's code does not register is never sent by it (it would only b
 A running step is looked at after :func:`running_grace` seconds, a stale heartbeat only once
 it is confirmed (``ServiceView.unconfirmed``: not while the ledger was unreachable).
 
-Who looks: a host's worker at its own steps only while it has work (from its start, and
-for :meth:`StrandedSteps.quiet_after` seconds after a step it ran, the one case no other
-process can see: a delivery this worker lost), and the worker holding the fleet's lease at
+Who looks: a host's worker at its own steps only while it has work (for
+:meth:`StrandedSteps.quiet_after` seconds after a step it ran or ended: the one case no other
+process can see is a delivery this worker lost), and the worker holding the fleet's lease at
 every host's (``workers.fleet``). An idle host asks nothing.
 """
 
@@ -89,9 +89,10 @@ class StrandedSteps(HostTimerStep):
         super().start(worker)
         self.nodename = worker.hostname
         self.service = worker.host_service
+        # Not busy at start: what a previous run of this worker left behind (steps it ran,
+        # steps held for code like this) the fleet's looks find (``delivery_gone``: "the
+        # worker that ran it restarted since"; ``_served``: the registry says it serves it).
         worker.stranded_steps = self  # its count, in orchestrator_status
-        if self.orch is not None:
-            self.touch()  # a previous run of this worker may have left steps behind
 
     @property
     def quiet_after(self) -> float:
