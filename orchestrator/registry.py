@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.ledger.engines import Database
@@ -147,7 +147,9 @@ class Registry:
         self, nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
         version: int = SERVICE_VERSION, steps: Iterable[str] | None = None,
         code_version: str | None = None,
-    ) -> None:
+    ) -> int:
+        """Write the worker's row (up, heartbeat now); returns how many workers the fleet
+        has, this one included (live: not down, a heartbeat within the staleness window)."""
         now = time.time()
         with self.db.session() as s:
             row = s.get(Service, nodename)
@@ -160,6 +162,11 @@ class Registry:
             row.drain_started_at = None
             row.steps = sorted(steps) if steps is not None else None
             row.code_version = code_version
+            s.flush()
+            return s.execute(select(func.count()).select_from(Service).where(
+                Service.state != "down",
+                Service.heartbeat_at >= now - STALE_AFTER * self.heartbeat_interval,
+            )).scalar_one()
 
     def heartbeat(self, nodename: str, state: str | None = None) -> None:
         """Refresh the worker's heartbeat, and its state if given (a state change that could

@@ -46,6 +46,7 @@ class FleetLooks(HostTimerStep):
         self.waits = worker.event_waits
         self.lease = fleet_lease(self.orch.leases, worker.hostname,
                                  self.orch.settings.heartbeat_interval)
+        self.lease.first_ask_within(worker.host_service.fleet_size)
         worker.fleet_looks = self
 
     def tick(self) -> None:

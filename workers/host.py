@@ -127,6 +127,8 @@ class HostService(bootsteps.StartStopStep):
         self.pid = os.getpid()
         #: When this worker registered (set in start): steps it started began after this.
         self.started_at = 0.0
+        #: How many workers the fleet had when this one registered, itself included.
+        self.fleet_size = 1
         #: What the heartbeat writes: ``up``, or ``draining`` once the drain has begun.
         self.state = "up"
         self.heartbeat: Heartbeat | None = None
@@ -160,7 +162,7 @@ class HostService(bootsteps.StartStopStep):
             try:
                 self.orch.db.engine()  # the schema check that __init__ could not make
                 self.started_at = time.time()
-                self.orch.registry.register(
+                self.fleet_size = self.orch.registry.register(
                     self.nodename, queues.host, pid=self.pid, version=self.version,
                     consumes_main=queues.main is not None, consumes_alt=queues.alt is not None,
                     steps=self.orch.served_steps(), code_version=self.orch.code_fingerprint,

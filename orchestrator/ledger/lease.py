@@ -165,6 +165,13 @@ class LeaseHolder:
             self.ask_at = time.monotonic() + claim.check_every * random.uniform(0.5, 1.5)
         return claim
 
+    def first_ask_within(self, fleet_size: int) -> None:
+        """A worker joining a fleet of ``fleet_size`` first asks at a random point of the
+        interval the holder would set: a fleet started at once asks at its usual pace, not
+        all in the same second."""
+        every = check_every(fleet_size, floor=self.floor, fleet_checks_per_second=self.rate)
+        self.ask_at = time.monotonic() + random.uniform(0, every)
+
     def give_up(self) -> None:
         """Release the lease if held (a worker stopping): the next worker to ask takes it."""
         if self.holding:

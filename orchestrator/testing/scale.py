@@ -62,9 +62,10 @@ class SimulatedHosts:
         self.counts = {"beat": 0, "ask": 0, "look": 0}
 
     def register(self) -> None:
-        for name, node in zip(self.names, self.nodes, strict=True):
-            self.registry.register(node, name, consumes_main=True, consumes_alt=True,
-                                   pid=os.getpid(), steps=[], code_version=CODE_VERSION)
+        for name, node, lease in zip(self.names, self.nodes, self.leases, strict=True):
+            size = self.registry.register(node, name, consumes_main=True, consumes_alt=True,
+                                          pid=os.getpid(), steps=[], code_version=CODE_VERSION)
+            lease.first_ask_within(size)
 
     def run(self, until: float | None = None) -> None:
         """Until SIGTERM (or ``until`` on the monotonic clock): each host's heartbeat and
