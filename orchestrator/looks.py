@@ -23,8 +23,9 @@ from orchestrator.registry import STALE_AFTER
 UNPUBLISHED_GRACE = 5.0
 #: The fleet's lease, in the ledger.
 FLEET_LEASE = "fleet-looks"
-#: How often the lease's holder looks at every host.
-LOOK_SECONDS = 2.0
+#: How often the lease's holder looks at every host: a step whose sender died is sent within
+#: this of its UNPUBLISHED_GRACE; two statements each time, the fleet's main fixed cost.
+LOOK_SECONDS = 5.0
 #: How long the lease lasts without renewal: how long a dead holder's looks go undone.
 LEASE_SECONDS = 15.0
 #: How often the holder renews it.

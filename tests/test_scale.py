@@ -49,8 +49,16 @@ def test_an_idle_fleet_of_200_hosts_costs_the_ledger_what_the_goal_allows(
     url = ledger.url.rsplit("/", 1)[0] + "/ledger"
     Database(url).engine()  # the schema
     postmaster = int((ledger.data / "postmaster.pid").read_text().split()[0])
+    before = ledger_sample(admin, "ledger", postmaster)
     with SimulatedFleet(url, HOSTS, processes=1), \
             psycopg.connect(f"{admin} dbname=ledger", autocommit=True) as conn:
+        # The registrations are counted once their backend has written its figures (within
+        # ten seconds of going idle): the window begins after.
+        deadline = time.monotonic() + 30
+        while ledger_sample(admin, "ledger", postmaster).transactions - before.transactions \
+                < HOSTS:
+            assert time.monotonic() < deadline, "the registrations were never counted"
+            time.sleep(1)
         polls = 0
 
         def ask(sql: str) -> object:

@@ -10,7 +10,7 @@ An idle host asks nothing: a worker looks once at its start (waits parked before
 when a step it runs parks until none of the host's waits is left. A wait parked by another
 process of the host (a split ``--main-only`` / ``--alt-only`` pair) or left by a host with no
 worker any more is settled by the worker holding the fleet's lease (``workers.fleet``), which
-looks at every host's every two seconds.
+looks at every host's every five seconds.
 """
 
 from __future__ import annotations
