@@ -4,7 +4,9 @@ It is Flower (same options, same pages, same API, same ``FLOWER_*`` variables) p
 
 * on Flower's Workers page, a draining worker reads "Draining, N s left" (what it waits for
   on hover) instead of "Online", and one that exited reads "Exited";
-* a **Hosts** page (``/hosts``, in Flower's navigation bar): each host's state (up, draining,
+* a **Hosts** page (``/hosts``, in Flower's navigation bar), 50 hosts a page, searched by
+  name (a glob, or a part of the name) and state (``?q=compute1*&state=draining&page=2``),
+  the workers asked only about the page's hosts: each host's state (up, draining,
   down once its worker is gone), a draining host's live countdown to its deadline, what the
   drain waits for (steps running there, operations still needing the host, with their current
   step and host), messages handed back, the depth of ``<host>`` and ``<host>-alt`` for every
@@ -28,6 +30,7 @@ Flower is imported when the command runs, not when this module is.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,10 @@ METRICS_PATH = r"/metrics"
 #: The Hosts page asks every 2 s: a read kept 2 s, dropped 30 s after the page closed.
 HOSTS_TTL = 2.0
 HOSTS_IDLE_AFTER = 30.0
+#: Hosts on a page of the Hosts tab; a search's length at most; pages kept at once.
+PAGE_SIZE = 50
+MAX_QUERY_CHARS = 200
+MAX_PAGES = 32
 #: Added to Flower's navigation bar, after its Broker tab.
 NAV_ITEM = """
         <li class="nav-item">
@@ -57,18 +64,58 @@ NAV_ITEM = """
 WORKERS_SCRIPT = '\n{% include "orchestrator_workers_status.html" %}\n'
 
 
-def snapshot(orch: Any) -> dict[str, Any]:
-    """What the Hosts page and its API show: every known host, read now, with what each
-    live worker says of the ledger; while the ledger does not answer, since when and the
-    workers that answer over the broker (no host judged down for a heartbeat it could not
-    write)."""
+def snapshot(orch: Any, only: views.HostFilter | None = None) -> dict[str, Any]:
+    """What the Hosts page and its API show: the hosts ``only`` lets through (a page of
+    them), read now, with what each of their live workers says of the ledger, and how many
+    match in all; while the ledger does not answer, since when and the workers that answer
+    over the broker (no host judged down for a heartbeat it could not write)."""
     from orchestrator.errors import LedgerUnavailable
 
+    only = only or views.HostFilter(limit=PAGE_SIZE)
     base = {"generated_at": time.time(), "alt_routing": orch.settings.alt_routing}
     try:
-        return {**base, "ledger": {"up": True}, "hosts": views.hosts(orch, with_reports=True)}
+        return {**base, "ledger": {"up": True},
+                **views.hosts_page(orch, with_reports=True, only=only)}
     except LedgerUnavailable as exc:
         return {**base, "hosts": [], **views.ledger_outage(orch, exc, views.worker_reports(orch))}
+
+
+def host_filter(args: dict[str, str]) -> views.HostFilter:
+    """The page's query (``?q=GLOB&state=STATE&page=N``, each optional) as a filter; what
+    cannot be one is left out (a page past the last shows none)."""
+    pattern = args.get("q", "").strip()[:MAX_QUERY_CHARS]
+    state = args.get("state", "")
+    try:
+        page = max(1, int(args.get("page", "1")))
+    except ValueError:
+        page = 1
+    return views.HostFilter(
+        names=(pattern if any(c in pattern for c in "*?[") else f"*{pattern}*",)
+        if pattern else (),
+        states=(state,) if state in ("up", "draining", "down") else (),
+        limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+
+
+class HostPages:
+    """One kept read per page asked for (:class:`Refreshed`: each stops reading once nobody
+    has asked for it for ``HOSTS_IDLE_AFTER`` seconds), at most ``MAX_PAGES`` of them."""
+
+    def __init__(self, orch: Any) -> None:
+        self.orch = orch
+        self._pages: dict[views.HostFilter, Refreshed] = {}
+        self._lock = threading.Lock()
+
+    def get(self, args: dict[str, str]) -> dict[str, Any]:
+        only = host_filter(args)
+        with self._lock:
+            kept = self._pages.pop(only, None)
+            if kept is None:
+                kept = Refreshed(lambda: snapshot(self.orch, only), HOSTS_TTL,
+                                 HOSTS_IDLE_AFTER, "orchestrator-hosts")
+            self._pages[only] = kept  # the most recently asked last
+            while len(self._pages) > MAX_PAGES:
+                self._pages.pop(next(iter(self._pages))).close()
+        return kept.get()
 
 
 def patch_flower_template(name: str, text: str) -> str:
@@ -90,7 +137,7 @@ def handlers(orch: Any) -> list[Any]:
 
     from orchestrator.metrics import OrchestratorCollector
 
-    hosts = Refreshed(lambda: snapshot(orch), HOSTS_TTL, HOSTS_IDLE_AFTER, "orchestrator-hosts")
+    hosts = HostPages(orch)
     ours = CollectorRegistry(auto_describe=False)
     ours.register(OrchestratorCollector(orch))
     return [

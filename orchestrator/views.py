@@ -215,11 +215,22 @@ def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
     steps go, queue depths and operations in flight, and notes on work waiting in a queue
     nobody consumes. ``with_reports``: also what each live worker says of the ledger over
     the broker (:func:`worker_reports`)."""
+    return hosts_page(orch, with_queues, with_reports, only)["hosts"]
+
+
+def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
+               only: HostFilter = HostFilter()) -> dict[str, Any]:
+    """:func:`hosts` as a page: ``{"hosts": [...], "total": N, "offset": O, "limit": L}``,
+    ``total`` the hosts ``only`` lets through before its limit and offset."""
     views = orch.registry.services()
     chosen = {v.host for v in views if only.named(v.host)
               and (not only.states or registry.host_state(views, v.host) in only.states)}
-    live = [v.nodename for v in views if v.host in chosen and v.state != "down"]
-    everyone = len(chosen) == len({v.host for v in views})
+    # The workers are asked about the page's hosts alone (all chosen ones when the page
+    # depends on queue depths: --busy).
+    asked = chosen if only.limit is None or only.busy else \
+        set(sorted(chosen)[only.offset:only.offset + only.limit])
+    live = [v.nodename for v in views if v.host in asked and v.state != "down"]
+    everyone = len(asked) == len({v.host for v in views})
     reports = (worker_reports(orch, limit=len(live) or None,
                               destination=None if everyone else live)
                if with_reports and live else {})
@@ -255,6 +266,7 @@ def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
         depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
         known = [h for h in known if in_flight.get(h, 0)
                  or depths.get(h, 0) or depths.get(alt_queue(h), 0)]
+    total = len(known)
     end = None if only.limit is None else only.offset + only.limit
     known = known[only.offset:end]
     if with_queues and not only.busy:
@@ -311,7 +323,7 @@ def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
                 + f"): {host} runs code that does not register them; roll back, or deploy "
                   "code that does (an alias keeps an old name)")
         out.append(entry)
-    return out
+    return {"hosts": out, "total": total, "offset": only.offset, "limit": only.limit}
 
 
 def ended(data: dict[str, Any]) -> bool:

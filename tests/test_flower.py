@@ -328,3 +328,47 @@ def test_scrapes_never_hold_flower_up(fleet: Fleet, tmp_path: Path) -> None:
             f"warm scrapes took {warm} s, cold {[t for _, _, t in cold]} s"
     finally:
         flower.stop()
+
+
+def test_the_hosts_tab_pages_and_searches(fleet: Fleet, tmp_path: Path) -> None:
+    """121 hosts (compute1 running, 120 gone): the Hosts tab shows 50 a page and how many
+    match, searched by a glob or a part of the name and by state; the JSON answers the same
+    query (``?q=&state=&page=``). In Chromium, the page with a search typed in."""
+    fleet.start("compute1")
+    for i in range(120):
+        node = f"gone{i:03d}@elsewhere"
+        orch.registry.register(node, f"gone{i:03d}", consumes_main=True, consumes_alt=True,
+                               pid=1)
+        orch.registry.set_state(node, "down")
+    flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
+    try:
+        flower.wait_up()
+
+        def page(query: str) -> dict:
+            status, body = flower.get(f"/api/orchestrator/hosts?{query}")
+            assert status == 200, body
+            return json.loads(body)
+
+        first = page("")
+        assert (first["total"], first["offset"], len(first["hosts"])) == (121, 0, 50)
+        assert first["hosts"][0]["host"] == "compute1"
+        third = page("page=3")
+        assert (third["offset"], [h["host"] for h in third["hosts"]][:2]) == \
+            (100, ["gone099", "gone100"])
+        assert len(third["hosts"]) == 21
+        assert page("page=9")["hosts"] == [] and page("page=x")["offset"] == 0
+        globbed = page("q=gone01*")
+        assert globbed["total"] == 10 and globbed["hosts"][0]["host"] == "gone010"
+        assert page("q=one11")["total"] == 10, "a part of the name"
+        up = page("state=up")
+        assert [h["host"] for h in up["hosts"]] == ["compute1"] and up["total"] == 1
+        assert page("q=compute*&state=down")["total"] == 0
+        if chromium() is not None:
+            # "gone1": gone010-gone019 and gone100-gone119.
+            dom = render(f"{flower.base}/hosts?q=gone1&state=down", "flower-hosts-search")
+            assert 'data-host="gone110"' in dom and 'data-host="compute1"' not in dom, dom[-2000:]
+            assert "hosts 1\u201330 of 30" in dom, dom[-3000:]
+            dom = render(f"{flower.base}/hosts?page=3", "flower-hosts-page-3")
+            assert "hosts 101\u2013121 of 121" in dom and 'data-host="gone120"' not in dom
+    finally:
+        flower.stop()

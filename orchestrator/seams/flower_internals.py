@@ -50,16 +50,19 @@ def template_loader(ours: Path, flower_templates: str,
 
 
 def page_and_api(page_path: str, api_path: str, name: str, template: str, *,
-                 active_tab: str, read: Callable[[], dict[str, Any]]) -> list[Any]:
+                 active_tab: str, read: Callable[[dict[str, str]], dict[str, Any]]) -> list[Any]:
     """A page (``template``, or the JSON with ``?json=1``) and its API, as Flower's own are
     built (``flower.views.BaseHandler``, ``flower.api.BaseApiHandler``: Flower's
-    authentication applies); ``read()`` runs in Flower's executor, never in its loop."""
+    authentication applies); ``read(query)`` (the request's query arguments, the last value
+    of each) runs in Flower's executor, never in its loop."""
     from flower.api import BaseApiHandler
     from flower.views import BaseHandler
     from tornado import web
 
     async def data(handler: Any) -> dict[str, Any]:
-        return await handler.application.io_loop.run_in_executor(None, read)
+        args = {name: values[-1].decode("utf-8", "replace")
+                for name, values in handler.request.query_arguments.items() if values}
+        return await handler.application.io_loop.run_in_executor(None, read, args)
 
     class Page(BaseHandler):
         @web.authenticated
