@@ -38,6 +38,8 @@ QUEUE_TYPES = ("classic", "quorum")
 #: database service group writes every 10 s). A small fleet that wants a killed worker
 #: noticed sooner sets ORCHESTRATOR_HEARTBEAT_INTERVAL lower.
 DEFAULT_HEARTBEAT_INTERVAL = 60.0
+#: Hosts with per-host Prometheus series at most (orchestrator.metrics.series_hosts).
+DEFAULT_METRICS_MAX_HOSTS = 500
 #: Steps queued for longer than this whose queue is empty are sent again (Redis can lose one).
 DEFAULT_RESEND_AFTER = 60.0
 #: A subject's length at most, in characters (the ledger's column holds 255 on every
@@ -119,6 +121,8 @@ class Settings:
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
     #: ``ORCHESTRATOR_DB_POOL_MODE`` (:func:`db_pool_mode`), checked at start.
     db_pool_mode: str = "session"
+    #: ``ORCHESTRATOR_METRICS_MAX_HOSTS``: hosts with per-host metric series, at most.
+    metrics_max_hosts: int = DEFAULT_METRICS_MAX_HOSTS
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -152,6 +156,8 @@ class Settings:
                                    1, MAX_SUBJECT_CHARS),
             max_json_bytes=_int("ORCHESTRATOR_MAX_JSON_BYTES", DEFAULT_MAX_JSON_BYTES, 2),
             db_pool_mode=db_pool_mode(),
+            metrics_max_hosts=_int("ORCHESTRATOR_METRICS_MAX_HOSTS", DEFAULT_METRICS_MAX_HOSTS,
+                                   1),
         )
 
 

@@ -38,6 +38,17 @@ number of exporters can run. The names:
 The last three come from the workers over the broker (``workers.status``), so they are there
 while the ledger is down; then the metrics read from the ledger are left out of the scrape.
 
+A fleet of thousands of hosts would make tens of thousands of series and ask every queue and
+every worker at each read: per-host series are kept for ``ORCHESTRATOR_METRICS_MAX_HOSTS``
+hosts at most (500 by default; :func:`series_hosts` says which: draining first, then those
+with work in flight, then by name), and only their queues and workers are asked. The fleet's
+totals are always there:
+
+=========================================================  ======  ===============================
+``orchestrator_hosts{state}``                              gauge   hosts up, draining, down
+``orchestrator_hosts_in_series``                           gauge   hosts with per-host series
+=========================================================  ======  ===============================
+
 A drain whose worker is gone without recording its end (the exit deadline forced it, or it was
 killed) counts as ``forced``.
 """
@@ -65,6 +76,18 @@ TTL = 2.0
 #: Seconds without a scrape after which the reading stops (Prometheus scrapes every minute
 #: by default: past that, a scrape would find nothing kept).
 IDLE_AFTER = 90.0
+
+
+def series_hosts(views: list[registry.ServiceView], in_flight: dict[str, int],
+                 limit: int) -> list[str]:
+    """The hosts that get per-host series, ``limit`` at most: the draining ones first, then
+    those with operations in flight, then the others by name; sorted by name."""
+    hosts = sorted({v.host for v in views})
+    if len(hosts) <= limit:
+        return hosts
+    draining = {h for h in hosts if registry.host_state(views, h) == "draining"}
+    ranked = sorted(hosts, key=lambda h: (h not in draining, not in_flight.get(h), h))
+    return sorted(ranked[:limit])
 
 
 class OrchestratorCollector:
@@ -98,14 +121,21 @@ class OrchestratorCollector:
 
         try:
             services: list[registry.ServiceView] | None = self.orch.registry.services()
+            in_flight = self.orch.ledger.in_flight_by_host()
         except LedgerUnavailable:
-            services = None
-        live = sum(v.state != "down" for v in services or ())
-        families = list(self._workers(worker_reports(self.orch, limit=live or None)))
+            services, in_flight = None, {}
+        shown = None
+        if services is not None:
+            shown = series_hosts(services, in_flight, self.orch.settings.metrics_max_hosts)
+        every = shown is None or len(shown) == len({v.host for v in services or ()})
+        asked = [v.nodename for v in services or () if v.state != "down"
+                 and (every or v.host in set(shown or ()))]
+        families = list(self._workers(worker_reports(
+            self.orch, limit=len(asked) or None, destination=None if every else asked)))
         from_ledger = []
         if services is not None:
             try:
-                from_ledger = list(self._from_ledger(services))
+                from_ledger = list(self._from_ledger(services, in_flight, shown or []))
             except LedgerUnavailable:
                 services = None
         reachable = GaugeMetricFamily("orchestrator_ledger_reachable",
@@ -134,11 +164,24 @@ class OrchestratorCollector:
         yield errors
         yield recovered
 
-    def _from_ledger(self, views: list[registry.ServiceView]) -> Iterator[Any]:
+    def _from_ledger(self, views: list[registry.ServiceView], in_flight: dict[str, int],
+                     hosts: list[str]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         orch, now = self.orch, time.time()
-        hosts = sorted({v.host for v in views})
+        fleet = GaugeMetricFamily("orchestrator_hosts", "Hosts in each state, fleet-wide",
+                                  labels=["state"])
+        counts = Counter(registry.host_state(views, h) for h in {v.host for v in views})
+        for name in HOST_STATES:
+            fleet.add_metric([name], float(counts[name]))
+        yield fleet
+        in_series = GaugeMetricFamily("orchestrator_hosts_in_series",
+                                      "Hosts with per-host series (ORCHESTRATOR_METRICS_MAX_"
+                                      "HOSTS at most)")
+        in_series.add_metric([], float(len(hosts)))
+        yield in_series
+        chosen = set(hosts)
+        views = [v for v in views if v.host in chosen]
         state = GaugeMetricFamily("orchestrator_host_state", "1 for the host's state",
                                   labels=["host", "state"])
         version = GaugeMetricFamily("orchestrator_host_service_version",
@@ -154,18 +197,17 @@ class OrchestratorCollector:
         yield state
         yield version
 
-        in_flight = orch.ledger.in_flight_by_host()
         gauge = GaugeMetricFamily("orchestrator_operations_in_flight",
                                   "Operations in flight that still need the host",
                                   labels=["host"])
-        for host in sorted(set(hosts) | set(in_flight)):
+        for host in sorted(set(hosts) | (set(in_flight) & chosen)):
             gauge.add_metric([host], float(in_flight.get(host, 0)))
         yield gauge
         unserved = unserved_steps(orch, views)
         waiting = GaugeMetricFamily("orchestrator_steps_unserved",
                                     "Steps waiting for a worker whose code serves them",
                                     labels=["host"])
-        for host in sorted(set(hosts) | set(unserved)):
+        for host in sorted(set(hosts) | (set(unserved) & chosen)):
             waiting.add_metric([host], float(len(unserved.get(host, []))))
         yield waiting
 
@@ -184,6 +226,8 @@ class OrchestratorCollector:
                                         "Alt steps sent to <host> instead of <host>-alt",
                                         labels=["host", "reason"])
         for host, reasons in sorted(orch.registry.fallback_counts().items()):
+            if host not in chosen:
+                continue
             for reason, count in sorted(reasons.items()):
                 fallbacks.add_metric([host, reason], float(count))
         yield fallbacks
@@ -211,7 +255,10 @@ class OrchestratorCollector:
         ended: Counter[tuple[str, str]] = Counter()
         handed_back: Counter[str] = Counter()
         spent: dict[str, list[float]] = defaultdict(list)
+        hosts = {v.host for v in views}
         for d in self.orch.registry.drains():
+            if d.host not in hosts:
+                continue
             handed_back[d.host] += d.handed_back
             outcome = d.outcome or (None if d.nodename in live else "forced")
             if outcome is None:  # still draining

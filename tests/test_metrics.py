@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -177,3 +178,37 @@ def test_concurrent_asks_share_one_read() -> None:
         assert kept.get() == len(reads), "after a pause, a new read"
     finally:
         kept.close()
+
+
+def test_a_large_fleet_keeps_per_host_series_bounded_and_its_totals(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 hosts, at most 10 with series of their own (ORCHESTRATOR_METRICS_MAX_HOSTS): the
+    draining one first, then the one with work in flight, then by name; the fleet's totals
+    by state count all 30."""
+    from orchestrator.metrics import series_hosts
+
+    for i in range(30):
+        orch.registry.register(f"h{i:02d}@x", f"h{i:02d}", consumes_main=True,
+                               consumes_alt=True, pid=1)
+        if i < 27:
+            orch.registry.set_state(f"h{i:02d}@x", "down")
+    orch.registry.set_state("h29@x", "draining")
+    views = orch.registry.services()
+    chosen = series_hosts(views, {"h28": 2}, 10)
+    assert chosen == ["h00", "h01", "h02", "h03", "h04", "h05", "h06", "h07", "h28", "h29"]
+    # The app's settings were read at its start, as in a process given the variable.
+    monkeypatch.setattr(orch, "settings", dataclasses.replace(orch.settings,
+                                                              metrics_max_hosts=10))
+    result = CliRunner().invoke(cli, ["metrics", "--once"])
+    assert result.exit_code == 0, result.output
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(result.output)
+               for s in family.samples}
+    assert value(samples, "orchestrator_hosts", state="down") == 27
+    assert value(samples, "orchestrator_hosts", state="up") == 2
+    assert value(samples, "orchestrator_hosts", state="draining") == 1
+    assert value(samples, "orchestrator_hosts_in_series") == 10
+    shown = {dict(labels)["host"] for name, labels in samples
+             if name == "orchestrator_host_state"}
+    # No operation in flight here: the draining one, then by name.
+    assert sorted(shown) == [f"h{i:02d}" for i in range(9)] + ["h29"]
