@@ -15,11 +15,13 @@ def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting in each queue (not counting unacknowledged ones); 0 for a queue that
     does not exist. One connection for all of them.
 
-    A passive declare answers on both brokers; on RabbitMQ a missing queue closes the channel,
-    hence a channel per queue.
+    On Redis, one pipeline of lengths. A passive declare answers on RabbitMQ, where a missing
+    queue closes the channel, hence a channel per queue.
     """
     depths: dict[str, int] = {}
     with app.connection_for_write() as conn:
+        if conn.transport.driver_type == "redis":
+            return kombu_internals.redis_queue_sizes(conn, list(queues))
         for queue in queues:
             channel = conn.channel()
             try:

@@ -85,7 +85,8 @@ def series_hosts(views: list[registry.ServiceView], in_flight: dict[str, int],
     hosts = sorted({v.host for v in views})
     if len(hosts) <= limit:
         return hosts
-    draining = {h for h in hosts if registry.host_state(views, h) == "draining"}
+    states = registry.host_states(views)
+    draining = {h for h in hosts if states[h] == "draining"}
     ranked = sorted(hosts, key=lambda h: (h not in draining, not in_flight.get(h), h))
     return sorted(ranked[:limit])
 
@@ -171,7 +172,7 @@ class OrchestratorCollector:
         orch, now = self.orch, time.time()
         fleet = GaugeMetricFamily("orchestrator_hosts", "Hosts in each state, fleet-wide",
                                   labels=["state"])
-        counts = Counter(registry.host_state(views, h) for h in {v.host for v in views})
+        counts = Counter(registry.host_states(views).values())
         for name in HOST_STATES:
             fleet.add_metric([name], float(counts[name]))
         yield fleet

@@ -112,24 +112,43 @@ def alt_status(views: list[ServiceView], host: str) -> AltStatus:
     return alt_snapshot(views).status(host)
 
 
+def by_host(views: list[ServiceView]) -> dict[str, list[ServiceView]]:
+    """The services of each host: one pass, where asking each host of a fleet of 10,000
+    about the whole list took 10 s."""
+    out: dict[str, list[ServiceView]] = {}
+    for v in views:
+        out.setdefault(v.host, []).append(v)
+    return out
+
+
 def alt_snapshot(views: list[ServiceView]) -> AltSnapshot:
     """Every host's alt capability, from one read of the registry."""
-    hosts = {v.host for v in views}
-    silent_alt: dict[str, list[str]] = {}
-    for v in views:
-        if v.silent and v.consumes_alt and v.version >= ALT_SERVICE_VERSION:
-            silent_alt.setdefault(v.host, []).append(v.nodename)
-    return AltSnapshot(
-        known=frozenset(hosts),
-        live=frozenset(h for h in hosts if _live(views, h)),
-        alt=frozenset(h for h in hosts if advertises_alt(views, h)),
-        silent_alt={host: tuple(nodes) for host, nodes in silent_alt.items()},
-    )
+    grouped = by_host(views)
+    live, alt, silent_alt = set(), set(), {}
+    for host, mine in grouped.items():
+        if _live(mine, host):
+            live.add(host)
+        if advertises_alt(mine, host):
+            alt.add(host)
+        silent = tuple(v.nodename for v in mine
+                       if v.silent and v.consumes_alt and v.version >= ALT_SERVICE_VERSION)
+        if silent:
+            silent_alt[host] = silent
+    return AltSnapshot(known=frozenset(grouped), live=frozenset(live), alt=frozenset(alt),
+                       silent_alt=silent_alt)
 
 
 def host_state(views: list[ServiceView], host: str) -> str:
     """up (some service takes new work), draining, down, or unknown (never registered)."""
-    states = {v.state for v in views if v.host == host}
+    return _state_of({v.state for v in views if v.host == host})
+
+
+def host_states(views: list[ServiceView]) -> dict[str, str]:
+    """:func:`host_state` of every host, in one pass."""
+    return {host: _state_of({v.state for v in mine}) for host, mine in by_host(views).items()}
+
+
+def _state_of(states: set[str]) -> str:
     if not states:
         return "unknown"
     return "up" if "up" in states else "draining" if "draining" in states else "down"
@@ -189,10 +208,11 @@ class Registry:
         now = time.time()
         excused = self.health is not None and self.health.excuses_silence(stale)
         with self.db.read() as s:
-            query = select(Service).order_by(Service.host, Service.nodename)
+            # Rows, not ORM objects: a fleet's registry is 10,000 of them at every view.
+            query = select(*_services.c).order_by(Service.host, Service.nodename)
             if host is not None:
                 query = query.where(Service.host == host)
-            rows = s.execute(query).scalars().all()
+            rows = s.execute(query).all()
             return [
                 ServiceView(
                     nodename=r.nodename, host=r.host, version=r.version,

@@ -178,11 +178,13 @@ def unserved_steps(orch: Any, views: list[Any]) -> dict[str, list[dict[str, Any]
             Operation.step_state.in_(("held", "queued")),
         )).scalars().all()
     out: dict[str, list[dict[str, Any]]] = {}
+    grouped = registry.by_host(views)
     for op in ops:
         step, host = op.current or (None, None)
         if step is None:
             continue
-        why = registry.unserved(views, host, step, held=op.step_state == "held")
+        why = registry.unserved(grouped.get(host, []), host, step,
+                                held=op.step_state == "held")
         if why is not None:
             out.setdefault(host, []).append({"operation": op.id, "kind": op.kind,
                                              "step": step, "state": op.step_state,
@@ -223,8 +225,10 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     """:func:`hosts` as a page: ``{"hosts": [...], "total": N, "offset": O, "limit": L}``,
     ``total`` the hosts ``only`` lets through before its limit and offset."""
     views = orch.registry.services()
-    chosen = {v.host for v in views if only.named(v.host)
-              and (not only.states or registry.host_state(views, v.host) in only.states)}
+    states = registry.host_states(views)
+    grouped = registry.by_host(views)
+    chosen = {host for host, state in states.items() if only.named(host)
+              and (not only.states or state in only.states)}
     # The workers are asked about the page's hosts alone (all chosen ones when the page
     # depends on queue depths: --busy).
     asked = chosen if only.limit is None or only.busy else \
@@ -273,9 +277,9 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
         depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
     out = []
     for host in known:
-        mine = [v for v in views if v.host == host]
+        mine = grouped[host]
         live = [v for v in mine if v.state != "down"]
-        state = registry.host_state(views, host)
+        state = states[host]
         status = snapshot.status(host)
         entry: dict[str, Any] = {
             "host": host, "state": state,
@@ -311,7 +315,7 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
         if with_queues:
             entry["queued"] = {q: depths[q] for q in (host, alt_queue(host))}
             entry["notes"] = _host_notes(
-                host, state, entry["queued"], registry.consumers(views, host).alt
+                host, state, entry["queued"], registry.consumers(mine, host).alt
             )
         if entry["steps_unserved"]:
             by_step: dict[str, int] = {}

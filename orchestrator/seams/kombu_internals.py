@@ -44,6 +44,24 @@ def redis_client(conn: Any) -> Any:
     return conn.default_channel.client
 
 
+def redis_queue_sizes(conn: Any, queues: list[str]) -> dict[str, int]:
+    """Messages waiting in each queue of a kombu Redis connection, in one pipeline: what
+    ``Channel._size`` counts for one queue (a list per priority step, kombu 5.x), for all.
+    A page of a fleet's hosts is 100 queues: one round trip instead of 100 channels."""
+    channel = conn.default_channel
+    keys = [(queue, channel._q_for_pri(queue, pri))
+            for queue in queues for pri in channel.priority_steps]
+    with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+        for _, key in keys:
+            pipe.llen(key)
+        sizes = pipe.execute()
+    out = dict.fromkeys(queues, 0)
+    for (queue, _), size in zip(keys, sizes, strict=True):
+        if isinstance(size, int):
+            out[queue] += size
+    return out
+
+
 def guard_redis() -> None:
     """Both Redis guards (:func:`guard_redis_restore`, :func:`guard_redis_closed_channel`):
     patched once per process, when an Orchestrator is made."""
