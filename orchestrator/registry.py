@@ -230,9 +230,10 @@ class Registry:
     def known_hosts(self) -> list[str]:
         return sorted({v.host for v in self.services()})
 
-    def alt_snapshot(self) -> AltSnapshot:
-        """Every host's alt capability from one registry query (the router caches this)."""
-        return alt_snapshot(self.services())
+    def alt_snapshot(self, host: str | None = None) -> AltSnapshot:
+        """Every host's alt capability (``host``: that host's alone, what the router keeps
+        for a while) from one registry query."""
+        return alt_snapshot(self.services(host))
 
     def count_fallback(self, decision: Decision) -> None:
         """Record an alt step sent to ``<host>`` (one small write, only for such steps)."""

@@ -382,20 +382,24 @@ def _watch_forks() -> None:
 
 
 class AltCapability:
-    """Per-host alt support, from a snapshot of the registry at most ``ttl`` seconds old.
+    """Per-host alt support, from what the registry said of that host at most ``ttl``
+    seconds ago.
 
-    One snapshot covers every host and costs one registry query; it is reloaded by the first
-    lookup after it expires, so a process asks the registry at most once per ``ttl`` however
-    many steps it routes, and a decision is never based on a snapshot older than ``ttl``. If
-    the registry cannot be read, the previous snapshot is kept (and retried after ``ttl``);
-    with no snapshot at all every host counts as unknown, except when the ledger is
+    ``loader(host)`` reads the registry's rows of one host (an indexed query); the answer is
+    kept for ``ttl`` and read again by the first lookup of that host after it expires, so a
+    process asks the registry at most once per ``ttl`` for each host it routes to, however
+    many steps it routes, and a decision is never based on an answer older than ``ttl``. A
+    process never reads the whole registry to route: at 10,000 hosts that read took a pool
+    process a tenth of a second or more every ``ttl``, which the step it was routing waited
+    for. If the registry cannot be read, the previous answer is kept (and retried after
+    ``ttl``); with none at all the host counts as unknown, except when the ledger is
     unreachable (a ``ConnectionError``, as LedgerUnavailable is): that is raised, for the
-    caller to wait for it rather than route on no knowledge. A forked child (prefork pool) starts
-    with no snapshot and a fresh lock.
+    caller to wait for it rather than route on no knowledge. A forked child (prefork pool)
+    starts with nothing kept and a fresh lock.
     """
 
     def __init__(
-        self, loader: Callable[[], AltSnapshot], ttl: float,
+        self, loader: Callable[[str], AltSnapshot], ttl: float,
         clock: Callable[[], float] = time.monotonic,
         witness: Callable[[str], bool] | None = None,
     ):
@@ -404,8 +408,7 @@ class AltCapability:
         #: alt-consuming services went silent is taken for down (its alt steps would go to
         #: ``<host>``, which a draining worker no longer consumes).
         self.witness = witness
-        self._snapshot: AltSnapshot | None = None
-        self._loaded_at = float("-inf")
+        self._kept: dict[str, tuple[AltSnapshot | None, float]] = {}
         self._lock = threading.Lock()
         #: Registry queries made (the cost the cache bounds).
         self.loads = 0
@@ -417,33 +420,36 @@ class AltCapability:
         self.invalidate()
 
     def invalidate(self) -> None:
-        """Forget the snapshot: the next lookup reads the registry."""
-        self._snapshot, self._loaded_at = None, float("-inf")
+        """Forget what was read: the next lookup of each host reads the registry."""
+        self._kept = {}
 
-    def snapshot(self) -> AltSnapshot | None:
-        if self.clock() - self._loaded_at < self.ttl:
-            return self._snapshot
+    def snapshot(self, host: str) -> AltSnapshot | None:
+        """What the registry said of ``host``, at most ``ttl`` seconds ago."""
+        snap, loaded_at = self._kept.get(host, (None, float("-inf")))
+        if self.clock() - loaded_at < self.ttl:
+            return snap
         with self._lock:
+            snap, loaded_at = self._kept.get(host, (None, float("-inf")))
             now = self.clock()
-            if now - self._loaded_at < self.ttl:  # another thread reloaded it meanwhile
-                return self._snapshot
+            if now - loaded_at < self.ttl:  # another thread read it meanwhile
+                return snap
             try:
                 self.loads += 1
-                self._snapshot = self.loader()
+                snap = self.loader(host)
             except Exception as exc:
-                if self._snapshot is None and isinstance(exc, ConnectionError):
+                if snap is None and isinstance(exc, ConnectionError):
                     # The ledger does not answer and nothing is known: "unknown" would send
                     # an alt step to a draining host's main queue. The caller waits instead.
                     raise
                 logger.warning(
-                    "routing: cannot read the service registry (%s); keeping the snapshot "
-                    "from %.1fs ago", error_text(exc), now - self._loaded_at,
+                    "routing: cannot read the service registry (%s); keeping what it said of "
+                    "%s %.1fs ago", error_text(exc), host, now - loaded_at,
                 )
-            self._loaded_at = now
-            return self._snapshot
+            self._kept[host] = (snap, now)
+            return snap
 
     def status(self, host: str) -> AltStatus:
-        snap = self.snapshot()
+        snap = self.snapshot(host)
         if snap is None:
             return "unknown"
         found = snap.status(host)

@@ -253,9 +253,9 @@ def test_a_silent_host_is_asked_before_its_alt_steps_go_to_main() -> None:
         asked.append(node)
         return node == "c1@x"
 
-    capability = AltCapability(lambda: alt_snapshot(views), ttl=60, witness=witness)
+    capability = AltCapability(lambda _host: alt_snapshot(views), ttl=60, witness=witness)
     assert [capability.status(h) for h in ("c1", "c2", "c3", "c4")] == [
         "alt", "down", "down", "down"]
     assert asked == ["c1@x", "c2@x"]
-    without = AltCapability(lambda: alt_snapshot(views), ttl=60)
+    without = AltCapability(lambda _host: alt_snapshot(views), ttl=60)
     assert without.status("c1") == "down"

@@ -57,7 +57,7 @@ class FakeRegistry:
     def __init__(self, snapshot: AltSnapshot) -> None:
         self.snapshot, self.queries, self.fail = snapshot, 0, False
 
-    def __call__(self) -> AltSnapshot:
+    def __call__(self, host: str) -> AltSnapshot:
         self.queries += 1
         if self.fail:
             raise RuntimeError("database is down")
@@ -81,16 +81,16 @@ def make_router(mode: str, loader: FakeRegistry, clock: FakeClock, ttl: float = 
     return router, recorded
 
 
-def test_auto_routes_alt_steps_per_host_from_a_cached_snapshot() -> None:
+def test_auto_routes_alt_steps_per_host_from_what_the_registry_said_of_it() -> None:
     clock, loader = FakeClock(), FakeRegistry(MIXED)
     router, recorded = make_router("auto", loader, clock)
-    for _ in range(100):  # many messages, one registry query
+    for _ in range(100):  # many messages, one registry query per host
         assert router.queue("resize_instance", "current") == "current-alt"
         assert router.queue("resize_instance", "legacy") == "legacy"
         assert router.queue("finish_resize", "dead") == "dead"
         assert router.queue("finish_resize", "newcomer") == "newcomer"
         assert router.queue("prep_resize", "current") == "current"  # main steps: always main
-    assert loader.queries == 1
+    assert loader.queries == 4
     assert router.counts == {("legacy", "no-alt"): 100, ("dead", "down"): 100,
                              ("newcomer", "unknown"): 100}
     assert [(d.host, d.queue, d.reason) for d in recorded[:3]] == [
@@ -144,7 +144,8 @@ def test_override_modes(mode: str, current: str, legacy: str, unknown: str,
     assert router.queue("finish_revert_resize", "newcomer") == unknown
     assert router.queue("revert_resize", "legacy") == "legacy"
     assert set(router.counts) == fallbacks
-    assert loader.queries == (1 if mode == "auto" else 0), "forced modes never ask the registry"
+    # auto: once for each of the three hosts; forced modes never ask the registry.
+    assert loader.queries == (3 if mode == "auto" else 0)
 
 
 def test_bad_override_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
