@@ -199,10 +199,14 @@ class Bed:
             next_at += period
             stop.wait(max(0.0, next_at - time.monotonic()))
 
-    def measure(self, label: str, hosts: int, *, simulated: int, load: bool) -> dict:
+    def measure(self, label: str, hosts: int, *, simulated: int, load: bool,
+                forget: bool = True) -> dict:
+        """``forget``: a fresh registry first (not with real workers just started, whose
+        rows and lease it would delete under them)."""
         from orchestrator.testing.scale import SimulatedFleet
 
-        self.forget_hosts()
+        if forget:
+            self.forget_hosts()
         sim = SimulatedFleet(self.db_url, simulated, processes=2, log_dir=self.tmp / "sim")
         began = time.time()
         if simulated:
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.real:
             bed.start_real([f"real{i:03d}" for i in range(args.real)], concurrency=1)
             results.append(bed.measure(f"{args.real} real idle workers", args.real + 2,
-                                       simulated=0, load=not args.idle))
+                                       simulated=0, load=not args.idle, forget=False))
         else:
             for size in (int(s) for s in args.sizes.split(",")):
                 results.append(bed.measure(f"{size} hosts", size, simulated=max(0, size - 2),

@@ -69,17 +69,19 @@ def test_an_idle_fleet_of_200_hosts_costs_the_ledger_what_the_goal_allows(
         assert ask("SELECT count(*) FROM services") == HOSTS
         first = ledger_sample(admin, "ledger", postmaster)
         began = time.time()
-        # The window: until every host has beaten once more (a heartbeat interval).
+        # The window: until half the hosts have beaten once more (half an interval: each
+        # beats once an interval, from a random first point).
         deadline = time.monotonic() + 3 * interval
-        while ask("SELECT min(heartbeat_at) FROM services") <= began:
+        while ask(f"SELECT count(*) FROM services WHERE heartbeat_at > {began}") < HOSTS // 2:
             assert time.monotonic() < deadline, "the simulated hosts stopped beating"
             time.sleep(2)
         last = ledger_sample(admin, "ledger", postmaster)
     seconds = last.at - first.at
     rate = (last.transactions - first.transactions - polls) / seconds
     allowed = PER_HOST * HOSTS + FIXED
+    print(f"\n{HOSTS} idle hosts: {rate:.2f} transactions a second over {seconds:.0f} s")
     assert rate <= allowed, (
         f"{HOSTS} idle hosts: {rate:.2f} transactions a second over {seconds:.0f} s; the "
         f"goal allows {allowed:.2f}")
-    # Not nothing either: each host beat once in the window (the measure measures).
-    assert rate >= HOSTS / interval * 0.8, f"{rate:.2f} transactions a second"
+    # Not nothing either: the heartbeats are there (the measure measures).
+    assert rate >= HOSTS / interval * 0.7, f"{rate:.2f} transactions a second"
