@@ -13,9 +13,9 @@ the message means:
   from a build): it is part of an operation in flight, and nobody could act on the error;
   its first step is left "not sent", like the next one below;
 - any later step follows a transition the ledger has recorded; a publish that fails is no
-  reason to undo or repeat that transition: the step is left "not sent" and the resend of
-  its host (``workers.resend``, after ``UNPUBLISHED_GRACE``) sends it once the broker
-  answers.
+  reason to undo or repeat that transition: the step is left "not sent" and the looks
+  (``workers.resend``: its host's worker while busy, the fleet's lease holder always; after
+  ``UNPUBLISHED_GRACE``) send it once the broker answers.
 
 A publish already rides out a broker that is briefly away: Celery's publish retry
 (``orchestrator.policy.publish_retry_policy``: about 6.5 s, each reconnect asking the
@@ -139,7 +139,7 @@ class Dispatcher:
     def _not_sent(self, message: StepMessage, exc: Exception,
                   recorded_as_sent: bool = True) -> None:
         """A step the ledger has recorded could not be published: marked "not sent", for the
-        resend of its host. Anything a publish raises comes here: a broker error (kombu's
+        looks to send again. Anything a publish raises comes here: a broker error (kombu's
         OperationalError once its retries are spent) as any other, since the transition is
         recorded and only a resend can finish it."""
         if recorded_as_sent:

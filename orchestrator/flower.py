@@ -107,6 +107,7 @@ class HostPages:
 
     def get(self, args: dict[str, str]) -> dict[str, Any]:
         only = host_filter(args)
+        dropped = []
         with self._lock:
             kept = self._pages.pop(only, None)
             if kept is None:
@@ -114,7 +115,9 @@ class HostPages:
                                  HOSTS_IDLE_AFTER, "orchestrator-hosts")
             self._pages[only] = kept  # the most recently asked last
             while len(self._pages) > MAX_PAGES:
-                self._pages.pop(next(iter(self._pages))).close()
+                dropped.append(self._pages.pop(next(iter(self._pages))))
+        for old in dropped:  # its thread joined outside the lock: other pages do not wait
+            old.close()
         return kept.get()
 
 

@@ -129,8 +129,9 @@ class OrchestratorCollector:
         if services is not None:
             shown = series_hosts(services, in_flight, self.orch.settings.metrics_max_hosts)
         every = shown is None or len(shown) == len({v.host for v in services or ()})
+        chosen = set(shown or ())
         asked = [v.nodename for v in services or () if v.state != "down"
-                 and (every or v.host in set(shown or ()))]
+                 and (every or v.host in chosen)]
         families = list(self._workers(worker_reports(
             self.orch, limit=len(asked) or None, destination=None if every else asked)))
         from_ledger = []

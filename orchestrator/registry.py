@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.ledger.engines import Database
 from orchestrator.ledger.health import LedgerHealth
+from orchestrator.ledger.lease import LIVE_WORKERS
 from orchestrator.ledger.models import Drain, RoutingFallback, Service
 from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
 
@@ -157,7 +158,7 @@ def _state_of(states: set[str]) -> str:
 class Registry:
     """The ``services`` and ``routing_fallbacks`` tables of one database."""
 
-    def __init__(self, database: Database, heartbeat_interval: float = 5.0,
+    def __init__(self, database: Database, heartbeat_interval: float = 60.0,
                  health: LedgerHealth | None = None) -> None:
         self.db, self.heartbeat_interval = database, heartbeat_interval
         self.health = health
@@ -182,10 +183,8 @@ class Registry:
             row.steps = sorted(steps) if steps is not None else None
             row.code_version = code_version
             s.flush()
-            return s.execute(select(func.count()).select_from(Service).where(
-                Service.state != "down",
-                Service.heartbeat_at >= now - STALE_AFTER * self.heartbeat_interval,
-            )).scalar_one()
+            return s.execute(LIVE_WORKERS, {
+                "since": now - STALE_AFTER * self.heartbeat_interval}).scalar_one()
 
     def heartbeat(self, nodename: str, state: str | None = None) -> None:
         """Refresh the worker's heartbeat, and its state if given (a state change that could

@@ -381,6 +381,10 @@ def _watch_forks() -> None:
         _fork_hook.append(True)
 
 
+#: Hosts whose registry rows a router keeps before it drops those past their window.
+_KEPT_HOSTS = 4096
+
+
 class AltCapability:
     """Per-host alt support, from what the registry said of that host at most ``ttl``
     seconds ago.
@@ -446,6 +450,9 @@ class AltCapability:
                     "%s %.1fs ago", error_text(exc), host, now - loaded_at,
                 )
             self._kept[host] = (snap, now)
+            if len(self._kept) > _KEPT_HOSTS:  # hosts no longer routed to: dropped
+                self._kept = {h: kept for h, kept in self._kept.items()
+                              if now - kept[1] < self.ttl}
             return snap
 
     def status(self, host: str) -> AltStatus:

@@ -18,9 +18,11 @@ How a step is left with no delivery:
 - **running, its delivery lost**: the worker that started it is this one, and it no longer
   holds the message (a delivery acknowledged or dropped without its outcome recorded);
 - **held**: a worker whose code does not register the step took its message and recorded it
-  so (``workers.held``): sent at once by a worker of the host whose code serves it.
+  so (``workers.held``): sent at once once a live worker of its host serves it.
 
-A step this worker's code does not register is never sent by it (it would only be held again).
+A step is sent only where it can run: by a host's own worker if its code registers the step;
+by the fleet's looks if a live worker of the step's host registered it (or, with none live,
+if the looking worker's code does, and its routing.yaml routes it).
 
 A running step is looked at after :func:`running_grace` seconds, a stale heartbeat only once
 it is confirmed (``ServiceView.unconfirmed``: not while the ledger was unreachable).
@@ -42,7 +44,8 @@ from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
 from orchestrator.ledger.store import step_task_id
 from orchestrator.looks import running_grace
-from orchestrator.registry import ServiceView, unserved
+from orchestrator.redact import error_text
+from orchestrator.registry import ServiceView, by_host, unserved
 from orchestrator.seams import celery_internals as celery_seam
 from workers.hoststep import HostTimerStep
 
@@ -82,8 +85,10 @@ class StrandedSteps(HostTimerStep):
         self.nodename = getattr(worker, "hostname", "")
         #: Steps this worker sent again (``orchestrator_steps_recovered``).
         self.recovered = 0
-        #: Until when (monotonic clock) this host's own steps are looked at.
+        #: Until when (monotonic clock) this host's own steps are looked at, and whether a
+        #: look is still owed (until one succeeds after that).
         self.busy_until = 0.0
+        self.owed = False
 
     def start(self, worker) -> None:
         super().start(worker)
@@ -104,10 +109,15 @@ class StrandedSteps(HostTimerStep):
         """A step was accepted or ended here (workers.request.StepRequest): keep looking."""
         if self.orch is not None:
             self.busy_until = max(self.busy_until, time.monotonic() + self.quiet_after)
+            self.owed = True
 
     def tick(self) -> None:
-        if time.monotonic() < self.busy_until:
+        # Busy until a look has succeeded past the window: a tick skipped (the ledger
+        # unreachable) or failed meanwhile does not end it, or a delivery this worker lost
+        # during an outage would never be found.
+        if self.owed:
             self.look(self.host)
+            self.owed = time.monotonic() < self.busy_until
 
     def look(self, host: str | None) -> None:
         """Send again the steps of ``host`` (None: of every host) known to have no message."""
@@ -119,6 +129,7 @@ class StrandedSteps(HostTimerStep):
         running = [op for op in stranded if op.step_state == "running"]
         attempts = orch.ledger.step_attempts(running)
         everyone = orch.registry.services()
+        grouped = by_host(everyone)
         views = everyone if running else []
         if views:  # silent workers asked over the broker
             ran = {worker for worker, _ in attempts.values()}
@@ -127,8 +138,8 @@ class StrandedSteps(HostTimerStep):
         for op in stranded:
             if step_task_id(op.id, op.position) in held:
                 continue  # this worker holds its message (fetched, not yet started)
-            if not self._served(*op.current, everyone):
-                continue  # left to a worker that serves it
+            if not self._served(*op.current, grouped):
+                continue  # left to a worker that serves it, or that can route it
             if op.step_state == "held":
                 why = "held for a worker that serves it, and this one does"
             elif op.step_state == "running":
@@ -141,15 +152,27 @@ class StrandedSteps(HostTimerStep):
                 why = "it was never sent"
             else:
                 why = "no message for it in the broker"
-            self._resend(op, why)
+            try:
+                self._resend(op, why)
+            except Exception as exc:  # one step must not stop the look at the others
+                if host is not None:
+                    raise
+                logger.warning("fleet looks: %s of %s not resent: %s", op.current[0], op.id,
+                               error_text(exc))
 
-    def _served(self, step: str, host: str, views: list[ServiceView]) -> bool:
-        """This code runs ``step``, or (looking for the fleet) a live worker of ``host`` says
-        it does: sending it where nobody serves it would only have it held again."""
-        if self.orch.spec(step) is not None:
-            return True
-        return host != self.host and unserved(views, host, step) is None and any(
-            v.host == host and v.state != "down" for v in views)
+    def _served(self, step: str, host: str, grouped: dict[str, list[ServiceView]]) -> bool:
+        """Whether this worker should send ``step`` to ``host``, as far as code goes. For its
+        own host, whether its code runs it. For another host (the fleet's looks), whether
+        that host's live workers registered it (a step sent where nobody serves it is only
+        held again), or with none live, whether this code does; and this worker's
+        routing.yaml must route it."""
+        known = self.orch.spec(step) is not None
+        if host == self.host:
+            return known
+        if self.orch.router.table.route(step) is None:
+            return False  # routing.yaml here has no entry for it: a worker of its host sends it
+        live = [v for v in grouped.get(host, []) if v.state != "down"]
+        return unserved(live, host, step) is None if live else known
 
     def _resend(self, op, why: str) -> None:
         step, host = op.current

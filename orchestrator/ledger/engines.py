@@ -374,8 +374,8 @@ class Database:
     def direct(self, statement: Any, /, **params: Any) -> list[tuple]:
         """Run one statement that commits by itself, straight on the driver, and return its
         rows (converted by their types): what the step path runs at every step (its read, and
-        on PostgreSQL its one-statement completion and submit) and what a worker runs every
-        few seconds, idle or not (the looks that nearly always find nothing, the heartbeat).
+        on PostgreSQL its one-statement completion and submit) and what a worker runs on a
+        clock (its heartbeat, the looks that nearly always find nothing).
         A fifth of a Core connection's cost (:class:`~orchestrator.ledger.driver.Direct`). On
         SQLite a write takes its turn among the machine's writers. The statement must not
         hold an expanding ``IN``. Unreachable as from every session."""

@@ -145,9 +145,6 @@ class Service(Base):
     """A worker process serving a host: what it consumes and whether it is up or draining."""
 
     __tablename__ = "services"
-    #: A router reads one host's rows (orchestrator.routing.AltCapability): the index made
-    #: by the first migration.
-    __table_args__ = (Index("ix_services_host", "host"),)
     nodename: Mapped[str] = mapped_column(String(255), primary_key=True)
     host: Mapped[str] = mapped_column(String(255), index=True)
     version: Mapped[int] = mapped_column(Integer)

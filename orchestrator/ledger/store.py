@@ -547,7 +547,7 @@ class Ledger:
                 settled.append((op.id, self.complete(op.id, position, step, step_host, start,
                                                      effect=effect_of(step))))
             elif time.time() >= wait["deadline"]:
-                error = f"{step}@{host}: timed out waiting for {wait['event']}"
+                error = f"{step}@{step_host}: timed out waiting for {wait['event']}"
                 settled.append((op.id, self.fail_step(op.id, position, error,
                                                       failure_of(step))))
             else:
