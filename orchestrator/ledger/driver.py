@@ -110,7 +110,7 @@ class Direct:
     engine's (SQLite without BEGIN, PostgreSQL in autocommit): each statement commits by itself. The
     process's main thread, which runs the step path in a pool process and the periodic looks in a
     worker, keeps its connection while it uses it (a checkout and its return cost 0.04 ms a
-    statement on PostgreSQL, 0.1 ms a step; it is let go after 30 s unused:
+    statement on PostgreSQL, 0.1 ms a step; it is let go after 90 s unused:
     :mod:`orchestrator.ledger.idle`); other threads (a web server's come and go) take one from
     the pool for each statement."""
 
