@@ -230,7 +230,8 @@ class Bed:
             if load:
                 loader.join()
             result = {"label": label, "hosts": hosts, "load": load,
-                      **last.rate_since(first), "connections_max": max(connections)}
+                      **last.rate_since(first), "connections_max": max(connections),
+                      "connections_last": last.connections}
             if load:
                 time.sleep(3)  # the last submits' steps complete
                 latencies = step_latencies(self.db_url, since)
