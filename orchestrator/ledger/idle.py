@@ -50,6 +50,8 @@ class IdleConnections:
         def used(*_: Any) -> None:
             self._used[key] = time.monotonic()
 
+        used()  # watched when made, to be used at once: not idle since ever
+
         event.listen(engine, "checkout", used)
         event.listen(engine, "checkin", used)
         with self._lock:
