@@ -231,8 +231,9 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
               and (not only.states or state in only.states)}
     # The workers are asked about the page's hosts alone (all chosen ones when the page
     # depends on queue depths: --busy).
+    known = sorted(chosen)
     asked = chosen if only.limit is None or only.busy else \
-        set(sorted(chosen)[only.offset:only.offset + only.limit])
+        set(known[only.offset:only.offset + only.limit])
     live = [v.nodename for v in views if v.host in asked and v.state != "down"]
     everyone = len(asked) == len({v.host for v in views})
     reports = (worker_reports(orch, limit=len(live) or None,
@@ -264,7 +265,6 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
                 "deadline_in": round(max(0.0, d.deadline_at - now), 1),
                 "handed_back": d.handed_back, "waiting_for": d.waiting or {},
             })
-    known = sorted(chosen)
     depths: dict[str, int] = {}
     if only.busy:  # the chosen hosts' queues, asked once: the page's are among them
         depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])

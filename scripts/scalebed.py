@@ -126,12 +126,8 @@ class Bed:
         self.pg = PrivatePostgres().init()
         self.pg.start()
         self.pg.wait_answering()
-        import psycopg
-
         self.admin = f"host=127.0.0.1 port={self.pg.port} user=postgres"
-        with psycopg.connect(f"{self.admin} dbname=postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE ledger")  # apart from the samples' database
-        self.db_url = self.pg.url.rsplit("/", 1)[0] + "/ledger"
+        self.db_url = self.pg.create_database("ledger")  # apart from the samples' database
         self._redis_cm = embedded_redis()
         self.redis = self._redis_cm.__enter__()
         self.broker = f"redis://127.0.0.1:{self.redis.port}/0"

@@ -30,13 +30,8 @@ NODES = ["node1", "node2", "node3"]
 
 @pytest.fixture
 def pg() -> Iterator[pgserver.PrivatePostgres]:
-    server = pgserver.PrivatePostgres().init()
-    try:
-        server.start()
-        server.wait_answering()
+    with pgserver.PrivatePostgres().init().serving() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

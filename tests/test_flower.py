@@ -259,13 +259,14 @@ AUTH = ("prometheus", "s3cret")
 SLOW_CALLBACK = re.compile(r"Executing .* took (\d+\.\d+) seconds")
 
 
-def register_gone_hosts(count: int) -> None:
-    """``count`` hosts whose worker exited (its row says down), as a fleet leaves them."""
+def register_gone_hosts(count: int, digits: int = 2) -> None:
+    """``count`` hosts whose worker exited (its row says down), as a fleet leaves them:
+    ``gone00``, ``gone01``... (``digits`` wide)."""
     for i in range(count):
-        node = f"gone{i:02d}@elsewhere"
-        orch.registry.register(node, f"gone{i:02d}", consumes_main=True, consumes_alt=True,
-                               pid=1)
-        orch.registry.set_state(node, "down")
+        host = f"gone{i:0{digits}d}"
+        orch.registry.register(f"{host}@elsewhere", host, consumes_main=True,
+                               consumes_alt=True, pid=1)
+        orch.registry.set_state(f"{host}@elsewhere", "down")
 
 
 def test_flower_basic_auth_covers_metrics_and_the_hosts_json(fleet: Fleet,
@@ -335,11 +336,7 @@ def test_the_hosts_tab_pages_and_searches(fleet: Fleet, tmp_path: Path) -> None:
     match, searched by a glob or a part of the name and by state; the JSON answers the same
     query (``?q=&state=&page=``). In Chromium, the page with a search typed in."""
     fleet.start("compute1")
-    for i in range(120):
-        node = f"gone{i:03d}@elsewhere"
-        orch.registry.register(node, f"gone{i:03d}", consumes_main=True, consumes_alt=True,
-                               pid=1)
-        orch.registry.set_state(node, "down")
+    register_gone_hosts(120, digits=3)
     flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
     try:
         flower.wait_up()

@@ -32,21 +32,14 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def bouncer(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[pgbouncer.PgBouncer, int]]:
-    server = pgserver.PrivatePostgres().init()
-    pooler = None
-    try:
-        server.start()
-        server.wait_answering()
-        with psycopg.connect(f"host=127.0.0.1 port={server.port} user=postgres "
-                             "dbname=postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE ledger")
+    with pgserver.PrivatePostgres().init().serving() as server:
+        server.create_database("ledger")
         pooler = pgbouncer.PgBouncer(server.port, pool_size=POOL).start()
-        monkeypatch.setenv("ORCHESTRATOR_DB_POOL_MODE", "transaction")
-        yield pooler, server.port
-    finally:
-        if pooler is not None:
+        try:
+            monkeypatch.setenv("ORCHESTRATOR_DB_POOL_MODE", "transaction")
+            yield pooler, server.port
+        finally:
             pooler.stop()
-        server.destroy()
 
 
 def server_connections(port: int) -> int:

@@ -29,13 +29,8 @@ pytestmark = pytest.mark.skipif(pgserver.available() is not None,
 
 @pytest.fixture
 def ledger() -> Iterator[pgserver.PrivatePostgres]:
-    server = pgserver.PrivatePostgres().init()
-    try:
-        server.start()
-        server.wait_answering()
+    with pgserver.PrivatePostgres().init().serving() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 def test_an_idle_fleet_of_200_hosts_costs_the_ledger_what_the_goal_allows(
@@ -44,9 +39,7 @@ def test_an_idle_fleet_of_200_hosts_costs_the_ledger_what_the_goal_allows(
     monkeypatch.delenv("ORCHESTRATOR_HEARTBEAT_INTERVAL", raising=False)
     interval = Settings.from_env().heartbeat_interval
     admin = f"host=127.0.0.1 port={ledger.port} user=postgres"
-    with psycopg.connect(f"{admin} dbname=postgres", autocommit=True) as conn:
-        conn.execute("CREATE DATABASE ledger")
-    url = ledger.url.rsplit("/", 1)[0] + "/ledger"
+    url = ledger.create_database("ledger")
     Database(url).engine()  # the schema
     postmaster = int((ledger.data / "postmaster.pid").read_text().split()[0])
     before = ledger_sample(admin, "ledger", postmaster)

@@ -128,7 +128,8 @@ class StrandedSteps(HostTimerStep):
             return
         running = [op for op in stranded if op.step_state == "running"]
         attempts = orch.ledger.step_attempts(running)
-        everyone = orch.registry.services()
+        # The registry, only where it is asked: running steps' workers, other hosts' code.
+        everyone = orch.registry.services() if running or host is None else []
         grouped = by_host(everyone)
         views = everyone if running else []
         if views:  # silent workers asked over the broker

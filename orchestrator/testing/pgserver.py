@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.testing.embedded import free_port
@@ -93,6 +95,26 @@ class PrivatePostgres:
                 return False
 
         wait_for(answers, timeout, f"PostgreSQL on {self.address}:{self.port}")
+
+    @contextmanager
+    def serving(self) -> Iterator[PrivatePostgres]:
+        """Started and answering for the block, destroyed after it, whatever happens."""
+        try:
+            self.start()
+            self.wait_answering()
+            yield self
+        finally:
+            self.destroy()
+
+    def create_database(self, name: str) -> str:
+        """A new database on this server; its URL (the sample counters of one database are
+        then apart from those of ``postgres``, where an admin connection reads them)."""
+        import psycopg
+
+        with psycopg.connect(f"host={self.address} port={self.port} user=postgres "
+                             "dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def destroy(self) -> None:
         if self.data.exists():
