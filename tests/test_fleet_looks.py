@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,13 +82,30 @@ def test_idle_connections_are_closed_and_the_next_statement_connects_again(
     assert direct.kept is not None, "the main thread keeps its connection while in use"
     with database.read() as s:
         s.execute(statement.params(id="none"))
-    closer = IdleConnections(idle_after=3600)
+    closer = IdleConnections(idle_after=3600, give_back_after=3600)
     closer.watch_direct(direct)
+    closer.watch(direct.engine)
     closer.watch(_engine(database.url, False))
     assert closer.close_idle() == 0, "used a moment ago: kept"
+    closer.give_back_after = 0
+    kept = direct.kept.dbapi_connection
+    assert closer.close_idle() == 1 and direct.kept is None, "given back to the pool"
+    # Another thread (the heartbeat's) now takes the very connection the main thread kept:
+    # one connection for both, not one each.
+    seen: list[object] = []
+
+    def other_thread() -> None:
+        with direct._connection(main=False) as connection:
+            seen.append(connection.dbapi_connection)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen == [kept] and direct.engine.pool.checkedin() == 1
     closer.idle_after = 0
-    assert closer.close_idle() >= 2, "the kept connection and the pool's"
-    assert direct.kept is None and _engine(database.url, False).pool.checkedin() == 0
+    assert closer.close_idle() >= 2, "the pools' idle connections"
+    assert direct.engine.pool.checkedin() == 0
+    assert _engine(database.url, False).pool.checkedin() == 0
     assert database.direct(statement, id="none") == []
     with database.read() as s:
         s.execute(statement.params(id="none"))

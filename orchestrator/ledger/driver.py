@@ -110,7 +110,7 @@ class Direct:
     engine's (SQLite without BEGIN, PostgreSQL in autocommit): each statement commits by itself. The
     process's main thread, which runs the step path in a pool process and the periodic looks in a
     worker, keeps its connection while it uses it (a checkout and its return cost 0.04 ms a
-    statement on PostgreSQL, 0.1 ms a step; it is let go after 90 s unused:
+    statement on PostgreSQL, 0.1 ms a step; it goes back to the pool after 5 s unused:
     :mod:`orchestrator.ledger.idle`); other threads (a web server's come and go) take one from
     the pool for each statement."""
 
@@ -192,9 +192,10 @@ class Direct:
             with self._connection(main) as connection:
                 yield connection
 
-    def let_go_if_idle(self, idle_after: float) -> bool:
+    def give_back_if_idle(self, idle_after: float) -> bool:
         """Give the kept connection back to the pool if the main thread has not used it for
-        ``idle_after`` seconds and is not using it now; whether it did."""
+        ``idle_after`` seconds and is not using it now; whether it did. In the pool, other
+        threads use it, and it is closed with the pool's idle ones."""
         if self.kept is None or not self.keeping.acquire(blocking=False):
             return False
         try:
@@ -202,7 +203,6 @@ class Direct:
                 return False
             kept, self.kept = self.kept, None
             with contextlib.suppress(Exception):
-                kept.detach()  # out of the pool: closed for good, not kept there instead
                 kept.close()
             return True
         finally:
