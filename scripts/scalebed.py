@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -176,6 +177,45 @@ class Bed:
         for worker in self.fleet.workers:
             worker.wait_ready(timeout=300)
 
+    def connection_holders(self) -> dict[str, int]:
+        """The ledger's connections at this moment by the kind of process that holds each
+        (a real worker's main process, one of its pool processes, a simulated host's
+        process, this bed), from the client ports PostgreSQL reports and ``ss``."""
+        import psycopg
+
+        with psycopg.connect(f"{self.admin} dbname=postgres", autocommit=True) as conn:
+            ports = [row[0] for row in conn.execute(
+                "SELECT client_port FROM pg_stat_activity WHERE datname = 'ledger'")]
+        owner: dict[int, int] = {}
+        ss = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
+        for line in ss.splitlines():
+            fields = line.split()
+            if len(fields) < 6 or "pid=" not in fields[5]:
+                continue
+            port = int(fields[3].rsplit(":", 1)[1])
+            owner[port] = int(fields[5].split("pid=")[1].split(",")[0])
+        kinds: dict[str, int] = {}
+
+        def command(pid: int) -> str:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                return ""
+
+        for port in ports:
+            pid = owner.get(port)
+            if pid is None:
+                kind = "unknown"
+            elif pid == os.getpid():
+                kind = "bed"
+            elif " worker" in command(pid):
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                kind = "pool process" if " worker" in command(parent) else "worker main"
+            else:
+                kind = "simulated hosts"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return kinds
+
     def views(self) -> dict[str, float]:
         from orchestrator import views
 
@@ -227,7 +267,8 @@ class Bed:
                 loader.join()
             result = {"label": label, "hosts": hosts, "load": load,
                       **last.rate_since(first), "connections_max": max(connections),
-                      "connections_last": last.connections}
+                      "connections_last": last.connections,
+                      "connections_by_process": self.connection_holders()}
             if load:
                 time.sleep(3)  # the last submits' steps complete
                 latencies = step_latencies(self.db_url, since)

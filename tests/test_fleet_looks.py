@@ -18,6 +18,7 @@ import nova_app.steps  # noqa: F401  (the flows, registered at import)
 from orchestrator.ledger.engines import Database, _direct_for, _engine, reset
 from orchestrator.ledger.idle import IdleConnections
 from orchestrator.ledger.lease import MAX_CHECK_SECONDS, Leases, check_every
+from orchestrator.ledger.statements import statements_for
 from orchestrator.looks import FLEET_LEASE
 from orchestrator.registry import Registry
 from orchestrator.testing.fleet import Fleet
@@ -74,7 +75,6 @@ def test_the_fleet_asks_for_the_lease_at_the_same_pace_whatever_its_size(
 
 def test_idle_connections_are_closed_and_the_next_statement_connects_again(
         database: Database) -> None:
-    from orchestrator.ledger.statements import statements_for
 
     statement = statements_for(database.url).status
     assert database.direct(statement, id="none") == []
@@ -109,6 +109,30 @@ def test_idle_connections_are_closed_and_the_next_statement_connects_again(
     assert database.direct(statement, id="none") == []
     with database.read() as s:
         s.execute(statement.params(id="none"))
+
+
+def test_a_second_connection_made_for_a_moment_is_closed_once_not_needed(
+        database: Database) -> None:
+    """A heartbeat that met a look made the pool a second connection; handed out in turn,
+    both stay in use. Once two have not been needed at once for the idle time, the pool's
+    idle ones are closed, though the engine is used all along."""
+    engine = _engine(database.url, False)
+    database.direct(statements_for(database.url).status, id="none")
+    now = [1000.0]
+    closer = IdleConnections(idle_after=90, give_back_after=3600, clock=lambda: now[0])
+    closer.watch(engine)
+    first, second = engine.raw_connection(), engine.raw_connection()  # two threads met
+    first.close()
+    second.close()
+    assert engine.pool.checkedin() >= 2
+    for _ in range(4):  # used every 30 s, one at a time
+        now[0] += 30
+        engine.raw_connection().close()
+        if now[0] - 1000 < 90:
+            assert closer.close_idle() == 0, "two were needed less than 90 s ago"
+    assert closer.close_idle() == 1 and engine.pool.checkedin() == 0
+    engine.raw_connection().close()
+    assert closer.close_idle() == 0, "one kept, used: stays"
 
 
 def test_the_lease_holder_sends_an_idle_hosts_unsent_step_and_a_killed_holder_is_replaced(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -42,26 +43,39 @@ class IdleConnections:
     connections."""
 
     def __init__(self, idle_after: float = IDLE_CLOSE_SECONDS,
-                 give_back_after: float = GIVE_BACK_SECONDS) -> None:
+                 give_back_after: float = GIVE_BACK_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.idle_after = idle_after
+        self.clock = clock
         self.give_back_after = give_back_after
         self._engines: list[Engine] = []
         self._directs: list[Any] = []
         self._used: dict[int, float] = {}
+        #: When each engine last had two connections out at once.
+        self._crowded: dict[int, float] = {}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def watch(self, engine: Engine) -> None:
         """Close ``engine``'s pooled connections once none is out and the last came back
-        ``idle_after`` seconds ago."""
+        ``idle_after`` seconds ago; or, when it keeps more than one, once it has not needed
+        two at a time for ``idle_after`` seconds. A pool hands its connections out in turn,
+        so a second one, made when two threads met (a heartbeat during a look), stays in
+        use, and open, for as long as the process lives: one more connection for good,
+        for one moment's need."""
         key = id(engine)
 
         def used(*_: Any) -> None:
-            self._used[key] = time.monotonic()
+            self._used[key] = self.clock()
+
+        def out(*_: Any) -> None:
+            used()
+            if engine.pool.checkedout() > 1:  # type: ignore[attr-defined]
+                self._crowded[key] = self._used[key]
 
         used()  # watched when made, to be used at once: not idle since ever
 
-        event.listen(engine, "checkout", used)
+        event.listen(engine, "checkout", out)
         event.listen(engine, "checkin", used)
         with self._lock:
             self._engines.append(engine)
@@ -82,11 +96,14 @@ class IdleConnections:
             directs, engines = list(self._directs), list(self._engines)
         for direct in directs:
             closed += direct.give_back_if_idle(self.give_back_after)
-        now = time.monotonic()
+        now = self.clock()
         for engine in engines:
-            pool = engine.pool
-            if (pool.checkedout() == 0 and now - self._used.get(id(engine), 0.0)
-                    >= self.idle_after and pool.checkedin() > 0):  # type: ignore[attr-defined]
+            pool, key = engine.pool, id(engine)
+            if pool.checkedout() != 0 or pool.checkedin() == 0:  # type: ignore[attr-defined]
+                continue
+            idle = now - self._used.get(key, 0.0) >= self.idle_after
+            uncrowded = now - self._crowded.get(key, 0.0) >= self.idle_after
+            if idle or (uncrowded and pool.checkedin() > 1):  # type: ignore[attr-defined]
                 pool.dispose()
                 closed += 1
         return closed
