@@ -352,10 +352,14 @@ def hosts(names: tuple[str, ...], states: tuple[str, ...], busy: bool, limit: in
 @json_option
 @handles_errors
 def operation(operation_id: str, as_json: bool) -> None:
-    """Show an operation and where each of its steps ran (OPERATION_ID: the id, or a unique
-    prefix of it, as the demo prints)."""
+    """Show an operation: its steps, where the current one waits, and its timeline (when
+    and where each step ran, from which queue, and what happened on the way: hand-backs by
+    a drain, holds, resends, retries, waits, a rollback). OPERATION_ID: the id, or a
+    unique prefix of it, as the demo prints."""
+    from orchestrator.views import operation_dict
+
     orch = current()
-    data = orch.operation(orch.ledger.resolve(operation_id))
+    data = operation_dict(orch, orch.ledger.resolve(operation_id), with_timeline=True)
     about = data.get("instance") or data.get("subject") or "-"
     lines = [f"{data['kind']} {data['operation']} on {about}: {data['status']}"]
     lines += [
@@ -373,7 +377,65 @@ def operation(operation_id: str, as_json: bool) -> None:
             lines.append(f"  waiting: {current_step['waiting']}")
     if data["error"]:
         lines.append(f"  error: {data['error']}")
+    lines.append("timeline:")
+    lines += [f"  {line}" for line in timeline_lines(data["timeline"], data["created_at"])]
     emit(as_json, data, "\n".join(lines))
+
+
+def timeline_lines(entries: list[dict[str, Any]], start: float) -> list[str]:
+    """One line an entry: its wall-clock time, seconds since the submit, what, where."""
+    lines = []
+    for e in entries:
+        clock = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+        where = " ".join(filter(None, [
+            e["step"] and f"{e['step']}@{e['host']}" or e["host"],
+            e["queue"] and f"via {e['queue']}", e["worker"] and f"by {e['worker']}"]))
+        detail = f": {e['detail']}" if e["detail"] else ""
+        lines.append(f"{clock} {e['at'] - start:+8.2f}s  {e['kind']:<16}{where}{detail}")
+    return lines
+
+
+@main.command()
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["queued", "running", "completed", "failed"]),
+              help="Only these statuses (repeatable).")
+@click.option("--flow", default=None, help="Only operations of this flow (boot, resize...).")
+@click.option("--host", default=None, help="Only those that ran, or will run, on HOST.")
+@click.option("--subject", default=None, help="Only those for SUBJECT ('*' a wildcard).")
+@click.option("--stuck", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Only those in flight whose current step has not moved for SECONDS.")
+@click.option("--limit", type=click.IntRange(min=1, max=1000), default=50,
+              show_default=True, help="At most this many.")
+@click.option("--offset", type=click.IntRange(min=0), default=0,
+              help="Skip this many first (with --limit: pages).")
+@json_option
+@handles_errors
+def operations(statuses: tuple[str, ...], flow: str | None, host: str | None,
+               subject: str | None, stuck: float | None, limit: int, offset: int,
+               as_json: bool) -> None:
+    """List operations: those in flight first, the longest unmoved first (the stuck ones),
+    then those that ended, newest first. 'orchestrator operation ID' shows one."""
+    from orchestrator.ledger.store import OperationQuery
+    from orchestrator.views import operations_page
+
+    page = operations_page(current(), OperationQuery(
+        statuses, flow, subject, host, stuck, limit, offset))
+    lines = [f"{'OPERATION':<10}{'FLOW':<16}{'SUBJECT':<18}{'STATUS':<11}{'STEP':<6}"
+             f"{'NOW':<40}{'FOR':>8}"]
+    for op in page["operations"]:
+        now = op["current_step"]
+        where = (f"{now['step']}@{now['host']} {now['state']}" if now else
+                 (op["error"] or "")[:38])
+        lasted = now["seconds"] if now else op["seconds"]
+        lines.append(f"{op['operation'][:8]:<10}{op['kind'][:15]:<16}"
+                     f"{(op['subject'] or '-')[:17]:<18}{op['status']:<11}"
+                     f"{str(op['position']) + '/' + str(op['steps']):<6}"
+                     f"{where[:39]:<40}{lasted:>7.0f}s")
+    shown = len(page["operations"])
+    lines.append(f"{shown} of {page['total']}" + (
+        f" (from {offset + 1}; --offset {offset + shown} for more)"
+        if offset + shown < page["total"] else ""))
+    emit(as_json, page, "\n".join(lines))
 
 
 def wait_until_ended(operation_id: str, timeout: float) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from orchestrator import notices
 from orchestrator.context import running_step
 from orchestrator.errors import BrokerUnavailable, LedgerUnavailable, first_line
+from orchestrator.ledger.states import Happening
 from orchestrator.ledger.store import Ledger, step_task_id
 from orchestrator.redact import error_text
 from orchestrator.routing import Decision, StepRouter
@@ -111,7 +112,7 @@ class Dispatcher:
                 f"could not queue {message.step} for {message.host} ({why}); operation "
                 f"{message.operation_id} abandoned"
             ) from exc
-        self.router().record(decision)
+        self._sent(message, decision)
 
     def next(self, message: StepMessage, queue: str | None = None,
              decision: Decision | None = None) -> None:
@@ -134,7 +135,16 @@ class Dispatcher:
                 logger.warning("operation %s: %s@%s sent, not recorded as sent (%s)",
                                message.operation_id, message.step, message.host, exc)
         if decision is not None:
-            self.router().record(decision)
+            self._sent(message, decision)
+
+    def _sent(self, message: StepMessage, decision: Decision) -> None:
+        """``message`` was sent as ``decision`` said: an alt step sent to ``<host>`` is
+        counted (the router's fallbacks) and said in the operation's history."""
+        self.router().record(decision)
+        if decision.fallback:
+            self.ledger.note_quietly(Happening.ROUTED_TO_MAIN, message.operation_id,
+                                     message.position, message.step, message.host,
+                                     queue=decision.queue, detail=decision.reason)
 
     def _not_sent(self, message: StepMessage, exc: Exception,
                   recorded_as_sent: bool = True) -> None:
@@ -150,13 +160,15 @@ class Dispatcher:
         logger.warning("operation %s: %s@%s recorded, not sent (%s); the resend of %s "
                        "sends it once the broker answers", message.operation_id,
                        message.step, message.host, why, message.host)
+        self.ledger.note_quietly(Happening.NOT_SENT, message.operation_id, message.position,
+                                 message.step, message.host, detail=why)
 
     def send(self, message: StepMessage) -> str:
         """Decide, publish, count a fallback; returns the queue. Records nothing in the
         ledger (a duplicate sent on purpose, by a test)."""
         decision = self.route(message.step, message.host)
         self.publish(message, decision.queue)
-        self.router().record(decision)
+        self._sent(message, decision)
         return decision.queue
 
     def again(self, message: StepMessage) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import seams, views
+from orchestrator.ledger.store import OperationQuery
 from orchestrator.refreshed import Refreshed
 from orchestrator.seams import flower_internals
 
@@ -45,6 +46,13 @@ TEMPLATES = Path(__file__).parent / "templates"
 HOSTS_PATH = r"/hosts"
 HOSTS_API_PATH = r"/api/orchestrator/hosts"
 METRICS_PATH = r"/metrics"
+OPERATIONS_PATH = r"/operations"
+OPERATIONS_API_PATH = r"/api/orchestrator/operations"
+#: An operation's page and API: its id (or a unique prefix of it).
+OPERATION_PATH = r"/operations/([0-9a-fA-F-]{4,36})"
+OPERATION_API_PATH = r"/api/orchestrator/operations/([0-9a-fA-F-]{4,36})"
+#: Operations on a page of the Operations tab.
+OPERATIONS_PAGE_SIZE = 50
 #: The Hosts page asks every 2 s: a read kept 2 s, dropped 30 s after the page closed.
 HOSTS_TTL = 2.0
 HOSTS_IDLE_AFTER = 30.0
@@ -58,6 +66,11 @@ NAV_ITEM = """
           <a class="nav-link{% if active_tab == 'hosts' %} active{% end %}"
             href="{{ reverse_url('orchestrator-hosts') }}"
             {% if active_tab == 'hosts' %}aria-current="page"{% end %}>Hosts</a>
+        </li>
+        <li class="nav-item">
+          <a class="nav-link{% if active_tab == 'operations' %} active{% end %}"
+            href="{{ reverse_url('orchestrator-operations') }}"
+            {% if active_tab == 'operations' %}aria-current="page"{% end %}>Operations</a>
         </li>
 """
 
@@ -94,6 +107,42 @@ def host_filter(args: dict[str, str]) -> views.HostFilter:
         if pattern else (),
         states=(state,) if state in ("up", "draining", "down") else (),
         limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+
+
+def operation_query(args: dict[str, str]) -> OperationQuery:
+    """The Operations page's query (``?status=&flow=&host=&subject=&stuck=&page=``, each
+    optional) as a query; what cannot be one is left out."""
+    def text(name: str) -> str | None:
+        return args.get(name, "").strip()[:MAX_QUERY_CHARS] or None
+
+    status = args.get("status", "")
+    try:
+        stuck = float(args["stuck"]) if args.get("stuck") else None
+    except ValueError:
+        stuck = None
+    try:
+        page = max(1, int(args.get("page", "1")))
+    except ValueError:
+        page = 1
+    statuses = {"in-flight": ("queued", "running")}.get(status, (status,))
+    return OperationQuery(
+        statuses=statuses if set(statuses) <= {"queued", "running", "completed", "failed"}
+        else (),
+        flow=text("flow"), subject=text("subject"), host=text("host"),
+        stuck_after=stuck if stuck is not None and stuck >= 0 else None,
+        limit=OPERATIONS_PAGE_SIZE, offset=(page - 1) * OPERATIONS_PAGE_SIZE)
+
+
+def operations_read(orch: Any, args: dict[str, str]) -> dict[str, Any]:
+    """The Operations page and its API: one page of operations, read now."""
+    return {"generated_at": time.time(),
+            **views.operations_page(orch, operation_query(args))}
+
+
+def operation_read(orch: Any, args: dict[str, str], operation_id: str) -> dict[str, Any]:
+    """One operation's page and its API: the operation with its timeline, read now."""
+    return {"generated_at": time.time(), **views.operation_dict(
+        orch, orch.ledger.resolve(operation_id), with_timeline=True)}
 
 
 class HostPages:
@@ -147,6 +196,14 @@ def handlers(orch: Any) -> list[Any]:
         *flower_internals.page_and_api(
             HOSTS_PATH, HOSTS_API_PATH, "orchestrator-hosts", "orchestrator_hosts.html",
             active_tab="hosts", read=hosts.get),
+        *flower_internals.page_and_api(
+            OPERATIONS_PATH, OPERATIONS_API_PATH, "orchestrator-operations",
+            "orchestrator_operations.html", active_tab="operations",
+            read=lambda args: operations_read(orch, args)),
+        *flower_internals.page_and_api(
+            OPERATION_PATH, OPERATION_API_PATH, "orchestrator-operation",
+            "orchestrator_operation.html", active_tab="operations",
+            read=lambda args, operation_id: operation_read(orch, args, operation_id)),
         flower_internals.metrics(METRICS_PATH, "orchestrator-metrics",
                                  lambda: generate_latest(ours)),
     ]

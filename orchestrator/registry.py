@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.ledger.engines import Database
@@ -288,6 +288,19 @@ class Registry:
             if since is not None:
                 query = query.where(Drain.started_at >= since)
             return list(s.execute(query).scalars().all())
+
+    def drains_of(self, hosts: Iterable[str], since: float,
+                  until: float | None = None) -> list[Drain]:
+        """The drains of ``hosts`` that overlap ``since`` .. ``until`` (None: now)."""
+        names = sorted(set(hosts))
+        if not names:
+            return []
+        with self.db.read() as s:
+            query = select(Drain).where(
+                Drain.host.in_(names), or_(Drain.ended_at.is_(None), Drain.ended_at >= since))
+            if until is not None:
+                query = query.where(Drain.started_at <= until)
+            return list(s.execute(query.order_by(Drain.started_at)).scalars().all())
 
 
 _services = Service.__table__

@@ -34,6 +34,7 @@ from celery.exceptions import Reject
 
 from orchestrator.context import StepContext, running_step
 from orchestrator.errors import LedgerUnavailable, StepFailure, StepMismatch, UnknownOperation
+from orchestrator.ledger.states import Happening
 from orchestrator.ledger.store import Attempt
 from orchestrator.limits import json_size
 from orchestrator.redact import error_text
@@ -66,9 +67,10 @@ class Claim:
     """Records this delivery of a step as running once it has run CLAIM_AFTER_SECONDS (from
     the pool process's :class:`ClaimTimer`), and says at the end whether it did."""
 
-    def __init__(self, ledger: Any, operation_id: str, position: int, worker: str) -> None:
+    def __init__(self, ledger: Any, operation_id: str, position: int, worker: str,
+                 queue: str | None) -> None:
         self.ledger, self.operation_id, self.position = ledger, operation_id, position
-        self.worker, self.started_at = worker, time.time()
+        self.worker, self.started_at, self.queue = worker, time.time(), queue
         self.due = time.monotonic() + CLAIM_AFTER_SECONDS
         self.claimed = False
         self.finished = threading.Event()
@@ -77,7 +79,8 @@ class Claim:
     def claim(self) -> None:
         try:
             self.claimed = self.ledger.claim_step(
-                self.operation_id, self.position, Attempt(self.worker, self.started_at))
+                self.operation_id, self.position,
+                Attempt(self.worker, self.started_at, queue=self.queue))
         except LedgerUnavailable as exc:  # the completion records the attempt anyway
             self.ledger.db.health.report(
                 exc, f"step {self.operation_id}.{self.position}: not recorded as running")
@@ -92,7 +95,7 @@ class Claim:
         if ClaimTimer.of(self.ledger).withdraw(self):
             self.finished.set()
         self.finished.wait()
-        return Attempt(self.worker, self.started_at, self.claimed)
+        return Attempt(self.worker, self.started_at, self.claimed, self.queue)
 
 
 class ClaimTimer:
@@ -213,7 +216,15 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         attempt=start.attempt, params=start.params, hosts=start.hosts, flow=start.kind,
         subject=start.subject,
     )
-    claim = Claim(ledger, operation_id, position, task.request.hostname)
+    request = task.request
+    queue = (request.delivery_info or {}).get("routing_key")
+    if start.attempt - 1 > (request.retries or 0):
+        # More deliveries counted than retries sent: one before ended without an outcome
+        # (its worker stopped or died with it). Rare, and worth its own write.
+        ledger.note_quietly(Happening.REDELIVERED, operation_id, position, step, host,
+                            worker=request.hostname, queue=queue,
+                            detail=f"attempt {start.attempt}: an earlier delivery did not end")
+    claim = Claim(ledger, operation_id, position, request.hostname, queue)
     if orch.settings.testkit_gate is not None:  # read once, with the other settings
         hold_at_gate(orch.settings.testkit_gate, start.subject, position)
     try:
@@ -285,17 +296,19 @@ def _retry_or_fail(orch: Any, spec: Any, task: Task, operation_id: str, position
     step = spec.name
     waiting_for_ledger = isinstance(exc, LedgerUnavailable)
     if retries < orch.max_retries or waiting_for_ledger:
+        why = error_text(exc, kind=not waiting_for_ledger)
+        of = "" if waiting_for_ledger else f" of {orch.max_retries}"
         try:
-            orch.ledger.record_attempt(operation_id, position, attempt)
+            orch.ledger.record_attempt(operation_id, position, attempt, step, host,
+                                       f"{why}; retry {retries + 1}{of}")
         except LedgerUnavailable as record_exc:  # the next delivery counts from the ledger
             orch.ledger_health.report(record_exc, f"step {step} of {operation_id}: attempt "
                                                   "not counted")
         except Exception as record_exc:
             logger.warning("step %s of %s: could not count the attempt: %s", step,
                            operation_id, error_text(record_exc, kind=True))
-        logger.warning("step %s of %s on %s: %s; retry %d%s", step, operation_id, host,
-                       error_text(exc, kind=not waiting_for_ledger), retries + 1,
-                       "" if waiting_for_ledger else f" of {orch.max_retries}")
+        logger.warning("step %s of %s on %s: %s; retry %d%s", step, operation_id, host, why,
+                       retries + 1, of)
         queue = (task.request.delivery_info or {}).get("routing_key")
         # Back off here rather than with a countdown: a step message never carries an ETA
         # (workers.validation refuses them: the worker would hold it unacknowledged).

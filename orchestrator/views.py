@@ -5,27 +5,31 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import select
 
-from orchestrator import registry
+from orchestrator import registry, timeline
 from orchestrator.broker import queue_depths
 from orchestrator.errors import UnknownOperation
 from orchestrator.ledger.models import Operation
-from orchestrator.ledger.store import ACTIVE_STATUSES
+from orchestrator.ledger.store import ACTIVE_STATUSES, OperationQuery
 from orchestrator.routing import alt_queue
 
 
-def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
+def operation_dict(orch: Any, operation_id: str, with_timeline: bool = False) -> dict[str, Any]:
+    """The operation's status: its steps, where the current one waits, its params; with
+    ``with_timeline``, its timeline too (``timeline``: entries oldest first; ``lanes``: the
+    same per host, for a chart), which reads its history and its hosts' drains."""
     if not isinstance(operation_id, str) or not operation_id.isprintable() \
             or len(operation_id) > 64 or not operation_id.isascii():
         raise UnknownOperation(f"unknown operation {operation_id!r}")
     found = orch.ledger.view(operation_id)
     if found is None:
         raise UnknownOperation(f"unknown operation {operation_id!r}")
-    op, steps = found
+    op, rows = found
+    steps = [timeline.StepRow(*row) for row in rows]
     current = op.current
     # (the fleet's registry only for an operation with a step to place: an ended one, what
     # orch.wait returns, reads its own rows alone)
@@ -36,13 +40,16 @@ def operation_dict(orch: Any, operation_id: str) -> dict[str, Any]:
         "hosts": dict(op.hosts or {}), "params": dict(op.params or {}),
         "current_step": None if current is None else _current_step(op, *current, services),
         "plan": [{"step": step, "host": host} for step, host in op.plan],
-        "steps": [
-            {"position": position, "step": step, "host": host, "status": status,
-             "attempts": attempts, "worker": worker, "finished_at": finished_at}
-            for position, step, host, status, attempts, worker, finished_at in steps
-        ],
+        "steps": [asdict(row) for row in steps],
         "age_seconds": round(time.time() - op.created_at, 3),
+        "created_at": op.created_at, "finished_at": op.finished_at,
     }
+    if with_timeline:
+        hosts = {host for _, host in op.plan}
+        drains = orch.registry.drains_of(hosts, op.created_at, op.finished_at)
+        entries = timeline.timeline(op, steps, orch.ledger.history(op.id), drains)
+        data["timeline"] = entries
+        data["lanes"] = timeline.lanes(op, steps, entries, drains, time.time())
     if orch.describers:  # the application's own fields, from its own tables
         with orch.db.read() as s:
             for describe in orch.describers:
@@ -362,3 +369,25 @@ def wait_operation(
         return data if until(data) else None
 
     return wait_for(check, timeout, what or f"operation {operation_id}")  # type: ignore[return-value]
+
+
+def operations_page(orch: Any, find: OperationQuery) -> dict[str, Any]:
+    """One page of the operations ``find`` asks for, in flight first (the longest unmoved
+    first), as the command line's ``operations`` and Flower's Operations page show them."""
+    total, page = orch.ledger.find_operations(find)
+    now = time.time()
+    rows = []
+    for op in page:
+        current = op.current if op.status in ACTIVE_STATUSES else None
+        rows.append({
+            "operation": op.id, "kind": op.kind, "subject": op.subject, "status": op.status,
+            "position": op.position, "steps": len(op.plan),
+            "current_step": None if current is None else {
+                "step": current[0], "host": current[1], "state": op.step_state,
+                "seconds": round(now - op.step_since, 1),
+                "queue": op.queue if op.next_published else None},
+            "created_at": op.created_at, "finished_at": op.finished_at,
+            "seconds": round((op.finished_at or now) - op.created_at, 1),
+            "error": op.error.splitlines()[0] if op.error else None,
+        })
+    return {"total": total, "offset": find.offset, "limit": find.limit, "operations": rows}

@@ -6,7 +6,7 @@ with ORCHESTRATOR_TEST_DB_URL."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,13 @@ ROUTING = """steps:
 
 
 @pytest.fixture
-def orch(tmp_path: Path) -> Iterator[Orchestrator]:
+def orch(tmp_path: Path) -> Orchestrator:
+    return three_step_orchestrator(tmp_path)
+
+
+def three_step_orchestrator(tmp_path: Path) -> Orchestrator:
+    """An orchestrator of one flow, ``three`` (:data:`PLAN`), on a new ledger: SQLite, or
+    ORCHESTRATOR_TEST_DB_URL's PostgreSQL emptied."""
     url = os.environ.get("ORCHESTRATOR_TEST_DB_URL") or f"sqlite:///{tmp_path / 'l.db'}"
     if not url.startswith("sqlite"):
         reset(url)
@@ -40,7 +46,7 @@ def orch(tmp_path: Path) -> Iterator[Orchestrator]:
     for name in ("prep", "move", "finish"):
         orch.step(name=name)(lambda ctx: None)
     orch.flow("three", [("prep", "b"), ("move", "a"), ("finish", "b")])
-    yield orch
+    return orch
 
 
 def _new(orch: Orchestrator) -> str:

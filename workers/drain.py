@@ -46,6 +46,7 @@ from celery.utils.log import get_logger
 from orchestrator.broker import queue_depth
 from orchestrator.errors import LedgerUnavailable
 from orchestrator.ledger.models import Operation
+from orchestrator.ledger.states import Happening
 from orchestrator.ledger.store import step_task_id
 from orchestrator.redact import error_text, printable
 from orchestrator.routing import ALT_SUFFIX
@@ -338,6 +339,9 @@ class Drain(bootsteps.StartStopStep):
             "drain: %s; stopping running steps (requeued, not acknowledged): %s",
             reason, self._waiting_or_unknown().describe(),
         )
+        for request in celery_seam.reserved_requests():
+            if not self.hand_back.unstarted(request):
+                self._note(Happening.REQUEUED, request, f"{reason} ({self.requested})")
         self.worker.exitcode = EX_DRAIN_EXPIRED
         celery_seam.stop_cold(EX_DRAIN_EXPIRED)
 
@@ -354,7 +358,21 @@ class Drain(bootsteps.StartStopStep):
         if not self.hand_back.fetched_from_main(request):
             return False
         self.hand_back.give_back(request)
+        self._note(Happening.HANDED_BACK, request, f"draining ({self.requested})")
         return True
+
+    def _note(self, kind: Happening, request: Any, detail: str) -> None:
+        """A step's history entry (best effort, and only with the ledger up: the drain's
+        loop never waits for it)."""
+        kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
+        operation_id, position = kwargs.get("operation_id"), kwargs.get("position")
+        if not isinstance(operation_id, str) or not self.orch.ledger_health.up:
+            return
+        step = request.name[len(self.orch.task_prefix):] if request.name else None
+        self.orch.ledger.note_quietly(kind, operation_id, position, step, kwargs.get("host"),
+                                      worker=self.worker.hostname,
+                                      queue=(request.delivery_info or {}).get("routing_key"),
+                                      detail=detail)
 
     # -- what is left ------------------------------------------------------------------------
     def _what_is_left(self) -> Waiting | None:

@@ -58,7 +58,9 @@ def hold(consumer: Any, orch: Any, message: Any, call: tuple[str, str, int, str]
     that is no operation's step at all is ``refuse``d (Celery's own rejection)."""
     step, operation_id, position, host = call
     try:
-        outcome = orch.ledger.hold_step(operation_id, position, step, host)
+        outcome = orch.ledger.hold_step(
+            operation_id, position, step, host, worker=consumer.hostname,
+            queue=(message.delivery_info or {}).get("routing_key"))
     except LedgerUnavailable as exc:
         orch.ledger_health.report(exc, f"step {step} of {operation_id}: cannot be held yet")
         consumer.timer.call_after(RETRY_SECONDS, hold,

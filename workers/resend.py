@@ -42,6 +42,7 @@ from celery.utils.log import get_logger
 from orchestrator import looks
 from orchestrator.broker import queue_depth
 from orchestrator.dispatch import StepMessage
+from orchestrator.ledger.states import Happening
 from orchestrator.ledger.store import step_task_id
 from orchestrator.looks import running_grace
 from orchestrator.redact import error_text
@@ -187,3 +188,6 @@ class StrandedSteps(HostTimerStep):
         self.recovered += 1
         logger.warning("resent %s of %s to %s: %s (the step was %s)", step, op.id, queue, why,
                        op.step_state)
+        self.orch.ledger.note_quietly(Happening.RESENT, op.id, op.position, step, host,
+                                      worker=self.nodename, queue=queue,
+                                      detail=f"{why} (it was {op.step_state})")

@@ -137,8 +137,33 @@ class StepRecord(Base):
     #: Times the step's effect was applied: must never exceed 1.
     applied: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: The queue the last counted delivery came from (``<host>`` or ``<host>-alt``).
+    queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class HistoryEntry(Base):
+    """What happened to an operation off its normal path (:class:`Happening`): a step handed
+    back by a drain, held, resent, retried, waiting for an event, a rollback started. With the
+    step log (one row per step, however often delivered) it is the operation's timeline. The
+    normal path writes none: a step that runs and completes costs the step log's row only."""
+
+    __tablename__ = "history"
+    __table_args__ = (Index("ix_history_operation", "operation_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    operation_id: Mapped[str] = mapped_column(String(36))
+    at: Mapped[float] = mapped_column(Float)
+    #: A :class:`~orchestrator.ledger.states.Happening`.
+    kind: Mapped[str] = mapped_column(String(32))
+    position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    step: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: The worker that saw it happen (its nodename), and the queue concerned.
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: Why, in a line (an error, the drain's reason, the event waited for).
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Service(Base):

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, literal, or_, select, true, update
 
-from orchestrator.ledger.models import Operation, OperationHost, StepRecord
+from orchestrator.ledger.models import HistoryEntry, Operation, OperationHost, StepRecord
 from orchestrator.ledger.states import (
     ACTIVE,
     MOVES,
@@ -96,11 +96,14 @@ class StepStatements:
         keys = ["operation_id", "position"]
         self.record = insert(log).values(attempts=0, **row).on_conflict_do_update(
             index_elements=keys, set_=done)
+        # (the delivery's queue is "from_queue": "queue" is the next step's, in the same
+        # statement on PostgreSQL)
         self.record_counted = insert(log).values(
-            attempts=1, worker=bindparam("worker"), started_at=bindparam("started_at"), **row,
+            attempts=1, worker=bindparam("worker"), started_at=bindparam("started_at"),
+            queue=bindparam("from_queue"), **row,
         ).on_conflict_do_update(index_elements=keys, set_=dict(
             attempts=log.c.attempts + 1, worker=bindparam("worker"),
-            started_at=bindparam("started_at"), **done))
+            started_at=bindparam("started_at"), queue=bindparam("from_queue"), **done))
         self.forget_hosts = delete(hosts).where(hosts.c.operation_id == bindparam("op"))
         self.holder = select(ops.c.id, ops.c.kind).where(ops.c.holds == bindparam("subject"))
         # -- off the normal path: each transition's statements, guarded as MOVES says --------
@@ -119,13 +122,24 @@ class StepStatements:
         attempt_row = dict(operation_id=bindparam("operation_id"),
                            position=bindparam("position"), status=bindparam("log_status"),
                            worker=bindparam("worker"), started_at=bindparam("started_at"),
-                           finished_at=bindparam("finished_at"))
+                           finished_at=bindparam("finished_at"), queue=bindparam("from_queue"))
         self.log_attempt = insert(log).values(
             step=bindparam("step"), host=bindparam("host"), attempts=1, applied=0,
             **attempt_row).on_conflict_do_update(
             index_elements=keys, set_=dict(attempts=log.c.attempts + 1, **{
                 name: attempt_row[name]
-                for name in ("status", "worker", "started_at", "finished_at")}))
+                for name in ("status", "worker", "started_at", "finished_at", "queue")}))
+        #: One entry of an operation's history (``Ledger.note``): off the normal path only.
+        history = HistoryEntry.__table__
+        self.note = insert(history).values(
+            {name: bindparam(name, type_=history.c[name].type)
+             for name in ("operation_id", "at", "kind", "position", "step", "host", "worker",
+                          "queue", "detail")})
+        #: An operation's history, oldest first (its view's timeline).
+        self.view_history = select(
+            history.c.at, history.c.kind, history.c.position, history.c.step, history.c.host,
+            history.c.worker, history.c.queue, history.c.detail,
+        ).where(history.c.operation_id == bindparam("id")).order_by(history.c.at, history.c.id)
         #: The step log's row of an attempt already counted (its claim), its status changed.
         self.log_status = update(log).where(
             (log.c.operation_id == bindparam("operation_id"))
@@ -182,7 +196,7 @@ class StepStatements:
         self.view_operation = select(*ops.c).where(ops.c.id == bindparam("id"))
         self.view_steps = select(
             log.c.position, log.c.step, log.c.host, log.c.status, log.c.attempts,
-            log.c.worker, log.c.finished_at,
+            log.c.worker, log.c.finished_at, log.c.started_at, log.c.queue,
         ).where(log.c.operation_id == bindparam("id")).order_by(log.c.position)
         #: The operations whose id starts with a prefix (the command line's short ids).
         self.prefixed = select(ops.c.id).where(ops.c.id.like(bindparam("pattern"))).order_by(
@@ -258,8 +272,9 @@ class StepStatements:
         if counted:
             row["worker"] = typed("worker", log.c.worker)
             row["started_at"] = typed("started_at", log.c.started_at)
+            row["queue"] = typed("from_queue", log.c.queue)
             done.update(attempts=log.c.attempts + 1, worker=row["worker"],
-                        started_at=row["started_at"])
+                        started_at=row["started_at"], queue=row["queue"])
         record = insert(log).from_select(list(row), select(*row.values())).on_conflict_do_update(
             index_elements=["operation_id", "position"], set_=done)
         statement = select(func.count()).select_from(advanced).add_cte(

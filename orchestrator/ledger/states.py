@@ -90,3 +90,41 @@ MOVES: dict[str, Move] = {
     # The first step could not even be queued: the operation ends failed.
     "abandon": Move(frozenset({_Q}), _Q, ends=True),
 }
+
+
+class Happening(StrEnum):
+    """What happened to an operation off its normal path, as its history records it (the
+    ``history`` table: :meth:`orchestrator.ledger.store.Ledger.note`). The normal path (a step
+    delivered, run, completed, the next one sent) is the step log's and writes no history."""
+
+    #: A draining worker gave a step it had not started back to the broker (for a worker
+    #: that stays, or for its own restart).
+    HANDED_BACK = "handed-back"
+    #: A step running at a drain's deadline (or a second SIGTERM): its message goes back to
+    #: the broker unacknowledged when the worker stops.
+    REQUEUED = "requeued"
+    #: Delivered to a worker whose code does not run it: held for one whose code does.
+    HELD = "held"
+    #: Taken as lost (its sender died, its worker is gone, or it was held) and sent again.
+    RESENT = "resent"
+    #: An attempt that raised an unexpected error: sent again after a backoff.
+    RETRIED = "retried"
+    #: Delivered again after an attempt that did not end (a crash, a lost worker, a stop).
+    REDELIVERED = "redelivered"
+    #: Its work done, the step waits for an event, holding no worker.
+    WAITING = "waiting"
+    #: The event a waiting step waited for arrived.
+    EVENT_ARRIVED = "event-arrived"
+    #: The event did not come in time: the step failed.
+    WAIT_TIMED_OUT = "wait-timed-out"
+    #: A step failed (its error recorded); the operation ends, or its rollback starts.
+    FAILED = "failed"
+    #: A step failed and the flow's rollback steps now run.
+    ROLLBACK_STARTED = "rollback-started"
+    #: The broker refused the first step: the operation ended before it began.
+    ABANDONED = "abandoned"
+    #: The broker refused a later step: it is sent again by the looks for stranded steps.
+    NOT_SENT = "not-sent"
+    #: An alt step sent to ``<host>``, not ``<host>-alt`` (the host's worker does not consume
+    #: its alt queue, or is not known).
+    ROUTED_TO_MAIN = "routed-to-main"

@@ -22,6 +22,7 @@ the step the ledger is at is sent again by the stranded-step resend, then this o
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,7 +47,16 @@ from orchestrator.ledger.models import (
     new_id,
 )
 from orchestrator.ledger.statements import StepStatements, statements_for
-from orchestrator.ledger.states import ACTIVE, OperationStatus, StepLogStatus, StepState
+from orchestrator.ledger.states import (
+    ACTIVE,
+    Happening,
+    OperationStatus,
+    StepLogStatus,
+    StepState,
+)
+from orchestrator.redact import error_text
+
+logger = logging.getLogger("orchestrator")
 
 #: (the name the rest of the engine knows the statuses in flight by)
 ACTIVE_STATUSES = ACTIVE
@@ -63,6 +73,10 @@ def no_effect(s: Session, op: Any) -> None:
     return None
 
 
+#: An entry's detail is a line: an error's first thousand characters are enough to say why.
+MAX_DETAIL = 1000
+
+
 def step_task_id(operation_id: str, position: int) -> str:
     """The Celery task id of a step's message: the same for every copy of it (redelivery,
     retry, resend), which is how a worker tells which steps it holds."""
@@ -77,6 +91,28 @@ class Settled(list):
 
 
 @dataclass(frozen=True)
+class OperationQuery:
+    """Which operations to list (``orchestrator operations``, Flower's Operations page):
+    any of ``statuses``, of a flow, for a subject (``*`` a wildcard), that ran or will run
+    on a host, in flight with their current step unmoved for ``stuck_after`` seconds; one
+    page of them."""
+
+    statuses: tuple[str, ...] = ()
+    flow: str | None = None
+    subject: str | None = None
+    host: str | None = None
+    stuck_after: float | None = None
+    limit: int = 50
+    offset: int = 0
+
+
+def _like(glob: str) -> str:
+    """A glob with ``*`` as a LIKE pattern (``%`` and ``_`` taken literally)."""
+    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%")
+
+
+@dataclass(frozen=True)
 class Attempt:
     """One delivery of a step as a worker ran it: by whom, since when, and whether it was
     already recorded as running (claimed) while it ran."""
@@ -84,6 +120,8 @@ class Attempt:
     worker: str
     started_at: float
     claimed: bool = False
+    #: The queue the delivery came from (``<host>`` or ``<host>-alt``), if known.
+    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,7 +305,8 @@ class Ledger:
         completion = _Completion(statements, name, counted, bool(output), where, {
             "operation_id": operation_id, "position": position, "step": step, "host": host,
             "now": now, "worker": attempt.worker if counted else None,
-            "started_at": attempt.started_at if counted else None})
+            "started_at": attempt.started_at if counted else None,
+            "from_queue": attempt.queue if counted else None})
         if effect is None:
             if completion.one_statement() is not None:  # PostgreSQL: commits by itself
                 advanced = completion.run(self.db.direct)
@@ -371,17 +410,20 @@ class Ledger:
                         StepLogStatus.RUNNING)
             return True
 
-    def record_attempt(self, operation_id: str, position: int, attempt: Attempt) -> None:
-        """Count an attempt that ended in an error and will be retried (unless its claim
-        counted it already), so the next delivery knows which attempt it is."""
-        if attempt.claimed:
-            return
+    def record_attempt(self, operation_id: str, position: int, attempt: Attempt,
+                       step: str, host: str, error: str) -> None:
+        """Count an attempt that ended in ``error`` and will be retried (unless its claim
+        counted it already), so the next delivery knows which attempt it is; its history
+        says why."""
         statements = statements_for(self.db.url)
         with self.db.direct_transaction() as run:
-            rows = run(statements.running, op=operation_id, at=position, now=time.time())
-            if rows:
-                self._count(run, operation_id, position, rows[0][0], attempt,
-                            StepLogStatus.RUNNING)
+            if not attempt.claimed:
+                rows = run(statements.running, op=operation_id, at=position, now=time.time())
+                if rows:
+                    self._count(run, operation_id, position, rows[0][0], attempt,
+                                StepLogStatus.RUNNING)
+            self.note(Happening.RETRIED, operation_id, position, step, host,
+                      worker=attempt.worker, queue=attempt.queue, detail=error, run=run)
 
     def _count(self, run: Transaction, operation_id: str, position: int, plan: list,
                attempt: Attempt | None, status: StepLogStatus,
@@ -396,7 +438,7 @@ class Ledger:
             return
         step, host = plan[position]
         run(statements.log_attempt, **where, step=step, host=host, worker=attempt.worker,
-            started_at=attempt.started_at)
+            started_at=attempt.started_at, from_queue=attempt.queue)
 
     def _not_advanced(self, operation_id: str, position: int) -> StepStart:
         """Why a completion changed nothing (one read, only then): the operation moved past
@@ -421,12 +463,13 @@ class Ledger:
 
     def fail_step(
         self, operation_id: str, position: int, error: str, effect: Effect = no_effect,
-        attempt: Attempt | None = None,
+        attempt: Attempt | None = None, why: Happening = Happening.FAILED,
     ) -> StepStart:
         """Record that the step failed: run the flow's rollback steps if it has some for this
         step, otherwise end the operation as failed. Returns the rollback step to publish.
         ``effect`` (the step's ``on_failure``) runs in the same transaction, after the move
-        (a duplicate never applies it)."""
+        (a duplicate never applies it). The history says ``why`` (failed, or the event it
+        waited for did not come) and whether a rollback started, in the same transaction."""
         statements, now = statements_for(self.db.url), time.time()
         rows = self.db.direct(statements.operation, id=operation_id)
         if not rows:
@@ -449,6 +492,15 @@ class Ledger:
             if not moved:
                 return StepStart("duplicate")
             self._count(run, operation_id, position, plan, attempt, StepLogStatus.FAILED, now)
+            step, host = plan[position]
+            seen = {"worker": attempt.worker, "queue": attempt.queue} if attempt else {}
+            self.note(why, operation_id, position, step, host, detail=error, run=run, at=now,
+                      **seen)
+            if steps:
+                self.note(Happening.ROLLBACK_STARTED, operation_id, position + 1,
+                          *new_plan[position + 1],
+                          detail=", ".join(f"{name}@{where}" for name, where in steps),
+                          run=run, at=now)
             run(statements.forget_hosts, op=operation_id)
             if steps:
                 run.many(statements.insert_hosts, [
@@ -510,6 +562,9 @@ class Ledger:
             if not waited:
                 return False
             self._count(run, operation_id, position, plan, attempt, StepLogStatus.WAITING)
+            self.note(Happening.WAITING, operation_id, position, *plan[position],
+                      worker=attempt.worker, queue=attempt.queue,
+                      detail=f"{event} for {key}, at most {timeout:g} s", run=run, at=now)
             return True
 
     def settle_waits(
@@ -544,12 +599,17 @@ class Ledger:
                                   params=dict(op.params or {}), hosts=dict(op.hosts or {}),
                                   following=tuple(following) if following else None,
                                   plan=op.plan, result=op.result, error=op.error)
-                settled.append((op.id, self.complete(op.id, position, step, step_host, start,
-                                                     effect=effect_of(step))))
+                done = self.complete(op.id, position, step, step_host, start,
+                                     effect=effect_of(step))
+                if done.outcome in ("run", "ended"):
+                    self.note(Happening.EVENT_ARRIVED, op.id, position, step, step_host,
+                              detail=f"{wait['event']} for {wait['key']}")
+                settled.append((op.id, done))
             elif time.time() >= wait["deadline"]:
                 error = f"{step}@{step_host}: timed out waiting for {wait['event']}"
                 settled.append((op.id, self.fail_step(op.id, position, error,
-                                                      failure_of(step))))
+                                                      failure_of(step),
+                                                      why=Happening.WAIT_TIMED_OUT)))
             else:
                 settled.still_waiting += 1
         return settled
@@ -608,7 +668,8 @@ class Ledger:
             statements_for(self.db.url).resend, op=operation_id, at=position, was=step_state,
             since=step_since, now=time.time()))
 
-    def hold_step(self, operation_id: str, position: int, step: str, host: str) -> str:
+    def hold_step(self, operation_id: str, position: int, step: str, host: str,
+                  worker: str | None = None, queue: str | None = None) -> str:
         """A worker of ``host`` received ``step`` and its code does not register it: the step
         is recorded as ``held`` (not sent), for a worker that serves it to send it again
         (``workers.resend``). Returns ``held``; ``duplicate`` when the operation has moved on
@@ -623,6 +684,9 @@ class Ledger:
             if not 0 <= position < len(plan) or tuple(plan[position]) != (step, host):
                 return "mismatch"
             held = run(statements.hold, op=operation_id, at=position, now=time.time())
+            if held:
+                self.note(Happening.HELD, operation_id, position, step, host, worker=worker,
+                          queue=queue, detail="its code does not run this step", run=run)
             return "held" if held else "duplicate"
 
     def held_steps(self) -> list[Operation]:
@@ -643,12 +707,44 @@ class Ledger:
         with self._moving(effect) as (s, run):
             if not run(statements.abandon, op=operation_id, at=0, now=now, new_error=error):
                 return False
+            self.note(Happening.ABANDONED, operation_id, 0, *plan[0], detail=error, run=run,
+                      at=now)
             run(statements.forget_hosts, op=operation_id)
             if s is not None:
                 self._apply(s, run, effect, StepOperation(
                     operation_id, kind, subject, plan, 0, dict(params or {}),
                     dict(hosts or {}), result, old_error), now)
             return True
+
+    # -- history ---------------------------------------------------------------------------
+    def note(self, kind: Happening, operation_id: str, position: int | None = None,
+             step: str | None = None, host: str | None = None, *, worker: str | None = None,
+             queue: str | None = None, detail: str | None = None,
+             run: Transaction | None = None, at: float | None = None) -> None:
+        """Record one entry of the operation's history (off its normal path only): in
+        ``run``, the transition's own transaction, so that the move and its entry commit
+        together (``at``: the transition's time); without it, by itself."""
+        (run or self.db.direct)(
+            statements_for(self.db.url).note, operation_id=operation_id,
+            at=time.time() if at is None else at,
+            kind=str(kind), position=position, step=step, host=host, worker=worker,
+            queue=queue, detail=detail[:MAX_DETAIL] if detail else detail)
+
+    def note_quietly(self, kind: Happening, operation_id: str, position: int | None = None,
+                     step: str | None = None, host: str | None = None, **seen: Any) -> None:
+        """:meth:`note` of what has already happened (a step sent again, handed back,
+        delivered again): an entry the ledger cannot take now is said in the log, never
+        an error of what happened."""
+        try:
+            self.note(kind, operation_id, position, step, host, **seen)
+        except Exception as exc:
+            logger.warning("%s of %s (%s@%s) not recorded in its history: %s", kind,
+                           operation_id, step, host, error_text(exc, kind=True))
+
+    def history(self, operation_id: str) -> list[tuple]:
+        """The operation's history, oldest first: (at, kind, position, step, host, worker,
+        queue, detail)."""
+        return self.db.direct(statements_for(self.db.url).view_history, id=operation_id)
 
     # -- queries -----------------------------------------------------------------------------
     def status(self, operation_id: str) -> str | None:
@@ -707,6 +803,41 @@ class Ledger:
                 Operation.status.in_(ACTIVE), Operation.finished_at >= since,
             )).order_by(Operation.created_at.desc()).limit(limit)
             return list(s.execute(query).scalars().all())
+
+    def find_operations(self, find: OperationQuery) -> tuple[int, list[Operation]]:
+        """The operations ``find`` asks for, in flight first (the longest in its current
+        step first: the stuck ones), then the ended ones, newest first; how many match in
+        all, and the page asked for."""
+        now = time.time()
+        where = []
+        if find.statuses:
+            where.append(Operation.status.in_(find.statuses))
+        if find.flow:
+            where.append(Operation.kind == find.flow)
+        if find.subject:
+            where.append(Operation.subject.like(_like(find.subject), escape="\\")
+                         if "*" in find.subject else Operation.subject == find.subject)
+        if find.host:
+            # Where it ran (the step log), or still has a step to run (the host index).
+            where.append(or_(
+                Operation.current_host == find.host,
+                select(StepRecord.id).where(StepRecord.operation_id == Operation.id,
+                                            StepRecord.host == find.host).exists(),
+                select(OperationHost.host).where(OperationHost.operation_id == Operation.id,
+                                                 OperationHost.host == find.host).exists()))
+        if find.stuck_after is not None:
+            where += [Operation.status.in_(ACTIVE),
+                      Operation.step_since < now - find.stuck_after]
+        active = Operation.status.in_(ACTIVE)
+        with self.db.read() as s:
+            total = s.execute(select(func.count()).select_from(Operation).where(*where)
+                              ).scalar_one()
+            page = s.execute(select(Operation).where(*where).order_by(
+                case((active, 0), else_=1),
+                case((active, Operation.step_since), else_=-Operation.finished_at),
+                Operation.created_at.desc(), Operation.id,
+            ).offset(find.offset).limit(find.limit)).scalars().all()
+        return total, list(page)
 
     def in_flight_by_host(self) -> dict[str, int]:
         """Operations in flight that still need each host (one grouped, indexed query)."""

@@ -50,32 +50,43 @@ def template_loader(ours: Path, flower_templates: str,
 
 
 def page_and_api(page_path: str, api_path: str, name: str, template: str, *,
-                 active_tab: str, read: Callable[[dict[str, str]], dict[str, Any]]) -> list[Any]:
+                 active_tab: str, read: Callable[..., dict[str, Any]]) -> list[Any]:
     """A page (``template``, or the JSON with ``?json=1``) and its API, as Flower's own are
     built (``flower.views.BaseHandler``, ``flower.api.BaseApiHandler``: Flower's
-    authentication applies); ``read(query)`` (the request's query arguments, the last value
-    of each) runs in Flower's executor, never in its loop."""
+    authentication applies); ``read(query, *groups)`` (the request's query arguments, the
+    last value of each, and what the path's groups matched) runs in Flower's executor, never
+    in its loop. A ``LookupError`` it raises (an unknown operation) answers 404 with its
+    message, as JSON."""
     from flower.api import BaseApiHandler
     from flower.views import BaseHandler
     from tornado import web
 
-    async def data(handler: Any) -> dict[str, Any]:
+    async def data(handler: Any, groups: tuple[str, ...]) -> dict[str, Any] | None:
         args = {name: values[-1].decode("utf-8", "replace")
                 for name, values in handler.request.query_arguments.items() if values}
-        return await handler.application.io_loop.run_in_executor(None, read, args)
+        try:
+            return await handler.application.io_loop.run_in_executor(None, read, args, *groups)
+        except LookupError as exc:
+            handler.set_status(404)
+            handler.write({"error": str(exc.args[0] if exc.args else exc)})
+            return None
 
     class Page(BaseHandler):
         @web.authenticated
-        async def get(self) -> None:
+        async def get(self, *groups: str) -> None:
             if self.get_argument("json", default=False, type=bool):
-                self.write(await data(self))
+                found = await data(self, groups)
+                if found is not None:
+                    self.write(found)
                 return
             self.render(template, active_tab=active_tab)
 
     class Api(BaseApiHandler):
         @web.authenticated
-        async def get(self) -> None:
-            self.write(await data(self))
+        async def get(self, *groups: str) -> None:
+            found = await data(self, groups)
+            if found is not None:
+                self.write(found)
 
     return [web.url(page_path, Page, name=name), web.url(api_path, Api, name=f"{name}-api")]
 
