@@ -18,7 +18,8 @@ import time
 
 from nova_app import operations, views
 from nova_app.app import app, orch
-from orchestrator import Watch, queue_depth, wait_for
+from orchestrator import Watch, queue_depth, timeline, wait_for
+from orchestrator import views as engine_views
 from orchestrator.testing import FLOWER_PORT, local_stack
 
 
@@ -40,7 +41,8 @@ def _story(stack, say, step_delay: float) -> int:
     if stack.embedded_broker:
         say(f"no ORCHESTRATOR_BROKER_URL: started an embedded Redis at {stack.broker_url}")
     if stack.flower_url:
-        say(f"Flower: {stack.flower_url} (Hosts tab: {stack.flower_url}hosts)")
+        say(f"Flower: {stack.flower_url} (Hosts tab: {stack.flower_url}hosts, Operations tab: "
+            f"{stack.flower_url}operations)")
     say("starting workers compute1 and compute2 (queues <host> and <host>-alt)")
     stack.fleet.start("compute1", graceful_timeout=60)
     compute2 = stack.fleet.start("compute2", graceful_timeout=60)
@@ -79,6 +81,10 @@ def _story(stack, say, step_delay: float) -> int:
     stack.fleet.start("compute2", graceful_timeout=60)
     vm2 = views.wait_operation(late.id)
     say(f"boot vm2 {vm2['status']} on compute2 after the restart")
+    story = engine_views.operation_dict(orch, resize.id, with_timeline=True)
+    say(f"the resize's timeline (orchestrator operation {resize.id[:8]}):")
+    for line in timeline.lines(story["timeline"], story["created_at"]):
+        say("   " + line)
     ok = rc == 0 and result["status"] == "completed" and vm2["status"] == "completed"
     say("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1

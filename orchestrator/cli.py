@@ -356,6 +356,7 @@ def operation(operation_id: str, as_json: bool) -> None:
     and where each step ran, from which queue, and what happened on the way: hand-backs by
     a drain, holds, resends, retries, waits, a rollback). OPERATION_ID: the id, or a
     unique prefix of it, as the demo prints."""
+    from orchestrator import timeline
     from orchestrator.views import operation_dict
 
     orch = current()
@@ -378,21 +379,8 @@ def operation(operation_id: str, as_json: bool) -> None:
     if data["error"]:
         lines.append(f"  error: {data['error']}")
     lines.append("timeline:")
-    lines += [f"  {line}" for line in timeline_lines(data["timeline"], data["created_at"])]
+    lines += [f"  {line}" for line in timeline.lines(data["timeline"], data["created_at"])]
     emit(as_json, data, "\n".join(lines))
-
-
-def timeline_lines(entries: list[dict[str, Any]], start: float) -> list[str]:
-    """One line an entry: its wall-clock time, seconds since the submit, what, where."""
-    lines = []
-    for e in entries:
-        clock = time.strftime("%H:%M:%S", time.localtime(e["at"]))
-        where = " ".join(filter(None, [
-            e["step"] and f"{e['step']}@{e['host']}" or e["host"],
-            e["queue"] and f"via {e['queue']}", e["worker"] and f"by {e['worker']}"]))
-        detail = f": {e['detail']}" if e["detail"] else ""
-        lines.append(f"{clock} {e['at'] - start:+8.2f}s  {e['kind']:<16}{where}{detail}")
-    return lines
 
 
 @main.command()

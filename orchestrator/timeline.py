@@ -12,6 +12,7 @@ view (``orchestrator.views.operation_dict``) reads the rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -142,3 +143,17 @@ def lanes(op: Any, steps: Iterable[StepRow], entries: list[dict[str, Any]],
         if entry["kind"] not in plain and entry["host"] in hosts:
             lane(entry["host"])["marks"].append({**entry, **place(entry["at"], entry["at"])})
     return {"start": start, "end": end, "hosts": list(hosts.values())}
+
+
+def lines(entries: list[dict[str, Any]], start: float) -> list[str]:
+    """The entries as text, one line each: the wall-clock time, the seconds since the
+    submit (``start``), what happened and where (``orchestrator operation ID``)."""
+    out = []
+    for e in entries:
+        clock = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+        where = " ".join(filter(None, [
+            f"{e['step']}@{e['host']}" if e["step"] else e["host"],
+            e["queue"] and f"via {e['queue']}", e["worker"] and f"by {e['worker']}"]))
+        detail = f": {e['detail']}" if e["detail"] else ""
+        out.append(f"{clock} {e['at'] - start:+8.2f}s  {e['kind']:<16}{where}{detail}")
+    return out

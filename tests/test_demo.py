@@ -4,6 +4,7 @@ Without a terminal both print plain event lines, which is what these tests read.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,6 +73,10 @@ def test_demo_on_a_fresh_machine(tmp_path: Path) -> None:
     positions = [out.find(line) for line in story]
     assert -1 not in positions and positions == sorted(positions), out
     assert re.search(r"resize \w{8} \(vm1\): finish_resize@compute2", out), out
+    # Then the resize's timeline: its last step ran from compute2-alt during the drain.
+    told = out.split("the resize's timeline", 1)[1]
+    assert re.search(r"drain-started +compute2 by compute2@", told), told
+    assert re.search(r"step-completed +finish_resize@compute2 via compute2-alt", told), told
 
 
 @pytest.mark.timeout(180)
@@ -96,6 +101,17 @@ def test_up_serves_the_cli_until_ctrl_c(tmp_path: Path) -> None:
         waited = subprocess.run([*CLI, "wait", operation], cwd=tmp_path, env=shell,
                                 capture_output=True, text=True, timeout=60)
         assert waited.returncode == 0, waited.stdout + waited.stderr
+        listed = subprocess.run([*CLI, "operations", "--flow", "boot", "--json"], cwd=tmp_path,
+                                env=shell, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert [op["operation"] for op in json.loads(listed.stdout)["operations"]] == [operation]
+        shown = subprocess.run([*CLI, "operation", operation[:8]], cwd=tmp_path, env=shell,
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        timeline = shown.stdout.split("timeline:\n", 1)[1].splitlines()
+        assert "submitted" in timeline[0] and "ended" in timeline[-1], shown.stdout
+        assert any("step-completed  build_and_run_instance@compute1 via compute1" in line
+                   for line in timeline), shown.stdout
         wait_for(lambda: "(vm1) completed" in log.read_text(), 10, "up to show the boot")
         started = _descendants(up.pid)
         assert len(started) >= 3, "a Redis and two workers"

@@ -177,8 +177,44 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
         wait_for(lambda: operations.orch.operation(late.id)["status"] == "completed", 30,
                  "the waiting boot to run")
         assert operations.orch.operation(booted)["status"] == "completed"
+        check_operations_pages(flower, resize.id, late.id)
     finally:
         assert flower.stop() in (0, -signal.SIGTERM), flower.log_path.read_text()[-2000:]
+
+
+def check_operations_pages(flower: FlowerProcess, resize: str, late: str) -> None:
+    """The Operations page and one operation's timeline, after the drain of compute2 (the
+    resize's last steps ran from compute2-alt while it drained; the boot sent meanwhile
+    waited in compute2 for the restart)."""
+    status, body = flower.get("/api/orchestrator/operations?host=compute2")
+    assert status == 200, body
+    listed = json.loads(body)
+    assert {resize, late} <= {op["operation"] for op in listed["operations"]}
+    status, body = flower.get(f"/api/orchestrator/operations/{resize}")
+    assert status == 200, body
+    data = json.loads(body)
+    kinds = [(e["kind"], e["host"]) for e in data["timeline"]]
+    assert ("drain-started", "compute2") in kinds and ("drain-ended", "compute2") in kinds
+    assert kinds[0][0] == "submitted" and kinds[-1][0] == "ended"
+    lanes = {lane["host"]: lane for lane in data["lanes"]["hosts"]}
+    assert [d["outcome"] for d in lanes["compute2"]["drains"]] == ["done"]
+    assert "alt" in {b["queue_kind"] for b in lanes["compute2"]["bars"]}, lanes["compute2"]
+    status, body = flower.get(f"/api/orchestrator/operations/{resize[:8]}")
+    assert status == 200 and json.loads(body)["operation"] == resize, "a unique prefix"
+    status, body = flower.get("/api/orchestrator/operations/0000dead")
+    assert status == 404 and "unknown operation" in json.loads(body)["error"]
+
+    dom = render(f"{flower.base}/operations?host=compute2", "flower-operations")
+    row = dom.split(f'data-operation="{resize}"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-status="completed"' in row and f'href="/operations/{resize}"' in row, row
+    dom = render(f"{flower.base}/operations/{resize}", "flower-operation-timeline")
+    lane = dom.split('data-host="compute2"', 1)[1].split('data-host="', 1)[0]
+    assert "orch-drain" in lane and 'data-queue-kind="alt"' in lane, lane
+    assert 'href="/hosts?q=compute2"' in dom, "links to the Hosts page"
+    assert 'data-kind="drain-started"' in dom and 'data-kind="ended"' in dom
+    dom = render(f"{flower.base}/hosts", "flower-hosts-restarted")
+    assert 'href="/operations?status=in-flight&amp;host=compute2"' in dom or \
+        'href="/operations?status=in-flight&host=compute2"' in dom, "links to the Operations page"
 
 
 def test_flower_api_needs_auth_or_the_unauthenticated_flag(fleet: Fleet, tmp_path: Path) -> None:
