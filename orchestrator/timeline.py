@@ -154,6 +154,6 @@ def lines(entries: list[dict[str, Any]], start: float) -> list[str]:
         where = " ".join(filter(None, [
             f"{e['step']}@{e['host']}" if e["step"] else e["host"],
             e["queue"] and f"via {e['queue']}", e["worker"] and f"by {e['worker']}"]))
-        detail = f": {e['detail']}" if e["detail"] else ""
-        out.append(f"{clock} {e['at'] - start:+8.2f}s  {e['kind']:<16}{where}{detail}")
+        said = ": ".join(filter(None, [where, e["detail"]]))
+        out.append(f"{clock} {e['at'] - start:+8.2f}s  {e['kind']:<16}{said}")
     return out

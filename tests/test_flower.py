@@ -195,7 +195,7 @@ def check_operations_pages(flower: FlowerProcess, resize: str, late: str) -> Non
     data = json.loads(body)
     kinds = [(e["kind"], e["host"]) for e in data["timeline"]]
     assert ("drain-started", "compute2") in kinds and ("drain-ended", "compute2") in kinds
-    assert kinds[0][0] == "submitted" and kinds[-1][0] == "ended"
+    assert kinds[0][0] == "submitted" and ("ended", None) in kinds
     lanes = {lane["host"]: lane for lane in data["lanes"]["hosts"]}
     assert [d["outcome"] for d in lanes["compute2"]["drains"]] == ["done"]
     assert "alt" in {b["queue_kind"] for b in lanes["compute2"]["bars"]}, lanes["compute2"]

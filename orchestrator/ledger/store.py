@@ -599,11 +599,12 @@ class Ledger:
                                   params=dict(op.params or {}), hosts=dict(op.hosts or {}),
                                   following=tuple(following) if following else None,
                                   plan=op.plan, result=op.result, error=op.error)
+                seen = time.time()  # (before the completion it brings, in the timeline)
                 done = self.complete(op.id, position, step, step_host, start,
                                      effect=effect_of(step))
                 if done.outcome in ("run", "ended"):
                     self.note(Happening.EVENT_ARRIVED, op.id, position, step, step_host,
-                              detail=f"{wait['event']} for {wait['key']}")
+                              detail=f"{wait['event']} for {wait['key']}", at=seen)
                 settled.append((op.id, done))
             elif time.time() >= wait["deadline"]:
                 error = f"{step}@{step_host}: timed out waiting for {wait['event']}"
