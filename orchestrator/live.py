@@ -188,7 +188,7 @@ class Watch:
 
     def _operations(self, now: float) -> dict[str, Any]:
         limit = max(OPERATIONS_READ, self._rows_at_most())
-        page = views.operations_page(self.orch, now - ENDED_SHOWN_SECONDS, limit)
+        page = views.live_operations(self.orch, now - ENDED_SHOWN_SECONDS, limit)
         rows = []
         with self.orch.db.read() as s:
             for op in page["in_flight"] + page["ended"]:

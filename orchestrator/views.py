@@ -338,7 +338,7 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     return {"hosts": out, "total": total, "offset": only.offset, "limit": only.limit}
 
 
-def operations_page(orch: Any, since: float, limit: int) -> dict[str, Any]:
+def live_operations(orch: Any, since: float, limit: int) -> dict[str, Any]:
     """Operations in flight (newest first) and those ended since ``since`` (the latest to
     end first), at most ``limit`` of each, and how many there are of each: what a live view
     of a fleet shows when they do not all fit (``{"in_flight": [...], "ended": [...],
