@@ -11,7 +11,7 @@ from one whose next step waits on a queue nobody consumes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, or_, select, update
@@ -202,7 +202,10 @@ class Registry:
                 if drain_started_at is not None:
                     row.drain_started_at = drain_started_at
 
-    def services(self, host: str | None = None) -> list[ServiceView]:
+    def services(self, host: str | None = None, *,
+                 hosts: Collection[str] | None = None) -> list[ServiceView]:
+        """Every service (``host``: that host's; ``hosts``: those hosts'), stale heartbeats
+        folded into down."""
         stale = STALE_AFTER * self.heartbeat_interval
         now = time.time()
         excused = self.health is not None and self.health.excuses_silence(stale)
@@ -211,6 +214,8 @@ class Registry:
             query = select(*_services.c).order_by(Service.host, Service.nodename)
             if host is not None:
                 query = query.where(Service.host == host)
+            if hosts is not None:
+                query = query.where(Service.host.in_(sorted(set(hosts))))
             rows = s.execute(query).all()
             return [
                 ServiceView(
@@ -282,11 +287,14 @@ class Registry:
             if outcome is not None:
                 row.outcome, row.ended_at = outcome, time.time()
 
-    def drains(self, since: float | None = None) -> list[Drain]:
+    def drains(self, since: float | None = None,
+               hosts: Collection[str] | None = None) -> list[Drain]:
         with self.db.read() as s:
             query = select(Drain).order_by(Drain.started_at)
             if since is not None:
                 query = query.where(Drain.started_at >= since)
+            if hosts is not None:
+                query = query.where(Drain.host.in_(sorted(set(hosts))))
             return list(s.execute(query).scalars().all())
 
     def drains_of(self, hosts: Iterable[str], since: float,

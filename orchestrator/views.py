@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orchestrator import registry, timeline
 from orchestrator.broker import queue_depths
@@ -217,6 +217,13 @@ class HostFilter:
         return not self.names or any(fnmatch.fnmatchcase(host, pattern)
                                      for pattern in self.names)
 
+    def exact(self) -> tuple[str, ...] | None:
+        """The names, when none is a glob: those hosts' rows can be read alone instead of
+        the fleet's (a live view's few hosts of 10,000)."""
+        if self.names and not any(c in name for name in self.names for c in "*?["):
+            return self.names
+        return None
+
 
 def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
           only: HostFilter = HostFilter()) -> list[dict[str, Any]]:
@@ -231,7 +238,8 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
                only: HostFilter = HostFilter()) -> dict[str, Any]:
     """:func:`hosts` as a page: ``{"hosts": [...], "total": N, "offset": O, "limit": L}``,
     ``total`` the hosts ``only`` lets through before its limit and offset."""
-    views = orch.registry.services()
+    exact = only.exact()
+    views = orch.registry.services(hosts=exact)
     states = registry.host_states(views)
     grouped = registry.by_host(views)
     chosen = {host for host, state in states.items() if only.named(host)
@@ -242,7 +250,7 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     asked = chosen if only.limit is None or only.busy else \
         set(known[only.offset:only.offset + only.limit])
     live = [v.nodename for v in views if v.host in asked and v.state != "down"]
-    everyone = len(asked) == len({v.host for v in views})
+    everyone = exact is None and len(asked) == len({v.host for v in views})
     reports = (worker_reports(orch, limit=len(live) or None,
                               destination=None if everyone else live)
                if with_reports and live else {})
@@ -255,7 +263,7 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     now = time.time()
     draining: dict[str, list[dict[str, Any]]] = {}
     last_drain: dict[str, dict[str, Any]] = {}
-    for d in orch.registry.drains(since=now - 24 * 3600):
+    for d in orch.registry.drains(since=now - 24 * 3600, hosts=exact):
         if d.outcome is not None or d.nodename not in live_nodes:
             # Oldest first: the host's most recent ended drain wins. One never ended whose
             # worker is gone was cut short by the exit deadline or a kill.
@@ -335,6 +343,30 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
                   "code that does (an alias keeps an old name)")
         out.append(entry)
     return {"hosts": out, "total": total, "offset": only.offset, "limit": only.limit}
+
+
+def live_operations(orch: Any, since: float, limit: int) -> dict[str, Any]:
+    """Operations in flight (newest first) and those ended since ``since`` (the latest to
+    end first), at most ``limit`` of each, and how many there are of each: what a live view
+    of a fleet shows when they do not all fit (``{"in_flight": [...], "ended": [...],
+    "in_flight_total": N, "ended_total": M}``, the operations as :class:`Operation` rows)."""
+    active = Operation.status.in_(ACTIVE_STATUSES)
+    over = ~active & (Operation.finished_at >= since)
+    with orch.db.read() as s:
+        in_flight = list(s.execute(select(Operation).where(active).order_by(
+            Operation.created_at.desc()).limit(limit)).scalars().all())
+        done = list(s.execute(select(Operation).where(over).order_by(
+            Operation.finished_at.desc()).limit(limit)).scalars().all())
+
+        # Counted only when the page is full: otherwise the page is all of them.
+        def total(rows: list[Operation], where: Any) -> int:
+            if len(rows) < limit:
+                return len(rows)
+            return s.execute(select(func.count()).select_from(Operation).where(where)
+                             ).scalar_one()
+
+        return {"in_flight": in_flight, "ended": done,
+                "in_flight_total": total(in_flight, active), "ended_total": total(done, over)}
 
 
 def ended(data: dict[str, Any]) -> bool:
