@@ -15,6 +15,14 @@ It is Flower (same options, same pages, same API, same ``FLOWER_*`` variables) p
 * the same as JSON on ``/api/orchestrator/hosts`` (Flower's API rules: basic/OAuth auth, or
   ``FLOWER_UNAUTHENTICATED_API=true``) and on ``/hosts?json=1`` (the page's, under the page's
   rule, as Flower's ``/workers?json=1``: behind auth when it is on, open when it is off);
+* an **Operations** page (``/operations``): the operations in flight first (the longest in
+  their current step first), then those that ended, filtered by status, flow, host, subject
+  and "stuck for N s" (``?status=in-flight&host=compute2&stuck=300&page=2``), and one
+  operation's page (``/operations/<id or a unique prefix>``): its timeline per host (each step
+  a bar, from ``<host>`` or ``<host>-alt``; the drains of its hosts under them; what happened
+  on the way, from its history), its params, result and plan; as JSON on
+  ``/api/orchestrator/operations`` and ``/api/orchestrator/operations/<id>`` (404 for an
+  unknown one), read from the ledger at each request, in Flower's executor;
 * the orchestrator's Prometheus metrics (:mod:`orchestrator.metrics`) on Flower's ``/metrics``,
   beside Flower's own, both behind Flower's authentication when it is on (which Flower's
   stock ``/metrics`` is not).

@@ -166,10 +166,12 @@ class Registry:
     def register(
         self, nodename: str, host: str, *, consumes_main: bool, consumes_alt: bool, pid: int,
         version: int = SERVICE_VERSION, steps: Iterable[str] | None = None,
-        code_version: str | None = None,
+        code_version: str | None = None, state: str = "up", started_at: float | None = None,
     ) -> int:
-        """Write the worker's row (up, heartbeat now); returns how many workers the fleet
-        has, this one included (live: not down, a heartbeat within the staleness window)."""
+        """Write the worker's row (``state``, heartbeat now, started now unless
+        ``started_at``: a worker whose row was deleted under it writes it again as it was);
+        returns how many workers the fleet has, this one included (live: not down, a
+        heartbeat within the staleness window)."""
         now = time.time()
         with self.db.session() as s:
             row = s.get(Service, nodename)
@@ -178,7 +180,8 @@ class Registry:
                 s.add(row)
             row.host, row.version, row.pid = host, version, pid
             row.consumes_main, row.consumes_alt = consumes_main, consumes_alt
-            row.state, row.started_at, row.heartbeat_at = "up", now, now
+            row.state, row.heartbeat_at = state, now
+            row.started_at = now if started_at is None else started_at
             row.drain_started_at = None
             row.steps = sorted(steps) if steps is not None else None
             row.code_version = code_version
@@ -186,13 +189,14 @@ class Registry:
             return s.execute(LIVE_WORKERS, {
                 "since": now - STALE_AFTER * self.heartbeat_interval}).scalar_one()
 
-    def heartbeat(self, nodename: str, state: str | None = None) -> None:
+    def heartbeat(self, nodename: str, state: str | None = None) -> bool:
         """Refresh the worker's heartbeat, and its state if given (a state change that could
-        not be written when it happened, the ledger being unreachable, is written here)."""
+        not be written when it happened, the ledger being unreachable, is written here);
+        False when the worker has no row (deleted by an operator or a cleanup)."""
         if state is None:
-            self.db.direct(_BEAT, node=nodename, at=time.time())
-        else:
-            self.db.direct(_BEAT_AND_STATE, node=nodename, at=time.time(), new_state=state)
+            return bool(self.db.direct(_BEAT, node=nodename, at=time.time()))
+        return bool(self.db.direct(_BEAT_AND_STATE, node=nodename, at=time.time(),
+                                   new_state=state))
 
     def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
         with self.db.session() as s:
@@ -314,5 +318,5 @@ class Registry:
 _services = Service.__table__
 #: A heartbeat, built once (parameters named after no column: an UPDATE's SET takes those).
 _BEAT = update(_services).where(_services.c.nodename == bindparam("node")).values(
-    heartbeat_at=bindparam("at"))
+    heartbeat_at=bindparam("at")).returning(_services.c.nodename)
 _BEAT_AND_STATE = _BEAT.values(state=bindparam("new_state"))

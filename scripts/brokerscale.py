@@ -46,6 +46,9 @@ def make_app(url: str, queue_type: str):
     os.environ["ORCHESTRATOR_QUEUE_TYPE"] = queue_type
     app = Celery("brokerscale")
     app.conf.update(no_loss(url, Settings.from_env()))
+    # Quorum queues: a new connection right after a thousand declares may wait for the node
+    # (each queue a Raft member settling) longer than a worker's usual connect timeout.
+    app.conf.broker_connection_timeout = 60
     return app
 
 

@@ -135,6 +135,27 @@ def test_a_second_connection_made_for_a_moment_is_closed_once_not_needed(
     assert closer.close_idle() == 0, "one kept, used: stays"
 
 
+def test_a_worker_whose_row_was_deleted_writes_it_again_as_it_was(fleet: Fleet) -> None:
+    """An operator's cleanup deleted a live worker's registry row: its next heartbeat finds
+    none and writes it again, with the state and start it had (not taken for a new worker,
+    nor left unseen while its steps are taken for stranded)."""
+    from nova_app.app import orch
+    from orchestrator.ledger.models import Service
+
+    worker = fleet.start("compute1")
+    (before,) = orch.registry.services("compute1")
+    with orch.db.session() as s:
+        s.delete(s.get(Service, before.nodename))
+    assert orch.registry.services("compute1") == []
+    deadline = time.monotonic() + 20
+    while not (after := orch.registry.services("compute1")):
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        time.sleep(0.2)
+    assert (after[0].nodename, after[0].state, after[0].started_at) == (
+        before.nodename, "up", before.started_at)
+    assert "has no row in the registry (deleted?); registering again" in worker.log()
+
+
 def test_the_lease_holder_sends_an_idle_hosts_unsent_step_and_a_killed_holder_is_replaced(
         fleet: Fleet) -> None:
     """Two hosts: the lease's holder sends a step whose sender died, for a host whose own

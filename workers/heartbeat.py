@@ -35,8 +35,11 @@ logger = get_logger(__name__)
 
 class Heartbeat:
     def __init__(self, orch: Any, nodename: str, interval: float,
-                 state: Callable[[], str]) -> None:
+                 state: Callable[[], str], lost: Callable[[], None]) -> None:
+        """``lost``: writes the worker's row again, when a beat finds none (deleted under
+        it): without it the worker would run unseen, its steps taken for stranded."""
         self.orch, self.nodename, self.interval, self.state = orch, nodename, interval, state
+        self.lost = lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-heartbeat",
                                         daemon=True)
@@ -64,7 +67,10 @@ class Heartbeat:
         happened, the ledger being unreachable, is written here)."""
         try:
             with self._no_fork:
-                self.orch.registry.heartbeat(self.nodename, self.state())
+                if not self.orch.registry.heartbeat(self.nodename, self.state()):
+                    logger.warning("heartbeat: %s has no row in the registry (deleted?); "
+                                   "registering again", self.nodename)
+                    self.lost()
         except LedgerUnavailable as exc:
             self.orch.ledger_health.report(exc, "heartbeat")
         except Exception as exc:  # a database hiccup must not end the heartbeats

@@ -149,7 +149,8 @@ class HostService(bootsteps.StartStopStep):
         # to the bootsteps of the worker running it (workers.request.StepRequest).
         self.orch.worker = worker
         self.heartbeat = Heartbeat(self.orch, worker.hostname,
-                                   self.orch.settings.heartbeat_interval, lambda: self.state)
+                                   self.orch.settings.heartbeat_interval, lambda: self.state,
+                                   lambda: self._write_row(queues))
         self.heartbeat.start()
 
     def _register(self, queues: HostQueues) -> None:
@@ -162,11 +163,7 @@ class HostService(bootsteps.StartStopStep):
             try:
                 self.orch.db.engine()  # the schema check that __init__ could not make
                 self.started_at = time.time()
-                self.fleet_size = self.orch.registry.register(
-                    self.nodename, queues.host, pid=self.pid, version=self.version,
-                    consumes_main=queues.main is not None, consumes_alt=queues.alt is not None,
-                    steps=self.orch.served_steps(), code_version=self.orch.code_fingerprint,
-                )
+                self._write_row(queues)
                 return
             except LedgerUnavailable as exc:
                 logger.error("orchestrator: %s; trying again in %g s (consuming nothing until "
@@ -181,6 +178,14 @@ class HostService(bootsteps.StartStopStep):
                     raise WorkerShutdown(0)
                 time.sleep(0.1)
             delay = min(10.0, delay * 2)
+
+    def _write_row(self, queues: HostQueues) -> None:
+        """This worker's row in the registry, as it stands (its state, when it started)."""
+        self.fleet_size = self.orch.registry.register(
+            self.nodename, queues.host, pid=self.pid, version=self.version,
+            consumes_main=queues.main is not None, consumes_alt=queues.alt is not None,
+            steps=self.orch.served_steps(), code_version=self.orch.code_fingerprint,
+            state=self.state, started_at=self.started_at)
 
     def stop(self, worker) -> None:
         if self.queues is None:
