@@ -309,6 +309,12 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
         assert shown.returncode == 0, shown.stderr
         assert "submit" in shown.stdout and "No application is named" in shown.stdout
         assert "--app MODULE" in shown.stdout
+    # A group named without its command shows its help, as --help does (not a usage error
+    # with the help folded into one line).
+    for args, listed in (((), "submit"), (("db",), "upgrade"), (("deploy",), "check")):
+        shown = run(*args)
+        assert shown.returncode == 0 and not shown.stderr, (args, shown.stderr)
+        assert shown.stdout.startswith("Usage: ") and listed in shown.stdout, shown.stdout
     version = run("--version")
     assert version.returncode == 0 and version.stdout.startswith("orchestrator, version ")
     refused = run("boot", "vm1")
