@@ -528,7 +528,7 @@ def routing_check(path: str | None, as_json: bool) -> None:
         orch = current()
         orch.load_steps()
         table = load_routing(path or orch.routing_file, orch.served_steps(), orch.code_version,
-                             "default" if path else orch.routing_origin)
+                             "argument" if path else orch.routing_origin)
     except RoutingError as exc:
         emit(as_json, {"ok": False, "error": str(exc)}, f"error: {printable(str(exc))}")
         sys.exit(EXIT_NOT_COMPLETED)

@@ -225,6 +225,7 @@ HINTS = {
     "environment": "ORCHESTRATOR_ROUTING_FILE names it: check that setting",
     "application": "the application names it (Orchestrator(routing=...), relative to the "
                    "application's module): fix the path there",
+    "argument": "the path given on the command line: check it",
 }
 
 

@@ -273,6 +273,48 @@ def test_a_relative_routing_path_is_the_applications_and_its_error_says_so(
     assert "ORCHESTRATOR_ROUTING_FILE" not in message
 
 
+def test_the_applications_own_paths_and_urls_win_and_its_errors_say_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative ``migrations=`` is the folder beside the application's module, as a relative
+    ``routing=`` is; an ``ORCHESTRATOR_ROUTING_FILE`` does not move a routing.yaml the
+    application names; and a ledger the application names (``db_url=``) is what an error
+    about it tells to check, not ORCHESTRATOR_DB_URL, which it overrides."""
+    import importlib
+
+    from orchestrator import SchemaError
+
+    project = tmp_path / "project"
+    (project / "shelves").mkdir(parents=True)
+    (project / "routing.yaml").write_text(ROUTING)
+    missing = tmp_path / "nowhere.db"
+    (project / "own_app.py").write_text(
+        "from celery import Celery\n"
+        "from orchestrator import Orchestrator\n"
+        "orch = Orchestrator(Celery('own'), routing='routing.yaml', migrations='shelves',\n"
+        f"                    db_url='sqlite:///{missing}')\n"
+        "orch.step(name='prepare')(lambda ctx: None)\n"
+        "orch.step(name='copy')(lambda ctx: None)\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "routing.yaml").write_text("not: the application's\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("ORCHESTRATOR_ROUTING_FILE", str(elsewhere / "routing.yaml"))
+    monkeypatch.setenv("ORCHESTRATOR_DB_URL", f"sqlite:///{elsewhere / 'env.db'}")
+    monkeypatch.syspath_prepend(str(project))
+    orch = importlib.import_module("own_app").orch
+    assert orch.db.migrations == (project / "shelves",)
+    assert orch.routing_file == project / "routing.yaml"
+    assert set(orch.routing.routes) >= {"prepare", "copy"}
+    orch.db.reads_create = False  # as the command line looks: it creates nothing
+    with pytest.raises(SchemaError) as raised:
+        orch.db.ping()
+    message = str(raised.value)
+    assert f"{missing} does not exist" in message
+    assert "check the application's Orchestrator(db_url=...)" in message, message
+    assert "ORCHESTRATOR_DB_URL" not in message
+    assert not missing.exists() and not (elsewhere / "env.db").exists()
+
+
 def test_deploy_check_tells_a_routing_problem_from_stranded_operations(
         orch: Orchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing in flight, but the new code's routing.yaml lacks one of its steps: the check
