@@ -42,6 +42,7 @@ _EXPORTS = {
     "ended": "orchestrator.views",
     "wait_for": "orchestrator.views",
     "wait_operation": "orchestrator.views",
+    "timeline_lines": "orchestrator.views",
     "queue_depth": "orchestrator.broker",
     "Watch": "orchestrator.live",
 }

@@ -23,6 +23,7 @@ from orchestrator import (
 from orchestrator.broker import queue_depths
 from orchestrator.cli import main as cli
 from orchestrator.ledger.models import Operation
+from orchestrator.views import timeline_lines
 
 ROUTING = """\
 steps:
@@ -171,6 +172,11 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     assert data["params"] == {"volume": "v7", "size": 3} and data["subject"] == "v7"
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id, "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["kind"] == "sync"
+    # The timeline's text, as the command prints it and an application (the demo) shows it.
+    told = timeline_lines(orch, op_id)
+    assert "submitted" in told[0] and "sync subject=v7" in told[0], told
+    shown = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id]).output
+    assert all(f"  {line}" in shown for line in told), shown
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "submit", "sync", "--host",
                                  "source=node3", "--json"])
     assert result.exit_code == 2
