@@ -185,6 +185,11 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     # By a unique prefix, as the demo prints ids; an ambiguous one names what it matches.
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id[:8], "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["operation"] == op_id
+    # As README's listings abbreviate one (3c1f...), or in capitals: the same operation.
+    for given in (op_id[:6] + "...", op_id[:6] + "…", op_id[:8].upper()):
+        result = runner.invoke(cli, ["--app", "sync_app:ORCH", "wait", given, "--json",
+                                     "--timeout", "0"])
+        assert json.loads(result.output)["operation"] == op_id, (given, result.output)
     with orch.transaction() as s:
         for twin in ("abcd0000", "abcd1111"):
             s.add(Operation(id=f"{twin}-0000-4000-8000-000000000000", kind="sync",
