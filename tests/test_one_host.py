@@ -153,7 +153,8 @@ def test_attempts_are_counted_by_the_ledger_not_by_the_message(fleet: Fleet) -> 
     assert first.wait(timeout=30) == 0
     op = operations.console("vm1")
     for _ in range(orch.max_retries):
-        orch.ledger.record_attempt(op.id, 0, Attempt("earlier@compute1", time.time()))
+        orch.ledger.record_attempt(op.id, 0, Attempt("earlier@compute1", time.time()),
+                                   "get_console_output", "compute1", "an earlier crash")
     worker = fleet.start("compute1", concurrency=1, env=env)
     data = wait_op(op.id, ended)
     assert data["status"] == "failed", data
