@@ -10,6 +10,7 @@ steps and flows live in :mod:`nova_app.steps`, which Celery imports by name (``i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from celery import Celery
@@ -17,6 +18,7 @@ from celery import Celery
 from nova_app.flows import TASK_PREFIX
 from nova_app.models import Instance
 from orchestrator import Orchestrator, OrchestratorError
+from orchestrator.cli import fail
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: Nova's routing table, found from any working directory (ORCHESTRATOR_ROUTING_FILE or a
@@ -33,7 +35,7 @@ try:
         default_routing=ROUTING,
     )
 except OrchestratorError as exc:  # a bad ORCHESTRATOR_* setting: one line, no traceback
-    raise SystemExit(f"orchestrator: {exc}") from None
+    fail("--json" in sys.argv, str(exc))  # as every command's error: `error: ...`, exit 2
 
 
 @orch.describe

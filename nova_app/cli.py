@@ -15,6 +15,7 @@ from nova_app import operations, views
 from orchestrator.cli import (
     EXIT_NOT_COMPLETED,
     emit,
+    fail,
     handles_errors,
     json_option,
     wait_until_ended,
@@ -180,8 +181,7 @@ def demo(step_delay: float, flower: bool, flower_port: int) -> None:
     try:
         code = run_demo(step_delay, flower=flower, flower_port=flower_port)
     except (RuntimeError, OSError, TimeoutError) as exc:  # no broker to embed, a port taken...
-        click.echo(f"demo: {exc}", err=True)
-        code = 2
+        fail(False, str(exc))
     sys.exit(code)
 
 

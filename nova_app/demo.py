@@ -18,8 +18,7 @@ import time
 
 from nova_app import operations, views
 from nova_app.app import app, orch
-from orchestrator import Watch, queue_depth, timeline, wait_for
-from orchestrator import views as engine_views
+from orchestrator import Watch, queue_depth, timeline_lines, wait_for
 from orchestrator.testing import FLOWER_PORT, local_stack
 
 
@@ -81,9 +80,8 @@ def _story(stack, say, step_delay: float) -> int:
     stack.fleet.start("compute2", graceful_timeout=60)
     vm2 = views.wait_operation(late.id)
     say(f"boot vm2 {vm2['status']} on compute2 after the restart")
-    story = engine_views.operation_dict(orch, resize.id, with_timeline=True)
     say(f"the resize's timeline (orchestrator operation {resize.id[:8]}):")
-    for line in timeline.lines(story["timeline"], story["created_at"]):
+    for line in timeline_lines(orch, resize.id):
         say("   " + line)
     ok = rc == 0 and result["status"] == "completed" and vm2["status"] == "completed"
     say("demo " + ("succeeded" if ok else "FAILED"))

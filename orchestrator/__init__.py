@@ -42,6 +42,7 @@ _EXPORTS = {
     "ended": "orchestrator.views",
     "wait_for": "orchestrator.views",
     "wait_operation": "orchestrator.views",
+    "timeline_lines": "orchestrator.views",
     "queue_depth": "orchestrator.broker",
     "Watch": "orchestrator.live",
 }
@@ -56,11 +57,12 @@ def __getattr__(name: str) -> Any:
         # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP or the project's
         # pyproject.toml (by name: the engine imports no application). Celery would print a
         # traceback for the error: one line instead.
+        from orchestrator.cli import fail
         from orchestrator.discovery import load_app
         from orchestrator.errors import OrchestratorError
 
         try:
             return load_app(None).app
         except OrchestratorError as exc:
-            raise SystemExit(f"orchestrator: {exc}") from None
+            fail(False, str(exc))  # as every command's error: one line, exit status 2
     raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

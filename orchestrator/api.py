@@ -93,6 +93,15 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _beside(path: str | Path, module_file: str | None) -> Path:
+    """``path`` as an application gives it: a relative one is read from the directory of its
+    module, ``module_file``, wherever the process was started."""
+    path = Path(path)
+    if not path.is_absolute() and module_file:
+        return Path(module_file).resolve().parent / path
+    return path
+
+
 class Orchestrator:
     """Shutdown-aware routing for the steps of ``app``.
 
@@ -100,7 +109,8 @@ class Orchestrator:
       ``./routing.yaml``, else ``default_routing``), read and validated against the registered
       steps on first use, and read again when it changes;
     - ``db_url``: the ledger's SQLAlchemy URL (default ``ORCHESTRATOR_DB_URL``);
-    - ``migrations``: a folder of Alembic revisions for the application's own tables;
+    - ``migrations``: a folder of Alembic revisions for the application's own tables (a
+      relative one, as a relative ``routing``, from the directory of the application's module);
     - ``task_prefix``: Celery task names are ``task_prefix + step name``;
     - ``commands``: ``"module:attribute"``, a list of click commands ``orchestrator --app``
       adds to its own.
@@ -124,7 +134,8 @@ class Orchestrator:
         caller = frame.f_back.f_globals.get("__file__") if frame and frame.f_back else None
         del frame
         self.routing_file = self._routing_file(routing, default_routing, caller)
-        self.db = Database(db_url, [Path(migrations)] if migrations is not None else [])
+        self.db = Database(db_url, [_beside(migrations, caller)] if migrations is not None
+                           else [])
         self.flows: dict[str, Flow] = {}
         self.steps: dict[str, StepSpec] = {}
         #: Older names a step still answers to (``@orch.step(aliases=...)``): alias -> step.
@@ -168,10 +179,7 @@ class Orchestrator:
         is kept (``routing_origin``): an error reading it says what to fix."""
         if routing is not None:
             self.routing_origin = "application"
-            path = Path(routing)
-            if not path.is_absolute() and module_file:
-                path = Path(module_file).resolve().parent / path
-            return path
+            return _beside(routing, module_file)
         self.routing_origin = "environment" if self.settings.routing_file_set else "default"
         if self.settings.routing_file_set or default is None:
             return self.settings.routing_file

@@ -33,6 +33,8 @@ __all__ = ["EXIT_ERROR", "EXIT_NOT_COMPLETED", "emit", "fail", "handles_errors",
 EXIT_ERROR = 2
 EXIT_NOT_COMPLETED = 1
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+#: What click (8.2 on) raises for a group named without its command: its help is wanted.
+NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def emit(as_json: bool, data: Any, text: str) -> None:
@@ -122,6 +124,11 @@ class AppGroup(click.Group):
         given = list(args) if args is not None else sys.argv[1:]
         try:
             code = super().main(given, prog_name, complete_var, False, **extra)
+        except NO_ARGS_IS_HELP as exc:
+            # `orchestrator`, `orchestrator db`: a group named without its command is asked
+            # for its help (click 8.2 raises it as a usage error, the help inside one line).
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
         except click.ClickException as exc:
             hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
             fail("--json" in given, exc.format_message() + hint)
@@ -499,7 +506,8 @@ def routing_show(as_json: bool) -> None:
     orch = current()
     orch.routing_source.check(force=True)  # read again now if the file changed
     data = _table_dict(orch.routing_source)
-    lines = [f"{step:<32}{r['queue']:<6}{r['reason']}" for step, r in data["steps"].items()]
+    width = max((len(step) for step in data["steps"]), default=0) + 2
+    lines = [f"{step:<{width}}{r['queue']:<6}{r['reason']}" for step, r in data["steps"].items()]
     lines.append(f"from {data['file']}, read at {data['loaded_at']}")
     if data["pending_error"]:
         lines.append(f"not in force (the file's current text has an error): "
@@ -520,7 +528,7 @@ def routing_check(path: str | None, as_json: bool) -> None:
         orch = current()
         orch.load_steps()
         table = load_routing(path or orch.routing_file, orch.served_steps(), orch.code_version,
-                             "default" if path else orch.routing_origin)
+                             "argument" if path else orch.routing_origin)
     except RoutingError as exc:
         emit(as_json, {"ok": False, "error": str(exc)}, f"error: {printable(str(exc))}")
         sys.exit(EXIT_NOT_COMPLETED)

@@ -225,6 +225,7 @@ HINTS = {
     "environment": "ORCHESTRATOR_ROUTING_FILE names it: check that setting",
     "application": "the application names it (Orchestrator(routing=...), relative to the "
                    "application's module): fix the path there",
+    "argument": "the path given on the command line: check it",
 }
 
 
@@ -589,7 +590,7 @@ class StepRouter:
         if step is None:
             return None
         if options and options.get("queue"):
-            # An explicit queue wins over any router (operations.publish_step already decided
-            # and counted); deciding again here would count it twice.
+            # An explicit queue wins over any router (the dispatcher, orchestrator.dispatch,
+            # already decided and counted); deciding again here would count it twice.
             return None
         return {"queue": self.queue(step, (kwargs or {}).get("host"))}  # type: ignore[arg-type]

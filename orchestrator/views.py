@@ -57,6 +57,13 @@ def operation_dict(orch: Any, operation_id: str, with_timeline: bool = False) ->
     return data
 
 
+def timeline_lines(orch: Any, operation_id: str) -> list[str]:
+    """The operation's timeline as text, a line per entry (``orchestrator operation ID``
+    prints these): what an application shows of an operation's way."""
+    data = operation_dict(orch, operation_id, with_timeline=True)
+    return timeline.lines(data["timeline"], data["created_at"])
+
+
 def _current_step(
     op: Operation, step: str, host: str, views: list[registry.ServiceView],
 ) -> dict[str, Any]:

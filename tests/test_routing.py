@@ -177,6 +177,13 @@ def test_nova_finds_its_routing_file_from_any_directory(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1 and "routing.yaml:" in proc.stdout
     assert "revert_resise: unknown step" in proc.stdout
+    proc = subprocess.run(  # a file named on the command line: the hint is about that path
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check",
+         "no-such.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1 and proc.stdout.startswith("error: no-such.yaml: cannot read")
+    assert "(the path given on the command line: check it)" in proc.stdout, proc.stdout
+    assert "ORCHESTRATOR_ROUTING_FILE" not in proc.stdout
 
 
 # -- one file for a fleet running two code versions ---------------------------------------------

@@ -133,10 +133,10 @@ def test_the_command_line_upgrades_and_a_worker_refuses_an_older_schema(
         [sys.executable, "-m", "celery", "-A", "shelves_app", "worker", "-Q", "shelf1",
          "--pool", "solo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("orchestrator: database ") and "older schema" in last
+    assert last.startswith("error: database ") and "older schema" in last
     assert last.endswith("run `orchestrator db upgrade`")
     proc = subprocess.run(
         [sys.executable, "-c", "from orchestrator.cli import main; main()", "--app",

@@ -137,5 +137,5 @@ def test_worker_with_half_configured_signing_refuses_to_start(tmp_path: Path) ->
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
         env={**os.environ, KEY_VAR: str(tmp_path / "key.pem"), CERT_VAR: "", STORE_VAR: ""},
     )
-    assert proc.returncode != 0
-    assert f"orchestrator: message signing needs {KEY_VAR}" in proc.stderr
+    assert proc.returncode == 2
+    assert f"error: message signing needs {KEY_VAR}" in proc.stderr

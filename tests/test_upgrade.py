@@ -159,9 +159,9 @@ def test_bad_override_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
         [sys.executable, "-c", "import nova_app.app"], cwd=REPO, capture_output=True, text=True,
         env={**os.environ, "ORCHESTRATOR_ALT_ROUTING": "sometimes"}, timeout=60,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().endswith(
-        "orchestrator: ORCHESTRATOR_ALT_ROUTING='sometimes': must be one of auto, always, never"
+        "error: ORCHESTRATOR_ALT_ROUTING='sometimes': must be one of auto, always, never"
     ), proc.stderr
 
 

@@ -14,9 +14,10 @@ the package's other bootsteps do nothing on it.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import bootsteps
 from celery.exceptions import WorkerShutdown
@@ -34,11 +35,18 @@ from workers.heartbeat import Heartbeat
 logger = get_logger(__name__)
 
 
+def refuse(message: str) -> NoReturn:
+    """Stop this worker's start as every command's error is said: one line, ``error: ...``,
+    on the process's own stderr (Celery's log may have taken ``sys.stderr``), exit status 2."""
+    print(f"error: {message}", file=sys.__stderr__, flush=True)
+    raise SystemExit(2)
+
+
 def orchestrator_of(app: Any) -> Any:
     """The Orchestrator installed on ``app`` (``Orchestrator(app, ...)`` hangs it there)."""
     orch = getattr(app, "orchestrator", None)
     if orch is None:
-        raise SystemExit(f"orchestrator: Celery app {app.main!r} has no Orchestrator")
+        refuse(f"Celery app {app.main!r} has no Orchestrator")
     return orch
 
 
@@ -103,7 +111,7 @@ class HostService(bootsteps.StartStopStep):
             # as Celery waits for its broker, and checks the schema then.
             pass
         except OrchestratorError as exc:
-            raise SystemExit(f"orchestrator: {exc}") from None
+            refuse(str(exc))
         seams.check(logger, ("celery", "kombu", "billiard"))
         # Celery set the queues of -Q (WorkController.setup_queues) before it made the
         # bootsteps: a -Q this worker cannot serve stops it here, in one line, before it
@@ -113,13 +121,13 @@ class HostService(bootsteps.StartStopStep):
             self.expected = HostQueues.from_queue_names(
                 names, worker.app.conf.task_default_queue)
         except ConfigError as exc:
-            raise SystemExit(f"orchestrator: {exc}") from None
+            refuse(str(exc))
         #: What this worker registers: a legacy (version 1) worker consumes only ``<host>``.
         self.version = registry.SERVICE_VERSION if service_version is None else service_version
         if (self.expected is not None and self.expected.alt is not None
                 and self.version < registry.ALT_SERVICE_VERSION):
-            raise SystemExit(
-                f"orchestrator: service version {self.version} cannot consume "
+            refuse(
+                f"service version {self.version} cannot consume "
                 f"{self.expected.alt}: a legacy worker consumes only {self.expected.host} "
                 "(orchestrator worker HOST --legacy)")
         self.queues: HostQueues | None = None
@@ -169,7 +177,7 @@ class HostService(bootsteps.StartStopStep):
                 logger.error("orchestrator: %s; trying again in %g s (consuming nothing until "
                              "then)", exc, delay)
             except OrchestratorError as exc:  # an older schema: the command to run
-                raise SystemExit(f"orchestrator: {exc}") from None
+                refuse(str(exc))
             until = time.monotonic() + delay
             while time.monotonic() < until:
                 if celery_seam.shutdown_requested():

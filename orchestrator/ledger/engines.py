@@ -242,24 +242,31 @@ def _writer_turn(url: str) -> Iterator[None]:
         yield
 
 
-def check_url(url: str) -> None:
-    """A ledger URL SQLAlchemy can use, or a :class:`ConfigError` in one line naming it."""
+#: Where a ledger URL comes from, as an error's hint names it: the environment's setting, or
+#: the application's own ``Orchestrator(db_url=...)``, which wins over it.
+ENV_SETTING = "ORCHESTRATOR_DB_URL"
+APP_SETTING = "the application's Orchestrator(db_url=...)"
+
+
+def check_url(url: str, setting: str = ENV_SETTING) -> None:
+    """A ledger URL SQLAlchemy can use, or a :class:`ConfigError` in one line naming it and
+    ``setting``, where it came from."""
     try:
         parsed = make_url(url)
         parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise ConfigError(f"ledger URL {redact_url(url)!r} (ORCHESTRATOR_DB_URL): "
+        raise ConfigError(f"ledger URL {redact_url(url)!r} ({setting}): "
                           f"{printable(redact_text(first_line(exc), url))}") from None
 
 
-def _refuse_missing_file(url: str) -> None:
+def _refuse_missing_file(url: str, setting: str = ENV_SETTING) -> None:
     """SQLite creates the file a connection names: a read of a file that is not there is
     told so, and leaves no empty file behind."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
             and not Path(parsed.database).exists():
         raise SchemaError(f"database {redact_url(url)} holds no ledger: {parsed.database} does "
-                          "not exist (check ORCHESTRATOR_DB_URL, or start a worker first)")
+                          f"not exist (check {setting}, or start a worker first)")
 
 
 def _connect_args(url: str) -> dict[str, object]:
@@ -312,6 +319,8 @@ class Database:
 
     def __init__(self, url: str | None = None, migrations: Sequence[Path] = ()) -> None:
         self._url = url
+        #: What an error about the URL tells to check (:data:`ENV_SETTING`, :data:`APP_SETTING`).
+        self.url_setting = ENV_SETTING if url is None else APP_SETTING
         self.migrations = tuple(Path(p) for p in migrations)
         #: Whether the database answered this process's last attempts (orchestrator.ledger.health).
         self.health = LedgerHealth()
@@ -346,12 +355,13 @@ class Database:
         url = self.url
         key = (os.getpid(), url, tuple(str(p) for p in self.migrations))
         if key not in _ready:
-            check_url(url)
+            check_url(url, self.url_setting)
             if not create:
-                _refuse_missing_file(url)
+                _refuse_missing_file(url, self.url_setting)
             with self._reachable(url):
                 try:
-                    schema.ensure(_engine(url, True), self.migrations, create=create)
+                    schema.ensure(_engine(url, True), self.migrations, create=create,
+                                  setting=self.url_setting)
                 except DBAPIError as exc:
                     if unreachable(exc):
                         raise
@@ -442,12 +452,14 @@ class Database:
 
     def upgrade(self) -> dict[str, object]:
         """Every branch of the schema to its head (``orchestrator db upgrade``)."""
+        check_url(self.url, self.url_setting)
         with self._reachable(self.url):
             result = schema.upgrade(_engine(self.url, True), self.migrations)
         _ready.add((os.getpid(), self.url, tuple(str(p) for p in self.migrations)))
         return result
 
     def status(self) -> dict[str, object]:
+        check_url(self.url, self.url_setting)
         with self._reachable(self.url), _engine(self.url, True).connect() as conn:
             return schema.status(conn, self.migrations)
 

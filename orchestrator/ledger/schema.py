@@ -160,28 +160,32 @@ def _newer(state: dict[str, object]) -> str | None:
     return None
 
 
-def _empty_or_foreign(conn: Connection, where: str) -> SchemaError:
-    """What a read says of a database with no schema of ours: it creates none."""
+def _empty_or_foreign(conn: Connection, where: str,
+                      setting: str = "ORCHESTRATOR_DB_URL") -> SchemaError:
+    """What a read says of a database with no schema of ours: it creates none. ``setting``:
+    where its URL came from, to check."""
     tables = inspect(conn).get_table_names()
     if tables:
         return SchemaError(
             f"database {where} is not a ledger: it has {len(tables)} table(s), none of them "
-            f"{VERSION_TABLE} (check ORCHESTRATOR_DB_URL)")
+            f"{VERSION_TABLE} (check {setting})")
     return SchemaError(f"database {where} holds no ledger yet: a worker's start or a submit "
                        f"creates it, or run `{UPGRADE_COMMAND}`")
 
 
-def ensure(engine: Engine, locations: Sequence[Path], create: bool = True) -> None:
+def ensure(engine: Engine, locations: Sequence[Path], create: bool = True,
+           setting: str = "ORCHESTRATOR_DB_URL") -> None:
     """Bring a new database (or a branch never applied) to the current schema; refuse one
     where a branch is at an older revision, naming the command to run, or at a newer one.
-    ``create=False`` (what only reads): refuse instead of creating anything."""
+    ``create=False`` (what only reads): refuse instead of creating anything. ``setting``:
+    where the URL came from, which an error tells to check."""
     if _up_to_date(engine, locations):
         return
     where = redact_url(engine.url.render_as_string(hide_password=False))
     if not create:
         with engine.connect() as conn:
             if not inspect(conn).has_table(VERSION_TABLE):
-                raise _empty_or_foreign(conn, where)
+                raise _empty_or_foreign(conn, where, setting)
             state = status(conn, locations)
         _refuse(state, where)
         if state["missing"]:

@@ -757,7 +757,11 @@ class Ledger:
     def resolve(self, operation_id: str) -> str:
         """The operation a full id, or a unique prefix of one, names (the demo and the live
         view print 8 characters): its id; :class:`UnknownOperation` when none or several
-        match, naming them."""
+        match, naming them. A prefix as a listing abbreviates one (``3c1f...``, ``3c1f…``) or
+        in capitals names the same."""
+        cut = operation_id.removesuffix("...").removesuffix("…")
+        if cut != operation_id or re.fullmatch(r"[0-9A-Fa-f-]{4,35}", cut):
+            operation_id = cut.lower()
         if len(operation_id) >= 36 or not re.fullmatch(r"[0-9a-f-]{4,35}", operation_id):
             return operation_id  # a whole id (or not an id: the view says it is unknown)
         found = [row[0] for row in self.db.direct(statements_for(self.db.url).prefixed,
