@@ -317,6 +317,13 @@ class Tracing:
     def enabled(self) -> bool:
         return self._on() is not None
 
+    @property
+    def batched(self) -> bool:
+        """Whether this process's spans are exported in batches (``otlp``), from a thread
+        that only a flush as the process exits can empty: a drained worker then lets its pool
+        processes exit the usual way (Celery's ``worker_process_shutdown``), not at once."""
+        return "otlp" in self.settings.traces_exporters and not self.settings.tracing_disabled
+
     def use(self, provider: Any) -> _Otel:
         """Make the engine's spans with ``provider`` (an application's, or a test's)."""
         with self._lock:

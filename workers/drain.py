@@ -160,8 +160,12 @@ class Drain(bootsteps.StartStopStep):
         self._schedule_idle_tick()
         self.exit_deadline.start()
         self.offline.start()
+        # A drained worker's idle pool ends at once, unless its processes batch spans that
+        # only their own exit flushes (OTLP tracing: orchestrator.tracing).
+        batched = self.orch.tracing.batched
         billiard_internals.stop_at_once_when(
-            worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved())
+            worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved()
+            and not batched)
         celery_seam.handle_sigterm(self._on_sigterm)
         atexit.register(self._ignore_sigterm_at_exit)
         logger.info(
