@@ -2,7 +2,8 @@
 
 Every process of a deployment (API/CLI, each host's worker, Flower) must agree on the broker,
 the database and the routing table, so all of them read the same ``ORCHESTRATOR_*`` variables
-here and nowhere else.
+here and nowhere else; so too the standard ``OTEL_*`` variables of the engine's tracing
+(``orchestrator.tracing``; the OTLP exporter reads its own ``OTEL_EXPORTER_OTLP_*``).
 """
 
 from __future__ import annotations
