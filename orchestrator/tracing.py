@@ -207,7 +207,6 @@ class _Step:
                 QUEUE: (getattr(request, "delivery_info", None) or {}).get("routing_key"),
                 WORKER: getattr(request, "hostname", None)}))
         self.token: Any = None
-        self.said: str | None = None
 
     def __enter__(self) -> _Step:
         context, trace = self.otel.context, self.otel.trace
@@ -220,7 +219,6 @@ class _Step:
         self.span.set_attributes(_attributes(**{FLOW: flow or None, ATTEMPT: attempt or None}))
 
     def outcome(self, outcome: str) -> str:
-        self.said = outcome
         self.span.set_attribute(OUTCOME, outcome)
         if outcome in FAILED_OUTCOMES:
             self.otel.failed(self.span, None, f"the step failed: its operation {outcome}")
