@@ -400,22 +400,33 @@ class Tracing:
         """The span of a submit of ``flow`` (a context manager): ``.traceparent`` to store
         with the operation, ``.operation(id, host, queue)`` once it is recorded."""
         otel = self._on()
-        return NULL if otel is None else _Submit(otel, flow)
+        return NULL if otel is None else self._made(_Submit, otel, flow)
 
     def step(self, request: Any, operation_id: str, position: int, step: str,
              host: str) -> _Step | _Null:
         """The span of one delivery of a step (a context manager), from its Celery
         ``request``: ``.started(flow, attempt)``, ``.outcome(outcome)``."""
         otel = self._on()
-        return NULL if otel is None else _Step(otel, request, operation_id, position, step,
-                                               host)
+        return NULL if otel is None else self._made(_Step, otel, request, operation_id,
+                                                    position, step, host)
 
     def drain(self, host: str, worker: str, reason: str,
               deadline: float | None = None) -> _Drain | _Null:
         """The span of a worker's drain: ``.event(name, **attributes)``, ``.current()``
         (a context manager), ``.end(**attributes)``."""
         otel = self._on()
-        return NULL if otel is None else _Drain(otel, host, worker, reason, deadline)
+        return NULL if otel is None else self._made(_Drain, otel, host, worker, reason,
+                                                    deadline)
+
+    @staticmethod
+    def _made(kind: Any, *args: Any) -> Any:
+        """A span of ``kind``; a span that records nothing if it cannot be made: what it
+        traces goes on whatever its trace."""
+        try:
+            return kind(*args)
+        except Exception as exc:
+            logger.warning("tracing: no %s span: %s", kind.__name__.strip("_").lower(), exc)
+            return NULL
 
     def headers(self, operation_id: str,
                 stored: Callable[[str], str | None]) -> dict[str, str] | None:

@@ -110,6 +110,9 @@ class Drain(bootsteps.StartStopStep):
 
     label = "Drain"
     requires = ("workers.host:HostService",)
+    #: The drain's span (orchestrator.tracing): a trace of the worker's own, from the drain's
+    #: start to its end, each hand-back an event of it; None while the host is up.
+    traced: Any = None
 
     def __init__(self, worker, graceful_timeout: float | None = None, **kwargs) -> None:
         self.service = worker.host_service
@@ -130,9 +133,7 @@ class Drain(bootsteps.StartStopStep):
         self.hand_back: HandBack | None = None
         self.record: DrainRecord | None = None
         self.exit_deadline = ExitDeadline()
-        #: The drain's span (orchestrator.tracing): a trace of the worker's own, from the
-        #: drain's start to its end, each hand-back an event of it.
-        self.traced: Any = None
+        self.traced = None
         #: Drains through the ledger alone when SIGTERM finds no event loop running.
         self.offline = OfflineStop(self)
         self._tref = None
