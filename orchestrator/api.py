@@ -68,6 +68,7 @@ from orchestrator.routing import (
     StepRouter,
 )
 from orchestrator.seams import kombu_internals
+from orchestrator.tracing import Tracing
 from orchestrator.witness import Witness
 
 #: Retries of a step after an unexpected error, before its operation fails.
@@ -143,10 +144,14 @@ class Orchestrator:
         #: This code's version (routing.yaml's ``versions``; the registry's record of what a
         #: worker serves): ``code_version``, else ORCHESTRATOR_CODE_VERSION, else None.
         self.code_version = code_version or self.settings.code_version
-        self.ledger = Ledger(self.db, self.flows)
+        #: OpenTelemetry spans, one trace per operation (orchestrator.tracing): off unless
+        #: OTEL_TRACES_EXPORTER names an exporter or the application installed a provider.
+        self.tracing = Tracing(self.settings)
+        self.ledger = Ledger(self.db, self.flows, self.tracing)
         self.task_prefix = task_prefix
         #: The one way a step is sent (orchestrator.dispatch).
-        self.dispatch = Dispatcher(app, self.ledger, lambda: self.router, task_prefix)
+        self.dispatch = Dispatcher(app, self.ledger, lambda: self.router, task_prefix,
+                                   self.tracing)
         #: This process's view of the ledger's reachability (orchestrator.ledger.health).
         self.ledger_health = self.db.health
         self.registry = Registry(self.db, self.settings.heartbeat_interval, self.db.health)
@@ -211,6 +216,11 @@ class Orchestrator:
         signals.celeryd_after_setup.connect(
             self._before_fork, weak=False, dispatch_uid=f"orchestrator.before-fork.{id(self)}"
         )
+        # The spans a worker's process still batches are exported as it exits (a pool
+        # process ends with os._exit: no atexit there).
+        for exiting in (signals.worker_process_shutdown, signals.worker_shutdown):
+            exiting.connect(self._flush_traces, weak=False,
+                            dispatch_uid=f"orchestrator.traces.{exiting.name}.{id(self)}")
 
     def _worker_options(self) -> None:
         self.app.user_options["worker"].add(click.Option(
@@ -239,6 +249,9 @@ class Orchestrator:
             return
         configure_mappers()
         gc.freeze()
+
+    def _flush_traces(self, sender: Any = None, **kwargs: Any) -> None:
+        self.tracing.flush()
 
     def _log_settings(self, sender: str, instance: Any, conf: Any, **kwargs: Any) -> None:
         """One line at worker start: where it connects, passwords redacted."""
@@ -465,20 +478,27 @@ class Orchestrator:
         # A submit writes: the ledger's schema first (once per process), so that routing's
         # read of the registry finds one even in a process whose reads create nothing.
         self.db.engine()
-        if session is None:
-            # Route first, then one transaction records the operation with its first step as
-            # sent, and one publish sends it. A fallback to <host> is counted (a write of its
-            # own, never inside the ledger's transaction) only once the step is sent.
+        with self.tracing.submit(spec.name) as traced:
+            if session is None:
+                # Route first, then one transaction records the operation with its first step
+                # as sent, and one publish sends it. A fallback to <host> is counted (a write
+                # of its own, never inside the ledger's transaction) only once the step is
+                # sent.
+                decision = self.dispatch.route(*first)
+                op_id = self.ledger.record_new(
+                    spec.name, spec.plan(hosts), hosts, params or {}, subject, decision.queue,
+                    spec.recorded_rollback(hosts), trace=traced.traceparent)
+                traced.operation(op_id, first[1], decision.queue)
+                self.dispatch.first(StepMessage(op_id, 0, *first, spec.name, subject),
+                                    decision)
+                return op_id
+            # The same in the caller's transaction: the operation is recorded with its first
+            # step as sent to the queue routed now, and that step is published once it
+            # commits (its trace then read back with it).
             decision = self.dispatch.route(*first)
-            op_id = self.ledger.record_new(
-                spec.name, spec.plan(hosts), hosts, params or {}, subject, decision.queue,
-                spec.recorded_rollback(hosts))
-            self.dispatch.first(StepMessage(op_id, 0, *first, spec.name, subject), decision)
-            return op_id
-        # The same in the caller's transaction: the operation is recorded with its first step
-        # as sent to the queue routed now, and that step is published once it commits.
-        decision = self.dispatch.route(*first)
-        op_id = self._record(session, spec, hosts, params, subject, queue=decision.queue)
+            op_id = self._record(session, spec, hosts, params, subject, queue=decision.queue,
+                                 trace=traced.traceparent)
+            traced.operation(op_id, first[1], decision.queue)
         message = StepMessage(op_id, 0, *first, spec.name, subject)
         event.listen(session, "after_commit",
                      lambda _s: self.dispatch.first(message, decision), once=True)
@@ -532,10 +552,12 @@ class Orchestrator:
     def _record(
         self, s: Session, spec: Flow, hosts: Mapping[str, str],
         params: Mapping[str, Any] | None, subject: str | None, queue: str | None = None,
+        trace: str | None = None,
     ) -> str:
         """The operation recorded in the application's transaction ``s``."""
         return self.ledger.record_new(spec.name, spec.plan(hosts), hosts, params or {},
-                                      subject, queue, spec.recorded_rollback(hosts), session=s)
+                                      subject, queue, spec.recorded_rollback(hosts), session=s,
+                                      trace=trace)
 
     def publish_step(self, operation_id: str, position: int, step: str, host: str,
                      kind: str = "", subject: str | None = None) -> str:

@@ -2,7 +2,8 @@
 
 Every process of a deployment (API/CLI, each host's worker, Flower) must agree on the broker,
 the database and the routing table, so all of them read the same ``ORCHESTRATOR_*`` variables
-here and nowhere else.
+here and nowhere else; so too the standard ``OTEL_*`` variables of the engine's tracing
+(``orchestrator.tracing``; the OTLP exporter reads its own ``OTEL_EXPORTER_OTLP_*``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ DEFAULT_SENTINEL_MASTER = "mymaster"
 TESTKIT_GATE = "ORCHESTRATOR_TESTKIT_GATE"
 #: Where a project names its application for ``orchestrator`` and ``celery -A orchestrator``.
 PROJECT_FILE = "pyproject.toml"
+#: The values of OpenTelemetry's standard ``OTEL_TRACES_EXPORTER`` that the engine's tracing
+#: sets up (``orchestrator.tracing``): one JSON line per span on stdout, or OTLP over HTTP.
+TRACES_EXPORTERS = ("console", "otlp", "none")
 
 
 def _float(name: str, default: float) -> float:
@@ -78,6 +82,19 @@ def _int(name: str, default: int, low: int, high: int | None = None) -> int:
         bound = f"{low}..{high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name}={raw!r}: expected a whole number, {bound}")
     return int(raw)
+
+
+def _traces_exporters() -> tuple[str, ...]:
+    """``OTEL_TRACES_EXPORTER``, OpenTelemetry's standard variable: a comma-separated list of
+    :data:`TRACES_EXPORTERS`; empty (unset, or ``none``): the engine sets up no tracing of
+    its own."""
+    raw = os.environ.get("OTEL_TRACES_EXPORTER") or ""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    for name in names:
+        if name not in TRACES_EXPORTERS:
+            raise ConfigError(f"OTEL_TRACES_EXPORTER={raw!r}: {name!r} is not one of "
+                              f"{', '.join(TRACES_EXPORTERS)}")
+    return tuple(n for n in names if n != "none")
 
 
 def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
@@ -123,6 +140,13 @@ class Settings:
     db_pool_mode: str = "session"
     #: ``ORCHESTRATOR_METRICS_MAX_HOSTS``: hosts with per-host metric series, at most.
     metrics_max_hosts: int = DEFAULT_METRICS_MAX_HOSTS
+    #: ``OTEL_TRACES_EXPORTER`` (:func:`_traces_exporters`): the exporters the engine's
+    #: tracing sets up; none: it uses an application's own TracerProvider, if there is one.
+    traces_exporters: tuple[str, ...] = ()
+    #: ``OTEL_SERVICE_NAME``: the ``service.name`` of the spans the engine's tracing exports.
+    service_name: str | None = None
+    #: ``OTEL_SDK_DISABLED=true``: no tracing at all, whatever else is set.
+    tracing_disabled: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -158,6 +182,10 @@ class Settings:
             db_pool_mode=db_pool_mode(),
             metrics_max_hosts=_int("ORCHESTRATOR_METRICS_MAX_HOSTS", DEFAULT_METRICS_MAX_HOSTS,
                                    1),
+            traces_exporters=_traces_exporters(),
+            service_name=(os.environ.get("OTEL_SERVICE_NAME") or "").strip() or None,
+            tracing_disabled=(os.environ.get("OTEL_SDK_DISABLED") or "").strip().lower()
+            == "true",
         )
 
 

@@ -68,8 +68,10 @@ class Dispatcher:
     tells waiters of an operation's end (:mod:`orchestrator.notices`)."""
 
     def __init__(self, app: Any, ledger: Ledger, router: Callable[[], StepRouter],
-                 task_prefix: str) -> None:
+                 task_prefix: str, tracing: Any = None) -> None:
         self.app, self.ledger, self.router, self.task_prefix = app, ledger, router, task_prefix
+        #: orchestrator.tracing.Tracing: the headers that carry an operation's trace.
+        self.tracing = tracing
 
     def route(self, step: str, host: str) -> Decision:
         """Where ``step`` for ``host`` goes now (no fallback counted yet)."""
@@ -84,15 +86,19 @@ class Dispatcher:
 
         What task events (Flower's task rows) show as the step's kwargs also names the
         operation's flow, its subject and the queue it was sent to: a step that came through
-        ``<host>-alt`` says so."""
+        ``<host>-alt`` says so. With tracing on, its headers carry the operation's trace
+        context (:meth:`orchestrator.tracing.Tracing.headers`); a retry, a drain's hand-back
+        and a send home keep them."""
         kwargs = {"operation_id": message.operation_id, "position": message.position,
                   "host": message.host}
         about = " ".join(filter(None, [message.kind,
                                        message.subject and f"subject={message.subject}"]))
+        headers = (self.tracing.headers(message.operation_id, self.ledger.trace_of)
+                   if self.tracing is not None else None)
         self.app.send_task(
             self.task_prefix + message.step, kwargs=kwargs,
             task_id=step_task_id(message.operation_id, message.position), queue=queue,
-            kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "),
+            kwargsrepr=f"{kwargs!r} {about} via {queue}".replace("  ", " "), headers=headers,
         )
 
     def first(self, message: StepMessage, decision: Decision) -> None:

@@ -193,8 +193,20 @@ def _output(step: str, value: Any, limit: int) -> dict[str, Any] | None:
 def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
              host: str, as_name: str | None = None) -> str:
     """Run one delivery of a step. ``as_name``: the name the message was sent as, the one
-    the operation's plan holds (an alias of ``spec``'s step after a rename)."""
-    ledger, step = orch.ledger, as_name or spec.name
+    the operation's plan holds (an alias of ``spec``'s step after a rename).
+
+    With tracing on, the delivery is a span in its operation's trace (the context its message
+    carries), with its outcome; the next step is published inside it."""
+    step = as_name or spec.name
+    with orch.tracing.step(task.request, operation_id, position, step, host) as traced:
+        return traced.outcome(_deliver(orch, spec, task, operation_id, position, host, step,
+                                       traced))
+
+
+def _deliver(orch: Any, spec: Any, task: Task, operation_id: str, position: int, host: str,
+             step: str, traced: Any) -> str:
+    """:func:`run_step`'s delivery, its span ``traced`` told its flow and attempt."""
+    ledger = orch.ledger
 
     def recorded(what: str, fn: Any) -> Any:
         return orch.ledger_health.call(fn, f"step {step} of {operation_id} on {host} {what}")
@@ -211,6 +223,7 @@ def run_step(orch: Any, spec: Any, task: Task, operation_id: str, position: int,
         logger.warning("step %s of %s: next step was never sent; sending it", step, operation_id)
         orch.advance(operation_id, start)
         return "republished"
+    traced.started(start.kind, start.attempt)
     ctx = StepContext(
         orchestrator=orch, step=step, host=host, operation_id=operation_id, position=position,
         attempt=start.attempt, params=start.params, hosts=start.hosts, flow=start.kind,

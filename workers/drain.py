@@ -110,6 +110,9 @@ class Drain(bootsteps.StartStopStep):
 
     label = "Drain"
     requires = ("workers.host:HostService",)
+    #: The drain's span (orchestrator.tracing): a trace of the worker's own, from the drain's
+    #: start to its end, each hand-back an event of it; None while the host is up.
+    traced: Any = None
 
     def __init__(self, worker, graceful_timeout: float | None = None, **kwargs) -> None:
         self.service = worker.host_service
@@ -130,6 +133,7 @@ class Drain(bootsteps.StartStopStep):
         self.hand_back: HandBack | None = None
         self.record: DrainRecord | None = None
         self.exit_deadline = ExitDeadline()
+        self.traced = None
         #: Drains through the ledger alone when SIGTERM finds no event loop running.
         self.offline = OfflineStop(self)
         self._tref = None
@@ -157,8 +161,12 @@ class Drain(bootsteps.StartStopStep):
         self._schedule_idle_tick()
         self.exit_deadline.start()
         self.offline.start()
+        # A drained worker's idle pool ends at once, unless its processes batch spans that
+        # only their own exit flushes (OTLP tracing: orchestrator.tracing).
+        batched = self.orch.tracing.batched
         billiard_internals.stop_at_once_when(
-            worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved())
+            worker.pool, lambda: self.since is not None and celery_seam.nothing_reserved()
+            and not batched)
         celery_seam.handle_sigterm(self._on_sigterm)
         atexit.register(self._ignore_sigterm_at_exit)
         logger.info(
@@ -181,6 +189,10 @@ class Drain(bootsteps.StartStopStep):
         if self.since is not None:
             handed_back = self._summary()
             self.record.end(handed_back, self.outcome())
+            if self.traced is not None:
+                self.traced.end(**{"orchestrator.drain.outcome": self.outcome(),
+                                   "orchestrator.drain.handed_back": handed_back})
+                self.traced = None
 
     def terminate(self, worker) -> None:
         """Cold shutdown (deadline, second SIGTERM, SIGQUIT): same bookkeeping as stop."""
@@ -274,6 +286,8 @@ class Drain(bootsteps.StartStopStep):
         if to not in MOVES[self.state]:
             raise RuntimeError(f"drain: no move from {self.state.value} to {to.value}")
         self.state = to
+        if self.traced is not None:
+            self.traced.event(f"drain.{to.value}")
 
     def tick(self) -> None:
         """Every TICK_SECONDS in the event loop: quiet once asked, then check what is left
@@ -317,6 +331,8 @@ class Drain(bootsteps.StartStopStep):
             self.worker.consumer.cancel_task_queue(self.queues.main)
         self.since = time.time()
         self.deadline = self.since + self.timeout
+        self.traced = self.orch.tracing.drain(self.queues.host, self.worker.hostname,
+                                              printable(reason), self.deadline)
         self._move(DrainState.QUIET)
         self.service.state = self.state.reported
         try:
@@ -369,10 +385,12 @@ class Drain(bootsteps.StartStopStep):
         if not isinstance(operation_id, str) or not self.orch.ledger_health.up:
             return
         step = request.name[len(self.orch.task_prefix):] if request.name else None
-        self.orch.ledger.note_quietly(kind, operation_id, position, step, kwargs.get("host"),
-                                      worker=self.worker.hostname,
-                                      queue=(request.delivery_info or {}).get("routing_key"),
-                                      detail=detail)
+        # (within the drain's span: an event of it, and the operation's span links to it)
+        with self.traced.current() if self.traced is not None else contextlib.nullcontext():
+            self.orch.ledger.note_quietly(
+                kind, operation_id, position, step, kwargs.get("host"),
+                worker=self.worker.hostname,
+                queue=(request.delivery_info or {}).get("routing_key"), detail=detail)
 
     # -- what is left ------------------------------------------------------------------------
     def _what_is_left(self) -> Waiting | None:

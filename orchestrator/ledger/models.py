@@ -85,6 +85,10 @@ class Operation(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time, onupdate=time.time)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The W3C traceparent of its submit's span, when traced (orchestrator.tracing): what is
+    #: sent or noted for it where no span of it is current (a resend, a drain's hand-back)
+    #: joins its trace. Written by the submit, read off the normal path only.
+    trace: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     @property
     def current(self) -> tuple[str, str] | None:

@@ -28,7 +28,7 @@ ADVANCES = ("end", "advance", "advance_sent")
 #: The columns a submit writes (``Ledger.record_new``).
 SUBMITTED = ("id", "kind", "subject", "holds", "plan", "hosts", "params", "status", "position",
              "step_state", "step_since", "next_published", "queue", "current_host", "rollback",
-             "created_at", "updated_at")
+             "created_at", "updated_at", "trace")
 
 
 def one_of(column: Any, values: tuple[str, ...]) -> Any:
@@ -140,6 +140,9 @@ class StepStatements:
             history.c.at, history.c.kind, history.c.position, history.c.step, history.c.host,
             history.c.worker, history.c.queue, history.c.detail,
         ).where(history.c.operation_id == bindparam("id")).order_by(history.c.at, history.c.id)
+        #: The traceparent stored with an operation (``Ledger.trace_of``): read only where
+        #: no span of it is current, with tracing on.
+        self.trace = select(ops.c.trace).where(ops.c.id == bindparam("id"))
         #: The step log's row of an attempt already counted (its claim), its status changed.
         self.log_status = update(log).where(
             (log.c.operation_id == bindparam("operation_id"))

@@ -224,8 +224,12 @@ def _behind(at: int, plan: list) -> StepStart:
 class Ledger:
     """Operations and their steps in ``database``; ``flows`` gives each one's rollback."""
 
-    def __init__(self, database: Database, flows: Mapping[str, Flow]) -> None:
+    def __init__(self, database: Database, flows: Mapping[str, Flow],
+                 tracing: Any = None) -> None:
         self.db, self.flows = database, flows
+        #: Told of every entry of an operation's history (orchestrator.tracing.Tracing.noted):
+        #: a span event, or a short span in the operation's trace.
+        self.tracing = tracing
         #: The thread that records long steps as running in this process (a pool process's
         #: orchestrator.runner.ClaimTimer, made by the first step it runs).
         self.claim_timer: Any = None
@@ -329,9 +333,11 @@ class Ledger:
 
     def record_new(self, kind: str, plan: list, hosts: Mapping[str, str],
                    params: Mapping[str, Any], subject: str | None, queue: str | None,
-                   rollback: dict | None, session: Session | None = None) -> str:
+                   rollback: dict | None, session: Session | None = None,
+                   trace: str | None = None) -> str:
         """Record a submitted operation with its first step as sent to ``queue`` (None: not
-        sent, for the stranded-step resend to send), with
+        sent, for the stranded-step resend to send), and the traceparent of its submit's span
+        (``trace``, when traced), with
         statements built once (no ORM); returns its id. On PostgreSQL one statement, on
         SQLite one transaction; with ``session`` (an application's, ``orch.transaction()``)
         in that session's transaction, on its connection. A busy subject raises SubjectBusy,
@@ -343,7 +349,7 @@ class Ledger:
                "position": 0, "step_state": StepState.QUEUED, "step_since": now,
                "next_published": queue is not None, "queue": queue,
                "current_host": plan[0][1],
-               "rollback": rollback, "created_at": now, "updated_at": now}
+               "rollback": rollback, "created_at": now, "updated_at": now, "trace": trace}
         if statements.submit is not None and session is None:
             try:  # one statement; a busy subject breaks the index
                 self.db.direct(statements.submit, **row, host_names=list(last),
@@ -725,11 +731,22 @@ class Ledger:
         """Record one entry of the operation's history (off its normal path only): in
         ``run``, the transition's own transaction, so that the move and its entry commit
         together (``at``: the transition's time); without it, by itself."""
+        detail = detail[:MAX_DETAIL] if detail else detail
         (run or self.db.direct)(
             statements_for(self.db.url).note, operation_id=operation_id,
             at=time.time() if at is None else at,
             kind=str(kind), position=position, step=step, host=host, worker=worker,
-            queue=queue, detail=detail[:MAX_DETAIL] if detail else detail)
+            queue=queue, detail=detail)
+        if self.tracing is not None:
+            self.tracing.noted(str(kind), operation_id, position, step, host, worker=worker,
+                               queue=queue, detail=detail,
+                               stored=lambda: self.trace_of(operation_id, run))
+
+    def trace_of(self, operation_id: str, run: Transaction | None = None) -> str | None:
+        """The traceparent stored with the operation (None: not traced, or no such
+        operation); in ``run``'s transaction when given."""
+        rows = (run or self.db.direct)(statements_for(self.db.url).trace, id=operation_id)
+        return rows[0][0] if rows else None
 
     def note_quietly(self, kind: Happening, operation_id: str, position: int | None = None,
                      step: str | None = None, host: str | None = None, **seen: Any) -> None:

@@ -2,7 +2,9 @@
 
 The step log says where and when each step ran; these say what happened on the way (a step
 handed back by a drain, held, resent, retried, waiting for an event, a rollback started) and
-from which queue (``<host>`` or ``<host>-alt``) a step's delivery came.
+from which queue (``<host>`` or ``<host>-alt``) a step's delivery came. An operation keeps the
+traceparent of its submit's span (``operations.trace``), for what happens to it off its normal
+path to join its trace.
 
 Revision ID: orch0006
 Revises: orch0005
@@ -35,9 +37,13 @@ def upgrade() -> None:
     op.create_index("ix_history_operation", "history", ["operation_id", "at"])
     with op.batch_alter_table("step_log") as batch:
         batch.add_column(sa.Column("queue", sa.String(255), nullable=True))
+    with op.batch_alter_table("operations") as batch:
+        batch.add_column(sa.Column("trace", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("operations") as batch:
+        batch.drop_column("trace")
     with op.batch_alter_table("step_log") as batch:
         batch.drop_column("queue")
     op.drop_index("ix_history_operation", table_name="history")
