@@ -75,6 +75,9 @@ def test_the_fleet_asks_for_the_lease_at_the_same_pace_whatever_its_size(
 
 def test_idle_connections_are_closed_and_the_next_statement_connects_again(
         database: Database) -> None:
+    if database.url.startswith("sqlite"):
+        pytest.skip("PostgreSQL (ORCHESTRATOR_TEST_DB_URL): only its connections are closed "
+                    "when idle; SQLite's are a file's and stay")
 
     statement = statements_for(database.url).status
     assert database.direct(statement, id="none") == []
@@ -116,6 +119,9 @@ def test_a_second_connection_made_for_a_moment_is_closed_once_not_needed(
     """A heartbeat that met a look made the pool a second connection; handed out in turn,
     both stay in use. Once two have not been needed at once for the idle time, the pool's
     idle ones are closed, though the engine is used all along."""
+    if database.url.startswith("sqlite"):
+        pytest.skip("PostgreSQL (ORCHESTRATOR_TEST_DB_URL): only its connections are closed "
+                    "when idle; SQLite's are a file's and stay")
     engine = _engine(database.url, False)
     database.direct(statements_for(database.url).status, id="none")
     now = [1000.0]

@@ -270,6 +270,9 @@ def test_the_repository_stands_alone() -> None:
                              text=True, check=True).stdout.split()
     outside, missing = [], []
     quoted = re.compile(r"`((?:orchestrator|nova_app|workers|scripts|examples)(?:\.\w+)+)`")
+    # Span and attribute names the tracing writes (``orchestrator.flow``...): names, not modules.
+    traced = set(re.findall(r'"(orchestrator\.[\w.]+)',
+                            (REPO / "orchestrator" / "tracing.py").read_text()))
     for name in tracked:
         path = REPO / name
         if not path.is_file():
@@ -279,6 +282,8 @@ def test_the_repository_stands_alone() -> None:
             if re.search(r"shared/NOTES|\.\./shared\b", line) and path != Path(__file__):
                 outside.append(f"{name}:{number}: {line.strip()}")
             for dotted in quoted.findall(line):
+                if dotted in traced:
+                    continue
                 parts = dotted.split(".")
                 for cut in range(len(parts), 0, -1):
                     try:
