@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -48,7 +49,11 @@ class Node:
 
 
 class RabbitCluster:
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, nofile: int | None = None) -> None:
+        #: The nodes' open-file limit (``ulimit -n``), when not this process's own: RabbitMQ
+        #: counts file handles against it, 3 for each quorum queue, and a node out of them
+        #: accepts no connection.
+        self.nofile = nofile
         self.dir = Path(tempfile.mkdtemp(prefix="orchestrator-rabbit-"))
         self.cookie = secrets.token_hex(16)
         (self.dir / ".erlang.cookie").write_text(self.cookie)
@@ -105,7 +110,21 @@ class RabbitCluster:
         with log.open("a") as out:
             node.proc = subprocess.Popen([SERVER], env=self._env(node), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=self._limits if self.nofile else None)
+
+    def _limits(self) -> None:
+        """In the node's process before it starts: its open-file limit, no higher than the
+        hard limit this process may raise it to."""
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        soft = self.nofile if hard == resource.RLIM_INFINITY else min(self.nofile, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def beam_pid(self, node: Node) -> int:
+        """The OS process of the node's Erlang VM (``node.proc`` is the script that starts
+        it)."""
+        out = self.ctl(node, "eval", "list_to_integer(os:getpid()).").stdout
+        return int(out.strip())
 
     def _wait_booted(self, node: Node) -> None:
         log = (node.base / "console.log")
