@@ -39,10 +39,10 @@ _EXPORTS = {
     "SchemaError": "orchestrator.errors",
     "RoutingError": "orchestrator.routing",
     # For an application's own views and commands (nova_app uses these and nothing else).
-    "ended": "orchestrator.views",
-    "wait_for": "orchestrator.views",
-    "wait_operation": "orchestrator.views",
-    "timeline_lines": "orchestrator.views",
+    "ended": "orchestrator.status",
+    "wait_for": "orchestrator.status",
+    "wait_operation": "orchestrator.status",
+    "timeline_lines": "orchestrator.status",
     "queue_depth": "orchestrator.broker",
     "Watch": "orchestrator.live",
 }

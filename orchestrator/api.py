@@ -68,6 +68,7 @@ from orchestrator.routing import (
     StepRouter,
 )
 from orchestrator.seams import kombu_internals
+from orchestrator.status import operation_dict
 from orchestrator.tracing import Tracing
 from orchestrator.witness import Witness
 
@@ -580,8 +581,6 @@ class Orchestrator:
 
     def operation(self, operation_id: str) -> dict[str, Any]:
         """The operation's status: its steps, where the current one waits, its params."""
-        from orchestrator.views import operation_dict
-
         return operation_dict(self, operation_id)
 
     def wait(self, operation_id: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -594,8 +593,6 @@ class Orchestrator:
         confirm. Without notices it reads the status again every second. The whole view is
         built once, at the end: waiters that polled it every 50 ms took the CPU the workers
         needed on a small machine."""
-        from orchestrator.views import operation_dict
-
         if self._notices is None:
             self._notices = notices.EndedNotices(self.app)
         self._notices.start()  # subscribed before the first look: no end is missed

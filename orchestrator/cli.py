@@ -364,7 +364,7 @@ def operation(operation_id: str, as_json: bool) -> None:
     a drain, holds, resends, retries, waits, a rollback). OPERATION_ID: the id, or a
     unique prefix of it, as the demo prints."""
     from orchestrator import timeline
-    from orchestrator.views import operation_dict
+    from orchestrator.status import operation_dict
 
     orch = current()
     data = operation_dict(orch, orch.ledger.resolve(operation_id), with_timeline=True)

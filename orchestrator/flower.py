@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import seams, views
+from orchestrator import seams, status, views
 from orchestrator.ledger.store import OperationQuery
 from orchestrator.refreshed import Refreshed
 from orchestrator.seams import flower_internals
@@ -149,7 +149,7 @@ def operations_read(orch: Any, args: dict[str, str]) -> dict[str, Any]:
 
 def operation_read(orch: Any, args: dict[str, str], operation_id: str) -> dict[str, Any]:
     """One operation's page and its API: the operation with its timeline, read now."""
-    return {"generated_at": time.time(), **views.operation_dict(
+    return {"generated_at": time.time(), **status.operation_dict(
         orch, orch.ledger.resolve(operation_id), with_timeline=True)}
 
 

@@ -7,7 +7,7 @@ handed back by a drain, held, resent, retried, waiting for an event, a rollback 
 the drains of the hosts it ran on while it was in flight. :func:`timeline` puts them in order
 as entries; :func:`lanes` lays them out per host (a Gantt chart: a bar per step, the drains
 beneath, the happenings as marks), as Flower's Operations page draws it. Both are pure: the
-view (``orchestrator.views.operation_dict``) reads the rows.
+view (``orchestrator.status.operation_dict``) reads the rows.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from orchestrator import (
 from orchestrator.broker import queue_depths
 from orchestrator.cli import main as cli
 from orchestrator.ledger.models import Operation
-from orchestrator.views import timeline_lines
+from orchestrator.status import timeline_lines
 
 ROUTING = """\
 steps:

@@ -240,8 +240,8 @@ def test_an_event_the_broker_refuses_mid_step_is_sent_later(tmp_path,
     (nobody could act on the error), and the build does not fail; once the broker is back,
     compute1's resend sends it and the boot completes."""
     from orchestrator.ledger.models import Operation
+    from orchestrator.status import wait_for
     from orchestrator.testing.embedded import embedded_redis
-    from orchestrator.views import wait_for
     from tests.conftest import BROKER_URL, fresh_db, use_broker
 
     def kinds() -> list[tuple[str, str]]:

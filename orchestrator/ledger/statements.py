@@ -195,7 +195,7 @@ class StepStatements:
         self.set_result = update(ops).where(ops.c.id == bindparam("op")).values(
             result=bindparam("new_result", type_=ops.c.result.type),
             updated_at=bindparam("now"))
-        #: An operation's view (``orchestrator.views.operation_dict``): its row, its steps.
+        #: An operation's view (``orchestrator.status.operation_dict``): its row, its steps.
         self.view_operation = select(*ops.c).where(ops.c.id == bindparam("id"))
         self.view_steps = select(
             log.c.position, log.c.step, log.c.host, log.c.status, log.c.attempts,

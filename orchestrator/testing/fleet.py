@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.views import wait_for
+from orchestrator.status import wait_for
 from orchestrator.worker_command import QueueSet, worker_command
 
 __all__ = ["Fleet", "WorkerProcess", "wait_for"]

@@ -41,9 +41,9 @@ from orchestrator.broker import queue_depths
 from orchestrator.config import TESTKIT_GATE
 from orchestrator.ledger.models import Operation, StepRecord
 from orchestrator.routing import alt_queue
+from orchestrator.status import wait_for
 from orchestrator.testing.embedded import RedisServer
 from orchestrator.testing.fleet import Fleet, WorkerProcess
-from orchestrator.views import wait_for
 
 
 @dataclass
