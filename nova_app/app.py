@@ -18,7 +18,7 @@ from celery import Celery
 from nova_app.flows import TASK_PREFIX
 from nova_app.models import Instance
 from orchestrator import Orchestrator, OrchestratorError
-from orchestrator.cli import fail
+from orchestrator.ops.cli import fail
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: Nova's routing table, found from any working directory (ORCHESTRATOR_ROUTING_FILE or a

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from nova_app import operations, views
-from orchestrator.cli import (
+from orchestrator.ops.cli import (
     EXIT_NOT_COMPLETED,
     emit,
     fail,

@@ -7,7 +7,7 @@
 5. finish_resize still runs on compute2 (via ``compute2-alt``), which then exits 0 by itself;
 6. compute2 restarts and the waiting boot runs.
 
-On a terminal the fleet is drawn live (:mod:`orchestrator.live`); otherwise each event is a
+On a terminal the fleet is drawn live (:mod:`orchestrator.ops.live`); otherwise each event is a
 plain line.
 """
 

@@ -44,7 +44,7 @@ _EXPORTS = {
     "wait_operation": "orchestrator.status",
     "timeline_lines": "orchestrator.status",
     "queue_depth": "orchestrator.broker",
-    "Watch": "orchestrator.live",
+    "Watch": "orchestrator.ops.live",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -57,9 +57,9 @@ def __getattr__(name: str) -> Any:
         # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP or the project's
         # pyproject.toml (by name: the engine imports no application). Celery would print a
         # traceback for the error: one line instead.
-        from orchestrator.cli import fail
         from orchestrator.discovery import load_app
         from orchestrator.errors import OrchestratorError
+        from orchestrator.ops.cli import fail
 
         try:
             return load_app(None).app

@@ -217,7 +217,7 @@ class Bed:
         return kinds
 
     def views(self) -> dict[str, float]:
-        from orchestrator import views
+        from orchestrator.ops import views
 
         out = {}
         for name, only in (("hosts --state draining", views.HostFilter(states=("draining",))),

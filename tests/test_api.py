@@ -21,8 +21,8 @@ from orchestrator import (
     UnknownFlow,
 )
 from orchestrator.broker import queue_depths
-from orchestrator.cli import main as cli
 from orchestrator.ledger.models import Operation
+from orchestrator.ops.cli import main as cli
 from orchestrator.status import timeline_lines
 
 ROUTING = """\
@@ -215,7 +215,7 @@ def test_hosts_are_chosen_by_name_state_and_work_then_paged(
     queues of those only."""
     import os
 
-    from orchestrator import views
+    from orchestrator.ops import views
 
     for i in range(1, 7):
         orch.registry.register(f"node{i}@x", f"node{i}", consumes_main=True,
@@ -354,7 +354,7 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_APP"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "orchestrator.ops.cli", *args], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=60)
 
     for flag in ("--help", "-h"):

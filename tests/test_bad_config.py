@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from nova_app.app import MIGRATIONS, orch
-from orchestrator.cli import main as cli
 from orchestrator.errors import SchemaError, StepFailure, SubmitError
 from orchestrator.ledger import schema
+from orchestrator.ops.cli import main as cli
 from orchestrator.runner import _output
 from tests.test_schema import ENGINE_HEAD
 

@@ -18,7 +18,7 @@ from orchestrator.testing.fleet import wait_for
 
 pytestmark = pytest.mark.shutdown
 
-CLI = [sys.executable, "-m", "orchestrator.cli"]
+CLI = [sys.executable, "-m", "orchestrator.ops.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 

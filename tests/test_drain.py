@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from nova_app import operations, views
 from nova_app.app import app
 from orchestrator.broker import queue_depth
-from orchestrator.cli import main as cli
+from orchestrator.ops.cli import main as cli
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import (
     assert_conserved,

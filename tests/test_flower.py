@@ -46,7 +46,7 @@ class FlowerProcess:
             environ["FLOWER_UNAUTHENTICATED_API"] = "true"
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "flower", f"--port={self.port}",
+                [sys.executable, "-m", "orchestrator.ops.cli", "flower", f"--port={self.port}",
                  "--address=127.0.0.1", *args],
                 env={**environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
             )

@@ -15,8 +15,8 @@ from orchestrator import Orchestrator
 from orchestrator.ledger.models import HistoryEntry
 from orchestrator.ledger.states import Happening
 from orchestrator.ledger.store import Attempt, OperationQuery
+from orchestrator.ops.views import operations_page
 from orchestrator.status import operation_dict
-from orchestrator.views import operations_page
 from tests.test_ledger import PLAN, _complete, _new, three_step_orchestrator
 
 

@@ -67,7 +67,7 @@ def test_the_engine_imports_nothing_of_an_application() -> None:
 
 
 #: Engine modules an application may import names from: those in their ``__all__``.
-PUBLIC_MODULES = ("orchestrator", "orchestrator.cli", "orchestrator.testing")
+PUBLIC_MODULES = ("orchestrator", "orchestrator.ops.cli", "orchestrator.testing")
 
 
 def test_applications_use_only_what_the_package_exports() -> None:
@@ -120,6 +120,28 @@ def test_packages_import_only_downwards() -> None:
                        for a in MAY_IMPORT[package]):
                 offenders.append(f"{name} imports {imported}")
     assert sorted(offenders) == []
+
+
+#: What may import the operator's surfaces (orchestrator.ops): themselves, and the package's
+#: face, whose lazy exports name a few of them (``Watch``) and whose ``celery -A orchestrator``
+#: says a missing application as the command line does.
+OPS = "orchestrator.ops"
+OPS_IMPORTERS = (OPS, "orchestrator")
+
+
+def test_the_engine_never_imports_the_operators_surfaces() -> None:
+    """Imports inside functions count: the API, the ledger, the runner, the bootsteps and the
+    test kit work with no command line, view, metric or Flower page installed beside them."""
+    modules = _modules()
+    offenders = sorted(
+        f"{name} imports {imported}"
+        for name, path in modules.items()
+        if name.split(".")[0] in ENGINE and name not in OPS_IMPORTERS
+        and not name.startswith(OPS + ".")
+        for imported in _imports(path, name, top_level_only=False, known=modules)
+        if imported == OPS or imported.startswith(OPS + "."))
+    assert offenders == []
+    assert any(n.startswith(OPS + ".") for n in modules)  # the package is where it is said
 
 
 def test_no_module_is_in_an_import_cycle() -> None:
@@ -245,7 +267,7 @@ def test_the_engine_names_no_application(tmp_path: Path) -> None:
     no --app and no ORCHESTRATOR_APP, a command says how to name it, in one line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
     env["PYTHONPATH"] = str(REPO)
-    for command in (["-m", "orchestrator.cli", "hosts"],
+    for command in (["-m", "orchestrator.ops.cli", "hosts"],
                     ["-m", "celery", "-A", "orchestrator", "inspect", "ping"]):
         proc = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60)
@@ -255,7 +277,7 @@ def test_the_engine_names_no_application(tmp_path: Path) -> None:
         assert said.splitlines()[-1].endswith(f"none found from {tmp_path} up"), said
         assert "--app MODULE, set ORCHESTRATOR_APP, or name it in the project's pyproject" \
             in said
-    assert subprocess.run([sys.executable, "-m", "orchestrator.cli", "routing", "check"],
+    assert subprocess.run([sys.executable, "-m", "orchestrator.ops.cli", "routing", "check"],
                           cwd=REPO, env=env, capture_output=True, timeout=60).returncode == 0
 
 

@@ -150,7 +150,7 @@ def test_the_command_line_says_one_line_and_exits_2_when_the_ledger_is_down() ->
                  ["submit", "move", "--host", "source=n1", "--host", "dest=n2",
                   "--param", "volume=v"]):
         done = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", "--app", "examples.volume_move.app",
+            [sys.executable, "-m", "orchestrator.ops.cli", "--app", "examples.volume_move.app",
              *args], capture_output=True, text=True, timeout=60,
             env={**__import__("os").environ, "ORCHESTRATOR_DB_URL": url})
         assert done.returncode == 2, (args, done)

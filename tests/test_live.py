@@ -1,4 +1,4 @@
-"""The live view (``orchestrator.live.Watch``) of a fleet larger than a screen: 300 registered
+"""The live view (``orchestrator.ops.live.Watch``) of a fleet larger than a screen: 300 registered
 hosts and no worker, drawn into a terminal of a fixed size; what it shows first, what it says
 of the rest, and what it reads each refresh."""
 
@@ -14,8 +14,8 @@ from rich.console import Console
 
 from nova_app import operations
 from nova_app.app import orch
-from orchestrator import live, views
-from orchestrator.live import Watch
+from orchestrator.ops import live, views
+from orchestrator.ops.live import Watch
 
 DRAINING = ["sim017", "sim077", "sim150", "sim250"]
 DOWN = ["sim003", "sim030", "sim099", "sim180", "sim260", "sim280"]

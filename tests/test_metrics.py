@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nova_app import operations
 from nova_app.app import orch
-from orchestrator.cli import main as cli
-from orchestrator.metrics import serve
-from orchestrator.refreshed import Refreshed
+from orchestrator.ops.cli import main as cli
+from orchestrator.ops.metrics import serve
+from orchestrator.ops.refreshed import Refreshed
 from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
@@ -185,7 +185,7 @@ def test_a_large_fleet_keeps_per_host_series_bounded_and_its_totals(
     """30 hosts, at most 10 with series of their own (ORCHESTRATOR_METRICS_MAX_HOSTS): the
     draining one first, then the one with work in flight, then by name; the fleet's totals
     by state count all 30."""
-    from orchestrator.metrics import series_hosts
+    from orchestrator.ops.metrics import series_hosts
 
     for i in range(30):
         orch.registry.register(f"h{i:02d}@x", f"h{i:02d}", consumes_main=True,

@@ -165,20 +165,20 @@ def test_nova_finds_its_routing_file_from_any_directory(tmp_path: Path) -> None:
     env = {k: v for k, v in __import__("os").environ.items() if k != "ORCHESTRATOR_ROUTING_FILE"}
     env["ORCHESTRATOR_APP"] = "nova_app.app"  # no pyproject.toml names it there
     proc = subprocess.run(
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check"],
+        [sys.executable, "-c", "from orchestrator.ops.cli import main; main()", "routing", "check"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{REPO / 'routing.yaml'}: ok ({len(STEP_NAMES)} steps)"
     (tmp_path / "routing.yaml").write_text(VALID.replace("  revert_resize:", "  revert_resise:"))
     proc = subprocess.run(  # a ./routing.yaml wins (and here it is wrong)
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check"],
+        [sys.executable, "-c", "from orchestrator.ops.cli import main; main()", "routing", "check"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 1 and "routing.yaml:" in proc.stdout
     assert "revert_resise: unknown step" in proc.stdout
     proc = subprocess.run(  # a file named on the command line: the hint is about that path
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", "routing", "check",
+        [sys.executable, "-c", "from orchestrator.ops.cli import main; main()", "routing", "check",
          "no-such.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 1 and proc.stdout.startswith("error: no-such.yaml: cannot read")

@@ -111,7 +111,7 @@ def test_the_command_line_upgrades_and_a_worker_refuses_an_older_schema(
     reset(url)
     env = {"ORCHESTRATOR_DB_URL": url, "PATH": "/usr/bin:/bin",
            "ORCHESTRATOR_BROKER_URL": BROKER_URL}
-    cli = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
+    cli = [sys.executable, "-c", "from orchestrator.ops.cli import main; main()"]
     proc = subprocess.run([*cli, "db", "status", "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and json.loads(proc.stdout)["missing"] == ["nova0001"]
@@ -139,7 +139,7 @@ def test_the_command_line_upgrades_and_a_worker_refuses_an_older_schema(
     assert last.startswith("error: database ") and "older schema" in last
     assert last.endswith("run `orchestrator db upgrade`")
     proc = subprocess.run(
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", "--app",
+        [sys.executable, "-c", "from orchestrator.ops.cli import main; main()", "--app",
          "shelves_app", "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True,
         text=True, timeout=60,
     )

@@ -99,7 +99,7 @@ def broker_with_password(password: str) -> Iterator[str]:
 
 def _cli(env: dict[str, str], *args: str, check: bool = True) -> str:
     proc = subprocess.run(
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", *args],
+        [sys.executable, "-c", "from orchestrator.ops.cli import main; main()", *args],
         cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
     )
     if check:
@@ -322,7 +322,7 @@ def test_up_prints_no_password_of_the_users_settings(tmp_path: Path) -> None:
         log = tmp_path / "up.log"
         with log.open("w") as out:
             up = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "up", "--no-flower", "--plain",
+                [sys.executable, "-m", "orchestrator.ops.cli", "up", "--no-flower", "--plain",
                  "--host", "compute1"], cwd=tmp_path, env=env, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:

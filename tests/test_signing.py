@@ -71,7 +71,7 @@ def make_identity(directory: Path, name: str) -> Identity:
 def cli(env: dict[str, str], *args: str) -> dict:
     """The orchestrator CLI of this checkout, in its own process (signing is set at import)."""
     proc = subprocess.run(
-        [sys.executable, "-c", "from orchestrator.cli import main; main()", *args, "--json"],
+        [sys.executable, "-c", "from orchestrator.ops.cli import main; main()", *args, "--json"],
         cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

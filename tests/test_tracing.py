@@ -245,7 +245,7 @@ def test_one_trace_across_hosts_a_drain_and_a_restart(fleet: Fleet) -> None:
     wait_op(busy.id, at_step("resize_instance"))
 
     cli = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "resize", "vm2", "--flavor", "m1.large",
+        [sys.executable, "-m", "orchestrator.ops.cli", "resize", "vm2", "--flavor", "m1.large",
          "--to", "compute1", "--json"],
         cwd=REPO, env={**os.environ, **CONSOLE}, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr

@@ -27,11 +27,11 @@ from nova_app import operations, views
 from nova_app.app import app, orch
 from orchestrator import registry
 from orchestrator.broker import queue_depth
-from orchestrator.cli import main as cli
 from orchestrator.config import ConfigError, Settings
 from orchestrator.ledger import engines as db
 from orchestrator.ledger.models import Service, StepRecord
 from orchestrator.ledger.store import ACTIVE_STATUSES
+from orchestrator.ops.cli import main as cli
 from orchestrator.routing import AltCapability, AltSnapshot, Decision, StepRouter
 from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from tests.helpers import assert_conserved, at_step, ended, queued_messages, wait_op

@@ -66,7 +66,7 @@ def cli(*args: str, check: bool = False,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``orchestrator --app`` the example, in a process of its own (its Celery app built from
     this environment, as the workers' is; ``env`` on top: another release of its code)."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--app", APP, *args],
+    return subprocess.run([sys.executable, "-m", "orchestrator.ops.cli", "--app", APP, *args],
                           capture_output=True, text=True, timeout=60, check=check,
                           env={**os.environ, **(env or {})})
 

@@ -11,7 +11,7 @@ then is its message acknowledged: the ledger holds the step instead of the broke
 queue is not blocked by a message nobody here can run, and no message circles between the
 broker and this worker. A worker whose code serves the step (the old version, rolled back, or
 new code with an alias) sends it again through its resend (``workers.resend``), as it does for
-any step with no message. The operation's view says why it waits (``orchestrator.views``).
+any step with no message. The operation's view says why it waits (``orchestrator.status``).
 
 The ledger unreachable is a reason to wait: the message stays unacknowledged in this worker
 (one prefetch slot) and the hold is tried again every :data:`RETRY_SECONDS`; if the worker

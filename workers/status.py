@@ -4,7 +4,7 @@ broker, the one channel left when the ledger does not answer.
 Each worker answers from its event loop with its host, its drain state, its view of the
 ledger (reachable, or unreachable since when, failed attempts) and the steps it recovered.
 Flower's Hosts tab, ``orchestrator hosts`` and ``/metrics`` read it
-(:func:`orchestrator.views.worker_reports`), so an outage of the ledger shows as "ledger
+(:func:`orchestrator.ops.views.worker_reports`), so an outage of the ledger shows as "ledger
 unreachable since ..." on every worker rather than as a fleet of down hosts, and a worker
 whose heartbeat is stale but which answers here is alive.
 """

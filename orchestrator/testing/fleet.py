@@ -127,7 +127,7 @@ class Fleet:
 
         app = [] if self.app == "orchestrator" else ["--app", self.app]
         flower = self.spawn("flower", str(port), [
-            sys.executable, "-m", "orchestrator.cli", *app, "flower", f"--port={port}",
+            sys.executable, "-m", "orchestrator.ops.cli", *app, "flower", f"--port={port}",
             f"--address={address}",
         ], ready=False)
 

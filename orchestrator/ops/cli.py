@@ -309,8 +309,8 @@ def hosts(names: tuple[str, ...], states: tuple[str, ...], busy: bool, limit: in
     """Hosts: service version, up/draining/down, where alt steps go, queues, operations in
     flight, and what waits on a queue nobody consumes. NAMES (shell globs: 'compute1*')
     and the options choose which; the broker and the workers are asked about those only."""
-    from orchestrator import views
     from orchestrator.errors import LedgerUnavailable
+    from orchestrator.ops import views
 
     orch = current()
     only = views.HostFilter(names, states, busy, limit, offset)
@@ -411,7 +411,7 @@ def operations(statuses: tuple[str, ...], flow: str | None, host: str | None,
     """List operations: those in flight first, the longest unmoved first (the stuck ones),
     then those that ended, newest first. 'orchestrator operation ID' shows one."""
     from orchestrator.ledger.store import OperationQuery
-    from orchestrator.views import operations_page
+    from orchestrator.ops.views import operations_page
 
     page = operations_page(current(), OperationQuery(
         statuses, flow, subject, host, stuck, limit, offset))
@@ -469,7 +469,7 @@ def deploy_check(as_json: bool) -> None:
     the step messages waiting in the host queues and routing.yaml: list every step it would
     not serve; exit 1 when anything would be stranded, 0 otherwise (a deploy pipeline's
     gate)."""
-    from orchestrator.deploy import check, describe
+    from orchestrator.ops.deploy import check, describe
 
     result = check(current())
     emit(as_json, result, "\n".join(describe(result)))
@@ -592,7 +592,7 @@ def routing_explain(step: str, host: str, as_json: bool) -> None:
 @handles_errors
 def metrics(port: int, address: str, once: bool) -> None:
     """Serve Prometheus metrics of hosts and drains on http://ADDRESS:PORT/metrics."""
-    from orchestrator.metrics import OrchestratorCollector, serve
+    from orchestrator.ops.metrics import OrchestratorCollector, serve
 
     orch = current()
     if once:
@@ -621,7 +621,7 @@ def metrics(port: int, address: str, once: bool) -> None:
 def flower(flower_args: tuple[str, ...]) -> None:
     """Flower with a Hosts page (drains, deadlines, queue depths) and the orchestrator's
     metrics on /metrics; takes Flower's options (--port, --address, --basic-auth, ...)."""
-    from orchestrator import flower as orchestrator_flower
+    from orchestrator.ops import flower as orchestrator_flower
 
     orchestrator_flower.run(current(), list(flower_args))
 
@@ -642,8 +642,8 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
     import signal
 
     from orchestrator.discovery import app_name
-    from orchestrator.live import Watch
     from orchestrator.names import check_host_name
+    from orchestrator.ops.live import Watch
     from orchestrator.testing.stack import local_stack
 
     for host in hosts:

@@ -23,12 +23,12 @@ It is Flower (same options, same pages, same API, same ``FLOWER_*`` variables) p
   on the way, from its history), its params, result and plan; as JSON on
   ``/api/orchestrator/operations`` and ``/api/orchestrator/operations/<id>`` (404 for an
   unknown one), read from the ledger at each request, in Flower's executor;
-* the orchestrator's Prometheus metrics (:mod:`orchestrator.metrics`) on Flower's ``/metrics``,
+* the orchestrator's Prometheus metrics (:mod:`orchestrator.ops.metrics`) on Flower's ``/metrics``,
   beside Flower's own, both behind Flower's authentication when it is on (which Flower's
   stock ``/metrics`` is not).
 
 What the Hosts page and the metrics show is read from the registry, the ledger and the
-broker in the background (:class:`orchestrator.refreshed.Refreshed`), never on Flower's
+broker in the background (:class:`orchestrator.ops.refreshed.Refreshed`), never on Flower's
 loop: each request answers at once from the latest read, which is at most ``HOSTS_TTL``
 (``metrics.TTL``) seconds plus one read old, so a gone worker shows as down within seconds,
 not as the draining it last reported; concurrent requests share one read.
@@ -43,9 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import seams, status, views
+from orchestrator import seams, status
 from orchestrator.ledger.store import OperationQuery
-from orchestrator.refreshed import Refreshed
+from orchestrator.ops import views
+from orchestrator.ops.refreshed import Refreshed
 from orchestrator.seams import flower_internals
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def handlers(orch: Any) -> list[Any]:
     applies), each answered from a read kept in the background."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from orchestrator.metrics import OrchestratorCollector
+    from orchestrator.ops.metrics import OrchestratorCollector
 
     hosts = HostPages(orch)
     ours = CollectorRegistry(auto_describe=False)

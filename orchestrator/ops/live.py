@@ -33,7 +33,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from orchestrator import registry, views
+from orchestrator import registry
+from orchestrator.ops import views
 from orchestrator.routing import alt_queue
 
 REFRESH_SECONDS = 0.25

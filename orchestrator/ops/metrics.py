@@ -4,7 +4,7 @@
 beside Flower's own). One read of the service registry, the ledger and the broker (a few
 indexed queries, one passive queue declare per queue, one ``workers.status`` broadcast that
 ends once every live worker answered, after a second at most) is kept and renewed in the
-background every ``TTL`` seconds while scrapes come (:class:`orchestrator.refreshed.Refreshed`):
+background every ``TTL`` seconds while scrapes come (:class:`orchestrator.ops.refreshed.Refreshed`):
 a scrape answers from it at once, concurrent scrapes share it, and what it shows is at most
 ``TTL`` seconds plus one read old. After ``IDLE_AFTER`` seconds without a scrape the reading
 stops, and the next scrape waits for one read. Nothing else is kept in the exporter, and any
@@ -62,9 +62,9 @@ from typing import Any
 
 from orchestrator import registry
 from orchestrator.broker import queue_depths
-from orchestrator.refreshed import Refreshed
+from orchestrator.ops.refreshed import Refreshed
+from orchestrator.ops.views import unserved_steps, worker_reports
 from orchestrator.routing import alt_queue
-from orchestrator.views import unserved_steps, worker_reports
 
 HOST_STATES = ("up", "draining", "down")
 DRAIN_OUTCOMES = ("done", "deadline", "second-sigterm", "forced")
