@@ -39,7 +39,8 @@ QUEUE_TYPES = ("classic", "quorum")
 #: database service group writes every 10 s). A small fleet that wants a killed worker
 #: noticed sooner sets ORCHESTRATOR_HEARTBEAT_INTERVAL lower.
 DEFAULT_HEARTBEAT_INTERVAL = 60.0
-#: Hosts with per-host Prometheus series at most (orchestrator.ops.metrics.series_hosts).
+#: Hosts with per-host Prometheus series at most, those that matter first
+#: (orchestrator.ops.views.rank).
 DEFAULT_METRICS_MAX_HOSTS = 500
 #: Steps queued for longer than this whose queue is empty are sent again (Redis can lose one).
 DEFAULT_RESEND_AFTER = 60.0

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.ledger.engines import Database
@@ -291,28 +291,65 @@ class Registry:
             if outcome is not None:
                 row.outcome, row.ended_at = outcome, time.time()
 
-    def drains(self, since: float | None = None,
-               hosts: Collection[str] | None = None) -> list[Drain]:
-        with self.db.read() as s:
-            query = select(Drain).order_by(Drain.started_at)
-            if since is not None:
-                query = query.where(Drain.started_at >= since)
-            if hosts is not None:
-                query = query.where(Drain.host.in_(sorted(set(hosts))))
-            return list(s.execute(query).scalars().all())
-
-    def drains_of(self, hosts: Iterable[str], since: float,
-                  until: float | None = None) -> list[Drain]:
-        """The drains of ``hosts`` that overlap ``since`` .. ``until`` (None: now)."""
-        names = sorted(set(hosts))
-        if not names:
+    def drains(self, hosts: Collection[str] | None = None, since: float | None = None,
+               until: float | None = None) -> list[Drain]:
+        """The drains of ``hosts`` (None: of every host) under way at some time from ``since``
+        to ``until`` (None: ever; now), oldest first: an operation's hosts' drains while it
+        was in flight, the fleet's of the last day."""
+        if hosts is not None and not hosts:
             return []
         with self.db.read() as s:
-            query = select(Drain).where(
-                Drain.host.in_(names), or_(Drain.ended_at.is_(None), Drain.ended_at >= since))
+            query = select(Drain).order_by(Drain.started_at)
+            if hosts is not None:
+                query = query.where(Drain.host.in_(sorted(set(hosts))))
+            if since is not None:
+                # One never ended is over by its deadline: its worker requeues what is left
+                # and exits then, or was killed (forced) and never says so.
+                query = query.where(func.coalesce(Drain.ended_at, Drain.deadline_at) >= since)
             if until is not None:
                 query = query.where(Drain.started_at <= until)
-            return list(s.execute(query.order_by(Drain.started_at)).scalars().all())
+            return list(s.execute(query).scalars().all())
+
+    def drain_totals(self, hosts: Collection[str]) -> dict[str, DrainTotals]:
+        """Every drain the ``hosts`` ever had, counted (what Prometheus counters need): the
+        ended ones grouped in the database, the few never ended read one by one (in progress,
+        or forced: their worker is gone, which the caller's registry read tells)."""
+        if not hosts:
+            return {}
+        names = sorted(set(hosts))
+        totals: dict[str, DrainTotals] = {}
+        with self.db.read() as s:
+            ended = s.execute(
+                select(Drain.host, Drain.outcome, func.count(), func.sum(Drain.handed_back),
+                       func.sum(Drain.ended_at - Drain.started_at))
+                .where(Drain.host.in_(names), Drain.outcome.is_not(None))
+                .group_by(Drain.host, Drain.outcome)).all()
+            open_ = s.execute(select(Drain.host, Drain.nodename, Drain.handed_back).where(
+                Drain.host.in_(names), Drain.outcome.is_(None))).all()
+        for host, outcome, count, handed_back, seconds in ended:
+            t = totals.setdefault(host, DrainTotals())
+            t.ended[outcome] = t.ended.get(outcome, 0) + count
+            t.handed_back += int(handed_back or 0)
+            t.timed += count
+            t.seconds += float(seconds or 0.0)
+        for host, nodename, handed_back in open_:
+            t = totals.setdefault(host, DrainTotals())
+            t.handed_back += handed_back or 0
+            t.unended.append(nodename)
+        return totals
+
+
+@dataclass
+class DrainTotals:
+    """A host's drains, all time: how many ended each way (done, deadline, second-sigterm),
+    how long the ended ones took in all, the messages all of them handed back, and the
+    workers of those never ended (still draining, or forced when the worker is gone)."""
+
+    ended: dict[str, int] = field(default_factory=dict)
+    timed: int = 0
+    seconds: float = 0.0
+    handed_back: int = 0
+    unended: list[str] = field(default_factory=list)
 
 
 _services = Service.__table__

@@ -46,7 +46,7 @@ def operation_dict(orch: Any, operation_id: str, with_timeline: bool = False) ->
     }
     if with_timeline:
         hosts = {host for _, host in op.plan}
-        drains = orch.registry.drains_of(hosts, op.created_at, op.finished_at)
+        drains = orch.registry.drains(hosts, op.created_at, op.finished_at)
         entries = timeline.timeline(op, steps, orch.ledger.history(op.id), drains)
         data["timeline"] = entries
         data["lanes"] = timeline.lanes(op, steps, entries, drains, time.time())

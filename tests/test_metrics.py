@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from nova_app import operations
 from nova_app.app import orch
@@ -183,19 +184,14 @@ def test_concurrent_asks_share_one_read() -> None:
 def test_a_large_fleet_keeps_per_host_series_bounded_and_its_totals(
         db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """30 hosts, at most 10 with series of their own (ORCHESTRATOR_METRICS_MAX_HOSTS): the
-    draining one first, then the one with work in flight, then by name; the fleet's totals
-    by state count all 30."""
-    from orchestrator.ops.metrics import series_hosts
-
+    draining one first, then the down ones by name (the live view's order); the fleet's
+    totals by state count all 30."""
     for i in range(30):
         orch.registry.register(f"h{i:02d}@x", f"h{i:02d}", consumes_main=True,
                                consumes_alt=True, pid=1)
         if i < 27:
             orch.registry.set_state(f"h{i:02d}@x", "down")
     orch.registry.set_state("h29@x", "draining")
-    views = orch.registry.services()
-    chosen = series_hosts(views, {"h28": 2}, 10)
-    assert chosen == ["h00", "h01", "h02", "h03", "h04", "h05", "h06", "h07", "h28", "h29"]
     # The app's settings were read at its start, as in a process given the variable.
     monkeypatch.setattr(orch, "settings", dataclasses.replace(orch.settings,
                                                               metrics_max_hosts=10))
@@ -210,5 +206,54 @@ def test_a_large_fleet_keeps_per_host_series_bounded_and_its_totals(
     assert value(samples, "orchestrator_hosts_in_series") == 10
     shown = {dict(labels)["host"] for name, labels in samples
              if name == "orchestrator_host_state"}
-    # No operation in flight here: the draining one, then by name.
+    # No operation in flight here: the draining one, then the down ones by name.
     assert sorted(shown) == [f"h{i:02d}" for i in range(9)] + ["h29"]
+
+
+def test_drains_of_all_time_are_counted_and_a_gone_workers_drain_is_forced(
+        db_url: str) -> None:
+    """The drain counters count every drain a host ever had, read grouped in the ledger: two
+    ended ones (one last week), one whose worker is gone without ending it (forced) and one
+    in progress (not counted as ended; its deadline shown). ``orchestrator hosts`` and the
+    operations' timelines show only drains under way in their window: last week's forced
+    drain, over by its deadline, is in neither."""
+    now = time.time()
+    week = 7 * 24 * 3600
+    orch.registry.register("d1@x", "d1", consumes_main=True, consumes_alt=True, pid=1)
+    orch.registry.register("d1@y", "d1", consumes_main=True, consumes_alt=True, pid=1)
+    orch.registry.set_state("d1@y", "draining")
+    orch.registry.register("d1@gone", "d1", consumes_main=True, consumes_alt=True, pid=1)
+    orch.registry.set_state("d1@gone", "down")
+    old = orch.registry.drain_started("d1@old", "d1", "sigterm", now - week, now - week + 60,
+                                      {})
+    orch.registry.drain_progress(old, handed_back=2, outcome="done")
+    with orch.db.session() as s:  # it ended last week, 30 s after it started
+        s.execute(text("UPDATE drains SET ended_at = :e WHERE id = :i"),
+                  {"e": now - week + 30, "i": old})
+    done = orch.registry.drain_started("d1@x", "d1", "sigterm", now - 20, now + 40, {})
+    orch.registry.drain_progress(done, handed_back=1, outcome="deadline")
+    orch.registry.drain_started("d1@gone", "d1", "sigterm", now - week, now - week + 60, {})
+    orch.registry.drain_started("d1@y", "d1", "sigterm", now - 5, now + 55,
+                                {"operations": ["op-a", "op-b"]})
+
+    result = CliRunner().invoke(cli, ["metrics", "--once"])
+    assert result.exit_code == 0, result.output
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(result.output)
+               for s in family.samples}
+    assert value(samples, "orchestrator_drains_total", host="d1", outcome="done") == 1
+    assert value(samples, "orchestrator_drains_total", host="d1", outcome="deadline") == 1
+    assert value(samples, "orchestrator_drains_total", host="d1", outcome="forced") == 1
+    assert value(samples, "orchestrator_drains_total", host="d1", outcome="second-sigterm") == 0
+    assert value(samples, "orchestrator_drain_handed_back_total", host="d1") == 3
+    assert value(samples, "orchestrator_drain_duration_seconds_count", host="d1") == 2
+    assert 30 < value(samples, "orchestrator_drain_duration_seconds_sum", host="d1") < 55
+    assert 50 < value(samples, "orchestrator_drain_deadline_remaining_seconds", host="d1") <= 55
+    assert value(samples, "orchestrator_drain_waiting_operations", host="d1") == 2
+
+    (host,) = json.loads(CliRunner().invoke(cli, ["hosts", "--json"]).output)
+    assert [d["worker"] for d in host["drains"]] == ["d1@y"]
+    assert host["last_drain"]["worker"] == "d1@x", "last week's forced drain is over"
+    assert [d.nodename for d in orch.registry.drains(["d1"], since=now - 3600)] \
+        == ["d1@x", "d1@y"]
+    assert orch.registry.drains([], since=0) == []

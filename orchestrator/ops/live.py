@@ -292,14 +292,8 @@ def read_fleet(orch: Any, now: float) -> Fleet:
     read of the ledger), and the hosts in the order they are shown."""
     states = registry.host_states(orch.registry.services())
     in_flight = orch.ledger.in_flight_by_host()
-    order = sorted(states, key=lambda h: (*rank(states[h], in_flight.get(h, 0)), h))
+    order = sorted(states, key=lambda h: (*views.rank(states[h], in_flight.get(h, 0)), h))
     return Fleet(now, states, in_flight, order)
-
-
-def rank(state: str, work: int) -> tuple[int, int]:
-    """Draining hosts first, then down ones, then those with work (the most first), then the
-    rest; by name within each."""
-    return {"draining": 0, "down": 1}.get(state, 2 if work else 3), -work
 
 
 def _work(h: dict[str, Any]) -> int:
@@ -307,7 +301,7 @@ def _work(h: dict[str, Any]) -> int:
 
 
 def _rank_row(h: dict[str, Any]) -> tuple[int, int, str]:
-    return (*rank(h["state"], _work(h)), h["host"])
+    return (*views.rank(h["state"], _work(h)), h["host"])
 
 
 def _row_height(h: dict[str, Any]) -> int:

@@ -40,9 +40,10 @@ while the ledger is down; then the metrics read from the ledger are left out of 
 
 A fleet of thousands of hosts would make tens of thousands of series and ask every queue and
 every worker at each read: per-host series are kept for ``ORCHESTRATOR_METRICS_MAX_HOSTS``
-hosts at most (500 by default; :func:`series_hosts` says which: draining first, then those
-with work in flight, then by name), and only their queues and workers are asked. The fleet's
-totals are always there:
+hosts at most (500 by default): those that matter first, as the live view orders them
+(draining, then down, then those with work in flight, then the rest, by name within each;
+:func:`orchestrator.ops.views.rank`), and only their queues and workers are asked. The
+fleet's totals are always there:
 
 =========================================================  ======  ===============================
 ``orchestrator_hosts{state}``                              gauge   hosts up, draining, down
@@ -55,15 +56,11 @@ killed) counts as ``forced``.
 
 from __future__ import annotations
 
-import time
-from collections import Counter, defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from orchestrator import registry
-from orchestrator.broker import queue_depths
+from orchestrator.ops import views
 from orchestrator.ops.refreshed import Refreshed
-from orchestrator.ops.views import unserved_steps, worker_reports
 from orchestrator.routing import alt_queue
 
 HOST_STATES = ("up", "draining", "down")
@@ -76,19 +73,6 @@ TTL = 2.0
 #: Seconds without a scrape after which the reading stops (Prometheus scrapes every minute
 #: by default: past that, a scrape would find nothing kept).
 IDLE_AFTER = 90.0
-
-
-def series_hosts(views: list[registry.ServiceView], in_flight: dict[str, int],
-                 limit: int) -> list[str]:
-    """The hosts that get per-host series, ``limit`` at most: the draining ones first, then
-    those with operations in flight, then the others by name; sorted by name."""
-    hosts = sorted({v.host for v in views})
-    if len(hosts) <= limit:
-        return hosts
-    states = registry.host_states(views)
-    draining = {h for h in hosts if states[h] == "draining"}
-    ranked = sorted(hosts, key=lambda h: (h not in draining, not in_flight.get(h), h))
-    return sorted(ranked[:limit])
 
 
 class OrchestratorCollector:
@@ -112,41 +96,36 @@ class OrchestratorCollector:
             self.kept.close()
 
     def read(self) -> list[Any]:
-        """Every family, from one read of the registry, the ledger and the broker. The
-        ``workers.status`` broadcast ends once every worker the registry calls live answered
-        (Celery's ``broadcast(limit=)``), after a second at most (as the Hosts page's); with
-        none live, or the ledger not answering, it hears whoever answers within the second."""
+        """Every family, from one read of the fleet's hosts (:func:`views.hosts_page`, what
+        ``orchestrator hosts`` and Flower's Hosts page show): the registry, the ledger, the
+        broker's queue depths and a ``workers.status`` broadcast that ends once every live
+        worker with series answered, after a second at most. With the ledger not answering,
+        what the workers say over the broker, from whoever answers within the second."""
         from prometheus_client.core import GaugeMetricFamily
 
         from orchestrator.errors import LedgerUnavailable
 
+        only = views.HostFilter(limit=self.orch.settings.metrics_max_hosts, first_matter=True)
         try:
-            services: list[registry.ServiceView] | None = self.orch.registry.services()
-            in_flight = self.orch.ledger.in_flight_by_host()
+            page: dict[str, Any] | None = views.hosts_page(
+                self.orch, with_reports=True, only=only, with_drain_totals=True)
         except LedgerUnavailable:
-            services, in_flight = None, {}
-        shown = None
-        if services is not None:
-            shown = series_hosts(services, in_flight, self.orch.settings.metrics_max_hosts)
-        every = shown is None or len(shown) == len({v.host for v in services or ()})
-        chosen = set(shown or ())
-        asked = [v.nodename for v in services or () if v.state != "down"
-                 and (every or v.host in chosen)]
-        families = list(self._workers(worker_reports(
-            self.orch, limit=len(asked) or None, destination=None if every else asked)))
-        from_ledger = []
-        if services is not None:
-            try:
-                from_ledger = list(self._from_ledger(services, in_flight, shown or []))
-            except LedgerUnavailable:
-                services = None
+            page = None
+        if page is None:
+            workers = [(name, str(data.get("host")), data)
+                       for name, data in views.worker_reports(self.orch).items()]
+        else:
+            workers = [(service["nodename"], host["host"], service)
+                       for host in page["hosts"] for service in host["services"]
+                       if "ledger" in service]
         reachable = GaugeMetricFamily("orchestrator_ledger_reachable",
                                       "1 if this exporter reached the ledger at its last read")
-        reachable.add_metric([], 0.0 if services is None else 1.0)
-        return [*families, reachable, *from_ledger]
+        reachable.add_metric([], 0.0 if page is None else 1.0)
+        return [*self._workers(sorted(workers)), reachable,
+                *(self._hosts(page) if page is not None else ())]
 
     @staticmethod
-    def _workers(reports: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    def _workers(workers: list[tuple[str, str, dict[str, Any]]]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         up = GaugeMetricFamily("orchestrator_ledger_up", "1 if the worker reaches the ledger",
@@ -157,8 +136,8 @@ class OrchestratorCollector:
         recovered = CounterMetricFamily("orchestrator_steps_recovered",
                                         "Steps the worker sent again (no delivery left)",
                                         labels=["worker", "host"])
-        for name, data in sorted(reports.items()):
-            labels, ledger = [name, str(data.get("host"))], data.get("ledger") or {}
+        for name, host, data in workers:
+            labels, ledger = [name, host], data.get("ledger") or {}
             up.add_metric(labels, 1.0 if ledger.get("up") else 0.0)
             errors.add_metric(labels, float(ledger.get("errors", 0)))
             recovered.add_metric(labels, float(data.get("steps_recovered", 0)))
@@ -166,122 +145,90 @@ class OrchestratorCollector:
         yield errors
         yield recovered
 
-    def _from_ledger(self, views: list[registry.ServiceView], in_flight: dict[str, int],
-                     hosts: list[str]) -> Iterator[Any]:
+    @staticmethod
+    def _hosts(page: dict[str, Any]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        orch, now = self.orch, time.time()
+        hosts = sorted(page["hosts"], key=lambda h: h["host"])
         fleet = GaugeMetricFamily("orchestrator_hosts", "Hosts in each state, fleet-wide",
                                   labels=["state"])
-        counts = Counter(registry.host_states(views).values())
         for name in HOST_STATES:
-            fleet.add_metric([name], float(counts[name]))
+            fleet.add_metric([name], float(page["fleet"].get(name, 0)))
         yield fleet
         in_series = GaugeMetricFamily("orchestrator_hosts_in_series",
                                       "Hosts with per-host series (ORCHESTRATOR_METRICS_MAX_"
                                       "HOSTS at most)")
         in_series.add_metric([], float(len(hosts)))
         yield in_series
-        chosen = set(hosts)
-        views = [v for v in views if v.host in chosen]
+
         state = GaugeMetricFamily("orchestrator_host_state", "1 for the host's state",
                                   labels=["host", "state"])
         version = GaugeMetricFamily("orchestrator_host_service_version",
                                     "Service version of the host's live services (the last "
                                     "known when all are down)", labels=["host"])
-        for host in hosts:
-            current = registry.host_state(views, host)
-            for name in HOST_STATES:
-                state.add_metric([host, name], 1.0 if current == name else 0.0)
-            mine = [v for v in views if v.host == host]
-            live = [v for v in mine if v.state != "down"] or mine
-            version.add_metric([host], float(max(v.version for v in live)))
-        yield state
-        yield version
-
-        gauge = GaugeMetricFamily("orchestrator_operations_in_flight",
-                                  "Operations in flight that still need the host",
-                                  labels=["host"])
-        for host in sorted(set(hosts) | (set(in_flight) & chosen)):
-            gauge.add_metric([host], float(in_flight.get(host, 0)))
-        yield gauge
-        unserved = unserved_steps(orch, views)
-        waiting = GaugeMetricFamily("orchestrator_steps_unserved",
-                                    "Steps waiting for a worker whose code serves them",
-                                    labels=["host"])
-        for host in sorted(set(hosts) | (set(unserved) & chosen)):
-            waiting.add_metric([host], float(len(unserved.get(host, []))))
-        yield waiting
-
+        in_flight = GaugeMetricFamily("orchestrator_operations_in_flight",
+                                      "Operations in flight that still need the host",
+                                      labels=["host"])
+        unserved = GaugeMetricFamily("orchestrator_steps_unserved",
+                                     "Steps waiting for a worker whose code serves them",
+                                     labels=["host"])
         queues = GaugeMetricFamily("orchestrator_queue_messages",
                                    "Messages waiting in a host's queue (not counting "
                                    "unacknowledged ones)", labels=["host", "queue", "kind"])
-        names = [(h, q, kind) for h in hosts for q, kind in ((h, "main"), (alt_queue(h), "alt"))]
-        depths = queue_depths(orch.app, [q for _, q, _ in names]) if names else {}
-        for host, queue, kind in names:
-            queues.add_metric([host, queue, kind], float(depths.get(queue, 0)))
-        yield queues
-
-        yield from self._drains(views, now)
-
         fallbacks = CounterMetricFamily("orchestrator_alt_fallbacks",
                                         "Alt steps sent to <host> instead of <host>-alt",
                                         labels=["host", "reason"])
-        for host, reasons in sorted(orch.registry.fallback_counts().items()):
-            if host not in chosen:
-                continue
-            for reason, count in sorted(reasons.items()):
+        for h in hosts:
+            host = h["host"]
+            for name in HOST_STATES:
+                state.add_metric([host, name], 1.0 if h["state"] == name else 0.0)
+            version.add_metric([host], float(h["version"]))
+            in_flight.add_metric([host], float(h["operations_in_flight"]))
+            unserved.add_metric([host], float(len(h["steps_unserved"])))
+            for queue, kind in ((host, "main"), (alt_queue(host), "alt")):
+                queues.add_metric([host, queue, kind], float(h["queued"].get(queue, 0)))
+            for reason, count in sorted(h["alt_fallbacks"].items()):
                 fallbacks.add_metric([host, reason], float(count))
+        yield from (state, version, in_flight, unserved, queues)
+        yield from _drains(hosts)
         yield fallbacks
 
-    def _drains(self, views: list[registry.ServiceView], now: float) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            SummaryMetricFamily,
-        )
 
-        live = {v.nodename for v in views if v.state != "down"}
-        remaining = GaugeMetricFamily("orchestrator_drain_deadline_remaining_seconds",
-                                      "Seconds until a draining host's deadline",
-                                      labels=["host"])
-        waiting = GaugeMetricFamily("orchestrator_drain_waiting_operations",
-                                    "Operations a draining host waits for", labels=["host"])
-        handed = CounterMetricFamily("orchestrator_drain_handed_back",
-                                     "Messages drains handed back to <host> unstarted",
-                                     labels=["host"])
-        outcomes = CounterMetricFamily("orchestrator_drains", "Drains ended, by outcome",
-                                       labels=["host", "outcome"])
-        durations = SummaryMetricFamily("orchestrator_drain_duration_seconds",
-                                        "Duration of ended drains", labels=["host"])
-        ended: Counter[tuple[str, str]] = Counter()
-        handed_back: Counter[str] = Counter()
-        spent: dict[str, list[float]] = defaultdict(list)
-        hosts = {v.host for v in views}
-        for d in self.orch.registry.drains():
-            if d.host not in hosts:
-                continue
-            handed_back[d.host] += d.handed_back
-            outcome = d.outcome or (None if d.nodename in live else "forced")
-            if outcome is None:  # still draining
-                remaining.add_metric([d.host], max(0.0, d.deadline_at - now))
-                waiting.add_metric([d.host], float(len((d.waiting or {}).get("operations", []))))
-                continue
-            ended[(d.host, outcome)] += 1
-            if d.ended_at is not None:
-                spent[d.host].append(d.ended_at - d.started_at)
-        for host in sorted(handed_back):
-            handed.add_metric([host], float(handed_back[host]))
-            for outcome in DRAIN_OUTCOMES:
-                outcomes.add_metric([host, outcome], float(ended[(host, outcome)]))
-            if spent[host]:
-                durations.add_metric([host], count_value=len(spent[host]),
-                                     sum_value=sum(spent[host]))
-        yield remaining
-        yield waiting
-        yield handed
-        yield outcomes
-        yield durations
+def _drains(hosts: list[dict[str, Any]]) -> Iterator[Any]:
+    """A draining host's deadline and what it waits for (of all its workers draining: the
+    latest deadline, the operations any of them waits for); every host's drains ended."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        SummaryMetricFamily,
+    )
+
+    remaining = GaugeMetricFamily("orchestrator_drain_deadline_remaining_seconds",
+                                  "Seconds until a draining host's deadline", labels=["host"])
+    waiting = GaugeMetricFamily("orchestrator_drain_waiting_operations",
+                                "Operations a draining host waits for", labels=["host"])
+    handed = CounterMetricFamily("orchestrator_drain_handed_back",
+                                 "Messages drains handed back to <host> unstarted",
+                                 labels=["host"])
+    outcomes = CounterMetricFamily("orchestrator_drains", "Drains ended, by outcome",
+                                   labels=["host", "outcome"])
+    durations = SummaryMetricFamily("orchestrator_drain_duration_seconds",
+                                    "Duration of ended drains", labels=["host"])
+    for h in hosts:
+        host, drains, total = h["host"], h["drains"], h["drains_total"]
+        if drains:
+            remaining.add_metric([host], max(d["deadline_in"] for d in drains))
+            waited = {op for d in drains for op in d["waiting_for"].get("operations", [])}
+            waiting.add_metric([host], float(len(waited)))
+        if not total["any"]:
+            continue
+        handed.add_metric([host], float(total["handed_back"]))
+        for outcome in DRAIN_OUTCOMES:
+            outcomes.add_metric([host, outcome], float(total["ended"].get(outcome, 0)))
+        if total["timed"]:
+            durations.add_metric([host], count_value=total["timed"],
+                                 sum_value=total["seconds"])
+    yield from (remaining, waiting, handed, outcomes, durations)
 
 
 class Server:

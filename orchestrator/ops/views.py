@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,14 +126,16 @@ class HostFilter:
     """Which hosts a view shows: those whose name matches ``names`` (shell globs, any of
     them), in one of ``states`` (up, draining, down), with work (``busy``: operations in
     flight that need them, or messages in their queues); then ``limit`` of them from
-    ``offset``, by name. The filters apply before the broker is asked for queue depths and
-    the workers for their reports: a fleet's view of a few hosts costs a few hosts."""
+    ``offset``, by name, or with ``first_matter`` the hosts that matter first (:func:`rank`).
+    The filters apply before the broker is asked for queue depths and the workers for their
+    reports: a fleet's view of a few hosts costs a few hosts."""
 
     names: tuple[str, ...] = ()
     states: tuple[str, ...] = ()
     busy: bool = False
     limit: int | None = None
     offset: int = 0
+    first_matter: bool = False
 
     def named(self, host: str) -> bool:
         return not self.names or any(fnmatch.fnmatchcase(host, pattern)
@@ -146,6 +149,13 @@ class HostFilter:
         return None
 
 
+def rank(state: str, work: int) -> tuple[int, int]:
+    """Where a host comes when those that matter come first: draining ones, then down ones,
+    then those with work (the most first), then the rest (the live view's rows, the hosts
+    given Prometheus series of their own)."""
+    return {"draining": 0, "down": 1}.get(state, 2 if work else 3), -work
+
+
 def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
           only: HostFilter = HostFilter()) -> list[dict[str, Any]]:
     """Each known host (``only``: those it lets through): its services, state, where alt
@@ -156,18 +166,26 @@ def hosts(orch: Any, with_queues: bool = True, with_reports: bool = False,
 
 
 def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
-               only: HostFilter = HostFilter()) -> dict[str, Any]:
-    """:func:`hosts` as a page: ``{"hosts": [...], "total": N, "offset": O, "limit": L}``,
-    ``total`` the hosts ``only`` lets through before its limit and offset."""
+               only: HostFilter = HostFilter(),
+               with_drain_totals: bool = False) -> dict[str, Any]:
+    """:func:`hosts` as a page: ``{"hosts": [...], "total": N, "offset": O, "limit": L,
+    "fleet": {state: hosts}}``, ``total`` the hosts ``only`` lets through before its limit
+    and offset, ``fleet`` every host read by state (the fleet's, unless ``only`` names its
+    hosts exactly). The one model of a host that the command line, Flower, the live view
+    and ``/metrics`` read. ``with_drain_totals``: each host's drains of all time too
+    (``drains_total``: ended by outcome, ``forced``, their seconds, the messages handed
+    back), which Prometheus' counters need."""
     exact = only.exact()
     views = orch.registry.services(hosts=exact)
     states = registry.host_states(views)
     grouped = registry.by_host(views)
+    in_flight = orch.ledger.in_flight_by_host()
     chosen = {host for host, state in states.items() if only.named(host)
               and (not only.states or state in only.states)}
     # The workers are asked about the page's hosts alone (all chosen ones when the page
     # depends on queue depths: --busy).
-    known = sorted(chosen)
+    known = sorted(chosen, key=(lambda h: (*rank(states[h], in_flight.get(h, 0)), h))
+                   if only.first_matter else None)
     asked = chosen if only.limit is None or only.busy else \
         set(known[only.offset:only.offset + only.limit])
     live = [v.nodename for v in views if v.host in asked and v.state != "down"]
@@ -178,13 +196,12 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     mode = orch.settings.alt_routing
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
-    in_flight = orch.ledger.in_flight_by_host()
     unserved = unserved_steps(orch, views)
     live_nodes = {v.nodename for v in views if v.state != "down"}
     now = time.time()
     draining: dict[str, list[dict[str, Any]]] = {}
     last_drain: dict[str, dict[str, Any]] = {}
-    for d in orch.registry.drains(since=now - 24 * 3600, hosts=exact):
+    for d in orch.registry.drains(exact, since=now - 24 * 3600):
         if d.outcome is not None or d.nodename not in live_nodes:
             # Oldest first: the host's most recent ended drain wins. One never ended whose
             # worker is gone was cut short by the exit deadline or a kill.
@@ -209,6 +226,7 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     total = len(known)
     end = None if only.limit is None else only.offset + only.limit
     known = known[only.offset:end]
+    totals = orch.registry.drain_totals(known) if with_drain_totals else {}
     if with_queues and not only.busy:
         depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
     out = []
@@ -248,6 +266,8 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
             ],
             "notes": [],
         }
+        if with_drain_totals:
+            entry["drains_total"] = _drains_total(totals.get(host), live_nodes)
         if with_queues:
             entry["queued"] = {q: depths[q] for q in (host, alt_queue(host))}
             entry["notes"] = _host_notes(
@@ -263,7 +283,22 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
                 + f"): {host} runs code that does not register them; roll back, or deploy "
                   "code that does (an alias keeps an old name)")
         out.append(entry)
-    return {"hosts": out, "total": total, "offset": only.offset, "limit": only.limit}
+    return {"hosts": out, "total": total, "offset": only.offset, "limit": only.limit,
+            "fleet": {state: n for state, n in sorted(Counter(states.values()).items())}}
+
+
+def _drains_total(totals: registry.DrainTotals | None, live_nodes: set[str]
+                  ) -> dict[str, Any]:
+    """A host's drains of all time: how many ended each way (``forced``: never ended, its
+    worker gone), their seconds, and the messages they handed back."""
+    totals = totals or registry.DrainTotals()
+    ended = dict(totals.ended)
+    forced = sum(1 for node in totals.unended if node not in live_nodes)
+    if forced:
+        ended["forced"] = forced
+    return {"ended": ended, "timed": totals.timed, "seconds": round(totals.seconds, 3),
+            "handed_back": totals.handed_back,
+            "any": bool(totals.ended or totals.unended)}
 
 
 def live_operations(orch: Any, since: float, limit: int) -> dict[str, Any]:
