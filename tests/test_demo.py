@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.testing.fleet import wait_for
+from tests.up import stop_up
 
 pytestmark = pytest.mark.shutdown
 
@@ -116,12 +116,7 @@ def test_up_serves_the_cli_until_ctrl_c(tmp_path: Path) -> None:
         started = _descendants(up.pid)
         assert len(started) >= 3, "a Redis and two workers"
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            code = up.wait(timeout=60)
-        finally:
-            if up.poll() is None:
-                up.kill()
+        code = stop_up(up, log)
     assert code == 0, log.read_text()
     wait_for(lambda: _gone(started), 10, "every process up started to be gone")
     assert "Traceback" not in log.read_text()

@@ -6,6 +6,7 @@ sleep, and ends by counting every operation it submitted: completed, or waiting 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -145,6 +146,17 @@ def test_fetched_unstarted_main_messages_are_handed_back(fleet: Fleet) -> None:
     for op_id in boots:
         assert wait_op(op_id, ended)["status"] == "completed"
     assert_conserved([booted, resize.id, *boots], HOSTS)
+    # Each boot's timeline says so: handed back by the drained worker from compute1, then
+    # run from compute1 by the next one (the command line's JSON, what Flower's page draws).
+    for op_id in boots:
+        data = json.loads(CliRunner().invoke(cli, ["operation", op_id, "--json"]).output)
+        told = [(e["kind"], e["host"], e["queue"]) for e in data["timeline"]]
+        back = told.index(("handed-back", "compute1", "compute1"))
+        assert ("step-started", "compute1", "compute1") in told[back:], told
+        (worker,) = {e["worker"] for e in data["timeline"] if e["kind"] == "handed-back"}
+        assert worker.startswith("compute1@"), worker
+        (lane,) = data["lanes"]["hosts"]
+        assert [d["outcome"] for d in lane["drains"]] == ["done"], lane
 
 
 def test_deadline_leaves_alt_step_queued_until_restart(fleet: Fleet) -> None:
@@ -187,6 +199,17 @@ def test_deadline_mid_step_requeues_the_running_step(fleet: Fleet) -> None:
     assert step_row(data, "finish_resize")["attempts"] == 2
     assert _applied(resize.id) == {0: 1, 1: 1, 2: 1}, "each effect happened once"
     assert_conserved([booted, resize.id], HOSTS)
+    # The timeline: requeued to compute2-alt at the deadline, run again from it after the
+    # restart; compute2's lane has the drain, ended by its deadline.
+    data = json.loads(CliRunner().invoke(cli, ["operation", resize.id, "--json"]).output)
+    told = [(e["kind"], e["step"], e["queue"]) for e in data["timeline"]]
+    again = told.index(("requeued", "finish_resize", "compute2-alt"))
+    assert ("step-started", "finish_resize", "compute2-alt") in told[again:], told
+    lanes = {lane["host"]: lane for lane in data["lanes"]["hosts"]}
+    assert [d["outcome"] for d in lanes["compute2"]["drains"]] == ["deadline"]
+    listed = json.loads(CliRunner().invoke(cli, ["operations", "--host", "compute2",
+                                                 "--json"]).output)
+    assert resize.id in {op["operation"] for op in listed["operations"]}
 
 
 def _applied(operation_id: str) -> dict[int, int]:

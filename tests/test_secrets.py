@@ -31,6 +31,7 @@ from orchestrator.testing.embedded import free_port
 from orchestrator.testing.fleet import Fleet, wait_for
 from orchestrator.testing.stack import Stack
 from tests.helpers import ended, wait_op
+from tests.up import stop_up
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -329,12 +330,7 @@ def test_up_prints_no_password_of_the_users_settings(tmp_path: Path) -> None:
             wait_for(lambda: "Ctrl-C stops everything" in log.read_text()
                      or up.poll() is not None, 90, "up to print its settings")
         finally:
-            up.send_signal(signal.SIGINT)
-            try:
-                up.wait(timeout=60)
-            finally:
-                if up.poll() is None:
-                    up.kill()
+            stop_up(up, log)
         printed = log.read_text()
     assert not _leaks(password, {"orchestrator up": printed}), printed
     assert f"as set in this shell (it holds {redact_url(broker_url)}" in printed, printed

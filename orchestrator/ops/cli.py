@@ -639,6 +639,7 @@ def flower(flower_args: tuple[str, ...]) -> None:
 def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None) -> None:
     """Run a fleet here until Ctrl-C: a broker (embedded unless ORCHESTRATOR_BROKER_URL is
     set), a ledger, one worker per host and Flower; use the CLI against it from another shell."""
+    import faulthandler
     import signal
 
     from orchestrator.discovery import app_name
@@ -655,6 +656,9 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    # `kill -USR1` prints every thread's stack: where a stop that takes long waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stack = None
     try:
         with local_stack(orch, app=app, flower=flower, flower_port=flower_port,
                          db_url=os.environ.get("ORCHESTRATOR_DB_URL")) as stack:
@@ -673,6 +677,8 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
                 while True:
                     time.sleep(3600)
     except KeyboardInterrupt:
+        for line in stack.forced if stack is not None else ():
+            click.echo(f"up: {line}", err=True)
         click.echo("up: stopped", err=True)
     except (RuntimeError, OSError) as exc:  # no broker to embed, a worker that did not start
         raise SubmitError(str(exc)) from None

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +165,14 @@ class Fleet:
         forced: list[str] = []
         for worker in self.workers:
             worker.signal(signal.SIGQUIT)
+        deadline = time.monotonic() + timeout  # one for all: they stop side by side
         for worker in self.workers:
             try:
-                worker.proc.wait(timeout=timeout)
+                worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                forced.append(f"{worker.host} (pid {worker.pid}) ignored SIGQUIT; killed")
+                last = worker.log().rstrip().splitlines()[-5:]
+                forced.append(f"{worker.host} (pid {worker.pid}) did not exit within "
+                              f"{timeout:g} s of SIGQUIT; killed; its log ended with:\n  "
+                              + "\n  ".join(last))
         self.kill_all()
         return forced

@@ -12,7 +12,7 @@ import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Stack:
     #: The variables of ``env`` whose value this stack made (an embedded broker, a ledger in
     #: ``workdir``); the others are this shell's own.
     made: frozenset[str] = frozenset()
+    #: Once the stack is closed: the workers that had to be killed, and why.
+    forced: list[str] = field(default_factory=list)
 
     def shell_lines(self, app: str) -> list[str]:
         """What another shell needs to run ``orchestrator`` against this stack, without a
@@ -91,7 +93,8 @@ def local_stack(
         os.environ.update(shared)
         orch.app.conf.broker_url = broker
         fleet = Fleet(env={**shared, **(env or {})}, log_dir=workdir / "logs", app=app)
-        stack.callback(fleet.stop_all)
+        forced: list[str] = []
+        stack.callback(lambda: forced.extend(fleet.stop_all()))
         flower_url = None
         if flower:
             address = "127.0.0.1"
@@ -100,4 +103,4 @@ def local_stack(
             flower_url = f"http://{address}:{port}/"
         yield Stack(broker_url=broker, db_url=db_url, workdir=workdir, fleet=fleet,
                     flower_url=flower_url, env=shared, embedded_broker=embedded,
-                    made=frozenset(made))
+                    made=frozenset(made), forced=forced)
