@@ -49,6 +49,17 @@ def _tc(*args: str, namespace: str | None = None) -> None:
                    timeout=30)
 
 
+def _free_octet(first: int) -> int:
+    """The third octet of a /24 of SUBNET_BASE no address here is in, from ``first`` on: the
+    beds of two test processes running side by side (pytest -n) never share a subnet."""
+    used = _ip("-o", "addr", "show").stdout
+    for step in range(150):
+        octet = 100 + (first - 100 + step) % 150
+        if f" {SUBNET_BASE}.{octet}." not in used:
+            return octet
+    raise RuntimeError(f"every /24 of {SUBNET_BASE}.100-249 is in use here")
+
+
 def available() -> str | None:
     """None if network namespaces can be made here, else why not."""
     if os.geteuid() != 0:
@@ -96,7 +107,7 @@ class Machine:
 class NetBed:
     def __init__(self, delay: str = "2ms 1ms") -> None:
         self.tag = f"ob{os.getpid() % 100000}"
-        self.octet = 100 + os.getpid() % 150
+        self.octet = _free_octet(100 + os.getpid() % 150)
         self.prefix = f"{SUBNET_BASE}.{self.octet}"
         self.bridge = f"{self.tag}br"
         self.broker_address = f"{self.prefix}.1"
