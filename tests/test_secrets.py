@@ -304,7 +304,8 @@ def test_printable_escapes_control_characters() -> None:
 
 def test_up_prints_no_password_of_the_users_settings(tmp_path: Path) -> None:
     """The line ``orchestrator up`` prints for another shell: what it made, as ``export``;
-    the user's own settings redacted, as already set in this shell."""
+    the user's own settings redacted, as already set in this shell. Started with SIGINT
+    ignored, as a script's ``orchestrator up &`` is, Ctrl-C still stops it."""
     stack = Stack(broker_url="", db_url="", workdir=tmp_path, fleet=None, flower_url=None,  # type: ignore[arg-type]
                   env={"ORCHESTRATOR_BROKER_URL": "amqp://u:brk?1@rabbit:5672//",
                        "ORCHESTRATOR_DB_URL": "sqlite:////tmp/ledger.db"},
@@ -325,7 +326,8 @@ def test_up_prints_no_password_of_the_users_settings(tmp_path: Path) -> None:
             up = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.ops.cli", "up", "--no-flower", "--plain",
                  "--host", "compute1"], cwd=tmp_path, env=env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         try:
             wait_for(lambda: "Ctrl-C stops everything" in log.read_text()
                      or up.poll() is not None, 90, "up to print its settings")

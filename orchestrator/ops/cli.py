@@ -656,6 +656,9 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    # Python leaves SIGINT ignored when its parent ignored it (a script's `orchestrator up &`,
+    # a test runner that ignores it): Ctrl-C, which this command promises, would do nothing.
+    signal.signal(signal.SIGINT, stop)
     # `kill -USR1` prints every thread's stack: where a stop that takes long waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     stack = None
