@@ -59,6 +59,17 @@ def pytest_report_header() -> str:
             "(ORCHESTRATOR_TEST_BROKER_URL names another)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests at a time (``-n``) each need a broker and a database of their own: one named
+    here is shared by every test process, which would empty each other's queues or tables."""
+    shared = [name for name in ("ORCHESTRATOR_TEST_BROKER_URL", "ORCHESTRATOR_TEST_DB_URL")
+              if os.environ.get(name)]
+    if shared and getattr(config.option, "numprocesses", None) not in (None, 0, "0"):
+        raise pytest.UsageError(
+            f"{shared[0]} names one {'broker' if 'BROKER' in shared[0] else 'database'} for "
+            "every test process: run these tests without -n (one at a time)")
+
+
 def _shown(url: str) -> str:
     """``url`` without its password."""
     parsed = urlparse(url)
