@@ -19,7 +19,7 @@ import time
 from nova_app import operations, views
 from nova_app.app import app, orch
 from orchestrator import Watch, queue_depth, timeline_lines, wait_for
-from orchestrator.testing import FLOWER_PORT, local_stack
+from orchestrator.local import FLOWER_PORT, local_stack
 
 
 def run_demo(step_delay: float = 3.0, flower: bool = True, flower_port: int = FLOWER_PORT,

@@ -10,7 +10,7 @@ prefetch 1, JSON) measured in the same run:
    ``send_task`` calls with an explicit ``queue=``. Nothing consumes; the queues are purged
    (and their message counts checked) after every repetition.
 2. **end-to-end**: N single-step ``boot`` operations through one real worker started with
-   ``orchestrator.testing.fleet.Fleet`` (prefork, concurrency 2,
+   ``orchestrator.local.fleet.Fleet`` (prefork, concurrency 2,
    ``ORCHESTRATOR_STEP_DELAY=0``), from the first submit until the database shows every
    operation completed, versus N trivial tasks
    (one Redis INCR each) through a plain ``celery worker`` with the same pool and options.
@@ -622,7 +622,7 @@ class Bench:
         from nova_app import operations
         from nova_app.app import app, orch
         from nova_app.flows import STEP_NAMES
-        from orchestrator.testing.fleet import Fleet
+        from orchestrator.local.fleet import Fleet
 
         self.redis = redis.Redis.from_url(broker_url)
         self.ours_app, self.operations, self.orch = app, operations, orch
@@ -1281,7 +1281,7 @@ class Bench:
                                          f"run {runs}")
             finally:
                 stop(ours, "shapes worker")
-            # Nova's own workers, as its deployment starts them (orchestrator.testing.fleet).
+            # Nova's own workers, as its deployment starts them (orchestrator.local.fleet).
             nova = [self.fleet.start(host, concurrency=self.config.concurrency, ready=False)
                     for host in SHAPES_NOVA_HOSTS]
             try:

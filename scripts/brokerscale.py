@@ -195,7 +195,7 @@ def rabbit(node: Rabbit, hosts: int, queue_type: str) -> dict:
 def redis_(hosts: int) -> dict:
     import redis
 
-    from orchestrator.testing.embedded import embedded_redis
+    from orchestrator.local.embedded import embedded_redis
 
     with embedded_redis() as server:
         url = f"redis://127.0.0.1:{server.port}/0"

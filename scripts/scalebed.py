@@ -119,7 +119,7 @@ def step_latencies(db_url: str, since: float) -> list[float]:
 
 class Bed:
     def __init__(self, args: argparse.Namespace) -> None:
-        from orchestrator.testing.embedded import embedded_redis
+        from orchestrator.local.embedded import embedded_redis
         from orchestrator.testing.pgserver import PrivatePostgres
 
         self.args = args
@@ -166,7 +166,7 @@ class Bed:
             conn.execute("DELETE FROM leases")
 
     def start_real(self, hosts: list[str], concurrency: int) -> None:
-        from orchestrator.testing.fleet import Fleet
+        from orchestrator.local.fleet import Fleet
 
         if self.fleet is None:
             self.fleet = Fleet(env={"BED_ROUTING": str(self.tmp / "routing.yaml"),

@@ -38,7 +38,7 @@ def _throw_away_broker() -> str:
     import shutil
     import tempfile
 
-    from orchestrator.testing.embedded import RedisServer
+    from orchestrator.local.embedded import RedisServer
 
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-test-redis-"))
     server = RedisServer(workdir)
@@ -84,8 +84,8 @@ os.environ["ORCHESTRATOR_ROUTING_FILE"] = str(Path(__file__).resolve().parent.pa
                                               / "routing.yaml")
 
 from nova_app.app import app, orch  # noqa: E402
+from orchestrator.local.fleet import Fleet  # noqa: E402
 from orchestrator.seams.celery_internals import point_app_at  # noqa: E402
-from orchestrator.testing.fleet import Fleet  # noqa: E402
 
 
 def _purge_broker() -> None:

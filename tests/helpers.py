@@ -8,8 +8,8 @@ from typing import Any
 from nova_app import views
 from nova_app.app import app, orch
 from orchestrator.broker import queue_depths
+from orchestrator.local.fleet import wait_for
 from orchestrator.routing import alt_queue
-from orchestrator.testing.fleet import wait_for
 
 
 def wait_op(operation_id: str, until: Callable[[dict[str, Any]], bool],

@@ -244,8 +244,8 @@ def backends(broker_url: str, workdir: Path, net: NetBed | None = None,
     private redis-server, RabbitMQ (which listens on loopback only here) a relay of the
     broker address to ``broker_url``'s server. Without one they listen on loopback and a
     plain broker is ``broker_url`` itself."""
+    from orchestrator.local.embedded import RedisServer, free_port
     from orchestrator.testing import pgserver
-    from orchestrator.testing.embedded import RedisServer, free_port
     from tests import sentinel as sentinels
 
     made = Backends(ledger=None, broker_url=broker_url)

@@ -21,7 +21,7 @@ import shutil
 
 import psycopg
 
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.fleet import wait_for
 from orchestrator.testing.pgserver import PrivatePostgres, pg_bin
 
 

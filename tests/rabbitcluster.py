@@ -22,8 +22,8 @@ from pathlib import Path
 
 import kombu
 
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import wait_for
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"

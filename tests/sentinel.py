@@ -17,8 +17,8 @@ from pathlib import Path
 
 import redis
 
-from orchestrator.testing.embedded import free_port, redis_server_binary
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.embedded import free_port, redis_server_binary
+from orchestrator.local.fleet import wait_for
 
 MASTER = "orchmaster"
 

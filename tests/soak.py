@@ -3,7 +3,7 @@
     python -m tests.soak                       # 100 operations, 3 hosts, >= 10 signals
     python -m tests.soak --operations 500 --signals 40 --json soak.json --report
 
-Three hosts (``compute1..3``), each a real ``celery worker`` (orchestrator.testing.fleet). A driver
+Three hosts (``compute1..3``), each a real ``celery worker`` (orchestrator.local.fleet). A driver
 thread submits operations over time (boot, live migration with the odd abort or
 force-complete, cold migration, resize on the same host or another, cross-cell resize,
 confirm, revert, consoles, events), each picked to be valid for its instance's current state,
@@ -164,7 +164,7 @@ class SoakResult:
 @dataclass
 class Host:
     name: str
-    worker: Any = None  # orchestrator.testing.fleet.WorkerProcess
+    worker: Any = None  # orchestrator.local.fleet.WorkerProcess
     #: starting, up, draining (SIGTERM sent), killed (SIGKILL sent), down (exited)
     phase: str = "down"
     since: float = 0.0
@@ -331,9 +331,9 @@ class Soak:
         env = self.env()
         with _environ(env):
             from nova_app.app import app
+            from orchestrator.local.fleet import Fleet
             from orchestrator.policy import publish_retry_policy
             from orchestrator.seams.celery_internals import point_app_at, use_queue_type
-            from orchestrator.testing.fleet import Fleet
 
             app.conf.task_publish_retry_policy = publish_retry_policy(self.cfg.broker)
             if self.sentinels is not None:

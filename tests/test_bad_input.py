@@ -13,8 +13,8 @@ import signal
 from nova_app import operations, views
 from nova_app.app import app
 from orchestrator.broker import queue_depth
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.stepcall import problems
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import ended, wait_op
 from tests.raw import STEP, publish_raw
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from nova_app import operations
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import Fleet, wait_for
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import Fleet, wait_for
 
 pytestmark = pytest.mark.shutdown
 

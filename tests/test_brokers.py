@@ -13,7 +13,7 @@ from kombu.exceptions import ChannelError
 from nova_app import operations
 from nova_app.app import app, orch
 from orchestrator.broker import delete_queues, queue_depth
-from orchestrator.testing.fleet import Fleet
+from orchestrator.local.fleet import Fleet
 from tests.helpers import ended, wait_op
 from tests.raw import STEP
 

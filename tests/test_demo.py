@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.fleet import wait_for
 from tests.up import stop_up
 
 pytestmark = pytest.mark.shutdown

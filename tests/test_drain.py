@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from nova_app import operations, views
 from nova_app.app import app
 from orchestrator.broker import queue_depth
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.ops.cli import main as cli
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import (
     assert_conserved,
     at_step,

@@ -17,8 +17,8 @@ import pytest
 
 from examples.volume_move.app import app, orch, volume_path
 from orchestrator.broker import queue_depth, queue_depths
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.status import ended, wait_operation
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.conftest import running_fleet
 
 pytestmark = pytest.mark.shutdown

@@ -16,8 +16,8 @@ import pytest
 from examples.volume_move.app import orch, volume_path
 from orchestrator.broker import queue_depths
 from orchestrator.errors import LedgerUnavailable
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.testing import pgserver
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.conftest import fresh_broker
 from tests.volumes import cli, make_volume, runs, volume_fleet, wait_step
 

@@ -19,9 +19,9 @@ from orchestrator.ledger.engines import Database, _direct_for, _engine, reset
 from orchestrator.ledger.idle import IdleConnections
 from orchestrator.ledger.lease import MAX_CHECK_SECONDS, Leases, check_every
 from orchestrator.ledger.statements import statements_for
+from orchestrator.local.fleet import Fleet
 from orchestrator.looks import FLEET_LEASE
 from orchestrator.registry import Registry
-from orchestrator.testing.fleet import Fleet
 from tests.helpers import ended, wait_op
 
 ASK = {"floor": 5.0, "fleet_checks_per_second": 0.25}

@@ -21,8 +21,8 @@ import pytest
 
 from nova_app import operations
 from nova_app.app import orch
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import Fleet, wait_for
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
 
 pytestmark = pytest.mark.shutdown

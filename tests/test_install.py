@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.testing.fleet import WorkerProcess, wait_for
+from orchestrator.local.fleet import WorkerProcess, wait_for
 from orchestrator.worker_command import worker_command
 from tests.conftest import fresh_broker, fresh_db
 

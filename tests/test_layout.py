@@ -67,7 +67,8 @@ def test_the_engine_imports_nothing_of_an_application() -> None:
 
 
 #: Engine modules an application may import names from: those in their ``__all__``.
-PUBLIC_MODULES = ("orchestrator", "orchestrator.ops.cli", "orchestrator.testing")
+PUBLIC_MODULES = ("orchestrator", "orchestrator.ops.cli", "orchestrator.local",
+                  "orchestrator.testing")
 
 
 def test_applications_use_only_what_the_package_exports() -> None:

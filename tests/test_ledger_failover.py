@@ -24,8 +24,8 @@ from sqlalchemy import column, func, insert, select, table, text
 from examples.volume_move.app import orch, volume_path
 from orchestrator.errors import LedgerUnavailable
 from orchestrator.ledger.engines import Database
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.testing import pgserver
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.conftest import fresh_broker
 from tests.pgfailover import PostgresPair, query
 from tests.volumes import (

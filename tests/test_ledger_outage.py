@@ -16,8 +16,8 @@ import pytest
 from orchestrator.errors import LedgerUnavailable
 from orchestrator.ledger.engines import Database, unreachable
 from orchestrator.ledger.health import QUIET_SECONDS, LedgerHealth
+from orchestrator.local.embedded import free_port
 from orchestrator.registry import ServiceView
-from orchestrator.testing.embedded import free_port
 from workers.resend import delivery_gone
 
 

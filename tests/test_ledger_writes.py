@@ -11,8 +11,8 @@ import sqlite3
 import pytest
 
 from nova_app import operations
+from orchestrator.local.fleet import Fleet
 from orchestrator.runner import CLAIM_AFTER_SECONDS
-from orchestrator.testing.fleet import Fleet
 from tests.helpers import ended, wait_op
 
 pytestmark = pytest.mark.shutdown

@@ -17,11 +17,11 @@ from sqlalchemy import text
 
 from nova_app import operations
 from nova_app.app import orch
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.ops.cli import main as cli
 from orchestrator.ops.metrics import serve
 from orchestrator.ops.refreshed import Refreshed
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import resize_vm1_until, wait_draining
 
 pytestmark = pytest.mark.shutdown

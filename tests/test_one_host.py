@@ -19,9 +19,9 @@ from nova_app import operations
 from nova_app.app import app, orch
 from orchestrator.broker import queue_depth
 from orchestrator.errors import SubmitError
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.names import host_problem
 from orchestrator.ops.cli import main as cli
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import boot_active, ended, wait_op
 
 pytestmark = pytest.mark.shutdown

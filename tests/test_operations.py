@@ -20,8 +20,8 @@ from sqlalchemy import select
 from nova_app import operations, views
 from orchestrator.ledger import engines as db
 from orchestrator.ledger.models import Operation, StepRecord
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.ops.cli import main as cli
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.conftest import running_fleet
 from tests.helpers import at_step, ended, queued_messages, wait_op
 

@@ -22,9 +22,9 @@ import pytest
 
 from examples.volume_move.app import app, orch
 from orchestrator.broker import delete_queues
+from orchestrator.local.fleet import Fleet, WorkerProcess
 from orchestrator.seams.celery_internals import point_app_at
 from orchestrator.testing import pgserver
-from orchestrator.testing.fleet import Fleet, WorkerProcess
 from tests import netbed
 from tests.conftest import BROKER_URL
 from tests.volumes import make_volume, runs, volume_fleet, wait_step

@@ -18,7 +18,7 @@ from kombu import Connection, Exchange, Queue
 
 from examples.volume_move.app import orch
 from orchestrator.broker import republish
-from orchestrator.testing.fleet import Fleet
+from orchestrator.local.fleet import Fleet
 from tests import rabbitcluster
 from tests.volumes import (
     each_effect_once,

@@ -19,8 +19,8 @@ from celery import Celery
 
 from examples.volume_move.app import orch
 from orchestrator import Orchestrator
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.policy import publish_retry_policy
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests import sentinel
 from tests.volumes import (
     each_effect_once,

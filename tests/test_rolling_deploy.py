@@ -24,8 +24,8 @@ import pytest
 
 from examples.volume_move.app import app, orch
 from orchestrator.broker import queue_depths
+from orchestrator.local.fleet import Fleet, WorkerProcess, wait_for
 from orchestrator.status import wait_operation
-from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for
 from tests.conftest import BROKER_URL, fresh_db
 from tests.volumes import APP, cli, make_volume, runs, submit_move, volume_fleet, wait_step
 

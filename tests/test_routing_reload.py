@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from nova_app import operations, views
 from nova_app.app import orch
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.ops.cli import main as cli
 from orchestrator.routing import RELOAD_CHECK_SECONDS, RoutingSource
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import at_step, boot_active, ended, wait_op
 
 REPO = Path(__file__).resolve().parent.parent

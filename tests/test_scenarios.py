@@ -23,7 +23,7 @@ from nova_app.app import app
 from orchestrator.broker import queue_depth
 from orchestrator.ledger import engines as db
 from orchestrator.ledger.models import StepRecord
-from orchestrator.testing.fleet import Fleet
+from orchestrator.local.fleet import Fleet
 from tests.helpers import (
     assert_conserved,
     at_step,
@@ -185,7 +185,7 @@ def test_sigkill_mid_step_loses_nothing(fleet: Fleet) -> None:
 def test_broker_restart_during_a_drain(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A persistent Redis of this test's own restarts while the destination drains: the
     workers reconnect, the drained host stays off its main queue, the resize completes."""
-    from orchestrator.testing.embedded import embedded_redis
+    from orchestrator.local.embedded import embedded_redis
     from tests.conftest import BROKER_URL, fresh_db, use_broker
 
     with embedded_redis(persistent=True) as redis_server:
@@ -240,8 +240,8 @@ def test_an_event_the_broker_refuses_mid_step_is_sent_later(tmp_path,
     (nobody could act on the error), and the build does not fail; once the broker is back,
     compute1's resend sends it and the boot completes."""
     from orchestrator.ledger.models import Operation
+    from orchestrator.local.embedded import embedded_redis
     from orchestrator.status import wait_for
-    from orchestrator.testing.embedded import embedded_redis
     from tests.conftest import BROKER_URL, fresh_db, use_broker
 
     def kinds() -> list[tuple[str, str]]:

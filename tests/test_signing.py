@@ -24,8 +24,8 @@ from nova_app import operations, views
 from nova_app.app import app
 from orchestrator.broker import queue_depth
 from orchestrator.config import ConfigError
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.signing import CERT_VAR, KEY_VAR, STORE_VAR, Signing
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import ended, wait_op
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

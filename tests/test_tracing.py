@@ -31,8 +31,8 @@ from orchestrator.config import Settings
 from orchestrator.dispatch import StepMessage
 from orchestrator.errors import ConfigError, StepFailure
 from orchestrator.ledger.states import Happening
+from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.runner import run_step
-from orchestrator.testing.fleet import Fleet, wait_for
 from tests.helpers import assert_conserved, at_step, boot_active, ended, wait_op
 from tests.test_ledger import three_step_orchestrator
 

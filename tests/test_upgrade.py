@@ -31,9 +31,9 @@ from orchestrator.config import ConfigError, Settings
 from orchestrator.ledger import engines as db
 from orchestrator.ledger.models import Service, StepRecord
 from orchestrator.ledger.store import ACTIVE_STATUSES
+from orchestrator.local.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from orchestrator.ops.cli import main as cli
 from orchestrator.routing import AltCapability, AltSnapshot, Decision, StepRouter
-from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for, worker_command
 from tests.helpers import assert_conserved, at_step, ended, queued_messages, wait_op
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.fleet import wait_for
 
 
 def stop_up(up: subprocess.Popen, log: Path, timeout: float = 60.0) -> int:

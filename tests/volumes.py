@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from examples.volume_move.app import orch, volume_path
+from orchestrator.local.fleet import Fleet, WorkerProcess, wait_for
 from orchestrator.status import wait_operation
-from orchestrator.testing.fleet import Fleet, WorkerProcess, wait_for
 
 APP = "examples.volume_move.app"
 STEPS = ("reserve", "copy_out", "copy_in", "retire_source")

@@ -643,9 +643,9 @@ def up(hosts: tuple[str, ...], flower: bool, flower_port: int, live: bool | None
     import signal
 
     from orchestrator.discovery import app_name
+    from orchestrator.local.stack import local_stack
     from orchestrator.names import check_host_name
     from orchestrator.ops.live import Watch
-    from orchestrator.testing.stack import local_stack
 
     for host in hosts:
         check_host_name(host, "--host")

@@ -1,15 +1,16 @@
-"""Real processes for tests, the demo, the soak and the benchmark: not the engine.
+"""Testing your flows against real processes: not the engine.
 
-- :mod:`.fleet`: start and signal real ``celery worker`` processes, one per host (the one
-  process runner: the project's tests, the soak, the benchmark, the demo and the test kit);
-- :mod:`.embedded`: a Redis server of its own when no broker is configured;
-- :mod:`.stack`: a whole fleet on this machine (broker, ledger, workers, Flower) for the demo
-  and ``orchestrator up``;
 - :mod:`.kit`: shutdown-test your own flows (the ``orchestrator_fleet`` fixture of the pytest
-  plugin, :mod:`orchestrator.pytest_plugin`).
+  plugin, :mod:`orchestrator.pytest_plugin`);
+- :mod:`.pgserver`, :mod:`.pgbouncer`: a private PostgreSQL and PgBouncer, started and
+  stopped by a test;
+- :mod:`.scale`: the scale bed's simulated hosts.
 
-The engine (``orchestrator``, ``workers``) imports none of these; nothing here is imported
-until used.
+The real worker processes, the embedded Redis and the whole local fleet these run on are
+:mod:`orchestrator.local`'s (``orchestrator up`` and the demo use them too); ``Fleet``,
+``WorkerProcess``, ``local_stack`` and ``embedded_redis`` are exported here as well, for a
+test suite that imports them from here. The engine (``orchestrator``, ``workers``) imports
+none of these; nothing here is imported until used.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ _EXPORTS = {
     "KitFleet": "orchestrator.testing.kit",
     "ShutdownReport": "orchestrator.testing.kit",
     "kit_broker": "orchestrator.testing.kit",
-    "Fleet": "orchestrator.testing.fleet",
-    "WorkerProcess": "orchestrator.testing.fleet",
-    "local_stack": "orchestrator.testing.stack",
-    "FLOWER_PORT": "orchestrator.testing.stack",
-    "embedded_redis": "orchestrator.testing.embedded",
+    "Fleet": "orchestrator.local.fleet",
+    "WorkerProcess": "orchestrator.local.fleet",
+    "local_stack": "orchestrator.local.stack",
+    "FLOWER_PORT": "orchestrator.local.stack",
+    "embedded_redis": "orchestrator.local.embedded",
 }
 
 __all__ = sorted(_EXPORTS)

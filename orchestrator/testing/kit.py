@@ -40,10 +40,10 @@ from sqlalchemy import select
 from orchestrator.broker import queue_depths
 from orchestrator.config import TESTKIT_GATE
 from orchestrator.ledger.models import Operation, StepRecord
+from orchestrator.local.embedded import RedisServer
+from orchestrator.local.fleet import Fleet, WorkerProcess
 from orchestrator.routing import alt_queue
 from orchestrator.status import wait_for
-from orchestrator.testing.embedded import RedisServer
-from orchestrator.testing.fleet import Fleet, WorkerProcess
 
 
 @dataclass

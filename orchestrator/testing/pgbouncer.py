@@ -14,8 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import wait_for
 
 
 def available() -> str | None:

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.testing.embedded import free_port
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.embedded import free_port
+from orchestrator.local.fleet import wait_for
 
 
 def pg_bin(name: str) -> str | None:

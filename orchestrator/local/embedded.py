@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.testing.fleet import wait_for
+from orchestrator.local.fleet import wait_for
 
 
 def free_port(address: str = "127.0.0.1") -> int:

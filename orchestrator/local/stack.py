@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.local.embedded import embedded_redis, free_port
+from orchestrator.local.fleet import Fleet
 from orchestrator.redact import redact_url
-from orchestrator.testing.embedded import embedded_redis, free_port
-from orchestrator.testing.fleet import Fleet
 
 FLOWER_PORT = 5555
 
