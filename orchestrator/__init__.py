@@ -18,8 +18,9 @@ the one the project's pyproject.toml names (``[tool.orchestrator] app``), as
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from orchestrator.lazy import exports
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
@@ -50,9 +51,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_exported = exports(__name__, _EXPORTS)
+
+
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name == "app":
         # `celery -A orchestrator`: the application named by ORCHESTRATOR_APP or the project's
         # pyproject.toml (by name: the engine imports no application). Celery would print a
@@ -65,4 +67,4 @@ def __getattr__(name: str) -> Any:
             return load_app(None).app
         except OrchestratorError as exc:
             fail(False, str(exc))  # as every command's error: one line, exit status 2
-    raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    return _exported(name)

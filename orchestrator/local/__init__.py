@@ -13,8 +13,7 @@ until used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from orchestrator.lazy import exports
 
 _EXPORTS = {
     "Fleet": "orchestrator.local.fleet",
@@ -28,7 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'orchestrator.local' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)

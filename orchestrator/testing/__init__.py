@@ -15,8 +15,7 @@ none of these; nothing here is imported until used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from orchestrator.lazy import exports
 
 _EXPORTS = {
     "KitFleet": "orchestrator.testing.kit",
@@ -32,7 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'orchestrator.testing' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
