@@ -354,7 +354,8 @@ def test_the_command_line_helps_from_any_directory(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATOR_APP"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "orchestrator.ops.cli", *args], cwd=tmp_path,
+        # (python -m orchestrator: the command line where no console script is on PATH)
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=60)
 
     for flag in ("--help", "-h"):

@@ -124,10 +124,11 @@ def test_packages_import_only_downwards() -> None:
 
 
 #: What may import the operator's surfaces (orchestrator.ops): themselves, and the package's
-#: face, whose lazy exports name a few of them (``Watch``) and whose ``celery -A orchestrator``
-#: says a missing application as the command line does.
+#: face, whose lazy exports name a few of them (``Watch``), whose ``celery -A orchestrator``
+#: says a missing application as the command line does, and whose ``python -m orchestrator``
+#: is the command line.
 OPS = "orchestrator.ops"
-OPS_IMPORTERS = (OPS, "orchestrator")
+OPS_IMPORTERS = (OPS, "orchestrator", "orchestrator.__main__")
 
 
 def test_the_engine_never_imports_the_operators_surfaces() -> None:
