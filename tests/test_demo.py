@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.local.fleet import wait_for
-from tests.up import stop_up
+from tests.up import descendants, stop_up
 
 pytestmark = pytest.mark.shutdown
 
@@ -25,21 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 def _fresh_env(tmp_path: Path) -> dict[str, str]:
     """No broker, database or routing file configured: what a fresh machine has."""
     return {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for child in _children(todo.pop()):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _gone(pids: list[int]) -> bool:
@@ -113,7 +98,7 @@ def test_up_serves_the_cli_until_ctrl_c(tmp_path: Path) -> None:
         assert any("step-completed  build_and_run_instance@compute1 via compute1" in line
                    for line in timeline), shown.stdout
         wait_for(lambda: "(vm1) completed" in log.read_text(), 10, "up to show the boot")
-        started = _descendants(up.pid)
+        started = descendants(up.pid)
         assert len(started) >= 3, "a Redis and two workers"
     finally:
         code = stop_up(up, log)
