@@ -1,4 +1,8 @@
-"""Read-only views of operations and hosts, as plain dicts (the CLI's JSON), for any app."""
+"""The fleet's views, read-only, as plain dicts (the command line's JSON, Flower's API), for
+any app: the hosts (:func:`hosts_page`, the one model of a host that the command line,
+Flower's Hosts tab, the live view and ``/metrics`` read), the operations' lists, and what can
+be said while the ledger does not answer. One operation's status is the engine's
+(:mod:`orchestrator.status`: ``orch.operation`` returns it)."""
 
 from __future__ import annotations
 
