@@ -80,15 +80,23 @@ def test_idle_connections_are_closed_and_the_next_statement_connects_again(
                     "when idle; SQLite's are a file's and stay")
 
     statement = statements_for(database.url).status
+    direct, pooled = _direct_for(database.url), _engine(database.url, False)
+    direct.give_back_if_idle(0)  # what this process's earlier tests left: closed
+    direct.engine.pool.dispose()
+    pooled.pool.dispose()
     assert database.direct(statement, id="none") == []
-    direct = _direct_for(database.url)
     assert direct.kept is not None, "the main thread keeps its connection while in use"
+    # Two connections idle in the other pool (two threads met before it was watched):
+    # not taken for "two not needed at once since ever".
+    first, second = pooled.raw_connection(), pooled.raw_connection()
+    first.close()
+    second.close()
     with database.read() as s:
         s.execute(statement.params(id="none"))
     closer = IdleConnections(idle_after=3600, give_back_after=3600)
     closer.watch_direct(direct)
     closer.watch(direct.engine)
-    closer.watch(_engine(database.url, False))
+    closer.watch(pooled)
     assert closer.close_idle() == 0, "used a moment ago: kept"
     closer.give_back_after = 0
     kept = direct.kept.dbapi_connection
@@ -108,7 +116,7 @@ def test_idle_connections_are_closed_and_the_next_statement_connects_again(
     closer.idle_after = 0
     assert closer.close_idle() >= 2, "the pools' idle connections"
     assert direct.engine.pool.checkedin() == 0
-    assert _engine(database.url, False).pool.checkedin() == 0
+    assert pooled.pool.checkedin() == 0
     assert database.direct(statement, id="none") == []
     with database.read() as s:
         s.execute(statement.params(id="none"))

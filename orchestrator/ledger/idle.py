@@ -74,6 +74,8 @@ class IdleConnections:
                 self._crowded[key] = self._used[key]
 
         used()  # watched when made, to be used at once: not idle since ever
+        # Nor uncrowded since ever: what it needed before it was watched is not known.
+        self._crowded[key] = self._used[key]
 
         event.listen(engine, "checkout", out)
         event.listen(engine, "checkin", used)
