@@ -102,22 +102,22 @@ class Rabbit:
     def open_files(self) -> int | None:
         """Files the node's process has open (None when it runs elsewhere or is not ours to
         read)."""
-        if self.pid is None:
-            return None
-        try:
-            return len(os.listdir(f"/proc/{self.pid}/fd"))
-        except OSError:
-            return None
+        return self._proc("open_files")
 
     def open_file_limit(self) -> int | None:
+        return self._proc("open_file_limit")
+
+    def _proc(self, what: str) -> int | None:
+        """tests.rabbitcluster's ``what(pid)`` of the node's process, from /proc (None: not
+        on this machine)."""
+        from tests import rabbitcluster
+
         if self.pid is None:
             return None
         try:
-            limits = Path(f"/proc/{self.pid}/limits").read_text()
+            return getattr(rabbitcluster, what)(self.pid)
         except OSError:
             return None
-        line = next(li for li in limits.splitlines() if li.startswith("Max open files"))
-        return int(line.split()[3])
 
     def close(self) -> None:
         if self.cluster is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -42,21 +41,10 @@ def greets(port: int, wait: float) -> float | None:
     return round(time.perf_counter() - began, 3) if frame[:1] == b"\x01" else None
 
 
-def open_files(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def open_file_limit(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise RuntimeError("no open-file limit")
-
-
 def main(argv: list[str] | None = None) -> int:
     import kombu
 
-    from tests.rabbitcluster import RabbitCluster
+    from tests.rabbitcluster import RabbitCluster, open_file_limit, open_files
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nofile", type=int, default=1024)

@@ -48,6 +48,19 @@ class Node:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
 
+def open_files(pid: int) -> int:
+    """Files process ``pid`` (a node's Erlang VM: :meth:`RabbitCluster.beam_pid`) has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_file_limit(pid: int) -> int:
+    """Process ``pid``'s open-file limit (its soft ``ulimit -n``)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise RuntimeError(f"no open-file limit in /proc/{pid}/limits")
+
+
 class RabbitCluster:
     def __init__(self, size: int = 3, nofile: int | None = None) -> None:
         #: The nodes' open-file limit (``ulimit -n``), when not this process's own: RabbitMQ
