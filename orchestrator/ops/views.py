@@ -192,11 +192,6 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
                    if only.first_matter else None)
     asked = chosen if only.limit is None or only.busy else \
         set(known[only.offset:only.offset + only.limit])
-    live = [v.nodename for v in views if v.host in asked and v.state != "down"]
-    everyone = exact is None and len(asked) == len({v.host for v in views})
-    reports = (worker_reports(orch, limit=len(live) or None,
-                              destination=None if everyone else live)
-               if with_reports and live else {})
     mode = orch.settings.alt_routing
     snapshot = registry.alt_snapshot(views)
     fallbacks = orch.registry.fallback_counts()
@@ -231,6 +226,13 @@ def hosts_page(orch: Any, with_queues: bool = True, with_reports: bool = False,
     end = None if only.limit is None else only.offset + only.limit
     known = known[only.offset:end]
     totals = orch.registry.drain_totals(known) if with_drain_totals else {}
+    # The workers are asked once the ledger has answered: a ledger that fails mid-read
+    # costs no broadcast that its caller (the metrics' outage path) then makes again.
+    live = [v.nodename for v in views if v.host in asked and v.state != "down"]
+    everyone = exact is None and len(asked) == len({v.host for v in views})
+    reports = (worker_reports(orch, limit=len(live) or None,
+                              destination=None if everyone else live)
+               if with_reports and live else {})
     if with_queues and not only.busy:
         depths = queue_depths(orch.app, [q for h in known for q in (h, alt_queue(h))])
     out = []
