@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import redis
+import redis.sentinel
 
 from orchestrator.local.embedded import free_port, redis_server_binary
 from orchestrator.local.fleet import wait_for
@@ -94,14 +95,24 @@ class SentinelSet:
     def client(self, name: str) -> redis.Redis:
         return redis.Redis(host=self.address, port=self.ports[name])
 
-    def primary_port(self) -> int:
-        host, port = self._sentinel(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(
-            MASTER)
-        return int(port)
+    def primary_port(self) -> int | None:
+        """The primary's port as a client finds it now, None while no sentinel sees one up.
+
+        A client (redis-py's ``Sentinel.discover_master``, which kombu's transport uses) takes
+        the first sentinel that sees its primary up. A sentinel that did not lead a promotion
+        learns of it from the others' hello messages, seconds later, and until then names the
+        old primary: one sentinel's word is not where the clients go."""
+        found = redis.sentinel.Sentinel([(self.address, port) for port in self.sentinel_ports],
+                                         socket_timeout=2)
+        try:
+            return int(found.discover_master(MASTER)[1])
+        except redis.RedisError:
+            return None
 
     def primary(self) -> redis.Redis:
         """A client of whichever server is the primary now."""
-        return redis.Redis(host=self.address, port=self.primary_port())
+        port = wait_for(self.primary_port, 30, "a sentinel to see a primary up")
+        return redis.Redis(host=self.address, port=port)
 
     def fail_over(self) -> float:
         """Kill the primary (SIGKILL: what it had not passed to the replica is lost), wait
@@ -110,7 +121,7 @@ class SentinelSet:
         broker had no primary."""
         import time
 
-        old_port = self.primary_port()
+        old_port = wait_for(self.primary_port, 30, "a sentinel to see a primary up")
         old = next(name for name, port in self.ports.items() if port == old_port)
         began = time.monotonic()
         self.kill(old)
@@ -128,7 +139,7 @@ class SentinelSet:
     def _promoted(self, old_port: int) -> bool:
         try:
             port = self.primary_port()
-            return port != old_port and self.client(
+            return port not in (None, old_port) and self.client(
                 next(n for n, p in self.ports.items() if p == port)).info(
                 "replication").get("role") == "master"
         except redis.RedisError:

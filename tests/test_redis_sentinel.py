@@ -108,5 +108,7 @@ def test_a_submit_rides_out_a_failover_that_closes_its_producers_channel(
     sentinels.kill("primary")
     second = publisher.submit("prepare", hosts={"host": "node3"})
     assert [publisher.operation(op)["status"] for op in (first, second)] == ["queued"] * 2
-    assert sentinels.primary_port() == sentinels.ports["replica"]
+    # Where the submit went is where the clients go now: the promoted replica.
+    wait_for(lambda: sentinels.primary_port() == sentinels.ports["replica"], 30,
+             "the sentinels to name the promoted replica")
     assert sentinels.client("replica").llen("node3") == 1
