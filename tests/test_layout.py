@@ -327,3 +327,37 @@ def test_the_repository_stands_alone() -> None:
                     missing.append(f"{name}:{number}: {dotted}")
     assert outside == [], outside
     assert missing == [], missing
+
+
+def test_every_setting_read_is_in_the_readmes_settings_table() -> None:
+    """Each ``ORCHESTRATOR_*`` and ``OTEL_*`` variable the engine or the reference application
+    reads is a row of README's Settings table (a row may name a family's others by their tail:
+    ``ORCHESTRATOR_SIGNING_KEY``, ``_CERT``), but the few documented where they are used."""
+    import re
+
+    elsewhere = {"ORCHESTRATOR_TESTKIT_GATE": "## Test your own flows"}
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Settings\n")
+    table = readme[start:readme.index("\n## ", start + 1)]
+    named = set(re.findall(r"`((?:ORCHESTRATOR|OTEL)_[A-Z_]+)`", table))
+    tails = set(re.findall(r"`(_[A-Z_]+)`", table))
+    read: dict[str, str] = {}
+    for package in ("orchestrator", "workers", "nova_app"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for name in re.findall(r"[\"']((?:ORCHESTRATOR|OTEL)_[A-Z_]+)[\"']",
+                                   path.read_text()):
+                read.setdefault(name, str(path.relative_to(REPO)))
+    assert len(read) > 20, read  # the scan finds what it looks for
+    missing = []
+    for name, where in sorted(read.items()):
+        if name in elsewhere:
+            section = elsewhere[name]
+            body = readme[readme.index(section):readme.index("\n## ", readme.index(section))]
+            if name not in body:
+                missing.append(f"{name} ({where}): not in README's {section!r}")
+            continue
+        parts = name.split("_")
+        if name not in named and not any(f"_{'_'.join(parts[k:])}" in tails
+                                         for k in range(1, len(parts))):
+            missing.append(f"{name} ({where})")
+    assert missing == [], missing
