@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from nova_app import views
 from nova_app.app import app, orch
 from orchestrator.broker import queue_depths
+from orchestrator.config import TESTKIT_GATE
 from orchestrator.local.fleet import wait_for
 from orchestrator.routing import alt_queue
 
@@ -58,13 +60,54 @@ def boot_active(name: str, host: str) -> str:
     return op.id
 
 
-def resize_vm1_until(step: str, state: str = "running") -> tuple[str, Any]:
+class Gate:
+    """The engine's hold of a step at its start (the test kit's, ``ORCHESTRATOR_TESTKIT_GATE``
+    in the workers' environment: ``orchestrator.runner.hold_at_gate``): a step held runs only
+    once :meth:`release` is called, however long the test takes to look at the moment it set
+    up. A step that merely lasts a few seconds was a race against a loaded machine."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.env = {TESTKIT_GATE: str(folder)}
+        self.held: list[Path] = []
+
+    def hold(self, subject: str, position: int) -> None:
+        """Hold the step at ``position`` of the next operation on ``subject`` at its start."""
+        stem = self.folder / f"{subject}.{position}"
+        Path(f"{stem}.hold").touch()
+        self.held.append(stem)
+
+    def hold_resize(self, booted: str, step: str) -> None:
+        """Hold ``step`` of the next resize of the instance that operation ``booted`` booted."""
+        from nova_app.flows import RESIZE
+
+        self.hold(views.operation_dict(booted)["subject"],
+                  [name for name, _role in RESIZE.steps].index(step))
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until every step held has started (and waits at the gate)."""
+        wait_for(lambda: all(Path(f"{stem}.started").exists() for stem in self.held), timeout,
+                 "the held steps to start")
+
+    def release(self) -> None:
+        for stem in self.held:
+            Path(f"{stem}.go").touch()
+
+
+def resize_vm1_until(step: str, state: str = "running",
+                     gate: Gate | None = None) -> tuple[str, Any]:
     """Boot vm1 on compute1, resize it to compute2, and wait until ``step`` is in ``state``:
-    the moment a test sends its signal. Returns (boot id, the resize operation)."""
+    the moment a test sends its signal. Returns (boot id, the resize operation). With a
+    ``gate``, ``step`` is held at its start until the test releases it."""
     from nova_app import operations
 
     booted = boot_active("vm1", "compute1")
+    if gate is not None:
+        gate.hold_resize(booted, step)
     op = operations.resize("vm1", flavor="m1.large", dest="compute2")
+    if gate is not None:
+        gate.wait_started()
     wait_op(op.id, at_step(step, state))
     return booted, op
 

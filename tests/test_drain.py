@@ -17,11 +17,12 @@ import pytest
 from click.testing import CliRunner
 
 from nova_app import operations, views
-from nova_app.app import app
+from nova_app.app import app, orch
 from orchestrator.broker import queue_depth
 from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.ops.cli import main as cli
 from tests.helpers import (
+    Gate,
     assert_conserved,
     at_step,
     boot_active,
@@ -121,17 +122,21 @@ def test_new_request_to_draining_host_waits_for_restart(fleet: Fleet) -> None:
     assert_conserved([booted, resize.id, late.id], HOSTS)
 
 
-def test_fetched_unstarted_main_messages_are_handed_back(fleet: Fleet) -> None:
-    # One process, prefetch 4: while resize_instance runs, three boots are fetched and wait.
-    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
+def test_fetched_unstarted_main_messages_are_handed_back(fleet: Fleet, tmp_path: Path) -> None:
+    # One process, prefetch 4: while resize_instance runs (held at its start until compute1
+    # drains), three boots are fetched and wait.
+    gate = Gate(tmp_path / "gate")
     source = fleet.start("compute1", concurrency=1, extra=("--prefetch-multiplier", "4"),
-                         env=env)
-    fleet.start("compute2", env=env)
-    booted, resize = resize_vm1_until("resize_instance")
+                         env=gate.env)
+    fleet.start("compute2")
+    booted, resize = resize_vm1_until("resize_instance", gate=gate)
     boots = [operations.boot(f"new{i}", "compute1").id for i in range(3)]
-    wait_for(lambda: queue_depth(app, "compute1") == 0, 10, "the boots to be prefetched")
-
-    source.signal(signal.SIGTERM)
+    try:
+        wait_for(lambda: queue_depth(app, "compute1") == 0, 10, "the boots to be prefetched")
+        source.signal(signal.SIGTERM)
+        wait_draining("compute1")
+    finally:
+        gate.release()
     assert source.wait(timeout=30) == 0, source.log()
 
     for op_id in boots:
@@ -159,16 +164,22 @@ def test_fetched_unstarted_main_messages_are_handed_back(fleet: Fleet) -> None:
         assert [d["outcome"] for d in lane["drains"]] == ["done"], lane
 
 
-def test_deadline_leaves_alt_step_queued_until_restart(fleet: Fleet) -> None:
-    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=4"}
-    fleet.start("compute1", env=env)
-    dest = fleet.start("compute2", graceful_timeout=1.5, env=env)
-    booted, resize = resize_vm1_until("resize_instance")
+def test_deadline_leaves_alt_step_queued_until_restart(fleet: Fleet, tmp_path: Path) -> None:
+    # resize_instance, on compute1, is held until compute2 has drained and is down.
+    gate = Gate(tmp_path / "gate")
+    fleet.start("compute1", env=gate.env)
+    dest = fleet.start("compute2", graceful_timeout=1.5)
+    booted, resize = resize_vm1_until("resize_instance", gate=gate)
 
     signalled = time.monotonic()
     dest.signal(signal.SIGTERM)
-    assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
-    assert time.monotonic() - signalled < 1.5 + 5, "exits within a few seconds of the deadline"
+    try:
+        assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
+        assert time.monotonic() - signalled < 1.5 + 5, "exits within a few seconds of the deadline"
+        wait_for(lambda: all(v.state == "down" for v in orch.registry.services("compute2")), 10,
+                 "compute2 down in the registry")
+    finally:
+        gate.release()
 
     # compute2 is down when compute1 sends finish_resize: with ORCHESTRATOR_ALT_ROUTING=auto
     # a down host gets its main queue, which whatever version starts there consumes.
@@ -223,19 +234,24 @@ def _applied(operation_id: str) -> dict[int, int]:
         return {r.position: r.applied for r in rows.scalars()}
 
 
-def test_second_sigterm_ends_the_drain_at_once(fleet: Fleet) -> None:
-    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=4"}
-    fleet.start("compute1", env=env)
-    dest = fleet.start("compute2", graceful_timeout=60, env=env)
-    booted, resize = resize_vm1_until("resize_instance")
-    dest.signal(signal.SIGTERM)
-    wait_draining("compute2")
+def test_second_sigterm_ends_the_drain_at_once(fleet: Fleet, tmp_path: Path) -> None:
+    # resize_instance, on compute1, is held: compute2's drain waits for the resize until the
+    # second SIGTERM, however slow the machine.
+    gate = Gate(tmp_path / "gate")
+    fleet.start("compute1", env=gate.env)
+    dest = fleet.start("compute2", graceful_timeout=60)
+    booted, resize = resize_vm1_until("resize_instance", gate=gate)
+    try:
+        dest.signal(signal.SIGTERM)
+        wait_draining("compute2")
 
-    hurried = time.monotonic()
-    dest.signal(signal.SIGTERM)
-    assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
-    assert time.monotonic() - hurried < 5
-    assert "second SIGTERM" in dest.log()
+        hurried = time.monotonic()
+        dest.signal(signal.SIGTERM)
+        assert dest.wait(timeout=30) == EX_DRAIN_EXPIRED, dest.log()
+        assert time.monotonic() - hurried < 5
+        assert "second SIGTERM" in dest.log()
+    finally:
+        gate.release()
 
     wait_op(resize.id, at_step("finish_resize", "queued"))
     fleet.start("compute2")
@@ -318,7 +334,6 @@ def test_build_times_out_if_events_go_to_main(fleet: Fleet, tmp_path) -> None:
 def test_steps_with_no_message_are_sent_again(fleet: Fleet) -> None:
     """A step whose message was lost (Redis: a worker killed between BRPOP and recording it
     unacknowledged) and one never sent (its sender died after the commit) both run."""
-    from nova_app.app import orch
     from nova_app.models import Instance
 
     # Whichever worker holds the fleet's lease finds them (workers.fleet).

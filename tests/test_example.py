@@ -146,6 +146,13 @@ def test_a_waiter_is_told_when_its_operation_ends(volumes, monkeypatch) -> None:
     for node in NODES:
         fleet.start(node, env={"VOLUMES_STEP_SECONDS": "copy_out=3"})
     make_volume("node1", "told")
+    # Subscribed before the clock starts: orch.wait gives a subscription 2 s, and looks every
+    # second meanwhile (a loaded machine may take longer to subscribe).
+    from orchestrator import notices
+
+    orch._notices = orch._notices or notices.EndedNotices(orch.app)
+    orch._notices.start(timeout=30)
+    assert orch._notices.ready.is_set() and not orch._notices.last_error
     looks: list[str] = []
     status = orch.ledger.status
     monkeypatch.setattr(orch.ledger, "status",

@@ -23,7 +23,7 @@ from nova_app import operations
 from nova_app.app import orch
 from orchestrator.local.embedded import free_port
 from orchestrator.local.fleet import Fleet, wait_for
-from tests.helpers import resize_vm1_until, wait_draining
+from tests.helpers import Gate, resize_vm1_until, wait_draining
 
 pytestmark = pytest.mark.shutdown
 
@@ -115,9 +115,11 @@ def render(url: str, name: str) -> str:
 def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
     if chromium() is None:
         pytest.skip("no chromium: apt-get install chromium (.ci/run installs it)")
-    # Long enough for the pages to load in Chromium (twice each when taking screenshots)
-    # while the drain waits for it.
-    env = {"ORCHESTRATOR_STEP_DELAYS": f"resize_instance={20 if SCREENSHOTS else 10}"}
+    # resize_instance is held at its start while the pages are read and rendered (the drain
+    # waits for it); for screenshots it then lasts long enough to draw as a bar.
+    gate = Gate(tmp_path / "gate")
+    env = {**gate.env,
+           "ORCHESTRATOR_STEP_DELAYS": f"resize_instance={20 if SCREENSHOTS else 1}"}
     fleet.start("compute1", env=env)
     dest = fleet.start("compute2", graceful_timeout=60, env=env)
     flower = FlowerProcess(tmp_path / "flower.log", unauthenticated_api=True)
@@ -126,7 +128,7 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
         before = flower.hosts()
         assert before["compute2"]["state"] == "up" and before["compute2"]["drains"] == []
 
-        booted, resize = resize_vm1_until("resize_instance")
+        booted, resize = resize_vm1_until("resize_instance", gate=gate)
         dest.signal(signal.SIGTERM)
         wait_draining("compute2")
         late = operations.boot("vm2", "compute2")  # waits in compute2 while it drains
@@ -159,7 +161,8 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
         row = dom.split(">compute2@", 1)[1].split("</tr>", 1)[0]
         assert 'data-orchestrator-state="draining"' in row and " s left" in row, row
 
-        assert dest.wait(timeout=30) == 0, dest.log()
+        gate.release()
+        assert dest.wait(timeout=60) == 0, dest.log()
         # The page's read is renewed every couple of seconds: the exit shows within them.
         gone = wait_for(lambda: (h := flower.hosts()["compute2"])["state"] == "down" and h,
                         10, "compute2 shown down")
@@ -179,6 +182,7 @@ def test_flower_shows_a_drain(fleet: Fleet, tmp_path: Path) -> None:
         assert operations.orch.operation(booted)["status"] == "completed"
         check_operations_pages(flower, resize.id, late.id)
     finally:
+        gate.release()
         assert flower.stop() in (0, -signal.SIGTERM), flower.log_path.read_text()[-2000:]
 
 

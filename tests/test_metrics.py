@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,7 @@ from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.ops.cli import main as cli
 from orchestrator.ops.metrics import serve
 from orchestrator.ops.refreshed import Refreshed
-from tests.helpers import resize_vm1_until, wait_draining
+from tests.helpers import Gate, resize_vm1_until, wait_draining
 
 pytestmark = pytest.mark.shutdown
 
@@ -51,14 +52,16 @@ def scrape_until(port: int, name: str, expected: float, what: str,
     return wait_for(shown, 15, what)
 
 
-def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
-    env = {"ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
+def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str, tmp_path: Path) -> None:
+    # resize_instance is held at its start until the drain has been looked at.
+    gate = Gate(tmp_path / "gate")
+    env = {**gate.env, "ORCHESTRATOR_STEP_DELAYS": "resize_instance=0.5"}
     fleet.start("compute1", env=env)
     dest = fleet.start("compute2", graceful_timeout=60, env=env)
     port = free_port()
     server = serve(orch, port)
     try:
-        booted, resize = resize_vm1_until("resize_instance")
+        booted, resize = resize_vm1_until("resize_instance", gate=gate)
         before = scrape(port)
         assert value(before, "orchestrator_host_state", host="compute2", state="up") == 1
         assert value(before, "orchestrator_operations_in_flight", host="compute2") == 1
@@ -84,6 +87,7 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         text = CliRunner().invoke(cli, ["hosts"]).output
         assert "compute2: compute2@" in text and f"waiting for resize {resize.id}" in text
 
+        gate.release()
         assert dest.wait(timeout=30) == 0, dest.log()
         after = scrape_until(port, "orchestrator_drains_total", 1, "the drain's end",
                              host="compute2", outcome="done")
@@ -92,7 +96,7 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         assert value(after, "orchestrator_drains_total", host="compute2", outcome="forced") == 0
         assert value(after, "orchestrator_drain_duration_seconds_count", host="compute2") == 1
         duration = value(after, "orchestrator_drain_duration_seconds_sum", host="compute2")
-        assert duration is not None and 0 < duration < 15
+        assert duration is not None and 0 < duration < 60  # within its deadline
         assert value(after, "orchestrator_drain_deadline_remaining_seconds",
                      host="compute2") is None, "a gone worker is not shown as draining"
         assert value(after, "orchestrator_queue_messages", host="compute2", queue="compute2",
@@ -106,6 +110,7 @@ def test_a_drain_as_prometheus_sees_it(fleet: Fleet, db_url: str) -> None:
         assert orch.operation(booted)["status"] == "completed"
         assert hosts_now()["compute2"]["drains"] == [], "a gone worker is not shown draining"
     finally:
+        gate.release()
         server.shutdown()
 
 
@@ -118,32 +123,49 @@ def operations_done(operation_id: str) -> bool:
     return orch.operation(operation_id)["status"] == "completed"
 
 
-def test_a_scrape_of_50_hosts_answers_from_the_kept_read(fleet: Fleet) -> None:
-    """50 hosts known (one running, 49 whose worker exited): the first scrapes wait for one
-    read, the next ones answer from it in under 100 ms."""
+def test_a_scrape_of_50_hosts_answers_from_the_kept_read(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 hosts known (one running, 49 whose worker exited): three scrapes at once wait for
+    one read of the fleet; the next ones answer from it, even while its renewal is under way
+    (held here until they have: counted, not timed)."""
     fleet.start("compute1")
     for i in range(49):
         node = f"gone{i:02d}@elsewhere"
         orch.registry.register(node, f"gone{i:02d}", consumes_main=True, consumes_alt=True,
                                pid=1)
         orch.registry.set_state(node, "down")
+    from orchestrator.ops import views
+
+    reads: list[float] = []
+    renewal = threading.Event()
+    page = views.hosts_page
+
+    def counted(*args: object, **kwargs: object) -> dict:
+        reads.append(time.monotonic())
+        if len(reads) > 1:  # the renewal waits until the warm scrapes are answered
+            renewal.wait(60)
+        return page(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(views, "hosts_page", counted)
     port = free_port()
     server = serve(orch, port)
     try:
         with ThreadPoolExecutor(3) as pool:
             cold = list(pool.map(lambda _: timed_scrape(port), range(3)))
+        assert len(reads) == 1, "three scrapes at once, one read"
         samples = cold[0][0]
         assert sum(value(samples, "orchestrator_host_state", host=f"gone{i:02d}",
                          state="down") == 1 for i in range(49)) == 49
         assert value(samples, "orchestrator_host_state", host="compute1", state="up") == 1
-        warm = sorted(timed_scrape(port)[1] for _ in range(5))
+        wait_for(lambda: len(reads) == 2, 30, "the kept read's renewal to start")
+        warm = [timed_scrape(port) for _ in range(5)]
+        assert len(reads) == 2 and not renewal.is_set()
+        assert all(value(s, "orchestrator_host_state", host="compute1", state="up") == 1
+                   for s, _ in warm), "answered from the kept read while it was renewed"
         print(f"\n50 hosts, orchestrator metrics: cold scrapes "
-              f"{[round(t, 3) for _, t in cold]} s, warm {[round(t, 3) for t in warm]} s")
-        # Answered from the kept read, not by reading: a fraction of a read's time (compared
-        # within the run, not to a fixed time: CI's machine may be busy).
-        assert warm[len(warm) // 2] < min(t for _, t in cold) / 2, \
-            f"warm scrapes took {warm} s, cold {[t for _, t in cold]} s"
+              f"{[round(t, 3) for _, t in cold]} s, warm {[round(t, 3) for _, t in warm]} s")
     finally:
+        renewal.set()
         server.shutdown()
 
 

@@ -48,3 +48,44 @@ def test_the_readme_example_passes_and_reports_a_stranded_step(tmp_path: Path) -
     assert ("node2       copy_out@node1  completed  no" in bad.stdout
             and "FAILED: copy_in is routed to main but follows copy_out, already started: "
                 "node2's drain left it for the restart" in bad.stdout), bad.stdout[-4000:]
+
+
+def test_an_embedded_redis_never_answers_for_another_on_its_port(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kit's (and the suite's) embedded Redis picks a free port and binds it a moment
+    later; a test beside it may have bound it meanwhile. Its PONG must not pass for ours (two
+    runs would share, and empty, one broker): a first start moves to another port, and a
+    restart, whose clients know the port, says the port was taken."""
+    from orchestrator.local import embedded
+
+    def server(name: str) -> embedded.RedisServer:
+        (tmp_path / name).mkdir()
+        return embedded.RedisServer(tmp_path / name)
+
+    other = server("other")
+    other.start()
+    started: list[embedded.RedisServer] = [other]
+    try:
+        taken = [other.port]
+        real = embedded.free_port
+        monkeypatch.setattr(embedded, "free_port",
+                            lambda address="127.0.0.1": taken.pop() if taken else real(address))
+        ours = server("ours")
+        started.append(ours)
+        assert ours.port == other.port, "picked while another held it"
+        ours.start()
+        assert ours.port != other.port and ours.proc is not None
+        assert embedded._server_pid(ours.port) == ours.proc.pid
+
+        ours.stop()
+        taken.append(ours.port)
+        thief = server("thief")  # binds ours' port while ours is down
+        started.append(thief)
+        thief.start()
+        with pytest.raises(RuntimeError, match=f"cannot restart on 127.0.0.1:{ours.port}: "
+                                               "another process took the port"):
+            ours.start()
+        assert ours.proc is not None and ours.proc.poll() is not None
+    finally:
+        for each in started:
+            each.stop()

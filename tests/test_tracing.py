@@ -33,7 +33,15 @@ from orchestrator.errors import ConfigError, StepFailure
 from orchestrator.ledger.states import Happening
 from orchestrator.local.fleet import Fleet, wait_for
 from orchestrator.runner import run_step
-from tests.helpers import assert_conserved, at_step, boot_active, ended, wait_op
+from tests.helpers import (
+    Gate,
+    assert_conserved,
+    at_step,
+    boot_active,
+    ended,
+    wait_draining,
+    wait_op,
+)
 from tests.test_ledger import three_step_orchestrator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,20 +236,27 @@ def _op(span: dict) -> str | None:
 
 
 @pytest.mark.shutdown
-def test_one_trace_across_hosts_a_drain_and_a_restart(fleet: Fleet) -> None:
+def test_one_trace_across_hosts_a_drain_and_a_restart(fleet: Fleet, tmp_path: Path) -> None:
     """compute1 (one pool process, prefetch 4) runs a long resize_instance; a resize of vm2
     to compute1, submitted from the command line, has its prep_resize prefetched there and
     handed back by compute1's drain, then run after the restart; resize_instance runs on
     compute2 and finish_resize on compute1. Every span of it, from three processes and two
     runs of compute1, is in one trace; the drain is a span of compute1 of its own."""
-    env = {**CONSOLE, "ORCHESTRATOR_STEP_DELAYS": "resize_instance=3"}
+    # vm1's resize_instance holds compute1's one pool process until compute1 drains, which
+    # then hands the prefetched prep_resize back when its turn comes (held at its start: a
+    # step that only lasted a few seconds could end first on a loaded machine, and the pool
+    # would run prep_resize before the drain).
+    gate = Gate(tmp_path / "gate")
+    env = {**CONSOLE, **gate.env}
     first = fleet.start("compute1", concurrency=1, extra=("--prefetch-multiplier", "4"),
                         env=env)
     other = fleet.start("compute2", env=env)
     booted = [boot_active("vm1", "compute1"), boot_active("vm2", "compute2")]
     from nova_app import operations
 
+    gate.hold_resize(booted[0], "resize_instance")
     busy = operations.resize("vm1", flavor="m1.large", dest="compute2")
+    gate.wait_started()
     wait_op(busy.id, at_step("resize_instance"))
 
     cli = subprocess.run(
@@ -259,6 +274,10 @@ def test_one_trace_across_hosts_a_drain_and_a_restart(fleet: Fleet) -> None:
 
     wait_for(lambda: queue_depth(app, "compute1") == 0, 10, "prep_resize to be prefetched")
     first.signal(signal.SIGTERM)
+    try:
+        wait_draining("compute1")
+    finally:
+        gate.release()
     assert first.wait(timeout=30) == 0, first.log()
     assert "messages handed back: 1" in first.log()
     assert wait_op(op_id, lambda d: True)["status"] == "queued", "not run by the drain"

@@ -249,10 +249,16 @@ def hosts_json() -> dict[str, dict]:
 
 
 def published_queue(operation_id: str, step: str) -> str:
-    """The queue the router chose for the operation's current step, once it is published."""
+    """The queue the router chose for the operation's ``step``: while it waits or runs, once
+    it is published, and after, as the step log recorded the queue it ran from (a step of a
+    moment may be over between two looks)."""
     def check() -> str | None:
-        current = views.operation_dict(operation_id)["current_step"] or {}
-        return current.get("queue") if current.get("step") == step else None
+        data = views.operation_dict(operation_id)
+        current = data["current_step"] or {}
+        if current.get("step") == step and current.get("queue"):
+            return current["queue"]
+        ran = [row["queue"] for row in data["steps"] if row["step"] == step and row["queue"]]
+        return ran[-1] if ran else None
 
     return wait_for(check, 30, f"{step} of {operation_id} to be published")  # type: ignore
 

