@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from orchestrator.ledger.engines import Database
 from orchestrator.ledger.health import LedgerHealth
-from orchestrator.ledger.lease import LIVE_WORKERS
+from orchestrator.ledger.lease import EXPIRY, LIVE_WORKERS
 from orchestrator.ledger.models import Drain, RoutingFallback, Service
 from orchestrator.routing import AltSnapshot, AltStatus, Decision, split_queue
 
@@ -189,14 +189,19 @@ class Registry:
             return s.execute(LIVE_WORKERS, {
                 "since": now - STALE_AFTER * self.heartbeat_interval}).scalar_one()
 
-    def heartbeat(self, nodename: str, state: str | None = None) -> bool:
+    def heartbeat(self, nodename: str, state: str | None = None,
+                  lease: str | None = None) -> Beat:
         """Refresh the worker's heartbeat, and its state if given (a state change that could
-        not be written when it happened, the ledger being unreachable, is written here);
-        False when the worker has no row (deleted by an operator or a cleanup)."""
-        if state is None:
-            return bool(self.db.direct(_BEAT, node=nodename, at=time.time()))
-        return bool(self.db.direct(_BEAT_AND_STATE, node=nodename, at=time.time(),
-                                   new_state=state))
+        not be written when it happened, the ledger being unreachable, is written here).
+        With ``lease``, read when that lease runs out in the same transaction: a worker that
+        does not hold it learns it is free at no cost of its own (``LeaseHolder.seen``)."""
+        beat, params = (_BEAT, {}) if state is None else (_BEAT_AND_STATE, {"new_state": state})
+        if lease is None:
+            return Beat(bool(self.db.direct(beat, node=nodename, at=time.time(), **params)))
+        with self.db.direct_transaction() as run:
+            found = bool(run(beat, node=nodename, at=time.time(), **params))
+            expiry = run(EXPIRY, lease=lease)
+        return Beat(found, True, expiry[0][0] if expiry else None)
 
     def set_state(self, nodename: str, state: str, drain_started_at: float | None = None) -> None:
         with self.db.session() as s:
@@ -337,6 +342,16 @@ class Registry:
             t.handed_back += handed_back or 0
             t.unended.append(nodename)
         return totals
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat found: the worker's row (False: deleted by an operator or a cleanup),
+    and, when asked for, when a lease runs out (None: nobody took it yet)."""
+
+    found: bool
+    read_lease: bool = False
+    lease_expires_at: float | None = None
 
 
 @dataclass

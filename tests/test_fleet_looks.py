@@ -17,7 +17,13 @@ import pytest
 import nova_app.steps  # noqa: F401  (the flows, registered at import)
 from orchestrator.ledger.engines import Database, _direct_for, _engine, reset
 from orchestrator.ledger.idle import IdleConnections
-from orchestrator.ledger.lease import MAX_CHECK_SECONDS, Leases, check_every
+from orchestrator.ledger.lease import (
+    BACKSTOP_SECONDS,
+    MAX_CHECK_SECONDS,
+    LeaseHolder,
+    Leases,
+    check_every,
+)
 from orchestrator.ledger.statements import statements_for
 from orchestrator.local.fleet import Fleet
 from orchestrator.looks import FLEET_LEASE
@@ -71,6 +77,49 @@ def test_the_fleet_asks_for_the_lease_at_the_same_pace_whatever_its_size(
     assert check_every(200, **ASK) / 200 == check_every(40, **ASK) / 40
     assert check_every(10_000, **ASK) == MAX_CHECK_SECONDS == 900
     assert check_every(1, **ASK) == 5.0
+
+
+def test_a_worker_whose_heartbeat_watches_the_lease_asks_once_it_saw_it_free(
+        database: Database) -> None:
+    """Each heartbeat reads when the fleet's lease runs out, in its own transaction: a fleet
+    of 40 beating every 60 s reads it more often than its asks would (every 160 s each), so a
+    worker that does not hold it asks only once a beat saw it free (and hourly as a
+    backstop); a fleet of 2 still asks at the holder's pace. Counted in statements, not time."""
+    from orchestrator.looks import fleet_lease
+
+    registry = Registry(database)
+    for i in range(40):
+        registry.register(f"w@h{i}", f"h{i}", consumes_main=True, consumes_alt=True, pid=i)
+    leases = Leases(database)
+    holder, other = (fleet_lease(leases, f"w@h{i}", 60.0) for i in (1, 2))
+    other.watched_every(60.0)
+    assert holder.hold() and holder.last.check_every == check_every(40, **ASK) == 160
+    assert not other.hold()  # its first ask: the holder's
+    asks = other.last
+    assert other.ask_at - time.monotonic() > 0.5 * BACKSTOP_SECONDS - 1, "a backstop only"
+    assert not other.hold() and other.last is asks, "no statement until its turn"
+
+    beat = registry.heartbeat("w@h2", "up", lease=FLEET_LEASE)
+    assert beat.found and beat.read_lease and beat.lease_expires_at == holder.until
+    other.seen(beat.lease_expires_at)
+    assert not other.hold() and other.last is asks, "held by another: still no ask"
+
+    holder.give_up()  # the holder stopped (or died: its lease ran out)
+    beat = registry.heartbeat("w@h2", lease=FLEET_LEASE)
+    other.seen(beat.lease_expires_at)
+    assert other.hold() and other.last is not asks and other.last.term == 2, "taken at once"
+    assert registry.heartbeat("w@h3").read_lease is False  # a beat alone reads no lease
+
+    # Three live workers: their heartbeats would notice a free lease up to a minute late;
+    # they ask at the holder's pace (12 s each, spread by half either way).
+    for i in range(3, 40):
+        registry.set_state(f"w@h{i}", "down")
+    small = [LeaseHolder(leases, "small", f"w@h{i}", ttl=15, renew=5, live_window=180, **ASK)
+             for i in (1, 2)]
+    small[1].watched_every(60.0)
+    assert small[0].hold() and small[0].last.check_every == 12
+    assert not small[1].hold()
+    assert small[1].ask_at - time.monotonic() <= 1.5 * 12
 
 
 def test_idle_connections_are_closed_and_the_next_statement_connects_again(

@@ -9,10 +9,12 @@ every host every ``LOOK_SECONDS`` with the same code a host's worker runs for it
 (:meth:`workers.resend.StrandedSteps.look`, :meth:`workers.waits.EventWaits.look`); a host's
 own worker looks only while it has work in flight.
 
-Every other worker asks for the lease at the pace the holder sets from the fleet's size
+Every other worker's heartbeat reads when the lease runs out (``workers.heartbeat``), and a
+worker asks for it once it saw it free, or, in a fleet too small for its heartbeats to notice
+soon, at the pace the holder sets from the fleet's size
 (:func:`orchestrator.ledger.lease.check_every`): an added host adds nearly nothing, and when the
 holder dies, the lease runs out after ``LEASE_SECONDS`` (:mod:`orchestrator.looks`) and the
-next worker to ask takes it. A worker that stops gives the lease up. Two holders at once (a
+next worker to see it free takes it. A worker that stops gives the lease up. Two holders at once (a
 holder that has not yet noticed its lease ran out) only look twice: each resend and each
 settled wait is a guarded transition one of them wins.
 """
@@ -46,6 +48,8 @@ class FleetLooks(HostTimerStep):
         self.waits = worker.event_waits
         self.lease = fleet_lease(self.orch.leases, worker.hostname,
                                  self.orch.settings.heartbeat_interval)
+        if worker.host_service.heartbeat is not None:
+            worker.host_service.heartbeat.watch(self.lease)
         self.lease.first_ask_within(worker.host_service.fleet_size)
         worker.fleet_looks = self
 

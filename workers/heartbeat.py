@@ -46,6 +46,15 @@ class Heartbeat:
         self._last_error = ""
         #: Held by a heartbeat's transaction, and by a fork of this process.
         self._no_fork = threading.Lock()
+        #: The fleet's lease, when this worker's fleet looks ask for it: each beat reads when
+        #: it runs out, in its own transaction (:meth:`watch`).
+        self.lease: Any = None
+
+    def watch(self, lease: Any) -> None:
+        """Read when ``lease`` (a ``LeaseHolder``) runs out at each beat and tell it: a free
+        lease is then noticed by the fleet's heartbeats, not by asks on a schedule."""
+        lease.watched_every(self.interval)
+        self.lease = lease
 
     def start(self) -> None:
         os.register_at_fork(before=self._no_fork.acquire,
@@ -66,11 +75,16 @@ class Heartbeat:
         """One heartbeat, with the state (a state change that could not be written when it
         happened, the ledger being unreachable, is written here)."""
         try:
+            lease = self.lease
             with self._no_fork:
-                if not self.orch.registry.heartbeat(self.nodename, self.state()):
+                beat = self.orch.registry.heartbeat(self.nodename, self.state(),
+                                                    lease=lease.name if lease else None)
+                if not beat.found:
                     logger.warning("heartbeat: %s has no row in the registry (deleted?); "
                                    "registering again", self.nodename)
                     self.lost()
+            if lease is not None and beat.read_lease:
+                lease.seen(beat.lease_expires_at)
         except LedgerUnavailable as exc:
             self.orch.ledger_health.report(exc, "heartbeat")
         except Exception as exc:  # a database hiccup must not end the heartbeats

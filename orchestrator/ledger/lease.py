@@ -17,7 +17,12 @@ duplicate work: every change a fleet-wide job makes is a guarded ledger transiti
 How often a worker that does not hold a lease asks for it is set by the holder from the
 fleet's size (:func:`check_every`): the fleet as a whole asks about
 ``fleet_checks_per_second`` times a second, so an added idle host adds nearly nothing, and a
-dead holder is replaced within seconds at any size.
+dead holder is replaced within seconds at any size. A worker whose heartbeat reads when the
+lease runs out, in the heartbeat's own transaction (:meth:`LeaseHolder.watched_every`), asks
+only once it saw it run out: past the size where the fleet's heartbeats read the lease more
+often than its asks would (about 15 workers beating every 60 s), the asks cost nothing but a
+backstop every :data:`BACKSTOP_SECONDS`, and a dead holder is noticed sooner the larger
+the fleet.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ _FIRST = insert(_leases).values(
     check_every=bindparam("every"))
 _READ = select(_leases.c.holder, _leases.c.expires_at, _leases.c.term,
                _leases.c.check_every).where(_leases.c.name == bindparam("lease"))
+#: When the lease runs out: what a heartbeat reads beside its own write (``Registry.heartbeat``).
+EXPIRY = select(_leases.c.expires_at).where(_leases.c.name == bindparam("lease"))
 _RELEASE = update(_leases).where(
     _leases.c.name == bindparam("lease"), _leases.c.holder == bindparam("me"),
 ).values(expires_at=0.0)
@@ -62,6 +69,10 @@ LIVE_WORKERS = _LIVE = select(func.count()).select_from(_services).where(
 #: ask within this, not within the hours the old size set. 10,000 workers then ask 11 times
 #: a second in all (0.0011 a second each).
 MAX_CHECK_SECONDS = 900.0
+#: A worker whose heartbeat watches the lease (:meth:`LeaseHolder.watched_every`) and finds
+#: it held asks at least this often all the same: a backstop, since its beats see the lease
+#: free within a heartbeat interval of its running out, whatever the fleet's size.
+BACKSTOP_SECONDS = 3600.0
 
 
 def check_every(live_workers: int, *, floor: float, fleet_checks_per_second: float) -> float:
@@ -144,6 +155,29 @@ class LeaseHolder:
         #: When (monotonic clock) this worker asks again while it does not hold it.
         self.ask_at = 0.0
         self.last: Claim | None = None
+        #: Seconds between two reads of the lease's expiry by this worker's heartbeat (None:
+        #: nothing reads it but the asks).
+        self.watched: float | None = None
+
+    def watched_every(self, seconds: float) -> None:
+        """This worker's heartbeat reads the lease's expiry every ``seconds`` and says what
+        it read (:meth:`seen`): asks on a schedule are then needed only while the fleet is
+        too small for its heartbeats to notice a free lease as soon as its asks would."""
+        self.watched = seconds
+
+    def seen(self, expires_at: float | None) -> None:
+        """What a heartbeat read: the lease runs out at ``expires_at`` (None: nobody took it
+        yet). A free one is asked for at this worker's next :meth:`hold`."""
+        if (expires_at is None or expires_at <= time.time()) and not self.holding:
+            self.ask_at = 0.0
+
+    def _between_asks(self, every: float) -> float:
+        """Seconds from an ask to the next while not holding: ``every`` (the holder's pace),
+        unless the heartbeats watch the lease at least as often, when asking is only a
+        backstop (:data:`BACKSTOP_SECONDS`)."""
+        if self.watched is not None and every >= self.watched:
+            return BACKSTOP_SECONDS
+        return every
 
     @property
     def holding(self) -> bool:
@@ -171,7 +205,8 @@ class LeaseHolder:
         else:
             self.until = 0.0
             # Spread over the interval, so that a fleet started at once does not ask at once.
-            self.ask_at = time.monotonic() + claim.check_every * random.uniform(0.5, 1.5)
+            self.ask_at = time.monotonic() + self._between_asks(
+                claim.check_every) * random.uniform(0.5, 1.5)
         return claim
 
     def first_ask_within(self, fleet_size: int) -> None:
@@ -179,7 +214,7 @@ class LeaseHolder:
         interval the holder would set: a fleet started at once asks at its usual pace, not
         all in the same second."""
         every = check_every(fleet_size, floor=self.floor, fleet_checks_per_second=self.rate)
-        self.ask_at = time.monotonic() + random.uniform(0, every)
+        self.ask_at = time.monotonic() + random.uniform(0, self._between_asks(every))
 
     def give_up(self) -> None:
         """Release the lease if held (a worker stopping): the next worker to ask takes it."""

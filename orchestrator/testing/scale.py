@@ -2,8 +2,9 @@
 
 A simulated host does, against the ledger, what an idle worker of this package does, with the
 same code: it registers (:meth:`Registry.register`), beats every heartbeat interval from a
-random first point (:meth:`Registry.heartbeat`, as ``workers.heartbeat``), and every
-``LOOK_SECONDS`` its fleet looks ask for the fleet's lease at the holder's pace
+random first point (:meth:`Registry.heartbeat`, as ``workers.heartbeat``, reading when the
+fleet's lease runs out), and every ``LOOK_SECONDS`` its fleet looks ask for the lease once a
+beat saw it free, or at the holder's pace in a small fleet
 (:func:`orchestrator.looks.fleet_lease`); while it holds the lease it looks at every host
 (:func:`orchestrator.looks.stranded`, :func:`orchestrator.looks.settle_waits`). It serves no
 step, so it sends nothing and settles nothing: what it finds is left to the real workers. An
@@ -58,6 +59,8 @@ class SimulatedHosts:
         leases = Leases(self.db)
         self.leases = [fleet_lease(leases, node, settings.heartbeat_interval)
                        for node in self.nodes]
+        for lease in self.leases:  # each heartbeat reads the lease's expiry, as a worker's
+            lease.watched_every(settings.heartbeat_interval)
         #: Counted by kind: beats, lease asks (statements), looks.
         self.counts = {"beat": 0, "ask": 0, "look": 0}
 
@@ -88,7 +91,10 @@ class SimulatedHosts:
                 continue
             heapq.heappop(timers)
             if kind == "beat":
-                self.registry.heartbeat(self.nodes[i], "up")
+                lease = self.leases[i]
+                beat = self.registry.heartbeat(self.nodes[i], "up", lease=lease.name)
+                if beat.read_lease:
+                    lease.seen(beat.lease_expires_at)
                 self.counts["beat"] += 1
                 heapq.heappush(timers, (due + interval, i, kind))
             else:
