@@ -25,11 +25,12 @@ def readme_files() -> dict[str, str]:
     return files
 
 
-def run_pytest(where: Path) -> subprocess.CompletedProcess:
+def run_pytest(where: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ORCHESTRATOR_", "PYTEST_"))}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                          cwd=where, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *args], cwd=where, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_the_readme_example_passes_and_reports_a_stranded_step(tmp_path: Path) -> None:
@@ -48,6 +49,20 @@ def test_the_readme_example_passes_and_reports_a_stranded_step(tmp_path: Path) -
     assert ("node2       copy_out@node1  completed  no" in bad.stdout
             and "FAILED: copy_in is routed to main but follows copy_out, already started: "
                 "node2's drain left it for the restart" in bad.stdout), bad.stdout[-4000:]
+
+
+def test_a_users_suite_runs_two_tests_at_a_time(tmp_path: Path) -> None:
+    """The README's example twice, under pytest-xdist (``pytest -n 2``): each test's fleet has
+    an embedded Redis and a ledger of its own, so two shutdown matrices of the same hosts run
+    side by side without taking each other's steps."""
+    files = readme_files()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "test_again.py").write_text(files["test_myflows.py"].replace(
+        "def test_rebalance_survives_shutdowns", "def test_rebalance_again"))
+    both = run_pytest(tmp_path, "-n", "2")
+    assert both.returncode == 0, both.stdout[-4000:] + both.stderr[-2000:]
+    assert "2 passed" in both.stdout, both.stdout[-4000:]
 
 
 def test_an_embedded_redis_never_answers_for_another_on_its_port(
