@@ -12,11 +12,11 @@ own worker looks only while it has work in flight.
 Every other worker's heartbeat reads when the lease runs out (``workers.heartbeat``), and a
 worker asks for it once it saw it free, or, in a fleet too small for its heartbeats to notice
 soon, at the pace the holder sets from the fleet's size
-(:func:`orchestrator.ledger.lease.check_every`): an added host adds nearly nothing, and when the
-holder dies, the lease runs out after ``LEASE_SECONDS`` (:mod:`orchestrator.looks`) and the
-next worker to see it free takes it. A worker that stops gives the lease up. Two holders at once (a
-holder that has not yet noticed its lease ran out) only look twice: each resend and each
-settled wait is a guarded transition one of them wins.
+(:func:`orchestrator.ledger.lease.check_every`): an added host adds nearly nothing, and when
+the holder dies, the lease runs out after ``LEASE_SECONDS`` (:mod:`orchestrator.looks`) and
+the next worker to see it free takes it. A worker that stops gives the lease up. Two holders
+at once (a holder that has not yet noticed its lease ran out) only look twice: each resend
+and each settled wait is a guarded transition one of them wins.
 """
 
 from __future__ import annotations
