@@ -21,33 +21,55 @@ from orchestrator.ops.cli import (
     wait_until_ended,
 )
 
+#: How long ``--wait`` waits for an operation to end.
+WAIT_SECONDS = 300.0
 
-def _accepted(as_json: bool, op: operations.Accepted, instance: str) -> None:
-    emit(
-        as_json, {"operation": op.id, "instance": instance},
-        f"operation {op.id} ({op.kind}) accepted for {instance}",
-    )
+#: ``--wait``, as ``openstack server create --wait``: the command returns once the operation
+#: ended, so that the next one does not find the instance busy.
+wait_option = click.option(
+    "--wait", "wait", is_flag=True,
+    help=f"Wait for the operation to end (up to {WAIT_SECONDS:.0f} s): exit 0 if it "
+         "completed, 1 otherwise.")
+
+
+def _accepted(as_json: bool, op: operations.Accepted, instance: str,
+              wait: bool = False) -> None:
+    if not wait:
+        emit(as_json, {"operation": op.id, "instance": instance},
+             f"operation {op.id} ({op.kind}) accepted for {instance}")
+        return
+    if not as_json:
+        click.echo(f"operation {op.id} ({op.kind}) accepted for {instance}; waiting")
+    data = wait_until_ended(op.id, WAIT_SECONDS)
+    emit(as_json, {"operation": op.id, "instance": instance, "status": data["status"],
+                   "error": data["error"]},
+         f"{op.kind} {op.id}: {data['status']}"
+         + (f" ({data['error']})" if data["error"] else ""))
+    if data["status"] != "completed":
+        sys.exit(EXIT_NOT_COMPLETED)
 
 
 @click.command()
 @click.argument("name")
 @click.option("--host", required=True, help="Compute host to build on.")
 @click.option("--flavor", default="m1.small", show_default=True)
+@wait_option
 @json_option
 @handles_errors
-def boot(name: str, host: str, flavor: str, as_json: bool) -> None:
+def boot(name: str, host: str, flavor: str, as_json: bool, wait: bool) -> None:
     """Boot instance NAME on HOST."""
-    _accepted(as_json, operations.boot(name, host, flavor), name)
+    _accepted(as_json, operations.boot(name, host, flavor), name, wait)
 
 
 @click.command(name="live-migrate")
 @click.argument("instance")
 @click.option("--to", "dest", required=True, help="Destination host.")
+@wait_option
 @json_option
 @handles_errors
-def live_migrate(instance: str, dest: str, as_json: bool) -> None:
+def live_migrate(instance: str, dest: str, as_json: bool, wait: bool) -> None:
     """Live-migrate INSTANCE to another host."""
-    _accepted(as_json, operations.live_migrate(instance, dest), instance)
+    _accepted(as_json, operations.live_migrate(instance, dest), instance, wait)
 
 
 @click.command(name="live-migration-force-complete")
@@ -73,42 +95,46 @@ def live_migration_abort(instance: str, as_json: bool) -> None:
 @click.option("--flavor", required=True)
 @click.option("--to", "dest", default=None, help="Destination host (default: same host).")
 @click.option("--cross-cell", is_flag=True, help="Snapshot-based resize to another cell.")
+@wait_option
 @json_option
 @handles_errors
 def resize(
-    instance: str, flavor: str, dest: str | None, cross_cell: bool, as_json: bool
+    instance: str, flavor: str, dest: str | None, cross_cell: bool, as_json: bool, wait: bool
 ) -> None:
     """Resize INSTANCE to FLAVOR (on another host with --to)."""
     op = operations.resize(instance, flavor=flavor, dest=dest, cross_cell=cross_cell)
-    _accepted(as_json, op, instance)
+    _accepted(as_json, op, instance, wait)
 
 
 @click.command()
 @click.argument("instance")
 @click.option("--to", "dest", required=True, help="Destination host.")
+@wait_option
 @json_option
 @handles_errors
-def migrate(instance: str, dest: str, as_json: bool) -> None:
+def migrate(instance: str, dest: str, as_json: bool, wait: bool) -> None:
     """Cold-migrate INSTANCE to another host (a resize that keeps the flavor)."""
-    _accepted(as_json, operations.resize(instance, dest=dest), instance)
+    _accepted(as_json, operations.resize(instance, dest=dest), instance, wait)
 
 
 @click.command()
 @click.argument("instance")
+@wait_option
 @json_option
 @handles_errors
-def confirm(instance: str, as_json: bool) -> None:
+def confirm(instance: str, as_json: bool, wait: bool) -> None:
     """Confirm INSTANCE's pending resize or migration."""
-    _accepted(as_json, operations.confirm(instance), instance)
+    _accepted(as_json, operations.confirm(instance), instance, wait)
 
 
 @click.command()
 @click.argument("instance")
+@wait_option
 @json_option
 @handles_errors
-def revert(instance: str, as_json: bool) -> None:
+def revert(instance: str, as_json: bool, wait: bool) -> None:
     """Revert INSTANCE's pending resize or migration."""
-    _accepted(as_json, operations.revert(instance), instance)
+    _accepted(as_json, operations.revert(instance), instance, wait)
 
 
 @click.command()

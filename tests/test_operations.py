@@ -279,8 +279,10 @@ def test_cli_contract(cloud: Fleet) -> None:
     assert code == 0 and {h["host"] for h in hosts} >= set(HOSTS)
     assert all(h["state"] == "up" for h in hosts if h["host"] in HOSTS)
 
-    code, out = invoke("resize", "cli1", "--flavor", "m1.large", "--to", "compute1")
-    assert code == 0 and invoke("wait", out["operation"])[0] == 0
+    # --wait returns once it ended (as openstack server create --wait): the next command
+    # does not find the instance busy.
+    code, out = invoke("resize", "cli1", "--flavor", "m1.large", "--to", "compute1", "--wait")
+    assert code == 0 and (out["status"], out["error"]) == ("completed", None), out
     code, op = invoke("operation", out["operation"])
     assert [s["step"] for s in op["steps"]] == ["prep_resize", "resize_instance", "finish_resize"]
     code, out = invoke("confirm", "cli1")
