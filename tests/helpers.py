@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from nova_app import views
 from nova_app.app import app, orch
 from orchestrator.broker import queue_depths
-from orchestrator.config import TESTKIT_GATE
 from orchestrator.local.fleet import wait_for
 from orchestrator.routing import alt_queue
+from orchestrator.testing.kit import Gate as KitGate
 
 
 def wait_op(operation_id: str, until: Callable[[dict[str, Any]], bool],
@@ -60,23 +59,9 @@ def boot_active(name: str, host: str) -> str:
     return op.id
 
 
-class Gate:
-    """The engine's hold of a step at its start (the test kit's, ``ORCHESTRATOR_TESTKIT_GATE``
-    in the workers' environment: ``orchestrator.runner.hold_at_gate``): a step held runs only
-    once :meth:`release` is called, however long the test takes to look at the moment it set
-    up. A step that merely lasts a few seconds was a race against a loaded machine."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.env = {TESTKIT_GATE: str(folder)}
-        self.held: list[Path] = []
-
-    def hold(self, subject: str, position: int) -> None:
-        """Hold the step at ``position`` of the next operation on ``subject`` at its start."""
-        stem = self.folder / f"{subject}.{position}"
-        Path(f"{stem}.hold").touch()
-        self.held.append(stem)
+class Gate(KitGate):
+    """The test kit's gate (:class:`orchestrator.testing.kit.Gate`), for tests whose step
+    merely lasting a few seconds was a race against a loaded machine; and Nova's resize."""
 
     def hold_resize(self, booted: str, step: str) -> None:
         """Hold ``step`` of the next resize of the instance that operation ``booted`` booted."""
@@ -84,15 +69,6 @@ class Gate:
 
         self.hold(views.operation_dict(booted)["subject"],
                   [name for name, _role in RESIZE.steps].index(step))
-
-    def wait_started(self, timeout: float = 30.0) -> None:
-        """Until every step held has started (and waits at the gate)."""
-        wait_for(lambda: all(Path(f"{stem}.started").exists() for stem in self.held), timeout,
-                 "the held steps to start")
-
-    def release(self) -> None:
-        for stem in self.held:
-            Path(f"{stem}.go").touch()
 
 
 def resize_vm1_until(step: str, state: str = "running",

@@ -83,7 +83,7 @@ class Heartbeat:
                     logger.warning("heartbeat: %s has no row in the registry (deleted?); "
                                    "registering again", self.nodename)
                     self.lost()
-            if lease is not None and beat.read_lease:
+            if beat.read_lease:
                 lease.seen(beat.lease_expires_at)
         except LedgerUnavailable as exc:
             self.orch.ledger_health.report(exc, "heartbeat")

@@ -25,15 +25,6 @@ def free_port(address: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int, address: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def _server_pid(port: int, address: str = "127.0.0.1") -> int | None:
     """The process id of the Redis answering on ``port`` (its ``INFO server``), or None."""
     import redis
@@ -96,10 +87,10 @@ class RedisServer:
                 self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             proc = self.proc
-            wait_for(lambda proc=proc: proc.poll() is not None  # type: ignore[misc]
-                     or _answers(self.port, self.address), 10,
-                     f"redis-server on {self.address}:{self.port}")
-            if proc.poll() is None and _server_pid(self.port, self.address) == proc.pid:
+            answering = wait_for(lambda proc=proc: (  # type: ignore[misc]
+                _server_pid(self.port, self.address) or proc.poll() is not None), 10,
+                f"redis-server on {self.address}:{self.port}")
+            if proc.poll() is None and answering == proc.pid:
                 self.started = True
                 return
             self.stop()

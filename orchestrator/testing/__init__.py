@@ -16,16 +16,16 @@ none of these; nothing here is imported until used.
 from __future__ import annotations
 
 from orchestrator.lazy import exports
+from orchestrator.local import _EXPORTS as _LOCAL
 
 _EXPORTS = {
     "KitFleet": "orchestrator.testing.kit",
     "ShutdownReport": "orchestrator.testing.kit",
+    "Gate": "orchestrator.testing.kit",
     "kit_broker": "orchestrator.testing.kit",
-    "Fleet": "orchestrator.local.fleet",
-    "WorkerProcess": "orchestrator.local.fleet",
-    "local_stack": "orchestrator.local.stack",
-    "FLOWER_PORT": "orchestrator.local.stack",
-    "embedded_redis": "orchestrator.local.embedded",
+    # orchestrator.local's, where a test suite imported them from before they moved there.
+    **{name: _LOCAL[name] for name in ("Fleet", "WorkerProcess", "local_stack", "FLOWER_PORT",
+                                       "embedded_redis")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -119,6 +119,41 @@ def app_module(orch: Any) -> str:
                       "your app's module, or pass module= to orchestrator_fleet")
 
 
+class Gate:
+    """The kit's side of the engine's hold of a step at its start
+    (:func:`orchestrator.runner.hold_at_gate`, on in workers whose environment has ``env``):
+    a step held runs only once released, however short it is and however long the holder
+    takes to act on it (signal its host, look at a drain)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.env = {TESTKIT_GATE: str(folder)}
+        self.held: list[Path] = []
+
+    def hold(self, subject: str, position: int) -> Path:
+        """Hold the step at ``position`` of the next operation on ``subject`` at its start."""
+        stem = self.folder / f"{subject}.{position}"
+        Path(f"{stem}.hold").touch()
+        self.held.append(stem)
+        return stem
+
+    @staticmethod
+    def started(stem: Path) -> bool:
+        """The step held as ``stem`` has started, and waits at the gate."""
+        return Path(f"{stem}.started").exists()
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until every step held has started."""
+        wait_for(lambda: all(map(self.started, self.held)), timeout,
+                 "the held steps to start")
+
+    def release(self, stem: Path | None = None) -> None:
+        """Let the step held as ``stem`` run (None: every step held)."""
+        for each in self.held if stem is None else [stem]:
+            Path(f"{each}.go").touch()
+
+
 class KitFleet:
     """Real workers of one app, one per host, on the kit's broker and ledger."""
 
@@ -126,8 +161,7 @@ class KitFleet:
                  module: str | None = None, graceful_timeout: float = 30.0) -> None:
         self.orch, self.hosts, self.workdir = orch, list(hosts), workdir
         self.graceful_timeout = graceful_timeout
-        self.gate = workdir / "gate"
-        self.gate.mkdir(parents=True, exist_ok=True)
+        self.gate = Gate(workdir / "gate")
         module = module or app_module(orch)
         source = Path(sys.modules[module].__file__ or ".").resolve().parent
         root = source
@@ -138,7 +172,7 @@ class KitFleet:
             "ORCHESTRATOR_DB_URL": f"sqlite:///{workdir / 'ledger.db'}",
             "ORCHESTRATOR_ROUTING_FILE": str(Path(orch.routing_file).resolve()),
             "ORCHESTRATOR_HEARTBEAT_INTERVAL": "1",
-            TESTKIT_GATE: str(self.gate),
+            **self.gate.env,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
                                                         os.environ.get("PYTHONPATH")])),
         }
@@ -180,22 +214,21 @@ class KitFleet:
              run: ShutdownRun, timeout: float) -> None:
         self._runs += 1
         subject = f"kit-{uuid.uuid4().hex[:8]}-{self._runs}"
-        stem = self.gate / f"{subject}.{run.position}"
-        Path(f"{stem}.hold").touch()
+        stem = self.gate.hold(subject, run.position)
         began = time.monotonic()
         run.operation = self.orch.submit(flow, hosts=hosts, params=params, subject=subject)
         try:
-            wait_for(lambda: Path(f"{stem}.started").exists() or self._ended(run.operation),
+            wait_for(lambda: self.gate.started(stem) or self._ended(run.operation),
                      timeout, f"{run.step}@{run.step_host} to start")
         except TimeoutError:
             run.why = f"{run.step}@{run.step_host} never started: {self._where(run.operation)}"
-            Path(f"{stem}.go").touch()
+            self.gate.release(stem)
             self._finish(run, timeout, began)
             return
         worker = self.workers[run.host]
         worker.signal(signal.SIGTERM)
         wait_for(lambda: self._draining(run.host), 15, f"{run.host} to drain")
-        Path(f"{stem}.go").touch()
+        self.gate.release(stem)
         worker.wait(self.graceful_timeout + 30)
         # Ended, or waiting on the host that is gone: nothing else can move it now.
         wait_for(lambda: self._ended(run.operation) or self._current_host(run.operation)
